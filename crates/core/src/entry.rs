@@ -1,0 +1,116 @@
+//! The stored entry: one LLM exchange with what it cost.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::key::Keyed;
+use crate::scope::Scope;
+
+/// Token counts of the original call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tokens {
+    /// Prompt (input) tokens.
+    pub input: u64,
+    /// Completion (output) tokens.
+    pub output: u64,
+}
+
+impl Tokens {
+    /// Input plus output tokens.
+    pub fn total(&self) -> u64 {
+        self.input + self.output
+    }
+}
+
+/// Cost of the original call in USD.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cost {
+    /// Cost of the input tokens.
+    pub input: f64,
+    /// Cost of the output tokens.
+    pub output: f64,
+    /// What the call cost in all (may exceed input + output when the caller says so).
+    pub total: f64,
+}
+
+/// One cached answer, as stored in every tier.
+///
+/// `request` and `response` are kept as raw JSON text: the canonical request is compared byte for
+/// byte before an entry is served ([`Entry::answers`]), and the response is handed back exactly as
+/// the provider returned it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    /// The 32 hex digits of the key's digest.
+    pub cache_id: String,
+    /// The display key, `{model_slug}_{32 hex}`.
+    pub cache_key: String,
+    /// The canonical request the key was derived from.
+    pub request: Box<RawValue>,
+    /// The response, as given.
+    pub response: Box<RawValue>,
+    /// The normalized model.
+    pub model: String,
+    /// Who served the original call (`openai`, `anthropic`, …).
+    pub provider: String,
+    /// Tokens of the original call.
+    pub tokens: Tokens,
+    /// Cost of the original call.
+    pub cost: Cost,
+    /// How long the original call took.
+    pub latency_ms: u64,
+    /// When the entry was written.
+    #[serde(with = "chrono::serde::ts_milliseconds")]
+    pub created_at: DateTime<Utc>,
+    /// When the entry stops being served; `None` for never.
+    #[serde(with = "chrono::serde::ts_milliseconds_option", default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Caller-given labels (`jobs:42`, `team:search`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Who may see the entry; part of the key.
+    pub scope: Scope,
+    /// Hits counted on the copy this entry was read from.
+    #[serde(default)]
+    pub hit_count: u64,
+    /// Last time this copy was written or read into a tier.
+    #[serde(with = "chrono::serde::ts_milliseconds")]
+    pub last_accessed: DateTime<Utc>,
+    /// Invalidation epochs in force when the entry was written.
+    #[serde(default)]
+    pub epochs: BTreeMap<String, u64>,
+}
+
+impl Entry {
+    /// Whether this entry is the answer to `keyed`: same canonical request, byte for byte, and same
+    /// scope. A digest collision, accidental or crafted, fails this check and becomes a miss.
+    pub fn answers(&self, keyed: &Keyed) -> bool {
+        self.request.get() == keyed.canonical.get() && self.scope == keyed.scope
+    }
+
+    /// Whether the entry has expired at `now`.
+    pub fn is_expired_at(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Approximate bytes the entry holds in memory: what the memory tier weighs.
+    pub fn weight(&self) -> u32 {
+        let text = self.request.get().len()
+            + self.response.get().len()
+            + self.cache_id.len()
+            + self.cache_key.len()
+            + self.model.len()
+            + self.provider.len()
+            + self.tags.iter().map(|t| t.len() + 24).sum::<usize>()
+            + self.epochs.keys().map(|k| k.len() + 48).sum::<usize>();
+        u32::try_from(text + 256).unwrap_or(u32::MAX)
+    }
+
+    /// Parses the response into `T`.
+    pub fn response_as<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_str(self.response.get())
+    }
+}

@@ -1,0 +1,166 @@
+//! Cache keys: MD5 over the key-format version, the scope and the canonical request bytes.
+
+use std::fmt;
+
+use md5::{Digest, Md5};
+use serde_json::value::RawValue;
+
+use crate::scope::Scope;
+
+/// Version of the key derivation. Bumping it makes every existing entry unreachable, which is the
+/// point: keys derived by different rules must never meet.
+pub const KEY_FORMAT_VERSION: u8 = 1;
+
+/// Longest model slug kept in a display key.
+const SLUG_MAX: usize = 40;
+
+/// A model name made safe for keys and object paths: `[a-z0-9._-]{1,40}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelSlug(String);
+
+impl ModelSlug {
+    /// Lowercases `model`, replaces every other character by `-` and cuts it to 40 characters.
+    /// An empty model becomes `unknown`.
+    pub fn new(model: &str) -> Self {
+        let mut slug: String = model
+            .chars()
+            .map(|c| c.to_ascii_lowercase())
+            .map(|c| match c {
+                'a'..='z' | '0'..='9' | '.' | '_' | '-' => c,
+                _ => '-',
+            })
+            .take(SLUG_MAX)
+            .collect();
+        if slug.is_empty() {
+            slug.push_str("unknown");
+        }
+        ModelSlug(slug)
+    }
+
+    /// The slug as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ModelSlug {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A cache key: the model slug for humans and paths, the 128-bit digest for lookups.
+///
+/// Display form: `{model_slug}_{32 hex digits}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// The slug of the request's (normalized) model.
+    pub slug: ModelSlug,
+    /// The MD5 digest.
+    pub digest: [u8; 16],
+}
+
+impl CacheKey {
+    /// The digest as one integer, the key of the memory tier.
+    pub fn id(&self) -> u128 {
+        u128::from_be_bytes(self.digest)
+    }
+
+    /// The digest as 32 lowercase hex digits: the entry's `cache_id`.
+    pub fn hex(&self) -> String {
+        let mut out = String::with_capacity(32);
+        for b in self.digest {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        out
+    }
+
+    /// Derives the key of a canonical request.
+    pub fn derive(slug: ModelSlug, scope: &Scope, canonical: &[u8]) -> Self {
+        let mut hasher = Md5::new();
+        hasher.update([KEY_FORMAT_VERSION]);
+        scope.feed(|bytes| hasher.update(bytes));
+        hasher.update(canonical);
+        CacheKey {
+            slug,
+            digest: hasher.finalize().into(),
+        }
+    }
+
+    /// Parses a display key `{model_slug}_{32 hex}`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (slug, hex) = s.rsplit_once('_')?;
+        if hex.len() != 32 || slug.is_empty() || ModelSlug::new(slug).as_str() != slug {
+            return None;
+        }
+        let mut digest = [0u8; 16];
+        for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+            let hi = (chunk[0] as char).to_digit(16)?;
+            let lo = (chunk[1] as char).to_digit(16)?;
+            digest[i] = (hi * 16 + lo) as u8;
+        }
+        Some(CacheKey {
+            slug: ModelSlug(slug.to_string()),
+            digest,
+        })
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}_{}", self.slug, self.hex())
+    }
+}
+
+/// A request ready for the cache: its key, its canonical bytes and the scope it was keyed in.
+///
+/// A stored entry answers a `Keyed` request only if both its canonical request and its scope are
+/// equal to these, byte for byte (see [`crate::Entry::answers`]).
+#[derive(Debug, Clone)]
+pub struct Keyed {
+    /// The derived key.
+    pub key: CacheKey,
+    /// The canonical request (valid, canonical JSON).
+    pub canonical: Box<RawValue>,
+    /// The normalized model name (after lowercasing and aliases).
+    pub model: String,
+    /// The scope the key was derived in.
+    pub scope: Scope,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slug_is_path_safe_and_bounded() {
+        assert_eq!(ModelSlug::new("GPT-4o/Mini:Latest").as_str(), "gpt-4o-mini-latest");
+        assert_eq!(ModelSlug::new("").as_str(), "unknown");
+        assert_eq!(ModelSlug::new(&"x".repeat(100)).as_str().len(), 40);
+    }
+
+    #[test]
+    fn display_key_round_trips() {
+        let key = CacheKey::derive(ModelSlug::new("gpt-4o"), &Scope::Global, b"{}");
+        let shown = key.to_string();
+        assert!(shown.starts_with("gpt-4o_"));
+        assert_eq!(shown.len(), "gpt-4o_".len() + 32);
+        assert_eq!(CacheKey::parse(&shown), Some(key));
+        assert_eq!(CacheKey::parse("gpt-4o_xyz"), None);
+    }
+
+    #[test]
+    fn scope_and_version_are_in_the_key() {
+        let slug = ModelSlug::new("m");
+        let a = CacheKey::derive(slug.clone(), &Scope::User("a".into()), b"{}");
+        let b = CacheKey::derive(slug.clone(), &Scope::User("b".into()), b"{}");
+        let s = CacheKey::derive(slug.clone(), &Scope::Session("a".into()), b"{}");
+        let g = CacheKey::derive(slug, &Scope::Global, b"{}");
+        assert_ne!(a, b);
+        assert_ne!(a, s);
+        assert_ne!(a, g);
+    }
+}

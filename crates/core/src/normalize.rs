@@ -1,0 +1,944 @@
+//! Normalization profiles: from an LLM request to canonical bytes.
+//!
+//! The canonical form is JSON with object keys sorted, numbers in one form (`1.0` and `1` are the
+//! same number, written `1`), `null` members and members at their documented default left out.
+//! The [`Profile`] decides what else is treated as "the same request". The writer walks the parsed
+//! request once and writes canonical bytes straight into the caller's buffer: no intermediate tree
+//! or string is built on the standard path.
+//!
+//! Message order is never changed: it carries meaning. Unknown fields are kept (canonicalized), so
+//! a provider-specific parameter can never be silently merged away.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::error::RequestError;
+use crate::key::{CacheKey, Keyed, ModelSlug};
+use crate::scope::Scope;
+
+/// How much two requests may differ and still share an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Canonical JSON only: key order, number form, `null`s and documented defaults.
+    Strict,
+    /// Strict, plus: message text trimmed at both ends, role and model lowercased, model aliases,
+    /// `temperature`/`top_p` rounded to 2 decimals, non-semantic fields (`user`, `metadata`,
+    /// `stream`, …) dropped.
+    #[default]
+    Standard,
+    /// Standard, plus: inner whitespace collapsed and message text lowercased. This can merge
+    /// requests whose right answers differ (code, case-sensitive questions); opt in knowingly.
+    Aggressive,
+}
+
+impl Profile {
+    /// The profile's name as used in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Strict => "strict",
+            Profile::Standard => "standard",
+            Profile::Aggressive => "aggressive",
+        }
+    }
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Profile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "strict" => Ok(Profile::Strict),
+            "standard" => Ok(Profile::Standard),
+            "aggressive" => Ok(Profile::Aggressive),
+            other => Err(format!(
+                "unknown normalization profile `{other}` (expected strict, standard or aggressive)"
+            )),
+        }
+    }
+}
+
+/// Top-level fields that do not change the answer; dropped by `standard` and `aggressive`.
+pub const NON_SEMANTIC_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "stream",
+    "stream_options",
+    "store",
+    "request_id",
+    "idempotency_key",
+    "timeout",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+];
+
+/// Top-level fields with a documented default: a request that sets one to its default is the same
+/// request as one that leaves it out, in every profile.
+const DEFAULTS: &[(&str, DefaultValue)] = &[
+    ("temperature", DefaultValue::Number(1.0)),
+    ("top_p", DefaultValue::Number(1.0)),
+    ("n", DefaultValue::Number(1.0)),
+    ("presence_penalty", DefaultValue::Number(0.0)),
+    ("frequency_penalty", DefaultValue::Number(0.0)),
+    ("stream", DefaultValue::Bool(false)),
+    ("logprobs", DefaultValue::Bool(false)),
+    ("parallel_tool_calls", DefaultValue::Bool(true)),
+];
+
+#[derive(Clone, Copy)]
+enum DefaultValue {
+    Number(f64),
+    Bool(bool),
+}
+
+impl DefaultValue {
+    fn matches(self, value: &Value) -> bool {
+        match (self, value) {
+            (DefaultValue::Number(d), Value::Number(n)) => n.as_f64() == Some(d),
+            (DefaultValue::Bool(d), Value::Bool(b)) => d == *b,
+            _ => false,
+        }
+    }
+}
+
+/// Fields whose string value (or text parts) is message text.
+const TEXT_FIELDS: &[&str] = &["system", "instructions", "prompt"];
+
+/// Turns requests into canonical bytes and keys under one [`Profile`] and a table of model aliases.
+#[derive(Debug, Clone, Default)]
+pub struct Normalizer {
+    profile: Profile,
+    aliases: HashMap<String, String>,
+}
+
+/// What normalization did to one top-level field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldAction {
+    /// In the key as given (canonicalized).
+    Kept,
+    /// In the key after a change.
+    Transformed,
+    /// Not in the key.
+    Dropped,
+}
+
+/// One line of an [`Explanation`].
+#[derive(Debug, Clone, Serialize)]
+pub struct FieldReport {
+    /// The top-level field.
+    pub field: String,
+    /// Whether it went into the key.
+    pub action: FieldAction,
+    /// How, in words.
+    pub detail: String,
+}
+
+/// Which fields went into a key and how each was transformed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    /// The profile used.
+    pub profile: Profile,
+    /// The display key.
+    pub key: String,
+    /// The normalized model.
+    pub model: String,
+    /// The scope the key was derived in.
+    pub scope: Scope,
+    /// One report per top-level field of the request.
+    pub fields: Vec<FieldReport>,
+    /// The canonical request.
+    pub canonical: Box<RawValue>,
+}
+
+/// Where a value sits, which decides the rules applied to it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Anything without special rules: canonical JSON only.
+    Plain,
+    /// A string that is message text (or holds text parts).
+    Text,
+    /// An array of messages (or Responses-API input items).
+    Messages,
+    /// One message object.
+    Message,
+}
+
+impl Normalizer {
+    /// A normalizer for `profile` with no model aliases.
+    pub fn new(profile: Profile) -> Self {
+        Normalizer {
+            profile,
+            aliases: HashMap::new(),
+        }
+    }
+
+    /// Adds model aliases (`from` → `to`), applied by `standard` and `aggressive` after lowercasing.
+    pub fn with_aliases<I, K, V>(mut self, aliases: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        for (from, to) in aliases {
+            self.aliases.insert(
+                from.as_ref().to_lowercase(),
+                to.as_ref().to_lowercase(),
+            );
+        }
+        self
+    }
+
+    /// The profile in use.
+    pub fn profile(&self) -> Profile {
+        self.profile
+    }
+
+    /// Derives the key of a request given as JSON text.
+    pub fn key_str(&self, request: &str, scope: &Scope) -> Result<Keyed, RequestError> {
+        let value: Value =
+            serde_json::from_str(request).map_err(|e| RequestError::Json(e.to_string()))?;
+        self.key(&value, scope)
+    }
+
+    /// Derives the key of a request: canonical bytes, then MD5 over version, scope and bytes.
+    pub fn key(&self, request: &Value, scope: &Scope) -> Result<Keyed, RequestError> {
+        let mut out = Vec::with_capacity(4096);
+        let model = self.canonicalize(request, &mut out)?;
+        let key = CacheKey::derive(ModelSlug::new(&model), scope, &out);
+        // The writer emits valid JSON by construction; the check only guards that invariant.
+        let text = String::from_utf8(out).map_err(|e| RequestError::Json(e.to_string()))?;
+        let canonical =
+            RawValue::from_string(text).map_err(|e| RequestError::Json(e.to_string()))?;
+        Ok(Keyed {
+            key,
+            canonical,
+            model,
+            scope: scope.clone(),
+        })
+    }
+
+    /// Writes the canonical form of `request` into `out` and returns the normalized model.
+    pub fn canonicalize(&self, request: &Value, out: &mut Vec<u8>) -> Result<String, RequestError> {
+        let map = validate(request)?;
+        let model = self.model_of(map)?;
+        out.push(b'{');
+        let mut first = true;
+        for (name, value) in sorted(map).iter() {
+            let written = match self.top_level(name, value) {
+                TopLevel::Drop(_) => continue,
+                TopLevel::Model => Cow::Owned(Value::String(model.clone())),
+                TopLevel::Rounded(x) => Cow::Owned(Value::from(x)),
+                TopLevel::Keep(_) => Cow::Borrowed(value),
+            };
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            write_str(out, name);
+            out.push(b':');
+            self.write_value(out, &written, place_of(name), 1);
+        }
+        out.push(b'}');
+        Ok(model)
+    }
+
+    /// Says which fields of `request` go into its key and how each is transformed.
+    pub fn explain(&self, request: &Value, scope: &Scope) -> Result<Explanation, RequestError> {
+        let keyed = self.key(request, scope)?;
+        let map = validate(request)?;
+        let mut fields = Vec::new();
+        for (name, value) in sorted(map).iter() {
+            let (action, detail) = match self.top_level(name, value) {
+                TopLevel::Drop(why) => (FieldAction::Dropped, why.to_string()),
+                TopLevel::Model if keyed.model != value.as_str().unwrap_or_default() => (
+                    FieldAction::Transformed,
+                    format!("model normalized to `{}` (lowercase, aliases)", keyed.model),
+                ),
+                TopLevel::Model => (FieldAction::Kept, "model".to_string()),
+                TopLevel::Rounded(x) => (
+                    FieldAction::Transformed,
+                    format!("rounded to 2 decimals: {x}"),
+                ),
+                TopLevel::Keep(why) => {
+                    let place = place_of(name);
+                    let action = if place != Place::Plain && self.profile != Profile::Strict {
+                        FieldAction::Transformed
+                    } else {
+                        FieldAction::Kept
+                    };
+                    (action, self.describe(name, value, place, why))
+                }
+            };
+            fields.push(FieldReport {
+                field: name.to_string(),
+                action,
+                detail,
+            });
+        }
+        Ok(Explanation {
+            profile: self.profile,
+            key: keyed.key.to_string(),
+            model: keyed.model,
+            scope: scope.clone(),
+            fields,
+            canonical: keyed.canonical,
+        })
+    }
+
+    fn describe(&self, name: &str, value: &Value, place: Place, why: &'static str) -> String {
+        let text_rule = match self.profile {
+            Profile::Strict => "text as given",
+            Profile::Standard => "text trimmed at both ends",
+            Profile::Aggressive => "text trimmed, inner whitespace collapsed, lowercased",
+        };
+        match place {
+            Place::Messages => {
+                let n = value.as_array().map_or(1, Vec::len);
+                let roles = if self.profile == Profile::Strict {
+                    "roles as given"
+                } else {
+                    "roles lowercased"
+                };
+                format!("{n} message(s), order kept; {text_rule}; {roles}")
+            }
+            Place::Text => text_rule.to_string(),
+            _ if name == "tools" || name == "functions" => {
+                let n = value.as_array().map_or(1, Vec::len);
+                format!("{n} tool definition(s), canonical JSON")
+            }
+            _ => why.to_string(),
+        }
+    }
+
+    fn model_of(&self, map: &Map<String, Value>) -> Result<String, RequestError> {
+        let model = match map.get("model") {
+            Some(Value::String(m)) => m,
+            Some(_) => {
+                return Err(RequestError::WrongType {
+                    field: "model".into(),
+                    expected: "a string",
+                });
+            }
+            None => return Err(RequestError::MissingField { field: "model" }),
+        };
+        if self.profile == Profile::Strict {
+            return Ok(model.clone());
+        }
+        let lower = model.trim().to_lowercase();
+        Ok(self.aliases.get(&lower).cloned().unwrap_or(lower))
+    }
+
+    fn top_level(&self, name: &str, value: &Value) -> TopLevel {
+        if value.is_null() {
+            return TopLevel::Drop("null is the same as absent");
+        }
+        let relaxed = self.profile != Profile::Strict;
+        if relaxed && NON_SEMANTIC_FIELDS.contains(&name) {
+            return TopLevel::Drop("non-semantic field");
+        }
+        if name == "model" {
+            return TopLevel::Model;
+        }
+        let rounded = match (name, value) {
+            ("temperature" | "top_p", Value::Number(n)) if relaxed => {
+                n.as_f64().map(|x| (x * 100.0).round() / 100.0)
+            }
+            _ => None,
+        };
+        let effective = rounded.map(Value::from);
+        let effective = effective.as_ref().unwrap_or(value);
+        if let Some((_, default)) = DEFAULTS.iter().find(|(field, _)| *field == name)
+            && default.matches(effective)
+        {
+            return TopLevel::Drop("equals the documented default");
+        }
+        match rounded {
+            Some(x) if Some(x) != value.as_f64() => TopLevel::Rounded(x),
+            _ if KNOWN_FIELDS.contains(&name) => TopLevel::Keep("kept"),
+            _ => TopLevel::Keep("unknown field, kept (canonical JSON)"),
+        }
+    }
+
+    fn write_value(&self, out: &mut Vec<u8>, value: &Value, place: Place, depth: usize) {
+        match value {
+            Value::Null => out.extend_from_slice(b"null"),
+            Value::Bool(true) => out.extend_from_slice(b"true"),
+            Value::Bool(false) => out.extend_from_slice(b"false"),
+            Value::Number(n) => write_number(out, n),
+            Value::String(s) => match place {
+                // A bare string `input` (Responses API) is the message text.
+                Place::Text | Place::Messages => self.write_text(out, s),
+                _ => write_str(out, s),
+            },
+            Value::Array(items) => {
+                let inner = match place {
+                    Place::Messages => Place::Message,
+                    Place::Text => Place::Text,
+                    _ => Place::Plain,
+                };
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    self.write_value(out, item, inner, depth + 1);
+                }
+                out.push(b']');
+            }
+            Value::Object(map) => self.write_object(out, map, place, depth),
+        }
+    }
+
+    fn write_object(&self, out: &mut Vec<u8>, map: &Map<String, Value>, place: Place, depth: usize) {
+        out.push(b'{');
+        let mut first = true;
+        for (name, value) in sorted(map).iter() {
+            // In messages (and their parts), `null` members are the same as absent ones.
+            if value.is_null() && place != Place::Plain {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            write_str(out, name);
+            out.push(b':');
+            let inner = match (place, name.as_str()) {
+                (Place::Message, "content") => Place::Text,
+                (Place::Text, "text") => Place::Text,
+                (Place::Message, "role") if self.profile != Profile::Strict => {
+                    if let Value::String(role) = value {
+                        write_str(out, &role.trim().to_lowercase());
+                        continue;
+                    }
+                    Place::Plain
+                }
+                _ => Place::Plain,
+            };
+            self.write_value(out, value, inner, depth + 1);
+        }
+        out.push(b'}');
+    }
+
+    fn write_text(&self, out: &mut Vec<u8>, text: &str) {
+        match self.profile {
+            Profile::Strict => write_str(out, text),
+            Profile::Standard => write_str(out, text.trim()),
+            Profile::Aggressive => {
+                let mut collapsed = String::with_capacity(text.len());
+                for word in text.split_whitespace() {
+                    if !collapsed.is_empty() {
+                        collapsed.push(' ');
+                    }
+                    collapsed.extend(word.chars().flat_map(char::to_lowercase));
+                }
+                write_str(out, &collapsed);
+            }
+        }
+    }
+}
+
+/// Fields of the supported request shapes that `explain` reports as known.
+const KNOWN_FIELDS: &[&str] = &[
+    "messages",
+    "input",
+    "system",
+    "instructions",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "stop",
+    "stop_sequences",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "response_format",
+    "text",
+    "reasoning",
+    "reasoning_effort",
+    "thinking",
+    "modalities",
+];
+
+enum TopLevel {
+    Drop(&'static str),
+    Model,
+    Rounded(f64),
+    Keep(&'static str),
+}
+
+fn place_of(top_level_field: &str) -> Place {
+    match top_level_field {
+        "messages" | "input" => Place::Messages,
+        f if TEXT_FIELDS.contains(&f) => Place::Text,
+        _ => Place::Plain,
+    }
+}
+
+fn validate(request: &Value) -> Result<&Map<String, Value>, RequestError> {
+    let map = match request {
+        Value::Object(map) => map,
+        other => {
+            return Err(RequestError::NotAnObject {
+                found: json_type(other),
+            });
+        }
+    };
+    match (map.get("messages"), map.get("input"), map.get("prompt")) {
+        (Some(Value::Array(messages)), _, _) => {
+            for (i, message) in messages.iter().enumerate() {
+                let Value::Object(m) = message else {
+                    return Err(RequestError::WrongType {
+                        field: format!("messages[{i}]"),
+                        expected: "an object",
+                    });
+                };
+                if !matches!(m.get("role"), Some(Value::String(_))) {
+                    return Err(RequestError::WrongType {
+                        field: format!("messages[{i}].role"),
+                        expected: "a string",
+                    });
+                }
+            }
+        }
+        (Some(_), _, _) => {
+            return Err(RequestError::WrongType {
+                field: "messages".into(),
+                expected: "an array",
+            });
+        }
+        (None, Some(Value::String(_) | Value::Array(_)), _) => {}
+        (None, Some(_), _) => {
+            return Err(RequestError::WrongType {
+                field: "input".into(),
+                expected: "a string or an array",
+            });
+        }
+        (None, None, Some(_)) => {}
+        (None, None, None) => {
+            return Err(RequestError::MissingField {
+                field: "messages (or input)",
+            });
+        }
+    }
+    Ok(map)
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The members of `map` in byte order of their names, without allocating when already sorted.
+fn sorted(map: &Map<String, Value>) -> Sorted<'_> {
+    let in_order = map
+        .keys()
+        .zip(map.keys().skip(1))
+        .all(|(a, b)| a.as_bytes() < b.as_bytes());
+    if in_order {
+        Sorted::InOrder(map)
+    } else {
+        let mut members: Vec<_> = map.iter().collect();
+        members.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        Sorted::Collected(members)
+    }
+}
+
+enum Sorted<'a> {
+    InOrder(&'a Map<String, Value>),
+    Collected(Vec<(&'a String, &'a Value)>),
+}
+
+impl<'a> Sorted<'a> {
+    fn iter(&self) -> Box<dyn Iterator<Item = (&'a String, &'a Value)> + '_> {
+        match self {
+            Sorted::InOrder(map) => Box::new(map.iter()),
+            Sorted::Collected(members) => Box::new(members.iter().copied()),
+        }
+    }
+}
+
+/// Numbers in one form: integers as integers (also when given as `2.0`), others in the shortest
+/// form that reads back to the same `f64`.
+fn write_number(out: &mut Vec<u8>, n: &serde_json::Number) {
+    let mut ints = itoa::Buffer::new();
+    if let Some(u) = n.as_u64() {
+        out.extend_from_slice(ints.format(u).as_bytes());
+    } else if let Some(i) = n.as_i64() {
+        out.extend_from_slice(ints.format(i).as_bytes());
+    } else if let Some(f) = n.as_f64() {
+        if f.fract() == 0.0 && f.abs() < 9.0e15 {
+            out.extend_from_slice(ints.format(f as i64).as_bytes());
+        } else {
+            // Shortest form that reads back to the same f64; parsed JSON numbers are finite.
+            out.extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
+        }
+    }
+}
+
+/// Writes `s` as a JSON string: only `"`, `\` and control characters are escaped.
+pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
+        }
+        out.extend_from_slice(&bytes[start..i]);
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn key(profile: Profile, request: &Value) -> String {
+        Normalizer::new(profile)
+            .key(request, &Scope::Global)
+            .map(|k| k.key.to_string())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn canonical(profile: Profile, request: &Value) -> String {
+        let keyed = Normalizer::new(profile)
+            .key(request, &Scope::Global)
+            .unwrap_or_else(|e| panic!("{e}"));
+        keyed.canonical.get().to_string()
+    }
+
+    #[test]
+    fn numbers_defaults_and_nulls_have_one_form() {
+        let base = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
+        let mut variant = base.clone();
+        variant["max_tokens"] = json!(10.0);
+        variant["temperature"] = json!(1.0);
+        variant["n"] = json!(1);
+        variant["seed"] = Value::Null;
+        variant["messages"][0]["name"] = Value::Null;
+        for profile in [Profile::Strict, Profile::Standard, Profile::Aggressive] {
+            assert_eq!(key(profile, &base), key(profile, &variant), "{profile}");
+        }
+        assert_eq!(
+            canonical(Profile::Strict, &base),
+            r#"{"max_tokens":10,"messages":[{"content":"hi","role":"user"}],"model":"m"}"#
+        );
+    }
+
+    #[test]
+    fn standard_drops_non_semantic_fields_and_strict_keeps_them() {
+        let base = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        let mut variant = base.clone();
+        variant["user"] = json!("alice");
+        variant["metadata"] = json!({"trace": "abc"});
+        variant["stream"] = json!(true);
+        assert_eq!(key(Profile::Standard, &base), key(Profile::Standard, &variant));
+        assert_ne!(key(Profile::Strict, &base), key(Profile::Strict, &variant));
+    }
+
+    #[test]
+    fn standard_lowercases_model_and_role_and_applies_aliases() {
+        let n = Normalizer::new(Profile::Standard).with_aliases([("gpt-4o-2024-08-06", "gpt-4o")]);
+        let a = json!({"model": "GPT-4o-2024-08-06", "messages": [{"role": "User", "content": "hi"}]});
+        let b = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+        let ka = n.key(&a, &Scope::Global).map(|k| k.key).ok();
+        let kb = n.key(&b, &Scope::Global).map(|k| k.key).ok();
+        assert!(ka.is_some());
+        assert_eq!(ka, kb);
+        assert!(ka.is_some_and(|k| k.to_string().starts_with("gpt-4o_")));
+    }
+
+    #[test]
+    fn temperature_is_rounded_to_two_decimals_in_standard_only() {
+        let a = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.701});
+        let b = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.7});
+        assert_eq!(key(Profile::Standard, &a), key(Profile::Standard, &b));
+        assert_ne!(key(Profile::Strict, &a), key(Profile::Strict, &b));
+    }
+
+    #[test]
+    fn anthropic_and_responses_shapes_are_normalized() {
+        let a = json!({"model": "claude-sonnet-4-5", "system": " Be brief. ", "max_tokens": 100,
+                       "messages": [{"role": "user", "content": [{"type": "text", "text": " hi "}]}]});
+        let b = json!({"model": "claude-sonnet-4-5", "system": "Be brief.", "max_tokens": 100,
+                       "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
+        assert_eq!(key(Profile::Standard, &a), key(Profile::Standard, &b));
+        assert_ne!(key(Profile::Strict, &a), key(Profile::Strict, &b));
+        let r1 = json!({"model": "gpt-4o", "input": "  hello ", "instructions": "x "});
+        let r2 = json!({"model": "gpt-4o", "input": "hello", "instructions": "x"});
+        assert_eq!(key(Profile::Standard, &r1), key(Profile::Standard, &r2));
+    }
+
+    #[test]
+    fn aggressive_collapses_whitespace_and_case() {
+        let a = json!({"model": "m", "messages": [{"role": "user", "content": "What  is\n2+2?"}]});
+        let b = json!({"model": "m", "messages": [{"role": "user", "content": "what is 2+2?"}]});
+        assert_eq!(key(Profile::Aggressive, &a), key(Profile::Aggressive, &b));
+        assert_ne!(key(Profile::Standard, &a), key(Profile::Standard, &b));
+    }
+
+    #[test]
+    fn message_order_and_unknown_fields_matter() {
+        let m1 = json!({"role": "user", "content": "a"});
+        let m2 = json!({"role": "user", "content": "b"});
+        let a = json!({"model": "m", "messages": [m1, m2]});
+        let b = json!({"model": "m", "messages": [m2, m1]});
+        assert_ne!(key(Profile::Aggressive, &a), key(Profile::Aggressive, &b));
+        let mut c = a.clone();
+        c["x_provider_knob"] = json!({"depth": 3});
+        let mut d = a.clone();
+        d["x_provider_knob"] = json!({"depth": 4});
+        assert_ne!(key(Profile::Aggressive, &a), key(Profile::Aggressive, &c));
+        assert_ne!(key(Profile::Aggressive, &c), key(Profile::Aggressive, &d));
+    }
+
+    #[test]
+    fn malformed_requests_are_typed_errors() {
+        let n = Normalizer::default();
+        let cases = [
+            json!([1, 2]),
+            json!({"messages": []}),
+            json!({"model": 3, "messages": []}),
+            json!({"model": "m"}),
+            json!({"model": "m", "messages": {}}),
+            json!({"model": "m", "messages": ["hi"]}),
+            json!({"model": "m", "messages": [{"content": "hi"}]}),
+            json!({"model": "m", "input": 5}),
+        ];
+        for case in cases {
+            assert!(n.key(&case, &Scope::Global).is_err(), "{case}");
+        }
+        assert!(matches!(n.key_str("{not json", &Scope::Global), Err(RequestError::Json(_))));
+    }
+
+    #[test]
+    fn explain_names_every_field() {
+        let request = json!({"model": "GPT-4o", "messages": [{"role": "user", "content": " hi "}],
+                             "user": "u1", "temperature": 0.333, "seed": 7, "tools": [], "x": 1});
+        let explanation = Normalizer::default()
+            .explain(&request, &Scope::Global)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let action = |f: &str| explanation.fields.iter().find(|r| r.field == f).map(|r| r.action);
+        assert_eq!(action("user"), Some(FieldAction::Dropped));
+        assert_eq!(action("model"), Some(FieldAction::Transformed));
+        assert_eq!(action("temperature"), Some(FieldAction::Transformed));
+        assert_eq!(action("messages"), Some(FieldAction::Transformed));
+        assert_eq!(action("seed"), Some(FieldAction::Kept));
+        assert_eq!(action("x"), Some(FieldAction::Kept));
+        assert_eq!(explanation.fields.len(), 7);
+    }
+
+    /// A generated request with the fields that matter, written out by hand so that key order
+    /// and whitespace of the JSON text can vary.
+    #[derive(Debug, Clone)]
+    struct Req {
+        model: String,
+        messages: Vec<(String, String)>,
+        temperature: Option<f64>,
+        seed: Option<u64>,
+        tools: Vec<String>,
+        extra: Option<i64>,
+    }
+
+    impl Req {
+        fn fields(&self) -> Vec<(String, Value)> {
+            let mut fields = vec![
+                ("model".to_string(), json!(self.model)),
+                (
+                    "messages".to_string(),
+                    Value::Array(
+                        self.messages
+                            .iter()
+                            .map(|(role, content)| json!({"role": role, "content": content}))
+                            .collect(),
+                    ),
+                ),
+            ];
+            if let Some(t) = self.temperature {
+                fields.push(("temperature".into(), json!(t)));
+            }
+            if let Some(s) = self.seed {
+                fields.push(("seed".into(), json!(s)));
+            }
+            if !self.tools.is_empty() {
+                let tools: Vec<Value> = self
+                    .tools
+                    .iter()
+                    .map(|name| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}))
+                    .collect();
+                fields.push(("tools".into(), Value::Array(tools)));
+            }
+            if let Some(x) = self.extra {
+                fields.push(("x_vendor_param".into(), json!(x)));
+            }
+            fields
+        }
+
+        fn value(&self) -> Value {
+            Value::Object(self.fields().into_iter().collect())
+        }
+
+        /// JSON text with the top-level members in the order given by `order` (a permutation seed).
+        fn text_in_order(&self, rotate: usize) -> String {
+            let mut fields = self.fields();
+            let len = fields.len();
+            fields.rotate_left(rotate % len);
+            fields.reverse();
+            let members: Vec<String> = fields
+                .into_iter()
+                .map(|(k, v)| format!("{} : {}", json!(k), v))
+                .collect();
+            format!("{{ {} }}", members.join(" ,\n "))
+        }
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9 ,.?\"\\\\\n\u{2028}é]{1,40}".prop_filter("has a non-space character", |s| {
+            !s.trim().is_empty()
+        })
+    }
+
+    fn req() -> impl Strategy<Value = Req> {
+        (
+            prop::sample::select(vec!["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5", "llama-3.1-70b"]),
+            prop::collection::vec(
+                (prop::sample::select(vec!["system", "user", "assistant"]), text()),
+                1..5,
+            ),
+            prop::option::of((0u32..200).prop_map(|t| f64::from(t) / 100.0)),
+            prop::option::of(any::<u64>()),
+            prop::collection::vec("[a-z_]{1,12}", 0..3),
+            prop::option::of(any::<i64>()),
+        )
+            .prop_map(|(model, messages, temperature, seed, tools, extra)| Req {
+                model: model.to_string(),
+                messages: messages.into_iter().map(|(r, c)| (r.to_string(), c)).collect(),
+                temperature,
+                seed,
+                tools,
+                extra,
+            })
+    }
+
+    fn profile() -> impl Strategy<Value = Profile> {
+        prop::sample::select(vec![Profile::Strict, Profile::Standard, Profile::Aggressive])
+    }
+
+    fn key_of(profile: Profile, request: &Value, scope: &Scope) -> CacheKey {
+        match Normalizer::new(profile).key(request, scope) {
+            Ok(keyed) => keyed.key,
+            Err(e) => panic!("generated request rejected: {e}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn normalization_is_idempotent(r in req(), profile in profile()) {
+            let once = canonical(profile, &r.value());
+            let reparsed: Value = serde_json::from_str(&once).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(canonical(profile, &reparsed), once);
+        }
+
+        #[test]
+        fn key_is_insensitive_to_member_order(r in req(), profile in profile(), a in 0usize..8, b in 0usize..8) {
+            let n = Normalizer::new(profile);
+            let ka = n.key_str(&r.text_in_order(a), &Scope::Global).map(|k| k.key);
+            let kb = n.key_str(&r.text_in_order(b), &Scope::Global).map(|k| k.key);
+            prop_assert!(ka.is_ok());
+            prop_assert_eq!(ka, kb);
+        }
+
+        #[test]
+        fn semantic_differences_give_different_keys(r in req(), profile in profile(), which in 0usize..8, word in "[a-z]{1,8}") {
+            let mut other = r.clone();
+            let mut scope = Scope::Global;
+            match which {
+                0 => other.messages[0].1.push_str(&format!(" {word}")),
+                1 => {
+                    let role = &mut other.messages[0].0;
+                    *role = if role == "user" { "assistant".into() } else { "user".into() };
+                }
+                2 => other.model.push_str("-next"),
+                3 => other.temperature = Some(other.temperature.map_or(0.5, |t| if t == 0.5 { 0.6 } else { 0.5 })),
+                4 => other.tools.push(format!("{word}_tool")),
+                5 => other.seed = Some(other.seed.map_or(1, |s| s.wrapping_add(1))),
+                6 => scope = Scope::User(word.clone()),
+                _ => other.extra = Some(other.extra.map_or(1, |x| x.wrapping_add(1))),
+            }
+            prop_assert_ne!(
+                key_of(profile, &r.value(), &Scope::Global),
+                key_of(profile, &other.value(), &scope)
+            );
+        }
+
+        #[test]
+        fn standard_merges_whitespace_at_the_ends_and_strict_does_not(
+            r in req(), pad in "[ \n\t]{1,4}", index in 0usize..5
+        ) {
+            let mut padded = r.clone();
+            let i = index % padded.messages.len();
+            padded.messages[i].1 = format!("{pad}{}{pad}", padded.messages[i].1);
+            prop_assert_eq!(
+                key_of(Profile::Standard, &r.value(), &Scope::Global),
+                key_of(Profile::Standard, &padded.value(), &Scope::Global)
+            );
+            prop_assert_ne!(
+                key_of(Profile::Strict, &r.value(), &Scope::Global),
+                key_of(Profile::Strict, &padded.value(), &Scope::Global)
+            );
+        }
+    }
+}
