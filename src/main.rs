@@ -1,1 +1,436 @@
-fn main() {}
+//! The `strata` command: replay a workload through the cache, look entries up, store them, and
+//! explain keys.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+use strata::replay::{self, ReplayOptions, ReplayReport, ScopeBy};
+use strata::{Completion, Config, Profile, Scope, Stats};
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "A tiered cache for LLM responses", long_about = None)]
+struct Cli {
+    /// Configuration file (TOML), merged over the embedded default.
+    #[arg(long, global = true, env = "STRATA_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Normalization profile, overriding the configuration.
+    #[arg(long, global = true, value_name = "strict|standard|aggressive")]
+    profile: Option<Profile>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay an exchange log through the cache and report what caching saved.
+    Replay(ReplayArgs),
+    /// Lifetime statistics of the cache and the size of its tiers.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the cached response of a request (exit code 1 on a miss).
+    Get {
+        /// The request (JSON file, `-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        request: PathBuf,
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// Print the whole entry as JSON, not only the response.
+        #[arg(long)]
+        entry: bool,
+    },
+    /// Store a response for a request.
+    Put {
+        /// The request (JSON file, `-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        request: PathBuf,
+        /// The response (JSON file).
+        #[arg(long, value_name = "FILE")]
+        response: PathBuf,
+        /// Who served it.
+        #[arg(long, default_value = "")]
+        provider: String,
+        /// What it cost in USD (priced from usage when absent).
+        #[arg(long)]
+        cost_usd: Option<f64>,
+        /// How long it took.
+        #[arg(long)]
+        latency_ms: Option<u64>,
+        /// A label (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// TTL of this entry (`90s`, `12h`, `7d`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Show which fields of a request go into its key, and how.
+    Explain {
+        /// The request (JSON file, `-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        request: PathBuf,
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Exchange log: JSON Lines, plain or `.zst`.
+    file: PathBuf,
+    /// Stop after N requests.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Draw requests with Zipf(S) repetition instead of replaying in order.
+    #[arg(long, value_name = "S")]
+    repeat_zipf: Option<f64>,
+    /// Key exchanges globally, per user or per session.
+    #[arg(long, default_value = "global", value_name = "global|user|session")]
+    scope: ScopeBy,
+    /// Seed of the Zipf draw.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ScopeArgs {
+    /// Scope the entry to a user.
+    #[arg(long, conflicts_with_all = ["session", "namespace"])]
+    user: Option<String>,
+    /// Scope the entry to a session.
+    #[arg(long, conflicts_with = "namespace")]
+    session: Option<String>,
+    /// Scope the entry to a namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+}
+
+impl ScopeArgs {
+    fn scope(&self) -> Scope {
+        match (&self.user, &self.session, &self.namespace) {
+            (Some(u), _, _) => Scope::User(u.clone()),
+            (_, Some(s), _) => Scope::Session(s.clone()),
+            (_, _, Some(n)) => Scope::Namespace(n.clone()),
+            _ => Scope::Global,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("strata: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("strata: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Some(profile) = cli.profile {
+        config.normalization.profile = profile;
+    }
+    match cli.command {
+        Command::Replay(args) => replay_command(&config, args).await,
+        Command::Stats { json } => stats_command(&config, json).await,
+        Command::Get {
+            request,
+            scope,
+            entry,
+        } => get_command(&config, &request, &scope.scope(), entry).await,
+        Command::Put {
+            request,
+            response,
+            provider,
+            cost_usd,
+            latency_ms,
+            tags,
+            ttl,
+            scope,
+        } => {
+            let cache = config.open_cache()?;
+            let request = read_json(&request)?;
+            let mut completion = Completion::from_value(&read_json(&response)?)
+                .provider(provider)
+                .tags(tags);
+            completion.cost_usd = cost_usd;
+            completion.latency_ms = latency_ms;
+            completion.ttl = ttl;
+            let entry = cache
+                .put(&request, &scope.scope(), completion)
+                .await
+                .context("request cannot be cached")?;
+            cache.close().await?;
+            println!("{}", entry.cache_key);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain {
+            request,
+            scope,
+            json,
+        } => {
+            let explanation = config
+                .normalizer()
+                .explain(&read_json(&request)?, &scope.scope())
+                .context("request cannot be keyed")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&explanation)?);
+            } else {
+                println!("key      {}", explanation.key);
+                println!("profile  {}", explanation.profile);
+                println!("scope    {}", explanation.scope);
+                println!("model    {}", explanation.model);
+                println!();
+                for field in &explanation.fields {
+                    let action = format!("{:?}", field.action).to_lowercase();
+                    println!("  {:<22} {:<12} {}", field.field, action, field.detail);
+                }
+                println!();
+                println!("canonical request ({} bytes):", explanation.canonical.get().len());
+                println!("{}", explanation.canonical.get());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
+    if !args.file.is_file() {
+        bail!("{}: no such file", args.file.display());
+    }
+    if let Some(s) = args.repeat_zipf
+        && !(s.is_finite() && s > 0.0)
+    {
+        bail!("--repeat-zipf must be a positive number, found {s}");
+    }
+    let cache = config.open_cache()?;
+    let options = ReplayOptions {
+        limit: args.limit,
+        repeat_zipf: args.repeat_zipf,
+        scope: args.scope,
+        seed: args.seed,
+    };
+    let bar = progress_bar();
+    let report = replay::replay(&cache, &args.file, &options, |done, total| {
+        if done % 256 == 0 {
+            if let Some(total) = total {
+                bar.set_length(total);
+            }
+            bar.set_position(done);
+        }
+    })
+    .await?;
+    bar.finish_and_clear();
+    cache.close().await?;
+    for skipped in &report.skipped {
+        eprintln!(
+            "strata: skipped line {} of {}: {}",
+            skipped.line,
+            args.file.display(),
+            skipped.reason
+        );
+    }
+    if report.skipped_lines > report.skipped.len() as u64 {
+        eprintln!(
+            "strata: … and {} more skipped lines",
+            report.skipped_lines - report.skipped.len() as u64
+        );
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_replay(config, &args, &report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress_bar() -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} replay [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec})",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn print_replay(config: &Config, args: &ReplayArgs, r: &ReplayReport) {
+    let mode = match args.repeat_zipf {
+        Some(s) => format!("Zipf({s}) draws"),
+        None => "in order".to_string(),
+    };
+    println!(
+        "strata replay {} ({mode}, profile {}, scope {})",
+        args.file.display(),
+        config.normalization.profile,
+        args.scope.as_str()
+    );
+    println!("  requests         {:>12}", thousands(r.requests));
+    println!(
+        "  hits             {:>12}   {:.2}%   L1 {} · L2 {} · L3 {}{}",
+        thousands(r.hits.total()),
+        r.hit_rate * 100.0,
+        thousands(r.hits.l1),
+        thousands(r.hits.l2),
+        thousands(r.hits.l3),
+        if r.hits.coalesced > 0 {
+            format!(" · coalesced {}", thousands(r.hits.coalesced))
+        } else {
+            String::new()
+        }
+    );
+    println!("  misses           {:>12}", thousands(r.misses));
+    println!("  skipped lines    {:>12}", thousands(r.skipped_lines));
+    println!("  cost saved       {:>12}", format!("${:.4}", r.cost_saved_usd));
+    println!("  tokens saved     {:>12}", thousands(r.tokens_saved));
+    println!(
+        "  latency saved    {:>12}",
+        replay::human_duration(Duration::from_millis(r.latency_saved_ms))
+    );
+    println!(
+        "  lookup p50 / p99 {:>12}",
+        format!("{:.1} µs / {:.1} µs", r.lookup_latency_us.p50, r.lookup_latency_us.p99)
+    );
+    println!(
+        "  throughput       {:>12}",
+        format!("{} req/s", thousands(r.throughput_rps as u64))
+    );
+    if r.tier_errors > 0 {
+        println!("  tier errors      {:>12}   (served as misses)", thousands(r.tier_errors));
+    }
+}
+
+async fn stats_command(config: &Config, json: bool) -> Result<ExitCode> {
+    let cache = config.open_cache()?;
+    let stats = cache.lifetime_stats();
+    let (memory, disk) = cache.usage();
+    if json {
+        let out = serde_json::json!({
+            "lifetime": stats,
+            "hit_rate": stats.hit_rate(),
+            "disk": disk,
+            "disk_path": config.disk.enabled.then(|| config.disk.path.clone()),
+            "memory_capacity_bytes": memory.capacity,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_stats(config, &stats, disk);
+    }
+    cache.close().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_stats(config: &Config, s: &Stats, disk: Option<strata::tiers::TierUsage>) {
+    println!("strata stats (lifetime of {})", config.disk.path.display());
+    println!("  lookups          {:>12}", thousands(s.lookups));
+    println!(
+        "  hits             {:>12}   {:.2}%   L1 {} · L2 {} · L3 {}",
+        thousands(s.hits.total()),
+        s.hit_rate() * 100.0,
+        thousands(s.hits.l1),
+        thousands(s.hits.l2),
+        thousands(s.hits.l3)
+    );
+    println!("  misses           {:>12}", thousands(s.misses));
+    println!("  cost saved       {:>12}", format!("${:.4}", s.cost_saved_usd));
+    println!("  tokens saved     {:>12}", thousands(s.tokens_saved));
+    println!(
+        "  latency saved    {:>12}",
+        replay::human_duration(Duration::from_millis(s.latency_saved_ms))
+    );
+    let errors = s.errors;
+    println!(
+        "  errors           {:>12}   corrupt {} · collisions {} · tier failures {}",
+        thousands(errors.corrupt + errors.collisions + errors.l1 + errors.l2 + errors.l3),
+        errors.corrupt,
+        errors.collisions,
+        errors.l1 + errors.l2 + errors.l3
+    );
+    if let Some(d) = disk {
+        println!(
+            "  disk tier        {:>12}   entries, {:.1} MiB of {:.0} MiB",
+            thousands(d.entries),
+            d.bytes as f64 / (1 << 20) as f64,
+            d.capacity.unwrap_or(0) as f64 / (1 << 20) as f64
+        );
+    }
+}
+
+async fn get_command(config: &Config, request: &Path, scope: &Scope, entry: bool) -> Result<ExitCode> {
+    let cache = config.open_cache()?;
+    let request = read_json(request)?;
+    let found = cache.get(&request, scope).await.context("request cannot be keyed")?;
+    let code = match found {
+        Some(lookup) => {
+            if entry {
+                println!("{}", serde_json::to_string_pretty(&*lookup.entry)?);
+            } else {
+                println!("{}", lookup.response().get());
+            }
+            ExitCode::SUCCESS
+        }
+        None => {
+            let key = cache.key(&request, scope)?;
+            eprintln!("strata: miss: no entry for {}", key.key);
+            ExitCode::from(1)
+        }
+    };
+    cache.close().await?;
+    Ok(code)
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let mut text = String::new();
+    if path == Path::new("-") {
+        std::io::stdin().read_to_string(&mut text).context("reading stdin")?;
+    } else {
+        text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    }
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -114,3 +114,29 @@ impl Entry {
         serde_json::from_str(self.response.get())
     }
 }
+
+impl Tokens {
+    /// Reads token counts from a response's `usage` object: OpenAI (`prompt_tokens`,
+    /// `completion_tokens`) or Anthropic / Responses API (`input_tokens`, `output_tokens`).
+    /// Missing counts are zero.
+    pub fn from_response(response: &RawValue) -> Tokens {
+        #[derive(Deserialize)]
+        struct Usage {
+            #[serde(alias = "input_tokens", default)]
+            prompt_tokens: u64,
+            #[serde(alias = "output_tokens", default)]
+            completion_tokens: u64,
+        }
+        #[derive(Deserialize)]
+        struct WithUsage {
+            usage: Option<Usage>,
+        }
+        match serde_json::from_str::<WithUsage>(response.get()) {
+            Ok(WithUsage { usage: Some(u) }) => Tokens {
+                input: u.prompt_tokens,
+                output: u.completion_tokens,
+            },
+            _ => Tokens::default(),
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Counters for every lookup and their snapshot.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::{Deserialize, Serialize};
+use strata_core::Entry;
+
+/// Where a lookup's answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Served from memory.
+    L1,
+    /// Served from local disk.
+    L2,
+    /// Served from object storage.
+    L3,
+    /// Waited for an identical in-flight lookup and shared its answer: the upstream call was
+    /// made once for all of them.
+    Coalesced,
+    /// Not cached: the executor ran and its answer was stored.
+    Miss,
+    /// The request could not be keyed (malformed): the executor ran, nothing was stored.
+    Uncacheable,
+}
+
+impl Outcome {
+    /// Whether the answer came without calling the executor.
+    pub fn is_hit(self) -> bool {
+        matches!(self, Outcome::L1 | Outcome::L2 | Outcome::L3 | Outcome::Coalesced)
+    }
+}
+
+/// A cache tier, for error accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TierName {
+    /// Memory.
+    L1,
+    /// Local disk.
+    L2,
+    /// Object storage.
+    L3,
+}
+
+/// What went wrong in a tier; each kind is counted and the lookup goes on as a miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The tier failed (I/O, timeout, unavailable).
+    Io,
+    /// The stored bytes did not decode (checksum, magic, version, JSON): the copy is removed.
+    Corrupt,
+    /// The stored entry's canonical request or scope differs from the incoming one (a digest
+    /// collision): never served.
+    Collision,
+}
+
+/// Lock-free counters, shared by every lookup of one cache.
+#[derive(Debug, Default)]
+pub struct Counters {
+    lookups: AtomicU64,
+    hits: [AtomicU64; 4],
+    misses: AtomicU64,
+    uncacheable: AtomicU64,
+    expired: AtomicU64,
+    tier_errors: [AtomicU64; 3],
+    corrupt: AtomicU64,
+    collisions: AtomicU64,
+    executor_errors: AtomicU64,
+    puts: AtomicU64,
+    cost_saved_nano_usd: AtomicU64,
+    input_tokens_saved: AtomicU64,
+    output_tokens_saved: AtomicU64,
+    latency_saved_ms: AtomicU64,
+}
+
+/// Hits per tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hits {
+    /// From memory.
+    pub l1: u64,
+    /// From local disk.
+    pub l2: u64,
+    /// From object storage.
+    pub l3: u64,
+    /// Shared with an identical in-flight lookup.
+    #[serde(default)]
+    pub coalesced: u64,
+}
+
+impl Hits {
+    /// All hits.
+    pub fn total(&self) -> u64 {
+        self.l1 + self.l2 + self.l3 + self.coalesced
+    }
+}
+
+/// Errors by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Errors {
+    /// Tier failures in memory.
+    pub l1: u64,
+    /// Tier failures on disk.
+    pub l2: u64,
+    /// Tier failures in object storage.
+    pub l3: u64,
+    /// Stored copies that failed to decode (and were removed).
+    pub corrupt: u64,
+    /// Stored entries whose request differed from the incoming one.
+    pub collisions: u64,
+    /// Executor calls that failed (never cached).
+    pub executor: u64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Lookups, including uncacheable requests.
+    pub lookups: u64,
+    /// Hits per tier.
+    pub hits: Hits,
+    /// Lookups that ran the executor and stored its answer.
+    pub misses: u64,
+    /// Requests that could not be keyed; the executor ran and nothing was stored.
+    pub uncacheable: u64,
+    /// Entries found but past their expiry (counted within misses).
+    pub expired: u64,
+    /// Errors by kind.
+    pub errors: Errors,
+    /// Entries written by `put` or after a miss.
+    pub puts: u64,
+    /// USD the served hits would have cost.
+    pub cost_saved_usd: f64,
+    /// Tokens the served hits would have used, input plus output.
+    pub tokens_saved: u64,
+    /// Input tokens saved.
+    pub input_tokens_saved: u64,
+    /// Output tokens saved.
+    pub output_tokens_saved: u64,
+    /// Upstream latency the served hits avoided.
+    pub latency_saved_ms: u64,
+}
+
+impl Stats {
+    /// Hits over lookups, 0 when there were none.
+    pub fn hit_rate(&self) -> f64 {
+        if self.lookups == 0 {
+            0.0
+        } else {
+            self.hits.total() as f64 / self.lookups as f64
+        }
+    }
+
+    /// The sum of two snapshots (a stored lifetime total plus this process's counts).
+    pub fn merged(&self, other: &Stats) -> Stats {
+        Stats {
+            lookups: self.lookups + other.lookups,
+            hits: Hits {
+                l1: self.hits.l1 + other.hits.l1,
+                l2: self.hits.l2 + other.hits.l2,
+                l3: self.hits.l3 + other.hits.l3,
+                coalesced: self.hits.coalesced + other.hits.coalesced,
+            },
+            misses: self.misses + other.misses,
+            uncacheable: self.uncacheable + other.uncacheable,
+            expired: self.expired + other.expired,
+            errors: Errors {
+                l1: self.errors.l1 + other.errors.l1,
+                l2: self.errors.l2 + other.errors.l2,
+                l3: self.errors.l3 + other.errors.l3,
+                corrupt: self.errors.corrupt + other.errors.corrupt,
+                collisions: self.errors.collisions + other.errors.collisions,
+                executor: self.errors.executor + other.errors.executor,
+            },
+            puts: self.puts + other.puts,
+            cost_saved_usd: self.cost_saved_usd + other.cost_saved_usd,
+            tokens_saved: self.tokens_saved + other.tokens_saved,
+            input_tokens_saved: self.input_tokens_saved + other.input_tokens_saved,
+            output_tokens_saved: self.output_tokens_saved + other.output_tokens_saved,
+            latency_saved_ms: self.latency_saved_ms + other.latency_saved_ms,
+        }
+    }
+}
+
+/// USD to the integer unit the counters add up (nano-dollars): exact sums, no float drift.
+fn to_nano_usd(usd: f64) -> u64 {
+    if usd.is_finite() && usd > 0.0 {
+        (usd * 1e9).round() as u64
+    } else {
+        0
+    }
+}
+
+impl Counters {
+    /// Counts one lookup and, for a hit, what the served entry saved.
+    pub fn record(&self, outcome: Outcome, served: Option<&Entry>) {
+        self.lookups.fetch_add(1, Relaxed);
+        match outcome {
+            Outcome::L1 => self.hits[0].fetch_add(1, Relaxed),
+            Outcome::L2 => self.hits[1].fetch_add(1, Relaxed),
+            Outcome::L3 => self.hits[2].fetch_add(1, Relaxed),
+            Outcome::Coalesced => self.hits[3].fetch_add(1, Relaxed),
+            Outcome::Miss => self.misses.fetch_add(1, Relaxed),
+            Outcome::Uncacheable => self.uncacheable.fetch_add(1, Relaxed),
+        };
+        if let (true, Some(entry)) = (outcome.is_hit(), served) {
+            self.cost_saved_nano_usd
+                .fetch_add(to_nano_usd(entry.cost.total), Relaxed);
+            self.input_tokens_saved
+                .fetch_add(entry.tokens.input, Relaxed);
+            self.output_tokens_saved
+                .fetch_add(entry.tokens.output, Relaxed);
+            self.latency_saved_ms.fetch_add(entry.latency_ms, Relaxed);
+        }
+    }
+
+    /// Counts a tier error.
+    pub fn record_error(&self, tier: TierName, kind: ErrorKind) {
+        let slot = match kind {
+            ErrorKind::Io => match tier {
+                TierName::L1 => &self.tier_errors[0],
+                TierName::L2 => &self.tier_errors[1],
+                TierName::L3 => &self.tier_errors[2],
+            },
+            ErrorKind::Corrupt => &self.corrupt,
+            ErrorKind::Collision => &self.collisions,
+        };
+        slot.fetch_add(1, Relaxed);
+    }
+
+    /// Counts an entry found past its expiry.
+    pub fn record_expired(&self) {
+        self.expired.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a failed executor call.
+    pub fn record_executor_error(&self) {
+        self.executor_errors.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a stored entry.
+    pub fn record_put(&self) {
+        self.puts.fetch_add(1, Relaxed);
+    }
+
+    /// A consistent-enough snapshot (each counter is read once).
+    pub fn snapshot(&self) -> Stats {
+        let get = |a: &AtomicU64| a.load(Relaxed);
+        let input = get(&self.input_tokens_saved);
+        let output = get(&self.output_tokens_saved);
+        Stats {
+            lookups: get(&self.lookups),
+            hits: Hits {
+                l1: get(&self.hits[0]),
+                l2: get(&self.hits[1]),
+                l3: get(&self.hits[2]),
+                coalesced: get(&self.hits[3]),
+            },
+            misses: get(&self.misses),
+            uncacheable: get(&self.uncacheable),
+            expired: get(&self.expired),
+            errors: Errors {
+                l1: get(&self.tier_errors[0]),
+                l2: get(&self.tier_errors[1]),
+                l3: get(&self.tier_errors[2]),
+                corrupt: get(&self.corrupt),
+                collisions: get(&self.collisions),
+                executor: get(&self.executor_errors),
+            },
+            puts: get(&self.puts),
+            cost_saved_usd: get(&self.cost_saved_nano_usd) as f64 / 1e9,
+            tokens_saved: input + output,
+            input_tokens_saved: input,
+            output_tokens_saved: output,
+            latency_saved_ms: get(&self.latency_saved_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_core::{Cost, Normalizer, Scope, Tokens};
+
+    fn entry(cost: f64, input: u64, output: u64, latency_ms: u64) -> Entry {
+        let request = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        let keyed = Normalizer::default()
+            .key(&request, &Scope::Global)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let now = chrono::Utc::now();
+        Entry {
+            cache_id: keyed.key.hex(),
+            cache_key: keyed.key.to_string(),
+            request: keyed.canonical,
+            response: serde_json::value::to_raw_value(&1).unwrap_or_else(|e| panic!("{e}")),
+            model: "m".into(),
+            provider: "p".into(),
+            tokens: Tokens { input, output },
+            cost: Cost { input: 0.0, output: 0.0, total: cost },
+            latency_ms,
+            created_at: now,
+            expires_at: None,
+            tags: vec![],
+            scope: Scope::Global,
+            hit_count: 0,
+            last_accessed: now,
+            epochs: Default::default(),
+        }
+    }
+
+    #[test]
+    fn savings_are_the_served_entries_own_cost() {
+        let counters = Counters::default();
+        let a = entry(0.0125, 100, 50, 900);
+        let b = entry(0.0031, 10, 5, 100);
+        counters.record(Outcome::Miss, Some(&a));
+        counters.record(Outcome::L1, Some(&a));
+        counters.record(Outcome::L2, Some(&a));
+        counters.record(Outcome::L1, Some(&b));
+        let stats = counters.snapshot();
+        assert_eq!(stats.lookups, 4);
+        assert_eq!(stats.hits.total(), 3);
+        assert_eq!(stats.misses, 1);
+        assert!((stats.cost_saved_usd - 0.0281).abs() < 1e-12);
+        assert_eq!(stats.tokens_saved, 2 * 150 + 15);
+        assert_eq!(stats.latency_saved_ms, 1900);
+        assert!((stats.hit_rate() - 0.75).abs() < 1e-12);
+        let twice = stats.merged(&stats);
+        assert_eq!(twice.hits.l1, 4);
+        assert!((twice.cost_saved_usd - 0.0562).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,141 @@
+//! List prices per model, for exchanges that carry no cost of their own.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use strata_core::{Cost, Tokens};
+
+/// The price table shipped with strata (`config/pricing.toml`).
+pub const EMBEDDED_PRICING: &str = include_str!("../../../config/pricing.toml");
+
+/// USD per one million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Per 1M input tokens.
+    pub input: f64,
+    /// Per 1M output tokens.
+    pub output: f64,
+}
+
+/// Why a price table could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PricingError {
+    /// Not valid TOML, or not a price table.
+    #[error("pricing table: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A price is negative or not a number.
+    #[error("pricing table: price of `{0}` must be a non-negative number")]
+    BadPrice(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PricingFile {
+    #[serde(default)]
+    source: Option<String>,
+    models: BTreeMap<String, Price>,
+}
+
+/// Prices by model name (lowercase). A dated or suffixed model name (`gpt-4o-2024-08-06`) takes
+/// the price of its longest listed prefix (`gpt-4o`).
+#[derive(Debug, Clone, Default)]
+pub struct Pricing {
+    models: BTreeMap<String, Price>,
+    source: Option<String>,
+}
+
+impl Pricing {
+    /// The table shipped with strata.
+    pub fn embedded() -> Result<Self, PricingError> {
+        Pricing::from_toml(EMBEDDED_PRICING)
+    }
+
+    /// Reads a table in the format of `config/pricing.toml`.
+    pub fn from_toml(text: &str) -> Result<Self, PricingError> {
+        let file: PricingFile = toml::from_str(text)?;
+        let mut models = BTreeMap::new();
+        for (name, price) in file.models {
+            let valid = |x: f64| x.is_finite() && x >= 0.0;
+            if !valid(price.input) || !valid(price.output) {
+                return Err(PricingError::BadPrice(name));
+            }
+            models.insert(name.to_lowercase(), price);
+        }
+        Ok(Pricing {
+            models,
+            source: file.source,
+        })
+    }
+
+    /// Where the prices come from, as the table says.
+    pub fn source(&self) -> Option<&str> {
+        self.source.as_deref()
+    }
+
+    /// The price of `model`, by exact name or longest listed prefix.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        let model = model.to_lowercase();
+        if let Some(price) = self.models.get(&model) {
+            return Some(*price);
+        }
+        self.models
+            .iter()
+            .filter(|(name, _)| model.starts_with(name.as_str()))
+            .max_by_key(|(name, _)| name.len())
+            .map(|(_, price)| *price)
+    }
+
+    /// What `tokens` cost on `model`, if the model is listed.
+    pub fn cost(&self, model: &str, tokens: Tokens) -> Option<Cost> {
+        let price = self.price(model)?;
+        let input = tokens.input as f64 * price.input / 1e6;
+        let output = tokens.output as f64 * price.output / 1e6;
+        Some(Cost {
+            input,
+            output,
+            total: input + output,
+        })
+    }
+
+    /// The listed models.
+    pub fn models(&self) -> impl Iterator<Item = (&str, &Price)> {
+        self.models.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_table_prices_every_example_model() {
+        let pricing = Pricing::embedded().unwrap_or_else(|e| panic!("{e}"));
+        for model in [
+            "gpt-4o-mini",
+            "gpt-4o",
+            "claude-sonnet-4-5",
+            "claude-haiku-4-5",
+            "llama-3.1-70b-instruct",
+        ] {
+            assert!(pricing.price(model).is_some(), "{model} has no price");
+        }
+    }
+
+    #[test]
+    fn cost_is_usage_times_price_and_prefixes_match() {
+        let pricing = Pricing::from_toml(
+            "[models]\n\"gpt-4o\" = { input = 2.5, output = 10.0 }\n\"gpt-4o-mini\" = { input = 0.15, output = 0.6 }\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let cost = pricing
+            .cost("GPT-4o-2024-08-06", Tokens { input: 1_000, output: 500 })
+            .unwrap_or_default();
+        assert!((cost.total - 0.0075).abs() < 1e-12);
+        let mini = pricing.price("gpt-4o-mini-2024-07-18").map(|p| p.input);
+        assert_eq!(mini, Some(0.15));
+        assert!(pricing.price("unknown-model").is_none());
+        assert!(Pricing::from_toml("[models]\nx = { input = -1.0, output = 1.0 }").is_err());
+        assert!(Pricing::from_toml("[models]\nx = { input = 1.0, outptu = 1.0 }").is_err());
+    }
+}

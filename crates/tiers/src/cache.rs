@@ -1,0 +1,725 @@
+//! [`TieredCache`]: the lookup path through the tiers.
+//!
+//! 1. Key the request ([`Normalizer`]).
+//! 2. L1: a hit that answers the request (same canonical request and scope) and has not expired
+//!    is served at once.
+//! 3. Below L1, concurrent lookups of one key share a single chain: moka's `try_get_with` runs
+//!    one initializer per key and hands its result to every waiter. The initializer looks in L2,
+//!    and on a miss runs the executor and writes the entry to L2; moka stores it in L1. An
+//!    executor error reaches every waiter and is never cached.
+//! 4. A failing tier is logged and counted, and the lookup goes on as a miss.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use strata_analytics::{Counters, ErrorKind, Outcome, Pricing, Stats, TierName};
+use strata_core::{
+    CacheKey, Cost, Entry, Keyed, ModelSlug, Normalizer, RequestError, Scope, Tokens,
+};
+
+use crate::disk::DiskTier;
+use crate::error::TierError;
+use crate::memory::MemoryTier;
+use crate::tier::{Tier, TierUsage};
+
+/// How long entries live: a default and per-model overrides (keyed by normalized model name).
+#[derive(Debug, Clone, Default)]
+pub struct TtlPolicy {
+    /// TTL of models without an override; `None` keeps entries until evicted or invalidated.
+    pub default: Option<Duration>,
+    /// TTL per normalized model name.
+    pub per_model: HashMap<String, Duration>,
+}
+
+impl TtlPolicy {
+    /// The TTL of `model`.
+    pub fn for_model(&self, model: &str) -> Option<Duration> {
+        self.per_model.get(model).copied().or(self.default)
+    }
+}
+
+/// What an executor returns: the response and what it cost.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The response, as the provider returned it.
+    pub response: Box<RawValue>,
+    /// The provider (`openai`, `anthropic`, …).
+    pub provider: String,
+    /// Token counts; read from the response's `usage` when `None`.
+    pub tokens: Option<Tokens>,
+    /// What the call cost in USD; priced from `config/pricing.toml` when `None`.
+    pub cost_usd: Option<f64>,
+    /// How long the call took; measured around the executor when `None`.
+    pub latency_ms: Option<u64>,
+    /// Labels stored with the entry.
+    pub tags: Vec<String>,
+    /// TTL of this entry, overriding the policy.
+    pub ttl: Option<Duration>,
+}
+
+impl Completion {
+    /// A completion holding `response` as raw JSON.
+    pub fn new(response: Box<RawValue>) -> Self {
+        Completion {
+            response,
+            provider: String::new(),
+            tokens: None,
+            cost_usd: None,
+            latency_ms: None,
+            tags: Vec::new(),
+            ttl: None,
+        }
+    }
+
+    /// A completion from a parsed response.
+    pub fn from_value(response: &Value) -> Self {
+        // A `Value` always serializes; the default (`null`) is never reached.
+        Completion::new(serde_json::value::to_raw_value(response).unwrap_or_default())
+    }
+
+    /// Sets the provider.
+    pub fn provider(mut self, provider: impl Into<String>) -> Self {
+        self.provider = provider.into();
+        self
+    }
+
+    /// Sets the cost in USD.
+    pub fn cost_usd(mut self, cost: f64) -> Self {
+        self.cost_usd = Some(cost);
+        self
+    }
+
+    /// Sets the latency.
+    pub fn latency_ms(mut self, latency_ms: u64) -> Self {
+        self.latency_ms = Some(latency_ms);
+        self
+    }
+
+    /// Sets the tags.
+    pub fn tags(mut self, tags: Vec<String>) -> Self {
+        self.tags = tags;
+        self
+    }
+
+    /// Sets the TTL of this entry.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+/// The answer to a lookup and where it came from.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The entry served (or just stored, on a miss).
+    pub entry: Arc<Entry>,
+    /// Where it came from.
+    pub outcome: Outcome,
+}
+
+impl Lookup {
+    /// The response as raw JSON.
+    pub fn response(&self) -> &RawValue {
+        &self.entry.response
+    }
+}
+
+/// Builds a [`TieredCache`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), strata_tiers::TierError> {
+/// use strata_tiers::{DiskConfig, DiskTier, TieredCache};
+/// let disk = DiskTier::open(&DiskConfig::new(".strata"), Default::default())?;
+/// let cache = TieredCache::builder()
+///     .memory_capacity(256 << 20)
+///     .disk(disk)
+///     .build();
+/// # Ok(()) }
+/// ```
+pub struct TieredCacheBuilder {
+    normalizer: Normalizer,
+    memory_capacity: u64,
+    l2: Option<Arc<dyn Tier>>,
+    disk: Option<DiskTier>,
+    ttl: TtlPolicy,
+    pricing: Pricing,
+}
+
+impl TieredCacheBuilder {
+    /// The normalizer (profile and aliases). Default: `standard`, no aliases.
+    pub fn normalizer(mut self, normalizer: Normalizer) -> Self {
+        self.normalizer = normalizer;
+        self
+    }
+
+    /// The memory tier's bound in bytes. Default: 256 MiB.
+    pub fn memory_capacity(mut self, bytes: u64) -> Self {
+        self.memory_capacity = bytes;
+        self
+    }
+
+    /// A disk tier as L2; lifetime statistics are kept in it.
+    pub fn disk(mut self, disk: DiskTier) -> Self {
+        self.l2 = Some(Arc::new(disk.clone()));
+        self.disk = Some(disk);
+        self
+    }
+
+    /// Any tier as L2 (a custom store, or a fault-injecting wrapper in tests).
+    pub fn l2(mut self, tier: Arc<dyn Tier>) -> Self {
+        self.l2 = Some(tier);
+        self
+    }
+
+    /// The TTL policy. Default: entries never expire.
+    pub fn ttl(mut self, ttl: TtlPolicy) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The price table used when a completion carries no cost. Default: empty.
+    pub fn pricing(mut self, pricing: Pricing) -> Self {
+        self.pricing = pricing;
+        self
+    }
+
+    /// Builds the cache.
+    pub fn build(self) -> TieredCache {
+        let baseline = self.disk.as_ref().map(DiskTier::load_stats).unwrap_or_default();
+        TieredCache {
+            inner: Arc::new(Inner {
+                normalizer: self.normalizer,
+                memory: MemoryTier::new(self.memory_capacity),
+                l2: self.l2,
+                disk: self.disk,
+                counters: Counters::default(),
+                baseline,
+                ttl: self.ttl,
+                pricing: self.pricing,
+            }),
+        }
+    }
+}
+
+/// The tiered cache: memory, then disk, then the executor. Cheap to clone.
+#[derive(Clone)]
+pub struct TieredCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    normalizer: Normalizer,
+    memory: MemoryTier,
+    l2: Option<Arc<dyn Tier>>,
+    disk: Option<DiskTier>,
+    counters: Counters,
+    baseline: Stats,
+    ttl: TtlPolicy,
+    pricing: Pricing,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(disk) = &self.disk {
+            let total = self.baseline.merged(&self.counters.snapshot());
+            if let Err(e) = disk.save_stats(&total).and_then(|()| disk.flush_blocking()) {
+                tracing::warn!(error = %e, "flushing the disk tier on drop failed");
+            }
+        }
+    }
+}
+
+enum Verdict {
+    Serve,
+    Expired,
+    Collision,
+}
+
+const KV_MODEL: &str = "kv";
+
+impl TieredCache {
+    /// A builder with the defaults: standard profile, 256 MiB memory, no L2.
+    pub fn builder() -> TieredCacheBuilder {
+        TieredCacheBuilder {
+            normalizer: Normalizer::default(),
+            memory_capacity: 256 << 20,
+            l2: None,
+            disk: None,
+            ttl: TtlPolicy::default(),
+            pricing: Pricing::default(),
+        }
+    }
+
+    /// The normalizer in use.
+    pub fn normalizer(&self) -> &Normalizer {
+        &self.inner.normalizer
+    }
+
+    /// The memory tier.
+    pub fn memory(&self) -> &MemoryTier {
+        &self.inner.memory
+    }
+
+    /// The L2 tier, if any.
+    pub fn l2(&self) -> Option<&Arc<dyn Tier>> {
+        self.inner.l2.as_ref()
+    }
+
+    /// Keys a request under the cache's normalizer.
+    pub fn key(&self, request: &Value, scope: &Scope) -> Result<Keyed, RequestError> {
+        self.inner.normalizer.key(request, scope)
+    }
+
+    /// This process's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Counters over the cache's whole life: what the disk tier stored at the last close, plus
+    /// this process.
+    pub fn lifetime_stats(&self) -> Stats {
+        self.inner.baseline.merged(&self.stats())
+    }
+
+    /// Usage of L1 and L2.
+    pub fn usage(&self) -> (TierUsage, Option<TierUsage>) {
+        (
+            self.inner.memory.usage(),
+            self.inner.l2.as_ref().map(|t| t.usage()),
+        )
+    }
+
+    /// Looks a request up without running anything: L1, then L2 (promoting a hit into L1).
+    pub async fn get(&self, request: &Value, scope: &Scope) -> Result<Option<Lookup>, RequestError> {
+        let keyed = self.key(request, scope)?;
+        Ok(self.get_keyed(&keyed).await)
+    }
+
+    /// [`TieredCache::get`] for a request already keyed.
+    pub async fn get_keyed(&self, keyed: &Keyed) -> Option<Lookup> {
+        let inner = &self.inner;
+        let found = match inner.l1(keyed).await {
+            Some(entry) => Some((entry, Outcome::L1)),
+            None => {
+                let below = inner.lookup_below(keyed).await;
+                if let Some((entry, _)) = &below {
+                    inner.memory.insert_id(keyed.key.id(), Arc::clone(entry)).await;
+                }
+                below
+            }
+        };
+        match found {
+            Some((entry, outcome)) => {
+                inner.counters.record(outcome, Some(&entry));
+                Some(Lookup { entry, outcome })
+            }
+            None => {
+                inner.counters.record(Outcome::Miss, None);
+                None
+            }
+        }
+    }
+
+    /// Stores a completion for a request in L1 and L2, replacing what was there.
+    pub async fn put(
+        &self,
+        request: &Value,
+        scope: &Scope,
+        completion: Completion,
+    ) -> Result<Arc<Entry>, RequestError> {
+        let keyed = self.key(request, scope)?;
+        let entry = Arc::new(self.inner.build_entry(&keyed, completion, Duration::ZERO));
+        self.inner.store(&keyed.key, &entry).await;
+        Ok(entry)
+    }
+
+    /// Serves a request from the cache, or runs `executor` once and caches its answer.
+    ///
+    /// Concurrent calls for the same request run `executor` once between them; if it fails,
+    /// every one of them gets its error and nothing is cached. A request that cannot be keyed
+    /// (malformed) is not an error here: `executor` runs and its answer is returned uncached
+    /// ([`Outcome::Uncacheable`]).
+    pub async fn get_or_execute<F, Fut, E>(
+        &self,
+        request: &Value,
+        scope: &Scope,
+        executor: F,
+    ) -> Result<Lookup, Arc<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Completion, E>>,
+        E: Send + Sync + 'static,
+    {
+        let inner = &self.inner;
+        let keyed = match self.key(request, scope) {
+            Ok(keyed) => keyed,
+            Err(err) => {
+                tracing::debug!(%err, "request cannot be keyed; running it uncached");
+                let keyed = uncacheable(request, scope);
+                let started = Instant::now();
+                let completion = executor().await.map_err(|e| {
+                    inner.counters.record_executor_error();
+                    Arc::new(e)
+                })?;
+                let entry = Arc::new(inner.build_entry(&keyed, completion, started.elapsed()));
+                inner.counters.record(Outcome::Uncacheable, Some(&entry));
+                return Ok(Lookup {
+                    entry,
+                    outcome: Outcome::Uncacheable,
+                });
+            }
+        };
+        let keyed_ref = &keyed;
+        let fill = move || async move {
+            let started = Instant::now();
+            let completion = executor().await?;
+            Ok(inner.build_entry(keyed_ref, completion, started.elapsed()))
+        };
+        self.resolve(&keyed, &mut Some(fill)).await
+    }
+
+    /// The typed cache for any serde value (API responses, user records): returns the value
+    /// stored under `key`, or runs `f`, stores its value for `ttl` (the default TTL when `None`)
+    /// and returns it. Concurrent calls for one key run `f` once.
+    pub async fn get_or_insert_with<T, F, Fut, E>(
+        &self,
+        key: &str,
+        ttl: Option<Duration>,
+        f: F,
+    ) -> Result<T, Arc<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<serde_json::Error> + Send + Sync + 'static,
+    {
+        let inner = &self.inner;
+        let keyed = kv_key(key);
+        let keyed_ref = &keyed;
+        let fill = move || async move {
+            let started = Instant::now();
+            let value = f().await?;
+            let raw = serde_json::value::to_raw_value(&value)?;
+            let mut completion = Completion::new(raw).provider(KV_MODEL);
+            completion.ttl = ttl;
+            Ok(inner.build_entry(keyed_ref, completion, started.elapsed()))
+        };
+        let mut slot = Some(fill);
+        let lookup = self.resolve(&keyed, &mut slot).await?;
+        match lookup.entry.response_as::<T>() {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                // A stored value of another shape (the type changed between releases): drop it
+                // and compute afresh when we still can.
+                inner.counters.record_error(TierName::L1, ErrorKind::Corrupt);
+                inner.remove(&keyed.key).await;
+                match slot.take() {
+                    Some(fill) => {
+                        let lookup = inner.fill_and_store(&keyed, fill).await?;
+                        lookup
+                            .entry
+                            .response_as::<T>()
+                            .map_err(|e| Arc::new(E::from(e)))
+                    }
+                    None => Err(Arc::new(E::from(e))),
+                }
+            }
+        }
+    }
+
+    /// Removes the entry of a request from every tier.
+    pub async fn remove(&self, request: &Value, scope: &Scope) -> Result<(), RequestError> {
+        let keyed = self.key(request, scope)?;
+        self.inner.remove(&keyed.key).await;
+        Ok(())
+    }
+
+    /// Makes every write so far durable and stores the lifetime statistics.
+    pub async fn flush(&self) -> Result<(), TierError> {
+        if let Some(disk) = &self.inner.disk {
+            disk.save_stats(&self.lifetime_stats())?;
+        }
+        if let Some(l2) = &self.inner.l2 {
+            l2.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes, then releases this handle. The database closes when the last clone is dropped.
+    pub async fn close(self) -> Result<(), TierError> {
+        self.flush().await
+    }
+
+    async fn resolve<F, Fut, E>(&self, keyed: &Keyed, fill: &mut Option<F>) -> Result<Lookup, Arc<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Entry, E>>,
+        E: Send + Sync + 'static,
+    {
+        let inner = &self.inner;
+        let id = keyed.key.id();
+        if let Some(entry) = inner.memory.get_id(id).await {
+            match inner.verdict(&entry, keyed) {
+                Verdict::Serve => {
+                    inner.counters.record(Outcome::L1, Some(&entry));
+                    return Ok(Lookup {
+                        entry,
+                        outcome: Outcome::L1,
+                    });
+                }
+                Verdict::Expired => {
+                    inner.counters.record_expired();
+                    inner.memory.remove_id(id).await;
+                }
+                Verdict::Collision => {
+                    inner.counters.record_error(TierName::L1, ErrorKind::Collision);
+                    if let Some(fill) = fill.take() {
+                        return inner.fill_and_store(keyed, fill).await;
+                    }
+                }
+            }
+        }
+        let mut led = None;
+        let init = inner.load_or_fill(keyed, fill, &mut led);
+        let result = inner.memory.cache().try_get_with(id, init).await;
+        match (result, led) {
+            (Ok(entry), Some(outcome)) => {
+                inner.counters.record(outcome, Some(&entry));
+                Ok(Lookup { entry, outcome })
+            }
+            (Ok(entry), None) => match (inner.verdict(&entry, keyed), fill.take()) {
+                (Verdict::Serve, _) | (_, None) => {
+                    inner.counters.record(Outcome::Coalesced, Some(&entry));
+                    Ok(Lookup {
+                        entry,
+                        outcome: Outcome::Coalesced,
+                    })
+                }
+                // Another lookup with the same digest but a different request filled the slot.
+                (_, Some(fill)) => {
+                    inner.counters.record_error(TierName::L1, ErrorKind::Collision);
+                    inner.fill_and_store(keyed, fill).await
+                }
+            },
+            (Err(e), led) => {
+                if led == Some(Outcome::Miss) {
+                    inner.counters.record_executor_error();
+                }
+                inner.counters.record(Outcome::Miss, None);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn verdict(&self, entry: &Entry, keyed: &Keyed) -> Verdict {
+        if !entry.answers(keyed) {
+            Verdict::Collision
+        } else if entry.is_expired_at(Utc::now()) {
+            Verdict::Expired
+        } else {
+            Verdict::Serve
+        }
+    }
+
+    async fn l1(&self, keyed: &Keyed) -> Option<Arc<Entry>> {
+        let entry = self.memory.get_id(keyed.key.id()).await?;
+        match self.verdict(&entry, keyed) {
+            Verdict::Serve => Some(entry),
+            Verdict::Expired => {
+                self.counters.record_expired();
+                self.memory.remove_id(keyed.key.id()).await;
+                None
+            }
+            Verdict::Collision => {
+                self.counters.record_error(TierName::L1, ErrorKind::Collision);
+                None
+            }
+        }
+    }
+
+    /// The initializer shared by concurrent lookups of one key: L2, then the executor.
+    async fn load_or_fill<F, Fut, E>(
+        &self,
+        keyed: &Keyed,
+        fill: &mut Option<F>,
+        led: &mut Option<Outcome>,
+    ) -> Result<Arc<Entry>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Entry, E>>,
+    {
+        if let Some((entry, outcome)) = self.lookup_below(keyed).await {
+            *led = Some(outcome);
+            return Ok(entry);
+        }
+        *led = Some(Outcome::Miss);
+        let Some(fill) = fill.take() else {
+            // moka polls only the initializer of the call that created it, once, and the
+            // slot is filled before the call: it cannot be empty here.
+            unreachable!("single-flight initializer polled without its executor");
+        };
+        let entry = Arc::new(fill().await?);
+        self.store_below(&keyed.key, &entry).await;
+        self.counters.record_put();
+        Ok(entry)
+    }
+
+    async fn fill_and_store<F, Fut, E>(&self, keyed: &Keyed, fill: F) -> Result<Lookup, Arc<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Entry, E>>,
+    {
+        let entry = match fill().await {
+            Ok(entry) => Arc::new(entry),
+            Err(e) => {
+                self.counters.record_executor_error();
+                self.counters.record(Outcome::Miss, None);
+                return Err(Arc::new(e));
+            }
+        };
+        self.store(&keyed.key, &entry).await;
+        self.counters.record(Outcome::Miss, Some(&entry));
+        Ok(Lookup {
+            entry,
+            outcome: Outcome::Miss,
+        })
+    }
+
+    /// L2 (and, later, L3): the first copy that answers the request.
+    async fn lookup_below(&self, keyed: &Keyed) -> Option<(Arc<Entry>, Outcome)> {
+        let l2 = self.l2.as_ref()?;
+        match l2.get(&keyed.key).await {
+            Ok(Some(entry)) => match self.verdict(&entry, keyed) {
+                Verdict::Serve => return Some((entry, Outcome::L2)),
+                Verdict::Expired => {
+                    self.counters.record_expired();
+                    if let Err(e) = l2.remove(&keyed.key).await {
+                        self.tier_failed(l2.name(), "remove", &e);
+                    }
+                }
+                Verdict::Collision => {
+                    self.counters.record_error(l2.name(), ErrorKind::Collision);
+                }
+            },
+            Ok(None) => {}
+            Err(TierError::Corrupt(_)) => {
+                self.counters.record_error(l2.name(), ErrorKind::Corrupt);
+            }
+            Err(e) => self.tier_failed(l2.name(), "get", &e),
+        }
+        None
+    }
+
+    async fn store_below(&self, key: &CacheKey, entry: &Arc<Entry>) {
+        if let Some(l2) = &self.l2
+            && let Err(e) = l2.put(key, entry).await
+        {
+            self.tier_failed(l2.name(), "put", &e);
+        }
+    }
+
+    async fn store(&self, key: &CacheKey, entry: &Arc<Entry>) {
+        self.memory.insert_id(key.id(), Arc::clone(entry)).await;
+        self.store_below(key, entry).await;
+        self.counters.record_put();
+    }
+
+    async fn remove(&self, key: &CacheKey) {
+        self.memory.remove_id(key.id()).await;
+        if let Some(l2) = &self.l2
+            && let Err(e) = l2.remove(key).await
+        {
+            self.tier_failed(l2.name(), "remove", &e);
+        }
+    }
+
+    fn tier_failed(&self, tier: TierName, op: &str, error: &TierError) {
+        tracing::warn!(?tier, op, %error, "cache tier failed; treating as a miss");
+        self.counters.record_error(tier, ErrorKind::Io);
+    }
+
+    fn build_entry(&self, keyed: &Keyed, completion: Completion, measured: Duration) -> Entry {
+        let tokens = completion
+            .tokens
+            .unwrap_or_else(|| Tokens::from_response(&completion.response));
+        let priced = self.pricing.cost(&keyed.model, tokens);
+        let cost = match (completion.cost_usd, priced) {
+            (Some(total), Some(p)) if p.total > 0.0 => Cost {
+                input: total * p.input / p.total,
+                output: total * p.output / p.total,
+                total,
+            },
+            (Some(total), _) => Cost {
+                input: 0.0,
+                output: 0.0,
+                total,
+            },
+            (None, Some(p)) => p,
+            (None, None) => Cost::default(),
+        };
+        let now = Utc::now();
+        let ttl = completion.ttl.or_else(|| self.ttl.for_model(&keyed.model));
+        Entry {
+            cache_id: keyed.key.hex(),
+            cache_key: keyed.key.to_string(),
+            request: keyed.canonical.clone(),
+            response: completion.response,
+            model: keyed.model.clone(),
+            provider: completion.provider,
+            tokens,
+            cost,
+            latency_ms: completion
+                .latency_ms
+                .unwrap_or(measured.as_millis() as u64),
+            created_at: now,
+            expires_at: ttl.and_then(|t| chrono::Duration::from_std(t).ok()).map(|t| now + t),
+            tags: completion.tags,
+            scope: keyed.scope.clone(),
+            hit_count: 0,
+            last_accessed: now,
+            epochs: Default::default(),
+        }
+    }
+}
+
+/// The key of a typed value stored with [`TieredCache::get_or_insert_with`].
+fn kv_key(key: &str) -> Keyed {
+    let mut canonical = String::with_capacity(key.len() + 8);
+    canonical.push_str("{\"kv\":");
+    canonical.push_str(&Value::String(key.to_string()).to_string());
+    canonical.push('}');
+    let digest_key = CacheKey::derive(ModelSlug::new(KV_MODEL), &Scope::Global, canonical.as_bytes());
+    Keyed {
+        key: digest_key,
+        canonical: RawValue::from_string(canonical).unwrap_or_default(),
+        model: KV_MODEL.to_string(),
+        scope: Scope::Global,
+    }
+}
+
+/// A stand-in key for a request that cannot be keyed: never stored, only reported.
+fn uncacheable(request: &Value, scope: &Scope) -> Keyed {
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_string();
+    Keyed {
+        key: CacheKey {
+            slug: ModelSlug::new(&model),
+            digest: [0; 16],
+        },
+        canonical: serde_json::value::to_raw_value(request).unwrap_or_default(),
+        model,
+        scope: scope.clone(),
+    }
+}

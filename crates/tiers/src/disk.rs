@@ -1,0 +1,393 @@
+//! L2: sled on local disk, bounded in bytes, least recently used out first.
+//!
+//! sled keeps recently used pages in memory and writes its log from its own flusher thread every
+//! `flush_every_ms`, so `get` and `insert` are in-memory operations that are called directly
+//! from async code; the calls that wait for the disk (`flush`, open, eviction batches) run on
+//! the blocking pool. sled 0.34 is not a database to trust blindly: every value is an
+//! [`strata_core::codec`] envelope with a checksum, a copy that fails to decode is removed, and
+//! a directory that sled cannot open for corruption is moved aside and replaced by an empty one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use strata_analytics::{Stats, TierName};
+use strata_core::{CacheKey, Codec, Entry};
+
+use crate::error::TierError;
+use crate::tier::{Tier, TierUsage};
+
+/// Settings of the disk tier.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// Directory of the sled database.
+    pub path: PathBuf,
+    /// Bound on the bytes of stored envelopes; past it the least recently used are evicted
+    /// down to 90% of the bound.
+    pub capacity: u64,
+    /// sled's page cache, in bytes.
+    pub cache_capacity: u64,
+    /// How often sled writes its log to disk, in milliseconds.
+    pub flush_every_ms: u64,
+}
+
+impl DiskConfig {
+    /// Defaults for a directory: 2 GiB bound, 16 MiB page cache, flush every 500 ms.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            path: path.into(),
+            capacity: 2 << 30,
+            cache_capacity: 16 << 20,
+            flush_every_ms: 500,
+        }
+    }
+}
+
+/// Size and last use of one stored entry, kept in memory for eviction.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    bytes: u64,
+    last_used_ms: u64,
+}
+
+struct Inner {
+    db: sled::Db,
+    entries: sled::Tree,
+    access: sled::Tree,
+    meta: sled::Tree,
+    codec: Codec,
+    capacity: u64,
+    slots: Mutex<HashMap<u128, Slot>>,
+    dirty: Mutex<Vec<u128>>,
+    bytes: AtomicU64,
+    evicting: AtomicBool,
+    evictions: AtomicU64,
+    moved_aside: Option<PathBuf>,
+}
+
+/// The disk tier. Cheap to clone (clones share the database).
+#[derive(Clone)]
+pub struct DiskTier {
+    inner: Arc<Inner>,
+}
+
+const STATS_KEY: &[u8] = b"stats/v1";
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn id_of(key: &[u8]) -> Option<u128> {
+    <[u8; 16]>::try_from(key).ok().map(u128::from_be_bytes)
+}
+
+impl DiskTier {
+    /// Opens (or creates) the tier in `config.path`. A database that sled reports as corrupt is
+    /// moved aside to `{path}.corrupt-{unix time}` and an empty one takes its place; any other
+    /// open error (permissions, a lock held by another process) is returned.
+    pub fn open(config: &DiskConfig, codec: Codec) -> Result<Self, TierError> {
+        let mut moved_aside = None;
+        let db = match open_sled(config) {
+            Ok(db) => db,
+            Err(OpenFailure::Corrupt(reason)) => {
+                let aside = aside_path(&config.path);
+                tracing::warn!(path = %config.path.display(), aside = %aside.display(), %reason,
+                    "disk tier is corrupt; moving it aside and starting empty");
+                std::fs::rename(&config.path, &aside).map_err(|source| TierError::Io {
+                    context: format!("moving corrupt {} aside", config.path.display()),
+                    source,
+                })?;
+                moved_aside = Some(aside);
+                open_sled(config).map_err(|f| TierError::Unavailable(f.to_string()))?
+            }
+            Err(other) => return Err(TierError::Unavailable(other.to_string())),
+        };
+        let entries = db.open_tree("entries")?;
+        let access = db.open_tree("access")?;
+        let meta = db.open_tree("meta")?;
+        let inner = Inner {
+            db,
+            entries,
+            access,
+            meta,
+            codec,
+            capacity: config.capacity,
+            slots: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(Vec::new()),
+            bytes: AtomicU64::new(0),
+            evicting: AtomicBool::new(false),
+            evictions: AtomicU64::new(0),
+            moved_aside,
+        };
+        inner.load_slots()?;
+        Ok(DiskTier {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Where a corrupt database was moved on open, if it was.
+    pub fn moved_aside(&self) -> Option<&Path> {
+        self.inner.moved_aside.as_deref()
+    }
+
+    /// Stores raw bytes under `key` as they are, bypassing the codec. For tools and fault tests
+    /// (a corrupt copy must be detected on read).
+    pub fn insert_raw(&self, key: &CacheKey, bytes: &[u8]) -> Result<(), TierError> {
+        self.inner.store(key.id(), bytes)
+    }
+
+    /// Entries evicted for space since open.
+    pub fn evictions(&self) -> u64 {
+        self.inner.evictions.load(Relaxed)
+    }
+
+    /// The lifetime statistics stored by the last [`DiskTier::save_stats`].
+    pub fn load_stats(&self) -> Stats {
+        match self.inner.meta.get(STATS_KEY) {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            _ => Stats::default(),
+        }
+    }
+
+    /// Stores lifetime statistics, read back by [`DiskTier::load_stats`] after a restart.
+    pub fn save_stats(&self, stats: &Stats) -> Result<(), TierError> {
+        let bytes = serde_json::to_vec(stats).map_err(|e| TierError::Storage(e.to_string()))?;
+        self.inner.meta.insert(STATS_KEY, bytes)?;
+        Ok(())
+    }
+
+    /// Writes access times and sled's log to disk, blocking the calling thread.
+    pub fn flush_blocking(&self) -> Result<(), TierError> {
+        self.inner.save_access_times()?;
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    fn schedule_eviction(&self) {
+        let inner = &self.inner;
+        if inner.bytes.load(Relaxed) <= inner.capacity || inner.evicting.swap(true, Relaxed) {
+            return;
+        }
+        let inner = Arc::clone(inner);
+        let evict = move || {
+            if let Err(e) = inner.evict() {
+                tracing::warn!(error = %e, "disk tier eviction failed");
+            }
+            inner.evicting.store(false, Relaxed);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(evict);
+            }
+            Err(_) => evict(),
+        }
+    }
+}
+
+enum OpenFailure {
+    Corrupt(String),
+    Other(String),
+}
+
+impl std::fmt::Display for OpenFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenFailure::Corrupt(s) => write!(f, "corrupt: {s}"),
+            OpenFailure::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+fn open_sled(config: &DiskConfig) -> Result<sled::Db, OpenFailure> {
+    let sled_config = sled::Config::new()
+        .path(&config.path)
+        .cache_capacity(config.cache_capacity)
+        .flush_every_ms(Some(config.flush_every_ms.max(1)))
+        .mode(sled::Mode::HighThroughput);
+    // sled 0.34 can panic on some damaged files instead of returning an error.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || sled_config.open())) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(sled::Error::Corruption { at, .. })) => {
+            Err(OpenFailure::Corrupt(format!("sled reports corruption at {at:?}")))
+        }
+        Ok(Err(e @ (sled::Error::ReportableBug(_) | sled::Error::Unsupported(_)))) => {
+            Err(OpenFailure::Corrupt(e.to_string()))
+        }
+        Ok(Err(e)) => Err(OpenFailure::Other(format!(
+            "cannot open disk tier at {}: {e}",
+            config.path.display()
+        ))),
+        Err(_) => Err(OpenFailure::Corrupt("sled panicked while opening".into())),
+    }
+}
+
+fn aside_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".corrupt-{}", now_ms() / 1000));
+    PathBuf::from(name)
+}
+
+impl Inner {
+    fn lock_slots(&self) -> MutexGuard<'_, HashMap<u128, Slot>> {
+        self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn load_slots(&self) -> Result<(), TierError> {
+        let mut slots = self.lock_slots();
+        let mut total = 0;
+        for item in self.entries.iter() {
+            let (key, value) = item?;
+            let Some(id) = id_of(&key) else {
+                self.entries.remove(key)?;
+                continue;
+            };
+            let last_used_ms = match self.access.get(key)? {
+                Some(v) => <[u8; 8]>::try_from(v.as_ref()).map_or(0, u64::from_le_bytes),
+                None => 0,
+            };
+            let bytes = (value.len() + 16) as u64;
+            total += bytes;
+            slots.insert(id, Slot { bytes, last_used_ms });
+        }
+        self.bytes.store(total, Relaxed);
+        Ok(())
+    }
+
+    fn store(&self, id: u128, bytes: &[u8]) -> Result<(), TierError> {
+        self.entries.insert(id.to_be_bytes(), bytes)?;
+        let slot = Slot {
+            bytes: (bytes.len() + 16) as u64,
+            last_used_ms: now_ms(),
+        };
+        let old = self.lock_slots().insert(id, slot);
+        self.bytes.fetch_add(slot.bytes, Relaxed);
+        if let Some(old) = old {
+            self.bytes.fetch_sub(old.bytes, Relaxed);
+        }
+        self.mark_dirty(id);
+        Ok(())
+    }
+
+    fn touch(&self, id: u128) {
+        if let Some(slot) = self.lock_slots().get_mut(&id) {
+            slot.last_used_ms = now_ms();
+        }
+        self.mark_dirty(id);
+    }
+
+    fn mark_dirty(&self, id: u128) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: past this the oldest marks are dropped; access times are a hint for order.
+        if dirty.len() < 1 << 20 {
+            dirty.push(id);
+        }
+    }
+
+    fn forget(&self, id: u128) -> Result<(), TierError> {
+        self.entries.remove(id.to_be_bytes())?;
+        self.access.remove(id.to_be_bytes())?;
+        if let Some(old) = self.lock_slots().remove(&id) {
+            self.bytes.fetch_sub(old.bytes, Relaxed);
+        }
+        Ok(())
+    }
+
+    fn save_access_times(&self) -> Result<(), TierError> {
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        {
+            let slots = self.lock_slots();
+            for id in dirty {
+                if let Some(slot) = slots.get(&id) {
+                    batch.insert(&id.to_be_bytes(), &slot.last_used_ms.to_le_bytes());
+                }
+            }
+        }
+        self.access.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Removes least recently used entries until the tier holds at most 90% of its bound.
+    fn evict(&self) -> Result<(), TierError> {
+        let target = self.capacity / 10 * 9;
+        let total = self.bytes.load(Relaxed);
+        if total <= self.capacity {
+            return Ok(());
+        }
+        let mut by_age: Vec<(u64, u128, u64)> = self
+            .lock_slots()
+            .iter()
+            .map(|(id, slot)| (slot.last_used_ms, *id, slot.bytes))
+            .collect();
+        by_age.sort_unstable();
+        let mut to_free = total.saturating_sub(target);
+        for (_, id, bytes) in by_age {
+            if to_free == 0 {
+                break;
+            }
+            self.forget(id)?;
+            self.evictions.fetch_add(1, Relaxed);
+            to_free = to_free.saturating_sub(bytes);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Tier for DiskTier {
+    fn name(&self) -> TierName {
+        TierName::L2
+    }
+
+    async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Entry>>, TierError> {
+        let id = key.id();
+        let Some(bytes) = self.inner.entries.get(id.to_be_bytes())? else {
+            return Ok(None);
+        };
+        match self.inner.codec.decode(&bytes) {
+            Ok(entry) => {
+                self.inner.touch(id);
+                Ok(Some(Arc::new(entry)))
+            }
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "corrupt entry on disk; removing it");
+                self.inner.forget(id)?;
+                Err(TierError::Corrupt(e))
+            }
+        }
+    }
+
+    async fn put(&self, key: &CacheKey, entry: &Arc<Entry>) -> Result<(), TierError> {
+        let bytes = self.inner.codec.encode(entry)?;
+        self.inner.store(key.id(), &bytes)?;
+        self.schedule_eviction();
+        Ok(())
+    }
+
+    async fn remove(&self, key: &CacheKey) -> Result<(), TierError> {
+        self.inner.forget(key.id())
+    }
+
+    async fn flush(&self) -> Result<(), TierError> {
+        let tier = self.clone();
+        tokio::task::spawn_blocking(move || tier.flush_blocking())
+            .await
+            .map_err(|e| TierError::Storage(format!("flush task: {e}")))?
+    }
+
+    fn usage(&self) -> TierUsage {
+        TierUsage {
+            entries: self.inner.lock_slots().len() as u64,
+            bytes: self.inner.bytes.load(Relaxed),
+            capacity: Some(self.inner.capacity),
+        }
+    }
+}

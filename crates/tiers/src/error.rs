@@ -1,0 +1,32 @@
+//! Tier errors.
+
+use strata_core::CodecError;
+
+/// What a tier operation can fail with. [`crate::TieredCache`] never passes these to a caller's
+/// lookup: it logs them, counts them and treats the lookup as a miss.
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    /// The stored bytes are corrupt; the tier has already removed them.
+    #[error("corrupt entry: {0}")]
+    Corrupt(#[from] CodecError),
+    /// The storage failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// An I/O error outside the store (creating or moving directories).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The tier cannot be used now (injected fault, open failure, circuit open).
+    #[error("tier unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<sled::Error> for TierError {
+    fn from(e: sled::Error) -> Self {
+        TierError::Storage(e.to_string())
+    }
+}

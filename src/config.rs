@@ -1,0 +1,248 @@
+//! Configuration: the embedded `config/default.toml`, an optional file, and `STRATA_*`
+//! environment overrides, merged in that order.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Deserializer, Serialize};
+use strata_analytics::Pricing;
+use strata_core::{Codec, Normalizer, Profile};
+use strata_tiers::{DiskConfig, DiskTier, TieredCache, TtlPolicy};
+
+use crate::Error;
+
+/// The embedded default configuration.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+
+/// Sections that `STRATA_{SECTION}_{KEY}` environment variables may set.
+const SECTIONS: &[&str] = &["normalization", "ttl", "memory", "disk", "codec", "pricing"];
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Request normalization.
+    pub normalization: NormalizationConfig,
+    /// Entry lifetimes.
+    pub ttl: TtlConfig,
+    /// L1.
+    pub memory: MemoryConfig,
+    /// L2.
+    pub disk: DiskSection,
+    /// The envelope codec.
+    pub codec: CodecConfig,
+    /// Prices.
+    pub pricing: PricingConfig,
+}
+
+/// `[normalization]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormalizationConfig {
+    /// The profile.
+    pub profile: Profile,
+    /// Model aliases, `from = "to"`.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, String>,
+}
+
+/// `[ttl]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtlConfig {
+    /// Default TTL; `None` ("never") keeps entries until evicted.
+    #[serde(deserialize_with = "ttl", serialize_with = "ttl_out")]
+    pub default: Option<Duration>,
+    /// Per-model TTL.
+    #[serde(default, with = "per_model")]
+    pub models: BTreeMap<String, Duration>,
+}
+
+/// `[memory]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Bound in bytes.
+    pub capacity: ByteSize,
+}
+
+/// `[disk]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSection {
+    /// Whether L2 is used.
+    pub enabled: bool,
+    /// Directory of the database.
+    pub path: PathBuf,
+    /// Bound in bytes.
+    pub capacity: ByteSize,
+    /// sled's page cache.
+    pub page_cache: ByteSize,
+    /// sled's flush interval.
+    #[serde(with = "humantime_serde")]
+    pub flush_every: Duration,
+}
+
+/// `[codec]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodecConfig {
+    /// Compress payloads longer than this.
+    pub compress_above: ByteSize,
+    /// zstd level (1..=22).
+    pub zstd_level: i32,
+}
+
+/// `[pricing]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingConfig {
+    /// A price table file; empty for the embedded one.
+    #[serde(default)]
+    pub file: PathBuf,
+}
+
+fn ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_ttl(&text).map_err(serde::de::Error::custom)
+}
+
+fn ttl_out<S: serde::Serializer>(ttl: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match ttl {
+        Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        None => s.serialize_str("never"),
+    }
+}
+
+fn parse_ttl(text: &str) -> Result<Option<Duration>, String> {
+    match text.trim() {
+        "never" => Ok(None),
+        other => humantime::parse_duration(other)
+            .map(Some)
+            .map_err(|e| format!("invalid duration `{other}` ({e}); use e.g. `90s`, `12h`, `7d` or `never`")),
+    }
+}
+
+mod per_model {
+    use super::*;
+    use serde::Serializer;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Duration>, D::Error> {
+        let raw = BTreeMap::<String, String>::deserialize(d)?;
+        raw.into_iter()
+            .map(|(model, text)| match parse_ttl(&text) {
+                Ok(Some(ttl)) => Ok((model.to_lowercase(), ttl)),
+                Ok(None) => Ok((model.to_lowercase(), Duration::from_secs(u64::MAX / 4))),
+                Err(e) => Err(serde::de::Error::custom(format!("ttl of `{model}`: {e}"))),
+            })
+            .collect()
+    }
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<String, Duration>, s: S) -> Result<S::Ok, S::Error> {
+        let shown: BTreeMap<&String, String> = map
+            .iter()
+            .map(|(k, v)| (k, humantime::format_duration(*v).to_string()))
+            .collect();
+        shown.serialize(s)
+    }
+}
+
+impl Config {
+    /// The embedded default, with `STRATA_*` environment overrides.
+    pub fn load_default() -> Result<Config, Error> {
+        Config::load(None)
+    }
+
+    /// The embedded default, then `file` (if any), then `STRATA_*` environment overrides.
+    pub fn load(file: Option<&Path>) -> Result<Config, Error> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(Error::Config(format!("config file {} not found", path.display())));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("STRATA_").filter_map(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            let (section, rest) = key.split_once('_')?;
+            SECTIONS
+                .contains(&section)
+                .then(|| format!("{section}.{rest}").into())
+        }));
+        let config: Config = figment.extract().map_err(|e| {
+            let errors: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+            Error::Config(errors.join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if !(1..=22).contains(&self.codec.zstd_level) {
+            return Err(Error::Config(format!(
+                "codec.zstd_level must be between 1 and 22, found {}",
+                self.codec.zstd_level
+            )));
+        }
+        if self.disk.enabled && self.disk.path.as_os_str().is_empty() {
+            return Err(Error::Config("disk.path must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    /// The normalizer this configuration describes.
+    pub fn normalizer(&self) -> Normalizer {
+        Normalizer::new(self.normalization.profile).with_aliases(&self.normalization.aliases)
+    }
+
+    /// The codec this configuration describes.
+    pub fn codec(&self) -> Codec {
+        Codec::new(self.codec.compress_above.as_u64() as usize, self.codec.zstd_level)
+    }
+
+    /// The TTL policy.
+    pub fn ttl_policy(&self) -> TtlPolicy {
+        TtlPolicy {
+            default: self.ttl.default,
+            per_model: self.ttl.models.clone().into_iter().collect(),
+        }
+    }
+
+    /// The price table: the configured file, or the embedded one.
+    pub fn pricing(&self) -> Result<Pricing, Error> {
+        if self.pricing.file.as_os_str().is_empty() {
+            return Ok(Pricing::embedded()?);
+        }
+        let text = std::fs::read_to_string(&self.pricing.file).map_err(|e| {
+            Error::Config(format!("pricing.file {}: {e}", self.pricing.file.display()))
+        })?;
+        Ok(Pricing::from_toml(&text)?)
+    }
+
+    /// The disk tier's settings.
+    pub fn disk_config(&self) -> DiskConfig {
+        DiskConfig {
+            path: self.disk.path.clone(),
+            capacity: self.disk.capacity.as_u64(),
+            cache_capacity: self.disk.page_cache.as_u64(),
+            flush_every_ms: self.disk.flush_every.as_millis() as u64,
+        }
+    }
+
+    /// Opens the cache this configuration describes.
+    pub fn open_cache(&self) -> Result<TieredCache, Error> {
+        let mut builder = TieredCache::builder()
+            .normalizer(self.normalizer())
+            .memory_capacity(self.memory.capacity.as_u64())
+            .ttl(self.ttl_policy())
+            .pricing(self.pricing()?);
+        if self.disk.enabled {
+            builder = builder.disk(DiskTier::open(&self.disk_config(), self.codec())?);
+        }
+        Ok(builder.build())
+    }
+}

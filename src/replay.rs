@@ -1,0 +1,426 @@
+//! Replaying an exchange log through the cache: what would caching have saved on this traffic?
+//!
+//! The log is JSON Lines (plain, or zstd-compressed when the name ends in `.zst`), one exchange
+//! per line: `request`, `response`, `provider`, `latency_ms`, and optionally `user`, `session`,
+//! `tags` and `cost_usd`. The executor "calls the LLM" by returning the logged response. Lines
+//! are split on `\n` only: message texts may hold U+2028 and other separators.
+
+use std::convert::Infallible;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Zipf};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use strata_analytics::Hits;
+use strata_core::Scope;
+use strata_tiers::{Completion, TieredCache};
+
+use crate::Error;
+
+/// One logged exchange.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Exchange {
+    /// The request as sent.
+    pub request: Value,
+    /// The response as received.
+    pub response: Box<RawValue>,
+    /// Who served it.
+    #[serde(default)]
+    pub provider: String,
+    /// How long it took.
+    #[serde(default)]
+    pub latency_ms: Option<u64>,
+    /// The user who sent it.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The session it belongs to.
+    #[serde(default)]
+    pub session: Option<String>,
+    /// Labels.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// What it cost, if known; otherwise it is priced from usage.
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
+}
+
+impl Exchange {
+    /// The completion the executor returns for this exchange.
+    pub fn completion(&self) -> Completion {
+        let mut completion = Completion::new(self.response.clone())
+            .provider(self.provider.clone())
+            .tags(self.tags.clone());
+        completion.latency_ms = self.latency_ms;
+        completion.cost_usd = self.cost_usd;
+        completion
+    }
+
+    /// The scope this exchange is looked up in.
+    pub fn scope(&self, by: ScopeBy) -> Scope {
+        let or_anonymous = |id: &Option<String>| id.clone().unwrap_or_else(|| "anonymous".into());
+        match by {
+            ScopeBy::Global => Scope::Global,
+            ScopeBy::User => Scope::User(or_anonymous(&self.user)),
+            ScopeBy::Session => Scope::Session(or_anonymous(&self.session)),
+        }
+    }
+}
+
+/// Which scope a replay keys exchanges in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeBy {
+    /// Everyone shares entries.
+    #[default]
+    Global,
+    /// Per the exchange's `user` (`anonymous` when absent).
+    User,
+    /// Per the exchange's `session` (`anonymous` when absent).
+    Session,
+}
+
+impl ScopeBy {
+    /// The name used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeBy::Global => "global",
+            ScopeBy::User => "user",
+            ScopeBy::Session => "session",
+        }
+    }
+}
+
+impl FromStr for ScopeBy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "global" => Ok(ScopeBy::Global),
+            "user" => Ok(ScopeBy::User),
+            "session" => Ok(ScopeBy::Session),
+            other => Err(format!("unknown scope `{other}` (expected global, user or session)")),
+        }
+    }
+}
+
+/// How to replay.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Stop after this many requests.
+    pub limit: Option<usize>,
+    /// Draw requests with Zipf(s) repetition over the log's exchanges instead of in order.
+    pub repeat_zipf: Option<f64>,
+    /// The scope exchanges are keyed in.
+    pub scope: ScopeBy,
+    /// Seed of the Zipf draw.
+    pub seed: u64,
+}
+
+/// A line that was skipped, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct SkippedLine {
+    /// 1-based line number.
+    pub line: u64,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// Lookup latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest.
+    pub max: f64,
+}
+
+/// What a replay did and saved.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    /// The log replayed.
+    pub file: PathBuf,
+    /// Requests looked up.
+    pub requests: u64,
+    /// Hits per tier.
+    pub hits: Hits,
+    /// Requests that ran the (replayed) executor.
+    pub misses: u64,
+    /// Requests that could not be keyed; they ran uncached and count as misses too.
+    pub uncacheable: u64,
+    /// Hits over requests.
+    pub hit_rate: f64,
+    /// What the hits would have cost, in USD.
+    pub cost_saved_usd: f64,
+    /// Tokens the hits would have used.
+    pub tokens_saved: u64,
+    /// Upstream latency the hits avoided, in milliseconds.
+    pub latency_saved_ms: u64,
+    /// Malformed lines skipped.
+    pub skipped_lines: u64,
+    /// The first skipped lines, with reasons.
+    pub skipped: Vec<SkippedLine>,
+    /// Lookup latency (the whole `get_or_execute` call), in microseconds.
+    pub lookup_latency_us: Latency,
+    /// Requests per second over the run.
+    pub throughput_rps: f64,
+    /// Wall time of the run in seconds.
+    pub elapsed_s: f64,
+    /// Largest weighed size of the memory tier seen after any request.
+    pub memory_peak_bytes: u64,
+    /// The memory tier's bound.
+    pub memory_capacity_bytes: u64,
+    /// Peak resident memory of the process, where the platform tells.
+    pub peak_rss_bytes: Option<u64>,
+    /// Tier errors met (corrupt copies, failures), all served as misses.
+    pub tier_errors: u64,
+}
+
+const SKIPPED_KEPT: usize = 20;
+
+/// Reads an exchange log line by line.
+pub struct ExchangeLog {
+    lines: Box<dyn BufRead>,
+    line: u64,
+    buf: Vec<u8>,
+}
+
+impl ExchangeLog {
+    /// Opens a log; a name ending in `.zst` is decompressed on the fly.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "zst") {
+            Box::new(zstd::stream::read::Decoder::new(file).map_err(io)?)
+        } else {
+            Box::new(file)
+        };
+        Ok(ExchangeLog {
+            lines: Box::new(BufReader::with_capacity(1 << 16, reader)),
+            line: 0,
+            buf: Vec::with_capacity(1 << 14),
+        })
+    }
+
+    /// The next non-blank line as raw bytes, with its 1-based number; `None` at the end.
+    pub fn next_line(&mut self) -> Option<Result<(u64, &[u8]), SkippedLine>> {
+        loop {
+            self.buf.clear();
+            self.line += 1;
+            match self.lines.read_until(b'\n', &mut self.buf) {
+                Ok(0) => return None,
+                Ok(_) => {
+                    if self.buf.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    return Some(Ok((self.line, &self.buf)));
+                }
+                Err(e) => {
+                    return Some(Err(SkippedLine {
+                        line: self.line,
+                        reason: format!("read error: {e}"),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Parses one line of a log.
+pub fn parse_exchange(line: u64, bytes: &[u8]) -> Result<Exchange, SkippedLine> {
+    serde_json::from_slice(bytes).map_err(|e| SkippedLine {
+        line,
+        reason: format!("not an exchange: {e}"),
+    })
+}
+
+/// Replays the log at `path` through `cache`, calling `progress(done, total)` as it goes
+/// (`total` is known for Zipf draws and limits).
+pub async fn replay(
+    cache: &TieredCache,
+    path: &Path,
+    options: &ReplayOptions,
+    mut progress: impl FnMut(u64, Option<u64>),
+) -> Result<ReplayReport, Error> {
+    let mut run = Run::new(cache, path);
+    let mut log = ExchangeLog::open(path)?;
+    match options.repeat_zipf {
+        None => {
+            let limit = options.limit.map(|l| l as u64);
+            while let Some(line) = log.next_line() {
+                if limit.is_some_and(|l| run.requests >= l) {
+                    break;
+                }
+                match line.and_then(|(n, bytes)| parse_exchange(n, bytes)) {
+                    Ok(exchange) => run.one(&exchange, options.scope).await,
+                    Err(skipped) => run.skip(skipped),
+                }
+                progress(run.requests, limit);
+            }
+        }
+        Some(s) => {
+            // Keep raw lines, not parsed trees: a log is several times smaller as text.
+            let mut lines: Vec<Box<[u8]>> = Vec::new();
+            while let Some(line) = log.next_line() {
+                match line.and_then(|(n, bytes)| parse_exchange(n, bytes).map(|_| bytes)) {
+                    Ok(bytes) => lines.push(bytes.into()),
+                    Err(skipped) => run.skip(skipped),
+                }
+            }
+            if lines.is_empty() {
+                return Ok(run.finish());
+            }
+            let zipf = Zipf::new(lines.len() as f64, s).map_err(|e| {
+                Error::Config(format!("--repeat-zipf {s}: {e}"))
+            })?;
+            let mut rng = StdRng::seed_from_u64(options.seed);
+            let total = options.limit.unwrap_or(lines.len()) as u64;
+            for _ in 0..total {
+                let rank = zipf.sample(&mut rng) as usize;
+                let index = rank.clamp(1, lines.len()) - 1;
+                // Every kept line parsed once already.
+                if let Ok(exchange) = parse_exchange(0, &lines[index]) {
+                    run.one(&exchange, options.scope).await;
+                }
+                progress(run.requests, Some(total));
+            }
+        }
+    }
+    Ok(run.finish())
+}
+
+struct Run<'a> {
+    cache: &'a TieredCache,
+    file: PathBuf,
+    started: Instant,
+    before: strata_analytics::Stats,
+    latency_ns: Vec<u64>,
+    requests: u64,
+    skipped_lines: u64,
+    skipped: Vec<SkippedLine>,
+    memory_peak: u64,
+}
+
+impl<'a> Run<'a> {
+    fn new(cache: &'a TieredCache, file: &Path) -> Self {
+        Run {
+            cache,
+            file: file.to_path_buf(),
+            started: Instant::now(),
+            before: cache.stats(),
+            latency_ns: Vec::new(),
+            requests: 0,
+            skipped_lines: 0,
+            skipped: Vec::new(),
+            memory_peak: 0,
+        }
+    }
+
+    async fn one(&mut self, exchange: &Exchange, scope: ScopeBy) {
+        let scope = exchange.scope(scope);
+        let started = Instant::now();
+        let result = self
+            .cache
+            .get_or_execute(&exchange.request, &scope, || async {
+                Ok::<_, Infallible>(exchange.completion())
+            })
+            .await;
+        let elapsed = started.elapsed();
+        if result.is_ok() {
+            self.requests += 1;
+            self.latency_ns.push(elapsed.as_nanos() as u64);
+        }
+        self.memory_peak = self.memory_peak.max(self.cache.memory().weighted_size());
+    }
+
+    fn skip(&mut self, skipped: SkippedLine) {
+        self.skipped_lines += 1;
+        if self.skipped.len() < SKIPPED_KEPT {
+            self.skipped.push(skipped);
+        }
+    }
+
+    fn finish(mut self) -> ReplayReport {
+        let elapsed = self.started.elapsed();
+        self.latency_ns.sort_unstable();
+        let stats = self.cache.stats();
+        let hits = Hits {
+            l1: stats.hits.l1 - self.before.hits.l1,
+            l2: stats.hits.l2 - self.before.hits.l2,
+            l3: stats.hits.l3 - self.before.hits.l3,
+            coalesced: stats.hits.coalesced - self.before.hits.coalesced,
+        };
+        let uncacheable = stats.uncacheable - self.before.uncacheable;
+        let misses = stats.misses - self.before.misses + uncacheable;
+        let us = |q: f64| percentile(&self.latency_ns, q) as f64 / 1000.0;
+        let tier_errors = |s: &strata_analytics::Stats| {
+            s.errors.l1 + s.errors.l2 + s.errors.l3 + s.errors.corrupt + s.errors.collisions
+        };
+        ReplayReport {
+            file: self.file,
+            requests: self.requests,
+            hits,
+            misses,
+            uncacheable,
+            hit_rate: if self.requests == 0 {
+                0.0
+            } else {
+                hits.total() as f64 / self.requests as f64
+            },
+            cost_saved_usd: stats.cost_saved_usd - self.before.cost_saved_usd,
+            tokens_saved: stats.tokens_saved - self.before.tokens_saved,
+            latency_saved_ms: stats.latency_saved_ms - self.before.latency_saved_ms,
+            skipped_lines: self.skipped_lines,
+            skipped: self.skipped,
+            lookup_latency_us: Latency {
+                p50: us(0.5),
+                p99: us(0.99),
+                max: us(1.0),
+            },
+            throughput_rps: self.requests as f64 / elapsed.as_secs_f64().max(1e-9),
+            elapsed_s: elapsed.as_secs_f64(),
+            memory_peak_bytes: self.memory_peak,
+            memory_capacity_bytes: self.cache.memory().capacity(),
+            peak_rss_bytes: peak_rss_bytes(),
+            tier_errors: tier_errors(&stats) - tier_errors(&self.before),
+        }
+    }
+}
+
+/// The `q` quantile (0..=1) of sorted values, nearest rank; 0 when empty.
+fn percentile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A duration for humans: `850 ms`, `12.3 s`, `4 min 10 s`, `3 h 20 min`.
+pub fn human_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{:.1} s", d.as_secs_f64()),
+        60_000..3_600_000 => format!("{} min {} s", ms / 60_000, (ms / 1000) % 60),
+        _ => format!("{} h {} min", ms / 3_600_000, (ms / 60_000) % 60),
+    }
+}
