@@ -1,0 +1,434 @@
+//! The engine seen from outside: TieredCache over real memory and disk tiers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use strata::analytics::TierName;
+use strata::core::{CacheKey, Codec, Entry};
+use strata::tiers::{DiskConfig, DiskTier, Tier, TierError, TierUsage, TtlPolicy};
+use strata::{Completion, Normalizer, Outcome, Scope, TieredCache};
+use tempfile::TempDir;
+
+fn request(text: &str) -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": text}
+    ], "temperature": 0.2})
+}
+
+fn response(text: &str) -> Value {
+    json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+           "usage": {"prompt_tokens": 20, "completion_tokens": 10}})
+}
+
+fn completion(text: &str) -> Completion {
+    Completion::from_value(&response(text))
+        .provider("openai")
+        .cost_usd(0.002)
+        .latency_ms(900)
+}
+
+fn disk(dir: &TempDir) -> Result<DiskTier> {
+    Ok(DiskTier::open(&DiskConfig::new(dir.path().join("l2")), Codec::default())?)
+}
+
+fn cache_with_disk(dir: &TempDir) -> Result<TieredCache> {
+    Ok(TieredCache::builder().disk(disk(dir)?).build())
+}
+
+fn answer(lookup: &strata::Lookup) -> String {
+    lookup
+        .entry
+        .response_as::<Value>()
+        .ok()
+        .and_then(|v| v["choices"][0]["message"]["content"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_identical_misses_run_the_executor_once() -> Result<()> {
+    let dir = TempDir::new()?;
+    let cache = cache_with_disk(&dir)?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let cache = cache.clone();
+        let calls = Arc::clone(&calls);
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_execute(&request("same question"), &Scope::Global, || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, std::io::Error>(completion("one answer"))
+                })
+                .await
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        let lookup = task.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(answer(&lookup), "one answer");
+        outcomes.push(lookup.outcome);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Miss).count(), 1);
+    let stats = cache.stats();
+    assert_eq!(stats.lookups, 1000);
+    assert_eq!(stats.misses, 1);
+    assert_eq!(stats.hits.total(), 999);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_error_reaches_every_waiter_and_is_not_cached() -> Result<()> {
+    let cache = TieredCache::builder().build();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let cache = cache.clone();
+        let calls = Arc::clone(&calls);
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_execute(&request("flaky"), &Scope::Global, || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Err::<Completion, _>(std::io::Error::other("provider returned 503"))
+                })
+                .await
+        }));
+    }
+    for task in tasks {
+        let err = task.await?.err().map(|e| e.to_string());
+        assert_eq!(err.as_deref(), Some("provider returned 503"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.stats().errors.executor, 1);
+    // Not cached: the next call runs its executor.
+    let lookup = cache
+        .get_or_execute(&request("flaky"), &Scope::Global, || async {
+            Ok::<_, std::io::Error>(completion("recovered"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(lookup.outcome, Outcome::Miss);
+    assert_eq!(answer(&lookup), "recovered");
+    Ok(())
+}
+
+#[tokio::test]
+async fn put_drop_reopen_is_an_l2_hit_then_an_l1_hit() -> Result<()> {
+    let dir = TempDir::new()?;
+    {
+        let cache = cache_with_disk(&dir)?;
+        cache.put(&request("persist me"), &Scope::Global, completion("kept")).await?;
+    }
+    let cache = cache_with_disk(&dir)?;
+    let first = cache.get(&request("persist me"), &Scope::Global).await?;
+    assert_eq!(first.as_ref().map(|l| l.outcome), Some(Outcome::L2));
+    assert_eq!(first.as_ref().map(answer).as_deref(), Some("kept"));
+    let second = cache.get(&request("persist me"), &Scope::Global).await?;
+    assert_eq!(second.map(|l| l.outcome), Some(Outcome::L1));
+    // Savings recorded are the entry's own cost, per hit.
+    let stats = cache.stats();
+    assert!((stats.cost_saved_usd - 0.004).abs() < 1e-12);
+    assert_eq!(stats.tokens_saved, 60);
+    Ok(())
+}
+
+#[tokio::test]
+async fn lifetime_stats_survive_a_restart() -> Result<()> {
+    let dir = TempDir::new()?;
+    {
+        let cache = cache_with_disk(&dir)?;
+        cache.put(&request("q"), &Scope::Global, completion("a")).await?;
+        cache.get(&request("q"), &Scope::Global).await?;
+        cache.close().await?;
+    }
+    let cache = cache_with_disk(&dir)?;
+    cache.get(&request("q"), &Scope::Global).await?;
+    let lifetime = cache.lifetime_stats();
+    assert_eq!(lifetime.hits.l1, 1);
+    assert_eq!(lifetime.hits.l2, 1);
+    assert_eq!(cache.stats().lookups, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_user_scoped_entry_is_never_served_to_another_user() -> Result<()> {
+    let dir = TempDir::new()?;
+    let alice = Scope::User("alice".into());
+    let bob = Scope::User("bob".into());
+    {
+        let cache = cache_with_disk(&dir)?;
+        cache.put(&request("my balance?"), &alice, completion("alice: $10")).await?;
+        assert!(cache.get(&request("my balance?"), &bob).await?.is_none());
+        assert!(cache.get(&request("my balance?"), &Scope::Global).await?.is_none());
+        let for_bob = cache
+            .get_or_execute(&request("my balance?"), &bob, || async {
+                Ok::<_, std::io::Error>(completion("bob: $3"))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(for_bob.outcome, Outcome::Miss);
+        assert_eq!(answer(&for_bob), "bob: $3");
+    }
+    // Also from disk, after a restart.
+    let cache = cache_with_disk(&dir)?;
+    let for_alice = cache.get(&request("my balance?"), &alice).await?;
+    assert_eq!(for_alice.as_ref().map(answer).as_deref(), Some("alice: $10"));
+    let for_bob = cache.get(&request("my balance?"), &bob).await?;
+    assert_eq!(for_bob.as_ref().map(answer).as_deref(), Some("bob: $3"));
+    let for_carol = cache.get(&request("my balance?"), &Scope::User("carol".into())).await?;
+    assert!(for_carol.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_entry_past_its_ttl_is_never_served_from_any_tier() -> Result<()> {
+    let dir = TempDir::new()?;
+    let ttl = TtlPolicy {
+        default: Some(Duration::from_secs(3600)),
+        per_model: [("gpt-4o-mini".to_string(), Duration::from_millis(400))].into(),
+    };
+    let build = |dir: &TempDir| -> Result<TieredCache> {
+        Ok(TieredCache::builder().disk(disk(dir)?).ttl(ttl.clone()).build())
+    };
+    let short = request("short-lived");
+    let mut long = request("long-lived");
+    long["model"] = json!("gpt-4o");
+    {
+        let cache = build(&dir)?;
+        cache.put(&short, &Scope::Global, completion("soon stale")).await?;
+        cache.put(&long, &Scope::Global, completion("fresh")).await?;
+        assert!(cache.get(&short, &Scope::Global).await?.is_some());
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(cache.get(&short, &Scope::Global).await?.is_none(), "L1 served a stale entry");
+        assert!(cache.get(&long, &Scope::Global).await?.is_some());
+    }
+    {
+        let cache = build(&dir)?;
+        cache.put(&short, &Scope::Global, completion("soon stale")).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let cache = build(&dir)?;
+    assert!(cache.get(&short, &Scope::Global).await?.is_none(), "L2 served a stale entry");
+    assert!(cache.stats().expired >= 1);
+    assert_eq!(
+        cache.get(&long, &Scope::Global).await?.map(|l| l.outcome),
+        Some(Outcome::L2)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_corrupt_copy_on_disk_is_a_counted_miss_and_is_removed() -> Result<()> {
+    let dir = TempDir::new()?;
+    let key = Normalizer::default().key(&request("fragile"), &Scope::Global)?.key;
+    {
+        let cache = cache_with_disk(&dir)?;
+        cache.put(&request("fragile"), &Scope::Global, completion("intact")).await?;
+    }
+    let tier = disk(&dir)?;
+    let cache = TieredCache::builder().disk(tier.clone()).build();
+    let mut bytes = Codec::default().encode(&sample_entry(&request("fragile"), "intact")?)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    tier.insert_raw(&key, &bytes)?;
+    assert!(cache.get(&request("fragile"), &Scope::Global).await?.is_none());
+    assert_eq!(cache.stats().errors.corrupt, 1);
+    assert_eq!(tier.get(&key).await?.map(|e| e.cache_key.clone()), None, "bad copy kept");
+    let fresh = cache
+        .get_or_execute(&request("fragile"), &Scope::Global, || async {
+            Ok::<_, std::io::Error>(completion("recomputed"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(answer(&fresh), "recomputed");
+    Ok(())
+}
+
+fn sample_entry(request: &Value, text: &str) -> Result<Entry> {
+    let keyed = Normalizer::default().key(request, &Scope::Global)?;
+    let now = chrono::Utc::now();
+    Ok(Entry {
+        cache_id: keyed.key.hex(),
+        cache_key: keyed.key.to_string(),
+        request: keyed.canonical,
+        response: serde_json::value::to_raw_value(&response(text))?,
+        model: keyed.model,
+        provider: "openai".into(),
+        tokens: Default::default(),
+        cost: Default::default(),
+        latency_ms: 1,
+        created_at: now,
+        expires_at: None,
+        tags: vec![],
+        scope: Scope::Global,
+        hit_count: 0,
+        last_accessed: now,
+        epochs: Default::default(),
+    })
+}
+
+#[tokio::test]
+async fn a_digest_collision_is_never_served() -> Result<()> {
+    let dir = TempDir::new()?;
+    let tier = disk(&dir)?;
+    let cache = TieredCache::builder().disk(tier.clone()).build();
+    // Store the entry of request B under the key of request A, as an MD5 collision would.
+    let key_a = cache.key(&request("question A"), &Scope::Global)?.key;
+    let entry_b = sample_entry(&request("question B"), "answer to B")?;
+    tier.insert_raw(&key_a, &Codec::default().encode(&entry_b)?)?;
+    assert!(cache.get(&request("question A"), &Scope::Global).await?.is_none());
+    assert_eq!(cache.stats().errors.collisions, 1);
+    let a = cache
+        .get_or_execute(&request("question A"), &Scope::Global, || async {
+            Ok::<_, std::io::Error>(completion("answer to A"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(answer(&a), "answer to A");
+    Ok(())
+}
+
+/// Wraps a tier and fails every call while `failing` is set.
+struct FaultyTier {
+    inner: DiskTier,
+    failing: AtomicBool,
+}
+
+impl FaultyTier {
+    fn check(&self) -> Result<(), TierError> {
+        if self.failing.load(Ordering::SeqCst) {
+            Err(TierError::Unavailable("injected fault".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Tier for FaultyTier {
+    fn name(&self) -> TierName {
+        TierName::L2
+    }
+    async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Entry>>, TierError> {
+        self.check()?;
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &CacheKey, entry: &Arc<Entry>) -> Result<(), TierError> {
+        self.check()?;
+        self.inner.put(key, entry).await
+    }
+    async fn remove(&self, key: &CacheKey) -> Result<(), TierError> {
+        self.check()?;
+        self.inner.remove(key).await
+    }
+    async fn flush(&self) -> Result<(), TierError> {
+        self.check()?;
+        self.inner.flush().await
+    }
+    fn usage(&self) -> TierUsage {
+        self.inner.usage()
+    }
+}
+
+#[tokio::test]
+async fn a_failing_disk_tier_degrades_to_counted_misses() -> Result<()> {
+    let dir = TempDir::new()?;
+    let faulty = Arc::new(FaultyTier {
+        inner: disk(&dir)?,
+        failing: AtomicBool::new(true),
+    });
+    // A memory tier too small to hold anything, so every lookup goes to L2.
+    let cache = TieredCache::builder()
+        .memory_capacity(0)
+        .l2(faulty.clone())
+        .build();
+    for i in 0..5 {
+        let lookup = cache
+            .get_or_execute(&request(&format!("q{i}")), &Scope::Global, || async {
+                Ok::<_, std::io::Error>(completion("works anyway"))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(answer(&lookup), "works anyway");
+    }
+    assert!(cache.stats().errors.l2 >= 5, "{:?}", cache.stats().errors);
+    faulty.failing.store(false, Ordering::SeqCst);
+    cache.put(&request("later"), &Scope::Global, completion("stored")).await?;
+    cache.memory().run_pending_tasks().await;
+    let found = cache.get(&request("later"), &Scope::Global).await?;
+    assert_eq!(found.as_ref().map(answer).as_deref(), Some("stored"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_malformed_request_still_gets_its_answer_uncached() -> Result<()> {
+    let cache = TieredCache::builder().build();
+    let bad = json!({"model": "gpt-4o", "messages": "not a list"});
+    for _ in 0..2 {
+        let lookup = cache
+            .get_or_execute(&bad, &Scope::Global, || async {
+                Ok::<_, std::io::Error>(completion("answered"))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(lookup.outcome, Outcome::Uncacheable);
+        assert_eq!(answer(&lookup), "answered");
+    }
+    assert_eq!(cache.stats().uncacheable, 2);
+    assert!(cache.get(&bad, &Scope::Global).await.is_err());
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct UserRecord {
+    id: u64,
+    name: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_or_insert_with_caches_any_serde_value() -> Result<()> {
+    let dir = TempDir::new()?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let load = |calls: Arc<AtomicUsize>| async move {
+        calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok::<_, anyhow::Error>(UserRecord {
+            id: 7,
+            name: "Ada".into(),
+        })
+    };
+    {
+        let cache = cache_with_disk(&dir)?;
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let cache = cache.clone();
+            let calls = Arc::clone(&calls);
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_insert_with("user:7", Some(Duration::from_secs(60)), || load(calls))
+                    .await
+            }));
+        }
+        for task in tasks {
+            let user = task.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+            assert_eq!(user.name, "Ada");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+    let cache = cache_with_disk(&dir)?;
+    let again: UserRecord = cache
+        .get_or_insert_with("user:7", None, || load(Arc::clone(&calls)))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(again.id, 7);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "served from disk, not recomputed");
+    assert_eq!(cache.stats().hits.l2, 1);
+    Ok(())
+}
