@@ -207,8 +207,7 @@ fn open_sled(config: &DiskConfig) -> Result<sled::Db, OpenFailure> {
     let sled_config = sled::Config::new()
         .path(&config.path)
         .cache_capacity(config.cache_capacity)
-        .flush_every_ms(Some(config.flush_every_ms.max(1)))
-        .mode(sled::Mode::HighThroughput);
+        .flush_every_ms(Some(config.flush_every_ms.max(1)));
     // sled 0.34 can panic on some damaged files instead of returning an error.
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || sled_config.open())) {
         Ok(Ok(db)) => Ok(db),

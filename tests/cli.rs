@@ -1,0 +1,298 @@
+//! The `strata` command, run as a user runs it, in a fresh directory each time.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use anyhow::{Context, Result};
+use assert_cmd::Command;
+use serde_json::Value;
+use tempfile::TempDir;
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sharegpt-400.jsonl.zst")
+}
+
+fn strata(dir: &Path) -> Result<Command> {
+    let mut cmd = Command::cargo_bin("strata")?;
+    cmd.current_dir(dir).env_remove("STRATA_CONFIG");
+    Ok(cmd)
+}
+
+fn json_of(output: &Output) -> Result<Value> {
+    serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "stdout is not JSON: {}\nstderr: {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+fn replay(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Value> {
+    let mut cmd = strata(dir)?;
+    cmd.arg("replay").arg(example()).args(args).arg("--json");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let output = cmd.output()?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    json_of(&output)
+}
+
+fn n(report: &Value, path: &[&str]) -> u64 {
+    let mut v = report;
+    for p in path {
+        v = &v[*p];
+    }
+    v.as_u64().unwrap_or_else(|| panic!("{path:?} missing in {report}"))
+}
+
+fn assert_adds_up(report: &Value) {
+    let hits = n(report, &["hits", "l1"]) + n(report, &["hits", "l2"]) + n(report, &["hits", "l3"])
+        + n(report, &["hits", "coalesced"]);
+    assert_eq!(hits + n(report, &["misses"]), n(report, &["requests"]), "{report}");
+    let rate = report["hit_rate"].as_f64().unwrap_or(-1.0);
+    assert!((rate - hits as f64 / n(report, &["requests"]) as f64).abs() < 1e-9);
+}
+
+#[test]
+fn zipf_replay_is_served_from_memory_and_its_numbers_add_up() -> Result<()> {
+    let dir = TempDir::new()?;
+    let report = replay(dir.path(), &["--repeat-zipf", "1.1", "--limit", "20000"], &[])?;
+    assert_eq!(n(&report, &["requests"]), 20_000);
+    assert!(n(&report, &["hits", "l1"]) > 15_000, "{report}");
+    assert_eq!(n(&report, &["skipped_lines"]), 0);
+    assert!(report["cost_saved_usd"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(n(&report, &["tokens_saved"]) > 0);
+    assert_adds_up(&report);
+    Ok(())
+}
+
+#[test]
+fn a_small_memory_tier_sends_lookups_to_disk() -> Result<()> {
+    let dir = TempDir::new()?;
+    let report = replay(
+        dir.path(),
+        &["--repeat-zipf", "1.1", "--limit", "5000"],
+        &[("STRATA_MEMORY_CAPACITY", "64KiB")],
+    )?;
+    assert!(n(&report, &["hits", "l2"]) > 1000, "{report}");
+    assert_adds_up(&report);
+    Ok(())
+}
+
+#[test]
+fn a_second_replay_in_a_new_process_is_served_from_disk() -> Result<()> {
+    let dir = TempDir::new()?;
+    let first = replay(dir.path(), &["--limit", "200"], &[])?;
+    assert_eq!(n(&first, &["misses"]), 200);
+    let second = replay(dir.path(), &["--limit", "200"], &[])?;
+    assert_eq!(n(&second, &["hits", "l2"]), 200, "{second}");
+    assert_eq!(n(&second, &["misses"]), 0);
+    assert_adds_up(&second);
+    // And the lifetime statistics count both runs.
+    let output = strata(dir.path())?.args(["stats", "--json"]).output()?;
+    assert!(output.status.success());
+    let stats = json_of(&output)?;
+    assert_eq!(n(&stats, &["lifetime", "lookups"]), 400);
+    assert_eq!(n(&stats, &["lifetime", "hits", "l2"]), 200);
+    assert_eq!(n(&stats, &["disk", "entries"]), 200);
+    Ok(())
+}
+
+#[test]
+fn user_scoped_replay_keeps_users_apart() -> Result<()> {
+    let dir = TempDir::new()?;
+    let log = dir.path().join("users.jsonl");
+    let line = |user: &str| {
+        format!(
+            r#"{{"request": {{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "hi"}}]}}, "response": {{"usage": {{"prompt_tokens": 1000, "completion_tokens": 1000}}}}, "provider": "openai", "user": "{user}"}}"#
+        )
+    };
+    std::fs::write(&log, [line("a"), line("b"), line("a"), line("b")].join("\n"))?;
+    let run = |scope: &str| -> Result<Value> {
+        let output = strata(dir.path())?
+            .args(["replay", "--json", "--scope", scope])
+            .arg(&log)
+            .env("STRATA_DISK_ENABLED", "false")
+            .output()?;
+        json_of(&output)
+    };
+    let by_user = run("user")?;
+    assert_eq!(n(&by_user, &["misses"]), 2);
+    assert_eq!(n(&by_user, &["hits", "l1"]), 2);
+    let global = run("global")?;
+    assert_eq!(n(&global, &["misses"]), 1);
+    assert_eq!(n(&global, &["hits", "l1"]), 3);
+    // Priced from usage: 1000 input + 1000 output tokens of gpt-4o-mini at $0.15 / $0.60 per 1M.
+    let saved = global["cost_saved_usd"].as_f64().unwrap_or(0.0);
+    assert!((saved - 3.0 * 0.00075).abs() < 1e-12, "{saved}");
+    Ok(())
+}
+
+#[test]
+fn malformed_lines_are_skipped_and_reported_by_number() -> Result<()> {
+    let dir = TempDir::new()?;
+    let good = std::process::Command::new("zstd")
+        .args(["-dc"])
+        .arg(example())
+        .output()?
+        .stdout;
+    let lines: Vec<&[u8]> = good.split(|b| *b == b'\n').take(3).collect();
+    let log = dir.path().join("mixed.jsonl");
+    let mut file = std::fs::File::create(&log)?;
+    file.write_all(lines[0])?;
+    file.write_all(b"\n{\"request\": not json\n")?;
+    file.write_all(lines[1])?;
+    file.write_all(b"\n{\"response\": {}}\n")?;
+    file.write_all(lines[2])?;
+    file.write_all(b"\n")?;
+    drop(file);
+    let output = strata(dir.path())?.args(["replay", "--json"]).arg(&log).output()?;
+    assert!(output.status.success());
+    let report = json_of(&output)?;
+    assert_eq!(n(&report, &["requests"]), 3);
+    assert_eq!(n(&report, &["skipped_lines"]), 2);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("skipped line 2"), "{stderr}");
+    assert!(stderr.contains("skipped line 4"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn a_missing_file_or_a_bad_config_fails_with_one_line() -> Result<()> {
+    let dir = TempDir::new()?;
+    let check = |output: Output, expect: &str| {
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(expect), "{stderr} lacks {expect}");
+    };
+    check(strata(dir.path())?.args(["replay", "nowhere.jsonl"]).output()?, "nowhere.jsonl");
+    std::fs::write(dir.path().join("typo.toml"), "[memory]\ncapcity = \"1GiB\"\n")?;
+    check(
+        strata(dir.path())?.args(["--config", "typo.toml", "stats"]).output()?,
+        "capcity",
+    );
+    std::fs::write(dir.path().join("bad.toml"), "[memory]\ncapacity = \"lots\"\n")?;
+    check(
+        strata(dir.path())?.args(["--config", "bad.toml", "stats"]).output()?,
+        "memory.capacity",
+    );
+    check(
+        strata(dir.path())?.args(["stats"]).env("STRATA_TTL_DEFAULT", "soon").output()?,
+        "soon",
+    );
+    check(
+        strata(dir.path())?.args(["--config", "absent.toml", "stats"]).output()?,
+        "absent.toml",
+    );
+    Ok(())
+}
+
+#[test]
+fn put_get_and_explain_from_the_command_line() -> Result<()> {
+    let dir = TempDir::new()?;
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let request = examples.join("request.json");
+    let put = strata(dir.path())?
+        .args(["put", "--tag", "demo", "--provider", "openai", "--request"])
+        .arg(&request)
+        .arg("--response")
+        .arg(examples.join("response.json"))
+        .output()?;
+    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    let key = String::from_utf8(put.stdout)?.trim().to_string();
+    assert!(key.starts_with("gpt-4o-mini_") && key.len() == "gpt-4o-mini_".len() + 32, "{key}");
+
+    let got = strata(dir.path())?.args(["get", "--request"]).arg(&request).output()?;
+    assert!(got.status.success());
+    let response = json_of(&got)?;
+    assert_eq!(response["choices"][0]["message"]["content"], "The capital of France is Paris.");
+
+    let other_user = strata(dir.path())?
+        .args(["get", "--user", "mallory", "--request"])
+        .arg(&request)
+        .output()?;
+    assert_eq!(other_user.status.code(), Some(1));
+
+    let explained = strata(dir.path())?
+        .args(["explain", "--json", "--request"])
+        .arg(&request)
+        .output()?;
+    let explanation = json_of(&explained)?;
+    assert_eq!(explanation["key"], key.as_str());
+    let action = |field: &str| {
+        explanation["fields"]
+            .as_array()
+            .and_then(|fs| fs.iter().find(|f| f["field"] == field))
+            .map(|f| f["action"].clone())
+    };
+    assert_eq!(action("user"), Some(Value::from("dropped")));
+    assert_eq!(action("messages"), Some(Value::from("transformed")));
+    Ok(())
+}
+
+/// 20,000 distinct exchanges (variants of the examples) through a 32 MiB memory tier, which they
+/// overflow about three times. The disk tier is off here: sled's resident memory grows with the
+/// data it holds whatever its `cache_capacity` (see ARCHITECTURE.md), and this test is about the
+/// memory tier and the rest of the process.
+#[test]
+fn memory_tier_and_process_stay_bounded_over_20000_distinct_entries() -> Result<()> {
+    let dir = TempDir::new()?;
+    let text = std::process::Command::new("zstd").arg("-dc").arg(example()).output()?.stdout;
+    let base: Vec<Value> = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(serde_json::from_slice)
+        .collect::<Result<_, _>>()?;
+    let log = dir.path().join("distinct.jsonl.zst");
+    let mut out = zstd::stream::write::Encoder::new(std::fs::File::create(&log)?, 1)?;
+    for i in 0..20_000 {
+        let mut exchange = base[i % base.len()].clone();
+        if let Some(Value::Array(messages)) = exchange["request"].get_mut("messages")
+            && let Some(last) = messages.last_mut()
+        {
+            let content = last["content"].as_str().unwrap_or_default().to_string();
+            last["content"] = Value::from(format!("{content}\n(variant {i})"));
+        }
+        serde_json::to_writer(&mut out, &exchange)?;
+        out.write_all(b"\n")?;
+    }
+    out.finish()?;
+    let output = strata(dir.path())?
+        .args(["replay", "--json"])
+        .arg(&log)
+        .env("STRATA_MEMORY_CAPACITY", "32MiB")
+        .env("STRATA_DISK_ENABLED", "false")
+        .output()?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report = json_of(&output)?;
+    assert_eq!(n(&report, &["requests"]), 20_000);
+    assert_eq!(n(&report, &["misses"]), 20_000);
+    let bound = 32u64 << 20;
+    assert_eq!(n(&report, &["memory_capacity_bytes"]), bound);
+    let peak = n(&report, &["memory_peak_bytes"]);
+    assert!(peak > bound / 2, "the workload should fill the memory tier: {peak}");
+    assert!(peak <= bound + bound / 10, "memory tier grew to {peak} bytes");
+    let rss = n(&report, &["peak_rss_bytes"]);
+    assert!(rss < bound + (64 << 20), "peak RSS {} MiB", rss >> 20);
+    Ok(())
+}
+
+/// The README's replay with both tiers on and a 32 MiB memory tier stays within 32 + 64 MiB.
+#[test]
+fn zipf_replay_with_both_tiers_stays_within_the_memory_budget() -> Result<()> {
+    let dir = TempDir::new()?;
+    let report = replay(
+        dir.path(),
+        &["--repeat-zipf", "1.1", "--limit", "20000"],
+        &[("STRATA_MEMORY_CAPACITY", "32MiB")],
+    )?;
+    let bound = 32u64 << 20;
+    assert!(n(&report, &["memory_peak_bytes"]) <= bound + bound / 10);
+    let rss = n(&report, &["peak_rss_bytes"]);
+    assert!(rss < bound + (64 << 20), "peak RSS {} MiB", rss >> 20);
+    Ok(())
+}
