@@ -121,9 +121,9 @@ fn ttl_out<S: serde::Serializer>(ttl: &Option<Duration>, s: S) -> Result<S::Ok, 
 fn parse_ttl(text: &str) -> Result<Option<Duration>, String> {
     match text.trim() {
         "never" => Ok(None),
-        other => humantime::parse_duration(other)
-            .map(Some)
-            .map_err(|e| format!("invalid duration `{other}` ({e}); use e.g. `90s`, `12h`, `7d` or `never`")),
+        other => humantime::parse_duration(other).map(Some).map_err(|e| {
+            format!("invalid duration `{other}` ({e}); use e.g. `90s`, `12h`, `7d` or `never`")
+        }),
     }
 }
 
@@ -131,7 +131,9 @@ mod per_model {
     use super::*;
     use serde::Serializer;
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Duration>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Duration>, D::Error> {
         let raw = BTreeMap::<String, String>::deserialize(d)?;
         raw.into_iter()
             .map(|(model, text)| match parse_ttl(&text) {
@@ -142,7 +144,10 @@ mod per_model {
             .collect()
     }
 
-    pub fn serialize<S: Serializer>(map: &BTreeMap<String, Duration>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         let shown: BTreeMap<&String, String> = map
             .iter()
             .map(|(k, v)| (k, humantime::format_duration(*v).to_string()))
@@ -162,7 +167,10 @@ impl Config {
         let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
         if let Some(path) = file {
             if !path.is_file() {
-                return Err(Error::Config(format!("config file {} not found", path.display())));
+                return Err(Error::Config(format!(
+                    "config file {} not found",
+                    path.display()
+                )));
             }
             figment = figment.merge(Toml::file(path));
         }
@@ -174,7 +182,10 @@ impl Config {
                 .then(|| format!("{section}.{rest}").into())
         }));
         let config: Config = figment.extract().map_err(|e| {
-            let errors: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+            let errors: Vec<String> = e
+                .into_iter()
+                .map(|e| e.to_string().replace("key \"default.", "key \""))
+                .collect();
             Error::Config(errors.join("; "))
         })?;
         config.validate()?;
@@ -201,7 +212,10 @@ impl Config {
 
     /// The codec this configuration describes.
     pub fn codec(&self) -> Codec {
-        Codec::new(self.codec.compress_above.as_u64() as usize, self.codec.zstd_level)
+        Codec::new(
+            self.codec.compress_above.as_u64() as usize,
+            self.codec.zstd_level,
+        )
     }
 
     /// The TTL policy.

@@ -140,7 +140,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("strata: cannot start the async runtime: {e}");
@@ -217,7 +220,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     println!("  {:<22} {:<12} {}", field.field, action, field.detail);
                 }
                 println!();
-                println!("canonical request ({} bytes):", explanation.canonical.get().len());
+                println!(
+                    "canonical request ({} bytes):",
+                    explanation.canonical.get().len()
+                );
                 println!("{}", explanation.canonical.get());
             }
             Ok(ExitCode::SUCCESS)
@@ -243,7 +249,7 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
     };
     let bar = progress_bar();
     let report = replay::replay(&cache, &args.file, &options, |done, total| {
-        if done % 256 == 0 {
+        if done.is_multiple_of(256) {
             if let Some(total) = total {
                 bar.set_length(total);
             }
@@ -315,7 +321,10 @@ fn print_replay(config: &Config, args: &ReplayArgs, r: &ReplayReport) {
     );
     println!("  misses           {:>12}", thousands(r.misses));
     println!("  skipped lines    {:>12}", thousands(r.skipped_lines));
-    println!("  cost saved       {:>12}", format!("${:.4}", r.cost_saved_usd));
+    println!(
+        "  cost saved       {:>12}",
+        format!("${:.4}", r.cost_saved_usd)
+    );
     println!("  tokens saved     {:>12}", thousands(r.tokens_saved));
     println!(
         "  latency saved    {:>12}",
@@ -323,14 +332,20 @@ fn print_replay(config: &Config, args: &ReplayArgs, r: &ReplayReport) {
     );
     println!(
         "  lookup p50 / p99 {:>12}",
-        format!("{:.1} µs / {:.1} µs", r.lookup_latency_us.p50, r.lookup_latency_us.p99)
+        format!(
+            "{:.1} µs / {:.1} µs",
+            r.lookup_latency_us.p50, r.lookup_latency_us.p99
+        )
     );
     println!(
         "  throughput       {:>12}",
         format!("{} req/s", thousands(r.throughput_rps as u64))
     );
     if r.tier_errors > 0 {
-        println!("  tier errors      {:>12}   (served as misses)", thousands(r.tier_errors));
+        println!(
+            "  tier errors      {:>12}   (served as misses)",
+            thousands(r.tier_errors)
+        );
     }
 }
 
@@ -366,7 +381,10 @@ fn print_stats(config: &Config, s: &Stats, disk: Option<strata::tiers::TierUsage
         thousands(s.hits.l3)
     );
     println!("  misses           {:>12}", thousands(s.misses));
-    println!("  cost saved       {:>12}", format!("${:.4}", s.cost_saved_usd));
+    println!(
+        "  cost saved       {:>12}",
+        format!("${:.4}", s.cost_saved_usd)
+    );
     println!("  tokens saved     {:>12}", thousands(s.tokens_saved));
     println!(
         "  latency saved    {:>12}",
@@ -390,10 +408,18 @@ fn print_stats(config: &Config, s: &Stats, disk: Option<strata::tiers::TierUsage
     }
 }
 
-async fn get_command(config: &Config, request: &Path, scope: &Scope, entry: bool) -> Result<ExitCode> {
+async fn get_command(
+    config: &Config,
+    request: &Path,
+    scope: &Scope,
+    entry: bool,
+) -> Result<ExitCode> {
     let cache = config.open_cache()?;
     let request = read_json(request)?;
-    let found = cache.get(&request, scope).await.context("request cannot be keyed")?;
+    let found = cache
+        .get(&request, scope)
+        .await
+        .context("request cannot be keyed")?;
     let code = match found {
         Some(lookup) => {
             if entry {
@@ -416,7 +442,9 @@ async fn get_command(config: &Config, request: &Path, scope: &Scope, entry: bool
 fn read_json(path: &Path) -> Result<Value> {
     let mut text = String::new();
     if path == Path::new("-") {
-        std::io::stdin().read_to_string(&mut text).context("reading stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading stdin")?;
     } else {
         text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     }
@@ -427,7 +455,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

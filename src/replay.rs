@@ -104,7 +104,9 @@ impl FromStr for ScopeBy {
             "global" => Ok(ScopeBy::Global),
             "user" => Ok(ScopeBy::User),
             "session" => Ok(ScopeBy::Session),
-            other => Err(format!("unknown scope `{other}` (expected global, user or session)")),
+            other => Err(format!(
+                "unknown scope `{other}` (expected global, user or session)"
+            )),
         }
     }
 }
@@ -280,9 +282,8 @@ pub async fn replay(
             if lines.is_empty() {
                 return Ok(run.finish());
             }
-            let zipf = Zipf::new(lines.len() as f64, s).map_err(|e| {
-                Error::Config(format!("--repeat-zipf {s}: {e}"))
-            })?;
+            let zipf = Zipf::new(lines.len() as f64, s)
+                .map_err(|e| Error::Config(format!("--repeat-zipf {s}: {e}")))?;
             let mut rng = StdRng::seed_from_u64(options.seed);
             let total = options.limit.unwrap_or(lines.len()) as u64;
             for _ in 0..total {

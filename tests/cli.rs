@@ -36,7 +36,11 @@ fn replay(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Value> {
         cmd.env(k, v);
     }
     let output = cmd.output()?;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     json_of(&output)
 }
 
@@ -45,13 +49,20 @@ fn n(report: &Value, path: &[&str]) -> u64 {
     for p in path {
         v = &v[*p];
     }
-    v.as_u64().unwrap_or_else(|| panic!("{path:?} missing in {report}"))
+    v.as_u64()
+        .unwrap_or_else(|| panic!("{path:?} missing in {report}"))
 }
 
 fn assert_adds_up(report: &Value) {
-    let hits = n(report, &["hits", "l1"]) + n(report, &["hits", "l2"]) + n(report, &["hits", "l3"])
+    let hits = n(report, &["hits", "l1"])
+        + n(report, &["hits", "l2"])
+        + n(report, &["hits", "l3"])
         + n(report, &["hits", "coalesced"]);
-    assert_eq!(hits + n(report, &["misses"]), n(report, &["requests"]), "{report}");
+    assert_eq!(
+        hits + n(report, &["misses"]),
+        n(report, &["requests"]),
+        "{report}"
+    );
     let rate = report["hit_rate"].as_f64().unwrap_or(-1.0);
     assert!((rate - hits as f64 / n(report, &["requests"]) as f64).abs() < 1e-9);
 }
@@ -59,7 +70,11 @@ fn assert_adds_up(report: &Value) {
 #[test]
 fn zipf_replay_is_served_from_memory_and_its_numbers_add_up() -> Result<()> {
     let dir = TempDir::new()?;
-    let report = replay(dir.path(), &["--repeat-zipf", "1.1", "--limit", "20000"], &[])?;
+    let report = replay(
+        dir.path(),
+        &["--repeat-zipf", "1.1", "--limit", "20000"],
+        &[],
+    )?;
     assert_eq!(n(&report, &["requests"]), 20_000);
     assert!(n(&report, &["hits", "l1"]) > 15_000, "{report}");
     assert_eq!(n(&report, &["skipped_lines"]), 0);
@@ -110,7 +125,10 @@ fn user_scoped_replay_keeps_users_apart() -> Result<()> {
             r#"{{"request": {{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "hi"}}]}}, "response": {{"usage": {{"prompt_tokens": 1000, "completion_tokens": 1000}}}}, "provider": "openai", "user": "{user}"}}"#
         )
     };
-    std::fs::write(&log, [line("a"), line("b"), line("a"), line("b")].join("\n"))?;
+    std::fs::write(
+        &log,
+        [line("a"), line("b"), line("a"), line("b")].join("\n"),
+    )?;
     let run = |scope: &str| -> Result<Value> {
         let output = strata(dir.path())?
             .args(["replay", "--json", "--scope", scope])
@@ -149,7 +167,10 @@ fn malformed_lines_are_skipped_and_reported_by_number() -> Result<()> {
     file.write_all(lines[2])?;
     file.write_all(b"\n")?;
     drop(file);
-    let output = strata(dir.path())?.args(["replay", "--json"]).arg(&log).output()?;
+    let output = strata(dir.path())?
+        .args(["replay", "--json"])
+        .arg(&log)
+        .output()?;
     assert!(output.status.success());
     let report = json_of(&output)?;
     assert_eq!(n(&report, &["requests"]), 3);
@@ -169,23 +190,43 @@ fn a_missing_file_or_a_bad_config_fails_with_one_line() -> Result<()> {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(stderr.contains(expect), "{stderr} lacks {expect}");
     };
-    check(strata(dir.path())?.args(["replay", "nowhere.jsonl"]).output()?, "nowhere.jsonl");
-    std::fs::write(dir.path().join("typo.toml"), "[memory]\ncapcity = \"1GiB\"\n")?;
     check(
-        strata(dir.path())?.args(["--config", "typo.toml", "stats"]).output()?,
+        strata(dir.path())?
+            .args(["replay", "nowhere.jsonl"])
+            .output()?,
+        "nowhere.jsonl",
+    );
+    std::fs::write(
+        dir.path().join("typo.toml"),
+        "[memory]\ncapcity = \"1GiB\"\n",
+    )?;
+    check(
+        strata(dir.path())?
+            .args(["--config", "typo.toml", "stats"])
+            .output()?,
         "capcity",
     );
-    std::fs::write(dir.path().join("bad.toml"), "[memory]\ncapacity = \"lots\"\n")?;
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[memory]\ncapacity = \"lots\"\n",
+    )?;
     check(
-        strata(dir.path())?.args(["--config", "bad.toml", "stats"]).output()?,
+        strata(dir.path())?
+            .args(["--config", "bad.toml", "stats"])
+            .output()?,
         "memory.capacity",
     );
     check(
-        strata(dir.path())?.args(["stats"]).env("STRATA_TTL_DEFAULT", "soon").output()?,
+        strata(dir.path())?
+            .args(["stats"])
+            .env("STRATA_TTL_DEFAULT", "soon")
+            .output()?,
         "soon",
     );
     check(
-        strata(dir.path())?.args(["--config", "absent.toml", "stats"]).output()?,
+        strata(dir.path())?
+            .args(["--config", "absent.toml", "stats"])
+            .output()?,
         "absent.toml",
     );
     Ok(())
@@ -202,14 +243,27 @@ fn put_get_and_explain_from_the_command_line() -> Result<()> {
         .arg("--response")
         .arg(examples.join("response.json"))
         .output()?;
-    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
     let key = String::from_utf8(put.stdout)?.trim().to_string();
-    assert!(key.starts_with("gpt-4o-mini_") && key.len() == "gpt-4o-mini_".len() + 32, "{key}");
+    assert!(
+        key.starts_with("gpt-4o-mini_") && key.len() == "gpt-4o-mini_".len() + 32,
+        "{key}"
+    );
 
-    let got = strata(dir.path())?.args(["get", "--request"]).arg(&request).output()?;
+    let got = strata(dir.path())?
+        .args(["get", "--request"])
+        .arg(&request)
+        .output()?;
     assert!(got.status.success());
     let response = json_of(&got)?;
-    assert_eq!(response["choices"][0]["message"]["content"], "The capital of France is Paris.");
+    assert_eq!(
+        response["choices"][0]["message"]["content"],
+        "The capital of France is Paris."
+    );
 
     let other_user = strata(dir.path())?
         .args(["get", "--user", "mallory", "--request"])
@@ -241,7 +295,11 @@ fn put_get_and_explain_from_the_command_line() -> Result<()> {
 #[test]
 fn memory_tier_and_process_stay_bounded_over_20000_distinct_entries() -> Result<()> {
     let dir = TempDir::new()?;
-    let text = std::process::Command::new("zstd").arg("-dc").arg(example()).output()?.stdout;
+    let text = std::process::Command::new("zstd")
+        .arg("-dc")
+        .arg(example())
+        .output()?
+        .stdout;
     let base: Vec<Value> = text
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
@@ -267,15 +325,25 @@ fn memory_tier_and_process_stay_bounded_over_20000_distinct_entries() -> Result<
         .env("STRATA_MEMORY_CAPACITY", "32MiB")
         .env("STRATA_DISK_ENABLED", "false")
         .output()?;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let report = json_of(&output)?;
     assert_eq!(n(&report, &["requests"]), 20_000);
     assert_eq!(n(&report, &["misses"]), 20_000);
     let bound = 32u64 << 20;
     assert_eq!(n(&report, &["memory_capacity_bytes"]), bound);
     let peak = n(&report, &["memory_peak_bytes"]);
-    assert!(peak > bound / 2, "the workload should fill the memory tier: {peak}");
-    assert!(peak <= bound + bound / 10, "memory tier grew to {peak} bytes");
+    assert!(
+        peak > bound / 2,
+        "the workload should fill the memory tier: {peak}"
+    );
+    assert!(
+        peak <= bound + bound / 10,
+        "memory tier grew to {peak} bytes"
+    );
     let rss = n(&report, &["peak_rss_bytes"]);
     assert!(rss < bound + (64 << 20), "peak RSS {} MiB", rss >> 20);
     Ok(())

@@ -33,7 +33,10 @@ fn completion(text: &str) -> Completion {
 }
 
 fn disk(dir: &TempDir) -> Result<DiskTier> {
-    Ok(DiskTier::open(&DiskConfig::new(dir.path().join("l2")), Codec::default())?)
+    Ok(DiskTier::open(
+        &DiskConfig::new(dir.path().join("l2")),
+        Codec::default(),
+    )?)
 }
 
 fn cache_with_disk(dir: &TempDir) -> Result<TieredCache> {
@@ -45,7 +48,11 @@ fn answer(lookup: &strata::Lookup) -> String {
         .entry
         .response_as::<Value>()
         .ok()
-        .and_then(|v| v["choices"][0]["message"]["content"].as_str().map(str::to_string))
+        .and_then(|v| {
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
         .unwrap_or_default()
 }
 
@@ -124,7 +131,9 @@ async fn put_drop_reopen_is_an_l2_hit_then_an_l1_hit() -> Result<()> {
     let dir = TempDir::new()?;
     {
         let cache = cache_with_disk(&dir)?;
-        cache.put(&request("persist me"), &Scope::Global, completion("kept")).await?;
+        cache
+            .put(&request("persist me"), &Scope::Global, completion("kept"))
+            .await?;
     }
     let cache = cache_with_disk(&dir)?;
     let first = cache.get(&request("persist me"), &Scope::Global).await?;
@@ -144,7 +153,9 @@ async fn lifetime_stats_survive_a_restart() -> Result<()> {
     let dir = TempDir::new()?;
     {
         let cache = cache_with_disk(&dir)?;
-        cache.put(&request("q"), &Scope::Global, completion("a")).await?;
+        cache
+            .put(&request("q"), &Scope::Global, completion("a"))
+            .await?;
         cache.get(&request("q"), &Scope::Global).await?;
         cache.close().await?;
     }
@@ -164,9 +175,16 @@ async fn a_user_scoped_entry_is_never_served_to_another_user() -> Result<()> {
     let bob = Scope::User("bob".into());
     {
         let cache = cache_with_disk(&dir)?;
-        cache.put(&request("my balance?"), &alice, completion("alice: $10")).await?;
+        cache
+            .put(&request("my balance?"), &alice, completion("alice: $10"))
+            .await?;
         assert!(cache.get(&request("my balance?"), &bob).await?.is_none());
-        assert!(cache.get(&request("my balance?"), &Scope::Global).await?.is_none());
+        assert!(
+            cache
+                .get(&request("my balance?"), &Scope::Global)
+                .await?
+                .is_none()
+        );
         let for_bob = cache
             .get_or_execute(&request("my balance?"), &bob, || async {
                 Ok::<_, std::io::Error>(completion("bob: $3"))
@@ -179,10 +197,15 @@ async fn a_user_scoped_entry_is_never_served_to_another_user() -> Result<()> {
     // Also from disk, after a restart.
     let cache = cache_with_disk(&dir)?;
     let for_alice = cache.get(&request("my balance?"), &alice).await?;
-    assert_eq!(for_alice.as_ref().map(answer).as_deref(), Some("alice: $10"));
+    assert_eq!(
+        for_alice.as_ref().map(answer).as_deref(),
+        Some("alice: $10")
+    );
     let for_bob = cache.get(&request("my balance?"), &bob).await?;
     assert_eq!(for_bob.as_ref().map(answer).as_deref(), Some("bob: $3"));
-    let for_carol = cache.get(&request("my balance?"), &Scope::User("carol".into())).await?;
+    let for_carol = cache
+        .get(&request("my balance?"), &Scope::User("carol".into()))
+        .await?;
     assert!(for_carol.is_none());
     Ok(())
 }
@@ -195,27 +218,42 @@ async fn an_entry_past_its_ttl_is_never_served_from_any_tier() -> Result<()> {
         per_model: [("gpt-4o-mini".to_string(), Duration::from_millis(400))].into(),
     };
     let build = |dir: &TempDir| -> Result<TieredCache> {
-        Ok(TieredCache::builder().disk(disk(dir)?).ttl(ttl.clone()).build())
+        Ok(TieredCache::builder()
+            .disk(disk(dir)?)
+            .ttl(ttl.clone())
+            .build())
     };
     let short = request("short-lived");
     let mut long = request("long-lived");
     long["model"] = json!("gpt-4o");
     {
         let cache = build(&dir)?;
-        cache.put(&short, &Scope::Global, completion("soon stale")).await?;
-        cache.put(&long, &Scope::Global, completion("fresh")).await?;
+        cache
+            .put(&short, &Scope::Global, completion("soon stale"))
+            .await?;
+        cache
+            .put(&long, &Scope::Global, completion("fresh"))
+            .await?;
         assert!(cache.get(&short, &Scope::Global).await?.is_some());
         tokio::time::sleep(Duration::from_millis(600)).await;
-        assert!(cache.get(&short, &Scope::Global).await?.is_none(), "L1 served a stale entry");
+        assert!(
+            cache.get(&short, &Scope::Global).await?.is_none(),
+            "L1 served a stale entry"
+        );
         assert!(cache.get(&long, &Scope::Global).await?.is_some());
     }
     {
         let cache = build(&dir)?;
-        cache.put(&short, &Scope::Global, completion("soon stale")).await?;
+        cache
+            .put(&short, &Scope::Global, completion("soon stale"))
+            .await?;
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
     let cache = build(&dir)?;
-    assert!(cache.get(&short, &Scope::Global).await?.is_none(), "L2 served a stale entry");
+    assert!(
+        cache.get(&short, &Scope::Global).await?.is_none(),
+        "L2 served a stale entry"
+    );
     assert!(cache.stats().expired >= 1);
     assert_eq!(
         cache.get(&long, &Scope::Global).await?.map(|l| l.outcome),
@@ -227,10 +265,14 @@ async fn an_entry_past_its_ttl_is_never_served_from_any_tier() -> Result<()> {
 #[tokio::test]
 async fn a_corrupt_copy_on_disk_is_a_counted_miss_and_is_removed() -> Result<()> {
     let dir = TempDir::new()?;
-    let key = Normalizer::default().key(&request("fragile"), &Scope::Global)?.key;
+    let key = Normalizer::default()
+        .key(&request("fragile"), &Scope::Global)?
+        .key;
     {
         let cache = cache_with_disk(&dir)?;
-        cache.put(&request("fragile"), &Scope::Global, completion("intact")).await?;
+        cache
+            .put(&request("fragile"), &Scope::Global, completion("intact"))
+            .await?;
     }
     let tier = disk(&dir)?;
     let cache = TieredCache::builder().disk(tier.clone()).build();
@@ -238,9 +280,18 @@ async fn a_corrupt_copy_on_disk_is_a_counted_miss_and_is_removed() -> Result<()>
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x20;
     tier.insert_raw(&key, &bytes)?;
-    assert!(cache.get(&request("fragile"), &Scope::Global).await?.is_none());
+    assert!(
+        cache
+            .get(&request("fragile"), &Scope::Global)
+            .await?
+            .is_none()
+    );
     assert_eq!(cache.stats().errors.corrupt, 1);
-    assert_eq!(tier.get(&key).await?.map(|e| e.cache_key.clone()), None, "bad copy kept");
+    assert_eq!(
+        tier.get(&key).await?.map(|e| e.cache_key.clone()),
+        None,
+        "bad copy kept"
+    );
     let fresh = cache
         .get_or_execute(&request("fragile"), &Scope::Global, || async {
             Ok::<_, std::io::Error>(completion("recomputed"))
@@ -257,7 +308,7 @@ fn sample_entry(request: &Value, text: &str) -> Result<Entry> {
     Ok(Entry {
         cache_id: keyed.key.hex(),
         cache_key: keyed.key.to_string(),
-        request: keyed.canonical,
+        request: serde_json::value::RawValue::from_string(keyed.canonical)?,
         response: serde_json::value::to_raw_value(&response(text))?,
         model: keyed.model,
         provider: "openai".into(),
@@ -283,7 +334,12 @@ async fn a_digest_collision_is_never_served() -> Result<()> {
     let key_a = cache.key(&request("question A"), &Scope::Global)?.key;
     let entry_b = sample_entry(&request("question B"), "answer to B")?;
     tier.insert_raw(&key_a, &Codec::default().encode(&entry_b)?)?;
-    assert!(cache.get(&request("question A"), &Scope::Global).await?.is_none());
+    assert!(
+        cache
+            .get(&request("question A"), &Scope::Global)
+            .await?
+            .is_none()
+    );
     assert_eq!(cache.stats().errors.collisions, 1);
     let a = cache
         .get_or_execute(&request("question A"), &Scope::Global, || async {
@@ -360,7 +416,9 @@ async fn a_failing_disk_tier_degrades_to_counted_misses() -> Result<()> {
     }
     assert!(cache.stats().errors.l2 >= 5, "{:?}", cache.stats().errors);
     faulty.failing.store(false, Ordering::SeqCst);
-    cache.put(&request("later"), &Scope::Global, completion("stored")).await?;
+    cache
+        .put(&request("later"), &Scope::Global, completion("stored"))
+        .await?;
     cache.memory().run_pending_tasks().await;
     let found = cache.get(&request("later"), &Scope::Global).await?;
     assert_eq!(found.as_ref().map(answer).as_deref(), Some("stored"));
@@ -428,7 +486,11 @@ async fn get_or_insert_with_caches_any_serde_value() -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     assert_eq!(again.id, 7);
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "served from disk, not recomputed");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "served from disk, not recomputed"
+    );
     assert_eq!(cache.stats().hits.l2, 1);
     Ok(())
 }

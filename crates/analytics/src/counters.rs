@@ -27,7 +27,10 @@ pub enum Outcome {
 impl Outcome {
     /// Whether the answer came without calling the executor.
     pub fn is_hit(self) -> bool {
-        matches!(self, Outcome::L1 | Outcome::L2 | Outcome::L3 | Outcome::Coalesced)
+        matches!(
+            self,
+            Outcome::L1 | Outcome::L2 | Outcome::L3 | Outcome::Coalesced
+        )
     }
 }
 
@@ -283,7 +286,8 @@ mod tests {
     use strata_core::{Cost, Normalizer, Scope, Tokens};
 
     fn entry(cost: f64, input: u64, output: u64, latency_ms: u64) -> Entry {
-        let request = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        let request =
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
         let keyed = Normalizer::default()
             .key(&request, &Scope::Global)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -291,12 +295,17 @@ mod tests {
         Entry {
             cache_id: keyed.key.hex(),
             cache_key: keyed.key.to_string(),
-            request: keyed.canonical,
+            request: serde_json::value::RawValue::from_string(keyed.canonical)
+                .unwrap_or_else(|e| panic!("{e}")),
             response: serde_json::value::to_raw_value(&1).unwrap_or_else(|e| panic!("{e}")),
             model: "m".into(),
             provider: "p".into(),
             tokens: Tokens { input, output },
-            cost: Cost { input: 0.0, output: 0.0, total: cost },
+            cost: Cost {
+                input: 0.0,
+                output: 0.0,
+                total: cost,
+            },
             latency_ms,
             created_at: now,
             expires_at: None,

@@ -129,7 +129,13 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let cost = pricing
-            .cost("GPT-4o-2024-08-06", Tokens { input: 1_000, output: 500 })
+            .cost(
+                "GPT-4o-2024-08-06",
+                Tokens {
+                    input: 1_000,
+                    output: 500,
+                },
+            )
             .unwrap_or_default();
         assert!((cost.total - 0.0075).abs() < 1e-12);
         let mini = pricing.price("gpt-4o-mini-2024-07-18").map(|p| p.input);

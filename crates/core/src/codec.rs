@@ -86,7 +86,7 @@ pub struct Codec {
 
 impl Default for Codec {
     fn default() -> Self {
-        Codec::new(1024, 3)
+        Codec::new(1024, 1)
     }
 }
 
@@ -207,9 +207,8 @@ fn decompress(stored: &[u8], expected: usize) -> Result<Vec<u8>, CodecError> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            *slot = Some(
-                zstd::bulk::Decompressor::new().map_err(|e| CodecError::Zstd(e.to_string()))?,
-            );
+            *slot =
+                Some(zstd::bulk::Decompressor::new().map_err(|e| CodecError::Zstd(e.to_string()))?);
         }
         match slot.as_mut() {
             Some(d) => d
@@ -234,23 +233,37 @@ mod tests {
     use chrono::{TimeZone, Utc};
     use proptest::prelude::*;
     use serde_json::json;
+    use serde_json::value::RawValue;
 
     fn entry(response_text: &str) -> Entry {
-        let request = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]});
+        let request =
+            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]});
         let keyed = Normalizer::default()
             .key(&request, &Scope::User("u1".into()))
             .unwrap_or_else(|e| panic!("{e}"));
-        let response = json!({"choices": [{"message": {"role": "assistant", "content": response_text}}]});
-        let created = Utc.timestamp_millis_opt(1_767_225_600_000).single().unwrap_or_default();
+        let response =
+            json!({"choices": [{"message": {"role": "assistant", "content": response_text}}]});
+        let created = Utc
+            .timestamp_millis_opt(1_767_225_600_000)
+            .single()
+            .unwrap_or_default();
         Entry {
             cache_id: keyed.key.hex(),
             cache_key: keyed.key.to_string(),
-            request: keyed.canonical.clone(),
+            request: RawValue::from_string(keyed.canonical.clone())
+                .unwrap_or_else(|e| panic!("{e}")),
             response: serde_json::value::to_raw_value(&response).unwrap_or_else(|e| panic!("{e}")),
             model: keyed.model.clone(),
             provider: "openai".into(),
-            tokens: Tokens { input: 12, output: 40 },
-            cost: crate::Cost { input: 0.000_001_8, output: 0.000_024, total: 0.000_025_8 },
+            tokens: Tokens {
+                input: 12,
+                output: 40,
+            },
+            cost: crate::Cost {
+                input: 0.000_001_8,
+                output: 0.000_024,
+                total: 0.000_025_8,
+            },
             latency_ms: 812,
             created_at: created,
             expires_at: Some(created + chrono::Duration::days(7)),
@@ -277,6 +290,16 @@ mod tests {
             let back = codec.decode(&bytes).unwrap_or_else(|err| panic!("{err}"));
             assert_same(&e, &back);
             assert_eq!(back.request.get(), e.request.get());
+            assert!(
+                back.answers(
+                    &Normalizer::default()
+                        .key(
+                            &serde_json::from_str(e.request.get()).unwrap_or_default(),
+                            &Scope::User("u1".into())
+                        )
+                        .unwrap_or_else(|err| panic!("{err}"))
+                )
+            );
         }
     }
 
@@ -284,7 +307,9 @@ mod tests {
     fn every_single_byte_corruption_is_an_error() {
         let codec = Codec::default();
         for text in ["short", &"compressible text ".repeat(100)] {
-            let bytes = codec.encode(&entry(text)).unwrap_or_else(|err| panic!("{err}"));
+            let bytes = codec
+                .encode(&entry(text))
+                .unwrap_or_else(|err| panic!("{err}"));
             for i in 0..bytes.len() {
                 for flip in [0x01u8, 0x80, 0xff, 0x5a] {
                     let mut bad = bytes.clone();
@@ -293,7 +318,10 @@ mod tests {
                 }
             }
             for len in 0..bytes.len() {
-                assert!(codec.decode(&bytes[..len]).is_err(), "truncated to {len} decoded");
+                assert!(
+                    codec.decode(&bytes[..len]).is_err(),
+                    "truncated to {len} decoded"
+                );
             }
         }
     }
@@ -301,17 +329,28 @@ mod tests {
     #[test]
     fn typed_errors_name_the_problem() {
         let codec = Codec::default();
-        let good = codec.encode(&entry("x")).unwrap_or_else(|err| panic!("{err}"));
+        let good = codec
+            .encode(&entry("x"))
+            .unwrap_or_else(|err| panic!("{err}"));
         let mut bad = good.clone();
         bad[0] = b'X';
         assert_eq!(codec.decode(&bad).err(), Some(CodecError::BadMagic));
-        assert!(matches!(codec.decode(&good[..3]), Err(CodecError::Truncated { len: 3 })));
+        assert!(matches!(
+            codec.decode(&good[..3]),
+            Err(CodecError::Truncated { len: 3 })
+        ));
         let mut newer = codec.seal(b"{}").unwrap_or_else(|err| panic!("{err}"));
         newer[4] = 9;
         let crc = checksum(&newer[..12], &newer[16..]);
         newer[12..16].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(codec.decode(&newer).err(), Some(CodecError::UnknownVersion(9)));
-        assert!(matches!(codec.decode(&codec.seal(b"[]").unwrap_or_default()), Err(CodecError::Json(_))));
+        assert_eq!(
+            codec.decode(&newer).err(),
+            Some(CodecError::UnknownVersion(9))
+        );
+        assert!(matches!(
+            codec.decode(&codec.seal(b"[]").unwrap_or_default()),
+            Err(CodecError::Json(_))
+        ));
     }
 
     proptest! {

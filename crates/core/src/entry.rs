@@ -88,7 +88,7 @@ impl Entry {
     /// Whether this entry is the answer to `keyed`: same canonical request, byte for byte, and same
     /// scope. A digest collision, accidental or crafted, fails this check and becomes a miss.
     pub fn answers(&self, keyed: &Keyed) -> bool {
-        self.request.get() == keyed.canonical.get() && self.scope == keyed.scope
+        self.request.get() == keyed.canonical && self.scope == keyed.scope
     }
 
     /// Whether the entry has expired at `now`.

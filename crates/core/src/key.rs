@@ -2,10 +2,8 @@
 
 use std::fmt;
 
-use md5::{Digest, Md5};
-use serde_json::value::RawValue;
-
 use crate::scope::Scope;
+use md5::{Digest, Md5};
 
 /// Version of the key derivation. Bumping it makes every existing entry unreachable, which is the
 /// point: keys derived by different rules must never meet.
@@ -123,8 +121,9 @@ impl fmt::Display for CacheKey {
 pub struct Keyed {
     /// The derived key.
     pub key: CacheKey,
-    /// The canonical request (valid, canonical JSON).
-    pub canonical: Box<RawValue>,
+    /// The canonical request: valid, canonical JSON (by construction of the writer, so it is
+    /// not parsed again on the hot path).
+    pub canonical: String,
     /// The normalized model name (after lowercasing and aliases).
     pub model: String,
     /// The scope the key was derived in.
@@ -137,7 +136,10 @@ mod tests {
 
     #[test]
     fn slug_is_path_safe_and_bounded() {
-        assert_eq!(ModelSlug::new("GPT-4o/Mini:Latest").as_str(), "gpt-4o-mini-latest");
+        assert_eq!(
+            ModelSlug::new("GPT-4o/Mini:Latest").as_str(),
+            "gpt-4o-mini-latest"
+        );
         assert_eq!(ModelSlug::new("").as_str(), "unknown");
         assert_eq!(ModelSlug::new(&"x".repeat(100)).as_str().len(), 40);
     }

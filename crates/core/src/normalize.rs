@@ -193,10 +193,8 @@ impl Normalizer {
         V: AsRef<str>,
     {
         for (from, to) in aliases {
-            self.aliases.insert(
-                from.as_ref().to_lowercase(),
-                to.as_ref().to_lowercase(),
-            );
+            self.aliases
+                .insert(from.as_ref().to_lowercase(), to.as_ref().to_lowercase());
         }
         self
     }
@@ -215,13 +213,9 @@ impl Normalizer {
 
     /// Derives the key of a request: canonical bytes, then MD5 over version, scope and bytes.
     pub fn key(&self, request: &Value, scope: &Scope) -> Result<Keyed, RequestError> {
-        let mut out = Vec::with_capacity(4096);
-        let model = self.canonicalize(request, &mut out)?;
-        let key = CacheKey::derive(ModelSlug::new(&model), scope, &out);
-        // The writer emits valid JSON by construction; the check only guards that invariant.
-        let text = String::from_utf8(out).map_err(|e| RequestError::Json(e.to_string()))?;
-        let canonical =
-            RawValue::from_string(text).map_err(|e| RequestError::Json(e.to_string()))?;
+        let mut canonical = String::with_capacity(8192);
+        let model = self.canonicalize(request, &mut canonical)?;
+        let key = CacheKey::derive(ModelSlug::new(&model), scope, canonical.as_bytes());
         Ok(Keyed {
             key,
             canonical,
@@ -231,10 +225,10 @@ impl Normalizer {
     }
 
     /// Writes the canonical form of `request` into `out` and returns the normalized model.
-    pub fn canonicalize(&self, request: &Value, out: &mut Vec<u8>) -> Result<String, RequestError> {
+    pub fn canonicalize(&self, request: &Value, out: &mut String) -> Result<String, RequestError> {
         let map = validate(request)?;
         let model = self.model_of(map)?;
-        out.push(b'{');
+        out.push('{');
         let mut first = true;
         for (name, value) in sorted(map).iter() {
             let written = match self.top_level(name, value) {
@@ -244,14 +238,14 @@ impl Normalizer {
                 TopLevel::Keep(_) => Cow::Borrowed(value),
             };
             if !first {
-                out.push(b',');
+                out.push(',');
             }
             first = false;
             write_str(out, name);
-            out.push(b':');
+            out.push(':');
             self.write_value(out, &written, place_of(name), 1);
         }
-        out.push(b'}');
+        out.push('}');
         Ok(model)
     }
 
@@ -294,7 +288,8 @@ impl Normalizer {
             model: keyed.model,
             scope: scope.clone(),
             fields,
-            canonical: keyed.canonical,
+            canonical: RawValue::from_string(keyed.canonical)
+                .map_err(|e| RequestError::Json(e.to_string()))?,
         })
     }
 
@@ -372,11 +367,11 @@ impl Normalizer {
         }
     }
 
-    fn write_value(&self, out: &mut Vec<u8>, value: &Value, place: Place, depth: usize) {
+    fn write_value(&self, out: &mut String, value: &Value, place: Place, depth: usize) {
         match value {
-            Value::Null => out.extend_from_slice(b"null"),
-            Value::Bool(true) => out.extend_from_slice(b"true"),
-            Value::Bool(false) => out.extend_from_slice(b"false"),
+            Value::Null => out.push_str("null"),
+            Value::Bool(true) => out.push_str("true"),
+            Value::Bool(false) => out.push_str("false"),
             Value::Number(n) => write_number(out, n),
             Value::String(s) => match place {
                 // A bare string `input` (Responses API) is the message text.
@@ -389,21 +384,21 @@ impl Normalizer {
                     Place::Text => Place::Text,
                     _ => Place::Plain,
                 };
-                out.push(b'[');
+                out.push('[');
                 for (i, item) in items.iter().enumerate() {
                     if i > 0 {
-                        out.push(b',');
+                        out.push(',');
                     }
                     self.write_value(out, item, inner, depth + 1);
                 }
-                out.push(b']');
+                out.push(']');
             }
             Value::Object(map) => self.write_object(out, map, place, depth),
         }
     }
 
-    fn write_object(&self, out: &mut Vec<u8>, map: &Map<String, Value>, place: Place, depth: usize) {
-        out.push(b'{');
+    fn write_object(&self, out: &mut String, map: &Map<String, Value>, place: Place, depth: usize) {
+        out.push('{');
         let mut first = true;
         for (name, value) in sorted(map).iter() {
             // In messages (and their parts), `null` members are the same as absent ones.
@@ -411,11 +406,11 @@ impl Normalizer {
                 continue;
             }
             if !first {
-                out.push(b',');
+                out.push(',');
             }
             first = false;
             write_str(out, name);
-            out.push(b':');
+            out.push(':');
             let inner = match (place, name.as_str()) {
                 (Place::Message, "content") => Place::Text,
                 (Place::Text, "text") => Place::Text,
@@ -430,10 +425,10 @@ impl Normalizer {
             };
             self.write_value(out, value, inner, depth + 1);
         }
-        out.push(b'}');
+        out.push('}');
     }
 
-    fn write_text(&self, out: &mut Vec<u8>, text: &str) {
+    fn write_text(&self, out: &mut String, text: &str) {
         match self.profile {
             Profile::Strict => write_str(out, text),
             Profile::Standard => write_str(out, text.trim()),
@@ -592,52 +587,92 @@ impl<'a> Sorted<'a> {
 
 /// Numbers in one form: integers as integers (also when given as `2.0`), others in the shortest
 /// form that reads back to the same `f64`.
-fn write_number(out: &mut Vec<u8>, n: &serde_json::Number) {
+fn write_number(out: &mut String, n: &serde_json::Number) {
     let mut ints = itoa::Buffer::new();
     if let Some(u) = n.as_u64() {
-        out.extend_from_slice(ints.format(u).as_bytes());
+        out.push_str(ints.format(u));
     } else if let Some(i) = n.as_i64() {
-        out.extend_from_slice(ints.format(i).as_bytes());
+        out.push_str(ints.format(i));
     } else if let Some(f) = n.as_f64() {
         if f.fract() == 0.0 && f.abs() < 9.0e15 {
-            out.extend_from_slice(ints.format(f as i64).as_bytes());
+            out.push_str(ints.format(f as i64));
         } else {
             // Shortest form that reads back to the same f64; parsed JSON numbers are finite.
-            out.extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
+            out.push_str(ryu::Buffer::new().format_finite(f));
         }
     }
 }
 
-/// Writes `s` as a JSON string: only `"`, `\` and control characters are escaped.
-pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
+/// Writes `s` as a JSON string: only `"`, `\\` and control characters are escaped.
+///
+/// Request text is long and rarely needs escaping, so the scan tests eight bytes at a time and
+/// copies clean runs whole. Escapes are ASCII, so every cut falls on a character boundary.
+pub(crate) fn write_str(out: &mut String, s: &str) {
     out.reserve(s.len() + 2);
-    out.push(b'"');
+    out.push('"');
     let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if b >= 0x20 && b != b'"' && b != b'\\' {
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(word) = bytes
+            .get(i..i + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+        {
+            let mask = escape_mask(u64::from_le_bytes(word));
+            if mask == 0 {
+                i += 8;
+                continue;
+            }
+            // The lowest flagged byte is exact (the tricks only misflag bytes above it).
+            let at = i + (mask.trailing_zeros() / 8) as usize;
+            out.push_str(&s[start..at]);
+            push_escape(out, bytes[at]);
+            start = at + 1;
+            i = at + 1;
             continue;
         }
-        out.extend_from_slice(&bytes[start..i]);
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            _ => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xf)]);
-            }
+        let b = bytes[i];
+        if b < 0x20 || b == b'"' || b == b'\\' {
+            out.push_str(&s[start..i]);
+            push_escape(out, b);
+            start = i + 1;
         }
-        start = i + 1;
+        i += 1;
     }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// Flags (high bit of each byte) the bytes of `w` that are below 0x20, a quote or a backslash,
+/// with the classic "has less / has zero byte" bit tricks: zero when none is, and the lowest
+/// flag always marks the first such byte.
+#[inline]
+fn escape_mask(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    let quote = has_zero(w ^ (ONES * u64::from(b'"')));
+    let backslash = has_zero(w ^ (ONES * u64::from(b'\\')));
+    below_space | quote | backslash
+}
+
+fn push_escape(out: &mut String, b: u8) {
+    match b {
+        b'"' => out.push_str("\\\""),
+        b'\\' => out.push_str("\\\\"),
+        b'\n' => out.push_str("\\n"),
+        b'\r' => out.push_str("\\r"),
+        b'\t' => out.push_str("\\t"),
+        0x08 => out.push_str("\\b"),
+        0x0c => out.push_str("\\f"),
+        _ => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -657,7 +692,7 @@ mod tests {
         let keyed = Normalizer::new(profile)
             .key(request, &Scope::Global)
             .unwrap_or_else(|e| panic!("{e}"));
-        keyed.canonical.get().to_string()
+        keyed.canonical
     }
 
     #[test]
@@ -685,14 +720,18 @@ mod tests {
         variant["user"] = json!("alice");
         variant["metadata"] = json!({"trace": "abc"});
         variant["stream"] = json!(true);
-        assert_eq!(key(Profile::Standard, &base), key(Profile::Standard, &variant));
+        assert_eq!(
+            key(Profile::Standard, &base),
+            key(Profile::Standard, &variant)
+        );
         assert_ne!(key(Profile::Strict, &base), key(Profile::Strict, &variant));
     }
 
     #[test]
     fn standard_lowercases_model_and_role_and_applies_aliases() {
         let n = Normalizer::new(Profile::Standard).with_aliases([("gpt-4o-2024-08-06", "gpt-4o")]);
-        let a = json!({"model": "GPT-4o-2024-08-06", "messages": [{"role": "User", "content": "hi"}]});
+        let a =
+            json!({"model": "GPT-4o-2024-08-06", "messages": [{"role": "User", "content": "hi"}]});
         let b = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
         let ka = n.key(&a, &Scope::Global).map(|k| k.key).ok();
         let kb = n.key(&b, &Scope::Global).map(|k| k.key).ok();
@@ -761,7 +800,10 @@ mod tests {
         for case in cases {
             assert!(n.key(&case, &Scope::Global).is_err(), "{case}");
         }
-        assert!(matches!(n.key_str("{not json", &Scope::Global), Err(RequestError::Json(_))));
+        assert!(matches!(
+            n.key_str("{not json", &Scope::Global),
+            Err(RequestError::Json(_))
+        ));
     }
 
     #[test]
@@ -771,7 +813,13 @@ mod tests {
         let explanation = Normalizer::default()
             .explain(&request, &Scope::Global)
             .unwrap_or_else(|e| panic!("{e}"));
-        let action = |f: &str| explanation.fields.iter().find(|r| r.field == f).map(|r| r.action);
+        let action = |f: &str| {
+            explanation
+                .fields
+                .iter()
+                .find(|r| r.field == f)
+                .map(|r| r.action)
+        };
         assert_eq!(action("user"), Some(FieldAction::Dropped));
         assert_eq!(action("model"), Some(FieldAction::Transformed));
         assert_eq!(action("temperature"), Some(FieldAction::Transformed));
@@ -846,16 +894,23 @@ mod tests {
     }
 
     fn text() -> impl Strategy<Value = String> {
-        "[a-zA-Z0-9 ,.?\"\\\\\n\u{2028}é]{1,40}".prop_filter("has a non-space character", |s| {
-            !s.trim().is_empty()
-        })
+        "[a-zA-Z0-9 ,.?\"\\\\\n\u{2028}é]{1,40}"
+            .prop_filter("has a non-space character", |s| !s.trim().is_empty())
     }
 
     fn req() -> impl Strategy<Value = Req> {
         (
-            prop::sample::select(vec!["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5", "llama-3.1-70b"]),
+            prop::sample::select(vec![
+                "gpt-4o",
+                "gpt-4o-mini",
+                "claude-sonnet-4-5",
+                "llama-3.1-70b",
+            ]),
             prop::collection::vec(
-                (prop::sample::select(vec!["system", "user", "assistant"]), text()),
+                (
+                    prop::sample::select(vec!["system", "user", "assistant"]),
+                    text(),
+                ),
                 1..5,
             ),
             prop::option::of((0u32..200).prop_map(|t| f64::from(t) / 100.0)),
@@ -865,7 +920,10 @@ mod tests {
         )
             .prop_map(|(model, messages, temperature, seed, tools, extra)| Req {
                 model: model.to_string(),
-                messages: messages.into_iter().map(|(r, c)| (r.to_string(), c)).collect(),
+                messages: messages
+                    .into_iter()
+                    .map(|(r, c)| (r.to_string(), c))
+                    .collect(),
                 temperature,
                 seed,
                 tools,
@@ -874,7 +932,11 @@ mod tests {
     }
 
     fn profile() -> impl Strategy<Value = Profile> {
-        prop::sample::select(vec![Profile::Strict, Profile::Standard, Profile::Aggressive])
+        prop::sample::select(vec![
+            Profile::Strict,
+            Profile::Standard,
+            Profile::Aggressive,
+        ])
     }
 
     fn key_of(profile: Profile, request: &Value, scope: &Scope) -> CacheKey {
@@ -885,6 +947,15 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn strings_are_escaped_exactly_as_serde_json_does(s in any::<String>(), ascii in "[ -~\n\t\"\\\\\u{0}-\u{1f}]{0,64}") {
+            for text in [&s, &ascii] {
+                let mut out = String::new();
+                write_str(&mut out, text);
+                prop_assert_eq!(Some(out), serde_json::to_string(text).ok());
+            }
+        }
+
         #[test]
         fn normalization_is_idempotent(r in req(), profile in profile()) {
             let once = canonical(profile, &r.value());

@@ -192,7 +192,11 @@ impl TieredCacheBuilder {
 
     /// Builds the cache.
     pub fn build(self) -> TieredCache {
-        let baseline = self.disk.as_ref().map(DiskTier::load_stats).unwrap_or_default();
+        let baseline = self
+            .disk
+            .as_ref()
+            .map(DiskTier::load_stats)
+            .unwrap_or_default();
         TieredCache {
             inner: Arc::new(Inner {
                 normalizer: self.normalizer,
@@ -297,7 +301,11 @@ impl TieredCache {
     }
 
     /// Looks a request up without running anything: L1, then L2 (promoting a hit into L1).
-    pub async fn get(&self, request: &Value, scope: &Scope) -> Result<Option<Lookup>, RequestError> {
+    pub async fn get(
+        &self,
+        request: &Value,
+        scope: &Scope,
+    ) -> Result<Option<Lookup>, RequestError> {
         let keyed = self.key(request, scope)?;
         Ok(self.get_keyed(&keyed).await)
     }
@@ -310,7 +318,10 @@ impl TieredCache {
             None => {
                 let below = inner.lookup_below(keyed).await;
                 if let Some((entry, _)) = &below {
-                    inner.memory.insert_id(keyed.key.id(), Arc::clone(entry)).await;
+                    inner
+                        .memory
+                        .insert_id(keyed.key.id(), Arc::clone(entry))
+                        .await;
                 }
                 below
             }
@@ -418,7 +429,9 @@ impl TieredCache {
             Err(e) => {
                 // A stored value of another shape (the type changed between releases): drop it
                 // and compute afresh when we still can.
-                inner.counters.record_error(TierName::L1, ErrorKind::Corrupt);
+                inner
+                    .counters
+                    .record_error(TierName::L1, ErrorKind::Corrupt);
                 inner.remove(&keyed.key).await;
                 match slot.take() {
                     Some(fill) => {
@@ -457,7 +470,11 @@ impl TieredCache {
         self.flush().await
     }
 
-    async fn resolve<F, Fut, E>(&self, keyed: &Keyed, fill: &mut Option<F>) -> Result<Lookup, Arc<E>>
+    async fn resolve<F, Fut, E>(
+        &self,
+        keyed: &Keyed,
+        fill: &mut Option<F>,
+    ) -> Result<Lookup, Arc<E>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Entry, E>>,
@@ -479,7 +496,9 @@ impl TieredCache {
                     inner.memory.remove_id(id).await;
                 }
                 Verdict::Collision => {
-                    inner.counters.record_error(TierName::L1, ErrorKind::Collision);
+                    inner
+                        .counters
+                        .record_error(TierName::L1, ErrorKind::Collision);
                     if let Some(fill) = fill.take() {
                         return inner.fill_and_store(keyed, fill).await;
                     }
@@ -504,7 +523,9 @@ impl TieredCache {
                 }
                 // Another lookup with the same digest but a different request filled the slot.
                 (_, Some(fill)) => {
-                    inner.counters.record_error(TierName::L1, ErrorKind::Collision);
+                    inner
+                        .counters
+                        .record_error(TierName::L1, ErrorKind::Collision);
                     inner.fill_and_store(keyed, fill).await
                 }
             },
@@ -540,7 +561,8 @@ impl Inner {
                 None
             }
             Verdict::Collision => {
-                self.counters.record_error(TierName::L1, ErrorKind::Collision);
+                self.counters
+                    .record_error(TierName::L1, ErrorKind::Collision);
                 None
             }
         }
@@ -668,20 +690,23 @@ impl Inner {
         };
         let now = Utc::now();
         let ttl = completion.ttl.or_else(|| self.ttl.for_model(&keyed.model));
+        // The canonical text is valid JSON by construction; `null` would only make the entry
+        // answer nothing, never something else.
+        let request = RawValue::from_string(keyed.canonical.clone()).unwrap_or_default();
         Entry {
             cache_id: keyed.key.hex(),
             cache_key: keyed.key.to_string(),
-            request: keyed.canonical.clone(),
+            request,
             response: completion.response,
             model: keyed.model.clone(),
             provider: completion.provider,
             tokens,
             cost,
-            latency_ms: completion
-                .latency_ms
-                .unwrap_or(measured.as_millis() as u64),
+            latency_ms: completion.latency_ms.unwrap_or(measured.as_millis() as u64),
             created_at: now,
-            expires_at: ttl.and_then(|t| chrono::Duration::from_std(t).ok()).map(|t| now + t),
+            expires_at: ttl
+                .and_then(|t| chrono::Duration::from_std(t).ok())
+                .map(|t| now + t),
             tags: completion.tags,
             scope: keyed.scope.clone(),
             hit_count: 0,
@@ -697,10 +722,14 @@ fn kv_key(key: &str) -> Keyed {
     canonical.push_str("{\"kv\":");
     canonical.push_str(&Value::String(key.to_string()).to_string());
     canonical.push('}');
-    let digest_key = CacheKey::derive(ModelSlug::new(KV_MODEL), &Scope::Global, canonical.as_bytes());
+    let digest_key = CacheKey::derive(
+        ModelSlug::new(KV_MODEL),
+        &Scope::Global,
+        canonical.as_bytes(),
+    );
     Keyed {
         key: digest_key,
-        canonical: RawValue::from_string(canonical).unwrap_or_default(),
+        canonical,
         model: KV_MODEL.to_string(),
         scope: Scope::Global,
     }
@@ -718,7 +747,7 @@ fn uncacheable(request: &Value, scope: &Scope) -> Keyed {
             slug: ModelSlug::new(&model),
             digest: [0; 16],
         },
-        canonical: serde_json::value::to_raw_value(request).unwrap_or_default(),
+        canonical: request.to_string(),
         model,
         scope: scope.clone(),
     }

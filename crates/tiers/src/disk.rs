@@ -211,9 +211,9 @@ fn open_sled(config: &DiskConfig) -> Result<sled::Db, OpenFailure> {
     // sled 0.34 can panic on some damaged files instead of returning an error.
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || sled_config.open())) {
         Ok(Ok(db)) => Ok(db),
-        Ok(Err(sled::Error::Corruption { at, .. })) => {
-            Err(OpenFailure::Corrupt(format!("sled reports corruption at {at:?}")))
-        }
+        Ok(Err(sled::Error::Corruption { at, .. })) => Err(OpenFailure::Corrupt(format!(
+            "sled reports corruption at {at:?}"
+        ))),
         Ok(Err(e @ (sled::Error::ReportableBug(_) | sled::Error::Unsupported(_)))) => {
             Err(OpenFailure::Corrupt(e.to_string()))
         }
@@ -233,7 +233,9 @@ fn aside_path(path: &Path) -> PathBuf {
 
 impl Inner {
     fn lock_slots(&self) -> MutexGuard<'_, HashMap<u128, Slot>> {
-        self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn load_slots(&self) -> Result<(), TierError> {
@@ -251,7 +253,13 @@ impl Inner {
             };
             let bytes = (value.len() + 16) as u64;
             total += bytes;
-            slots.insert(id, Slot { bytes, last_used_ms });
+            slots.insert(
+                id,
+                Slot {
+                    bytes,
+                    last_used_ms,
+                },
+            );
         }
         self.bytes.store(total, Relaxed);
         Ok(())
