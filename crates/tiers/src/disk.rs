@@ -398,3 +398,79 @@ impl Tier for DiskTier {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use strata_core::{Normalizer, Scope};
+
+    fn entry(i: usize) -> (CacheKey, Arc<Entry>) {
+        let request = json!({"model": "m", "messages": [{"role": "user", "content": format!("question {i}")}]});
+        let keyed = Normalizer::default()
+            .key(&request, &Scope::Global)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let now = chrono::Utc::now();
+        let text = format!("answer {i} {}", "padding that does not compress well ".repeat(4));
+        let entry = Entry {
+            cache_id: keyed.key.hex(),
+            cache_key: keyed.key.to_string(),
+            request: serde_json::value::RawValue::from_string(keyed.canonical)
+                .unwrap_or_else(|e| panic!("{e}")),
+            response: serde_json::value::to_raw_value(&text).unwrap_or_else(|e| panic!("{e}")),
+            model: "m".into(),
+            provider: "p".into(),
+            tokens: Default::default(),
+            cost: Default::default(),
+            latency_ms: 0,
+            created_at: now,
+            expires_at: None,
+            tags: vec![],
+            scope: Scope::Global,
+            hit_count: 0,
+            last_accessed: now,
+            epochs: Default::default(),
+        };
+        (keyed.key, Arc::new(entry))
+    }
+
+    #[tokio::test]
+    async fn stays_within_its_byte_bound_and_evicts_the_least_recently_used() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let mut config = DiskConfig::new(dir.path().join("l2"));
+        config.capacity = 64 << 10;
+        let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+        let (hot_key, hot) = entry(0);
+        tier.put(&hot_key, &hot).await.unwrap_or_else(|e| panic!("{e}"));
+        for i in 1..400 {
+            let (key, e) = entry(i);
+            tier.put(&key, &e).await.unwrap_or_else(|e| panic!("{e}"));
+            // Keep entry 0 recently used.
+            assert!(matches!(tier.get(&hot_key).await, Ok(Some(_))), "hot entry evicted at {i}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            tier.inner.evict().unwrap_or_else(|e| panic!("{e}"));
+            assert!(tier.usage().bytes <= config.capacity, "{:?}", tier.usage());
+        }
+        assert!(tier.evictions() > 0);
+        assert!(matches!(tier.get(&entry(1).0).await, Ok(None)), "oldest entry kept");
+    }
+
+    #[test]
+    fn a_corrupt_directory_is_moved_aside_and_replaced() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let config = DiskConfig::new(dir.path().join("l2"));
+        {
+            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+            let (key, e) = entry(1);
+            tier.insert_raw(&key, &Codec::default().encode(&e).unwrap_or_default())
+                .unwrap_or_else(|e| panic!("{e}"));
+            tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
+        }
+        std::fs::write(config.path.join("conf"), b"\x00garbage that is not a sled config\xff")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+        let aside = tier.moved_aside().map(Path::to_path_buf);
+        assert!(aside.as_ref().is_some_and(|p| p.exists()), "{aside:?}");
+        assert_eq!(tier.usage().entries, 0);
+    }
+}
