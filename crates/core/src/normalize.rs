@@ -261,7 +261,7 @@ impl Normalizer {
                     FieldAction::Transformed,
                     format!("model normalized to `{}` (lowercase, aliases)", keyed.model),
                 ),
-                TopLevel::Model => (FieldAction::Kept, "model".to_string()),
+                TopLevel::Model => (FieldAction::Kept, "already normalized".to_string()),
                 TopLevel::Rounded(x) => (
                     FieldAction::Transformed,
                     format!("rounded to 2 decimals: {x}"),

@@ -411,7 +411,10 @@ mod tests {
             .key(&request, &Scope::Global)
             .unwrap_or_else(|e| panic!("{e}"));
         let now = chrono::Utc::now();
-        let text = format!("answer {i} {}", "padding that does not compress well ".repeat(4));
+        let text = format!(
+            "answer {i} {}",
+            "padding that does not compress well ".repeat(4)
+        );
         let entry = Entry {
             cache_id: keyed.key.hex(),
             cache_key: keyed.key.to_string(),
@@ -441,18 +444,26 @@ mod tests {
         config.capacity = 64 << 10;
         let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
         let (hot_key, hot) = entry(0);
-        tier.put(&hot_key, &hot).await.unwrap_or_else(|e| panic!("{e}"));
+        tier.put(&hot_key, &hot)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         for i in 1..400 {
             let (key, e) = entry(i);
             tier.put(&key, &e).await.unwrap_or_else(|e| panic!("{e}"));
             // Keep entry 0 recently used.
-            assert!(matches!(tier.get(&hot_key).await, Ok(Some(_))), "hot entry evicted at {i}");
+            assert!(
+                matches!(tier.get(&hot_key).await, Ok(Some(_))),
+                "hot entry evicted at {i}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(1));
             tier.inner.evict().unwrap_or_else(|e| panic!("{e}"));
             assert!(tier.usage().bytes <= config.capacity, "{:?}", tier.usage());
         }
         assert!(tier.evictions() > 0);
-        assert!(matches!(tier.get(&entry(1).0).await, Ok(None)), "oldest entry kept");
+        assert!(
+            matches!(tier.get(&entry(1).0).await, Ok(None)),
+            "oldest entry kept"
+        );
     }
 
     #[test]
@@ -466,8 +477,11 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
             tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
         }
-        std::fs::write(config.path.join("conf"), b"\x00garbage that is not a sled config\xff")
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            config.path.join("conf"),
+            b"\x00garbage that is not a sled config\xff",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
         let aside = tier.moved_aside().map(Path::to_path_buf);
         assert!(aside.as_ref().is_some_and(|p| p.exists()), "{aside:?}");
