@@ -235,7 +235,7 @@ impl Normalizer {
                 TopLevel::Drop(_) => continue,
                 TopLevel::Model => Cow::Owned(Value::String(model.clone())),
                 TopLevel::Rounded(x) => Cow::Owned(Value::from(x)),
-                TopLevel::Keep(_) => Cow::Borrowed(value),
+                TopLevel::Keep => Cow::Borrowed(value),
             };
             if !first {
                 out.push(',');
@@ -266,7 +266,12 @@ impl Normalizer {
                     FieldAction::Transformed,
                     format!("rounded to 2 decimals: {x}"),
                 ),
-                TopLevel::Keep(why) => {
+                TopLevel::Keep => {
+                    let why = if KNOWN_FIELDS.contains(&name.as_str()) {
+                        "kept"
+                    } else {
+                        "unknown field, kept (canonical JSON)"
+                    };
                     let place = place_of(name);
                     let action = if place != Place::Plain && self.profile != Profile::Strict {
                         FieldAction::Transformed
@@ -362,8 +367,7 @@ impl Normalizer {
         }
         match rounded {
             Some(x) if Some(x) != value.as_f64() => TopLevel::Rounded(x),
-            _ if KNOWN_FIELDS.contains(&name) => TopLevel::Keep("kept"),
-            _ => TopLevel::Keep("unknown field, kept (canonical JSON)"),
+            _ => TopLevel::Keep,
         }
     }
 
@@ -485,7 +489,7 @@ enum TopLevel {
     Drop(&'static str),
     Model,
     Rounded(f64),
-    Keep(&'static str),
+    Keep,
 }
 
 fn place_of(top_level_field: &str) -> Place {
@@ -577,10 +581,25 @@ enum Sorted<'a> {
 }
 
 impl<'a> Sorted<'a> {
-    fn iter(&self) -> Box<dyn Iterator<Item = (&'a String, &'a Value)> + '_> {
+    fn iter(&self) -> SortedIter<'a, '_> {
         match self {
-            Sorted::InOrder(map) => Box::new(map.iter()),
-            Sorted::Collected(members) => Box::new(members.iter().copied()),
+            Sorted::InOrder(map) => SortedIter::InOrder(map.iter()),
+            Sorted::Collected(members) => SortedIter::Collected(members.iter()),
+        }
+    }
+}
+
+enum SortedIter<'a, 'b> {
+    InOrder(serde_json::map::Iter<'a>),
+    Collected(std::slice::Iter<'b, (&'a String, &'a Value)>),
+}
+
+impl<'a> Iterator for SortedIter<'a, '_> {
+    type Item = (&'a String, &'a Value);
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            SortedIter::InOrder(it) => it.next(),
+            SortedIter::Collected(it) => it.next().copied(),
         }
     }
 }
@@ -613,31 +632,28 @@ pub(crate) fn write_str(out: &mut String, s: &str) {
     let bytes = s.as_bytes();
     let mut start = 0;
     let mut i = 0;
-    while i < bytes.len() {
-        if let Some(word) = bytes
-            .get(i..i + 8)
-            .and_then(|w| <[u8; 8]>::try_from(w).ok())
-        {
-            let mask = escape_mask(u64::from_le_bytes(word));
-            if mask == 0 {
-                i += 8;
-                continue;
-            }
-            // The lowest flagged byte is exact (the tricks only misflag bytes above it).
-            let at = i + (mask.trailing_zeros() / 8) as usize;
-            out.push_str(&s[start..at]);
-            push_escape(out, bytes[at]);
-            start = at + 1;
-            i = at + 1;
+    while let Some(word) = bytes
+        .get(i..i + 8)
+        .and_then(|w| <[u8; 8]>::try_from(w).ok())
+    {
+        let mask = escape_mask(u64::from_le_bytes(word));
+        if mask == 0 {
+            i += 8;
             continue;
         }
-        let b = bytes[i];
+        // The lowest flagged byte is exact (the tricks only misflag bytes above it).
+        let at = i + (mask.trailing_zeros() / 8) as usize;
+        out.push_str(&s[start..at]);
+        push_escape(out, bytes[at]);
+        start = at + 1;
+        i = at + 1;
+    }
+    for (at, &b) in bytes.iter().enumerate().skip(i) {
         if b < 0x20 || b == b'"' || b == b'\\' {
-            out.push_str(&s[start..i]);
+            out.push_str(&s[start..at]);
             push_escape(out, b);
-            start = i + 1;
+            start = at + 1;
         }
-        i += 1;
     }
     out.push_str(&s[start..]);
     out.push('"');
