@@ -1,4 +1,4 @@
-//! Cache keys: MD5 over the key-format version, the scope and the canonical request bytes.
+//! Cache keys: MD5 over the canonical request bytes, the scope and the key-format version.
 
 use std::fmt;
 
@@ -7,7 +7,7 @@ use md5::{Digest, Md5};
 
 /// Version of the key derivation. Bumping it makes every existing entry unreachable, which is the
 /// point: keys derived by different rules must never meet.
-pub const KEY_FORMAT_VERSION: u8 = 1;
+pub const KEY_FORMAT_VERSION: u8 = 2;
 
 /// Longest model slug kept in a display key.
 const SLUG_MAX: usize = 40;
@@ -75,15 +75,10 @@ impl CacheKey {
     }
 
     /// Derives the key of a canonical request.
-    pub fn derive(slug: ModelSlug, scope: &Scope, canonical: &[u8]) -> Self {
-        let mut hasher = Md5::new();
-        hasher.update([KEY_FORMAT_VERSION]);
-        scope.feed(|bytes| hasher.update(bytes));
-        hasher.update(canonical);
-        CacheKey {
-            slug,
-            digest: hasher.finalize().into(),
-        }
+    pub fn derive(slug: ModelSlug, scope: &Scope, canonical: &str) -> Self {
+        let mut writer = KeyWriter::new(canonical.len());
+        writer.push(canonical);
+        writer.finish(slug, scope).0
     }
 
     /// Parses a display key `{model_slug}_{32 hex}`.
@@ -106,6 +101,79 @@ impl CacheKey {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Hashes canonical text as it is written.
+///
+/// The writer keeps the canonical text (a hit is served only if it equals the stored one) and
+/// hands it to MD5 in whole blocks while it grows, so the hasher never copies into its own block
+/// buffer and the text is hashed while it is still in the CPU's first-level cache. The hash
+/// covers the canonical bytes, then the scope and the key-format version: the variable-length
+/// part comes first so that it starts on a block boundary.
+pub(crate) struct KeyWriter {
+    buf: String,
+    hashed: usize,
+    hasher: Md5,
+}
+
+/// Unhashed bytes the writer collects before it hands them to MD5 (a multiple of its 64-byte
+/// block, and small enough to stay in the first-level cache).
+const CHUNK: usize = 1024;
+
+impl KeyWriter {
+    /// A writer with room for `capacity` canonical bytes.
+    pub(crate) fn new(capacity: usize) -> Self {
+        KeyWriter {
+            buf: String::with_capacity(capacity),
+            hashed: 0,
+            hasher: Md5::new(),
+        }
+    }
+
+    /// Appends `text` to the canonical form.
+    #[inline]
+    pub(crate) fn push(&mut self, text: &str) {
+        self.buf.push_str(text);
+        if self.buf.len() - self.hashed >= CHUNK {
+            self.hash_blocks();
+        }
+    }
+
+    /// Appends one ASCII character to the canonical form.
+    #[inline]
+    pub(crate) fn push_byte(&mut self, byte: u8) {
+        self.buf.push(char::from(byte));
+    }
+
+    #[cold]
+    fn hash_blocks(&mut self) {
+        let ready = (self.buf.len() - self.hashed) & !63;
+        if let Some(blocks) = self.buf.as_bytes().get(self.hashed..self.hashed + ready) {
+            self.hasher.update(blocks);
+        }
+        self.hashed += ready;
+    }
+
+    /// The canonical text written so far.
+    #[cfg(test)]
+    pub(crate) fn written(&self) -> &str {
+        &self.buf
+    }
+
+    /// Hashes what is left, then `scope` and the key-format version, and returns the key and the
+    /// canonical text.
+    pub(crate) fn finish(mut self, slug: ModelSlug, scope: &Scope) -> (CacheKey, String) {
+        if let Some(rest) = self.buf.as_bytes().get(self.hashed..) {
+            self.hasher.update(rest);
+        }
+        scope.feed(|bytes| self.hasher.update(bytes));
+        self.hasher.update([KEY_FORMAT_VERSION]);
+        let key = CacheKey {
+            slug,
+            digest: self.hasher.finalize().into(),
+        };
+        (key, self.buf)
+    }
+}
 
 impl fmt::Display for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -146,7 +214,7 @@ mod tests {
 
     #[test]
     fn display_key_round_trips() {
-        let key = CacheKey::derive(ModelSlug::new("gpt-4o"), &Scope::Global, b"{}");
+        let key = CacheKey::derive(ModelSlug::new("gpt-4o"), &Scope::Global, "{}");
         let shown = key.to_string();
         assert!(shown.starts_with("gpt-4o_"));
         assert_eq!(shown.len(), "gpt-4o_".len() + 32);
@@ -155,12 +223,38 @@ mod tests {
     }
 
     #[test]
+    fn writing_in_pieces_hashes_like_one_md5_over_bytes_scope_and_version() {
+        let canonical: String = (0..3000u32)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let scope = Scope::User("u".into());
+        let mut whole = Md5::new();
+        whole.update(&canonical);
+        scope.feed(|bytes| whole.update(bytes));
+        whole.update([KEY_FORMAT_VERSION]);
+        let expected: [u8; 16] = whole.finalize().into();
+        for piece in [1, 7, 63, 64, 65, 200, 1000, 3000] {
+            let mut writer = KeyWriter::new(16);
+            for chunk in canonical.as_bytes().chunks(piece) {
+                if let [byte] = chunk {
+                    writer.push_byte(*byte);
+                } else {
+                    writer.push(std::str::from_utf8(chunk).unwrap_or_default());
+                }
+            }
+            let (key, text) = writer.finish(ModelSlug::new("m"), &scope);
+            assert_eq!(key.digest, expected, "pieces of {piece}");
+            assert_eq!(text, canonical);
+        }
+    }
+
+    #[test]
     fn scope_and_version_are_in_the_key() {
         let slug = ModelSlug::new("m");
-        let a = CacheKey::derive(slug.clone(), &Scope::User("a".into()), b"{}");
-        let b = CacheKey::derive(slug.clone(), &Scope::User("b".into()), b"{}");
-        let s = CacheKey::derive(slug.clone(), &Scope::Session("a".into()), b"{}");
-        let g = CacheKey::derive(slug, &Scope::Global, b"{}");
+        let a = CacheKey::derive(slug.clone(), &Scope::User("a".into()), "{}");
+        let b = CacheKey::derive(slug.clone(), &Scope::User("b".into()), "{}");
+        let s = CacheKey::derive(slug.clone(), &Scope::Session("a".into()), "{}");
+        let g = CacheKey::derive(slug, &Scope::Global, "{}");
         assert_ne!(a, b);
         assert_ne!(a, s);
         assert_ne!(a, g);

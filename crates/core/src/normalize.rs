@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::RequestError;
-use crate::key::{CacheKey, Keyed, ModelSlug};
+use crate::key::{KeyWriter, Keyed, ModelSlug};
 use crate::scope::Scope;
 
 /// How much two requests may differ and still share an answer.
@@ -211,11 +211,12 @@ impl Normalizer {
         self.key(&value, scope)
     }
 
-    /// Derives the key of a request: canonical bytes, then MD5 over version, scope and bytes.
+    /// Derives the key of a request: canonical bytes, hashed with MD5 as they are written, then
+    /// the scope and the key-format version.
     pub fn key(&self, request: &Value, scope: &Scope) -> Result<Keyed, RequestError> {
-        let mut canonical = String::with_capacity(8192);
-        let model = self.canonicalize(request, &mut canonical)?;
-        let key = CacheKey::derive(ModelSlug::new(&model), scope, canonical.as_bytes());
+        let mut out = KeyWriter::new(4096);
+        let model = self.write_canonical(request, &mut out)?;
+        let (key, canonical) = out.finish(ModelSlug::new(&model), scope);
         Ok(Keyed {
             key,
             canonical,
@@ -225,10 +226,14 @@ impl Normalizer {
     }
 
     /// Writes the canonical form of `request` into `out` and returns the normalized model.
-    pub fn canonicalize(&self, request: &Value, out: &mut String) -> Result<String, RequestError> {
+    fn write_canonical(
+        &self,
+        request: &Value,
+        out: &mut KeyWriter,
+    ) -> Result<String, RequestError> {
         let map = validate(request)?;
         let model = self.model_of(map)?;
-        out.push('{');
+        out.push_byte(b'{');
         let mut first = true;
         for (name, value) in sorted(map).iter() {
             let written = match self.top_level(name, value) {
@@ -238,14 +243,14 @@ impl Normalizer {
                 TopLevel::Keep => Cow::Borrowed(value),
             };
             if !first {
-                out.push(',');
+                out.push_byte(b',');
             }
             first = false;
             write_str(out, name);
-            out.push(':');
+            out.push_byte(b':');
             self.write_value(out, &written, place_of(name), 1);
         }
-        out.push('}');
+        out.push_byte(b'}');
         Ok(model)
     }
 
@@ -371,11 +376,11 @@ impl Normalizer {
         }
     }
 
-    fn write_value(&self, out: &mut String, value: &Value, place: Place, depth: usize) {
+    fn write_value(&self, out: &mut KeyWriter, value: &Value, place: Place, depth: usize) {
         match value {
-            Value::Null => out.push_str("null"),
-            Value::Bool(true) => out.push_str("true"),
-            Value::Bool(false) => out.push_str("false"),
+            Value::Null => out.push("null"),
+            Value::Bool(true) => out.push("true"),
+            Value::Bool(false) => out.push("false"),
             Value::Number(n) => write_number(out, n),
             Value::String(s) => match place {
                 // A bare string `input` (Responses API) is the message text.
@@ -388,21 +393,27 @@ impl Normalizer {
                     Place::Text => Place::Text,
                     _ => Place::Plain,
                 };
-                out.push('[');
+                out.push_byte(b'[');
                 for (i, item) in items.iter().enumerate() {
                     if i > 0 {
-                        out.push(',');
+                        out.push_byte(b',');
                     }
                     self.write_value(out, item, inner, depth + 1);
                 }
-                out.push(']');
+                out.push_byte(b']');
             }
             Value::Object(map) => self.write_object(out, map, place, depth),
         }
     }
 
-    fn write_object(&self, out: &mut String, map: &Map<String, Value>, place: Place, depth: usize) {
-        out.push('{');
+    fn write_object(
+        &self,
+        out: &mut KeyWriter,
+        map: &Map<String, Value>,
+        place: Place,
+        depth: usize,
+    ) {
+        out.push_byte(b'{');
         let mut first = true;
         for (name, value) in sorted(map).iter() {
             // In messages (and their parts), `null` members are the same as absent ones.
@@ -410,17 +421,22 @@ impl Normalizer {
                 continue;
             }
             if !first {
-                out.push(',');
+                out.push_byte(b',');
             }
             first = false;
             write_str(out, name);
-            out.push(':');
+            out.push_byte(b':');
             let inner = match (place, name.as_str()) {
                 (Place::Message, "content") => Place::Text,
                 (Place::Text, "text") => Place::Text,
                 (Place::Message, "role") if self.profile != Profile::Strict => {
                     if let Value::String(role) = value {
-                        write_str(out, &role.trim().to_lowercase());
+                        let role = role.trim();
+                        if role.bytes().any(|b| !b.is_ascii_lowercase()) {
+                            write_str(out, &role.to_lowercase());
+                        } else {
+                            write_str(out, role);
+                        }
                         continue;
                     }
                     Place::Plain
@@ -429,10 +445,10 @@ impl Normalizer {
             };
             self.write_value(out, value, inner, depth + 1);
         }
-        out.push('}');
+        out.push_byte(b'}');
     }
 
-    fn write_text(&self, out: &mut String, text: &str) {
+    fn write_text(&self, out: &mut KeyWriter, text: &str) {
         match self.profile {
             Profile::Strict => write_str(out, text),
             Profile::Standard => write_str(out, text.trim()),
@@ -606,87 +622,107 @@ impl<'a> Iterator for SortedIter<'a, '_> {
 
 /// Numbers in one form: integers as integers (also when given as `2.0`), others in the shortest
 /// form that reads back to the same `f64`.
-fn write_number(out: &mut String, n: &serde_json::Number) {
+fn write_number(out: &mut KeyWriter, n: &serde_json::Number) {
     let mut ints = itoa::Buffer::new();
     if let Some(u) = n.as_u64() {
-        out.push_str(ints.format(u));
+        out.push(ints.format(u));
     } else if let Some(i) = n.as_i64() {
-        out.push_str(ints.format(i));
+        out.push(ints.format(i));
     } else if let Some(f) = n.as_f64() {
         if f.fract() == 0.0 && f.abs() < 9.0e15 {
-            out.push_str(ints.format(f as i64));
+            out.push(ints.format(f as i64));
         } else {
             // Shortest form that reads back to the same f64; parsed JSON numbers are finite.
-            out.push_str(ryu::Buffer::new().format_finite(f));
+            out.push(ryu::Buffer::new().format_finite(f));
         }
     }
 }
 
 /// Writes `s` as a JSON string: only `"`, `\\` and control characters are escaped.
 ///
-/// Request text is long and rarely needs escaping, so the scan tests eight bytes at a time and
-/// copies clean runs whole. Escapes are ASCII, so every cut falls on a character boundary.
-pub(crate) fn write_str(out: &mut String, s: &str) {
-    out.reserve(s.len() + 2);
-    out.push('"');
+/// Request text is long and rarely needs escaping, so the scan takes sixteen bytes at a time into
+/// a bit mask of the bytes to escape, copies the clean runs between them whole and never looks at
+/// a byte twice. Escapes are ASCII, so every cut falls on a character boundary.
+pub(crate) fn write_str(out: &mut KeyWriter, s: &str) {
+    out.push_byte(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
-    let mut i = 0;
-    while let Some(word) = bytes
-        .get(i..i + 8)
-        .and_then(|w| <[u8; 8]>::try_from(w).ok())
-    {
-        let mask = escape_mask(u64::from_le_bytes(word));
-        if mask == 0 {
-            i += 8;
-            continue;
-        }
-        // The lowest flagged byte is exact (the tricks only misflag bytes above it).
-        let at = i + (mask.trailing_zeros() / 8) as usize;
-        out.push_str(&s[start..at]);
-        push_escape(out, bytes[at]);
-        start = at + 1;
-        i = at + 1;
-    }
-    for (at, &b) in bytes.iter().enumerate().skip(i) {
-        if b < 0x20 || b == b'"' || b == b'\\' {
-            out.push_str(&s[start..at]);
-            push_escape(out, b);
+    let mut base = 0;
+    let mut chunks = bytes.chunks_exact(16);
+    for chunk in chunks.by_ref() {
+        let mut mask = <&[u8; 16]>::try_from(chunk).map_or(0, escape_mask16);
+        while mask != 0 {
+            let at = base + mask.trailing_zeros() as usize;
+            out.push(&s[start..at]);
+            push_escape(out, bytes[at]);
             start = at + 1;
+            mask &= mask - 1;
+        }
+        base += 16;
+    }
+    for (at, &b) in chunks.remainder().iter().enumerate() {
+        if needs_escape(b) {
+            out.push(&s[start..base + at]);
+            push_escape(out, b);
+            start = base + at + 1;
         }
     }
-    out.push_str(&s[start..]);
-    out.push('"');
+    out.push(&s[start..]);
+    out.push_byte(b'"');
 }
 
-/// Flags (high bit of each byte) the bytes of `w` that are below 0x20, a quote or a backslash,
-/// with the classic "has less / has zero byte" bit tricks: zero when none is, and the lowest
-/// flag always marks the first such byte.
-#[inline]
-fn escape_mask(w: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
-    let quote = has_zero(w ^ (ONES * u64::from(b'"')));
-    let backslash = has_zero(w ^ (ONES * u64::from(b'\\')));
-    below_space | quote | backslash
+/// Whether JSON requires `b` escaped: below 0x20, a quote or a backslash.
+#[inline(always)]
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
 }
 
-fn push_escape(out: &mut String, b: u8) {
+/// One bit per byte of `chunk` that [`needs_escape`]: three SSE2 compares and a move-mask.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn escape_mask16(chunk: &[u8; 16]) -> u32 {
+    use std::arch::x86_64::{
+        _mm_cmpeq_epi8, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128, _mm_set_epi64x,
+        _mm_set1_epi8,
+    };
+    let (lo, hi) = chunk.split_at(8);
+    let word = |half: &[u8]| <[u8; 8]>::try_from(half).map_or(0, i64::from_le_bytes);
+    // SAFETY: these intrinsics only need SSE2, which every x86_64 CPU has (it is part of the
+    // target's baseline); they read and write no memory.
+    unsafe {
+        let v = _mm_set_epi64x(word(hi), word(lo));
+        let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+        let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+        // v <= 0x1f exactly when min(v, 0x1f) == v (unsigned).
+        let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
+        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u32
+    }
+}
+
+/// One bit per byte of `chunk` that [`needs_escape`].
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+fn escape_mask16(chunk: &[u8; 16]) -> u32 {
+    chunk
+        .iter()
+        .enumerate()
+        .fold(0, |mask, (i, &b)| mask | (u32::from(needs_escape(b)) << i))
+}
+
+fn push_escape(out: &mut KeyWriter, b: u8) {
     match b {
-        b'"' => out.push_str("\\\""),
-        b'\\' => out.push_str("\\\\"),
-        b'\n' => out.push_str("\\n"),
-        b'\r' => out.push_str("\\r"),
-        b'\t' => out.push_str("\\t"),
-        0x08 => out.push_str("\\b"),
-        0x0c => out.push_str("\\f"),
+        b'"' => out.push("\\\""),
+        b'\\' => out.push("\\\\"),
+        b'\n' => out.push("\\n"),
+        b'\r' => out.push("\\r"),
+        b'\t' => out.push("\\t"),
+        0x08 => out.push("\\b"),
+        0x0c => out.push("\\f"),
         _ => {
             const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
+            out.push("\\u00");
+            out.push_byte(HEX[usize::from(b >> 4)]);
+            out.push_byte(HEX[usize::from(b & 0xf)]);
         }
     }
 }
@@ -955,7 +991,7 @@ mod tests {
         ])
     }
 
-    fn key_of(profile: Profile, request: &Value, scope: &Scope) -> CacheKey {
+    fn key_of(profile: Profile, request: &Value, scope: &Scope) -> crate::key::CacheKey {
         match Normalizer::new(profile).key(request, scope) {
             Ok(keyed) => keyed.key,
             Err(e) => panic!("generated request rejected: {e}"),
@@ -966,9 +1002,9 @@ mod tests {
         #[test]
         fn strings_are_escaped_exactly_as_serde_json_does(s in any::<String>(), ascii in "[ -~\n\t\"\\\\\u{0}-\u{1f}]{0,64}") {
             for text in [&s, &ascii] {
-                let mut out = String::new();
+                let mut out = KeyWriter::new(0);
                 write_str(&mut out, text);
-                prop_assert_eq!(Some(out), serde_json::to_string(text).ok());
+                prop_assert_eq!(Some(out.written().to_string()), serde_json::to_string(text).ok());
             }
         }
 

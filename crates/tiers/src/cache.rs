@@ -722,11 +722,7 @@ fn kv_key(key: &str) -> Keyed {
     canonical.push_str("{\"kv\":");
     canonical.push_str(&Value::String(key.to_string()).to_string());
     canonical.push('}');
-    let digest_key = CacheKey::derive(
-        ModelSlug::new(KV_MODEL),
-        &Scope::Global,
-        canonical.as_bytes(),
-    );
+    let digest_key = CacheKey::derive(ModelSlug::new(KV_MODEL), &Scope::Global, &canonical);
     Keyed {
         key: digest_key,
         canonical,
