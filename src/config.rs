@@ -93,7 +93,7 @@ pub struct DiskSection {
 pub struct CodecConfig {
     /// Compress payloads longer than this.
     pub compress_above: ByteSize,
-    /// zstd level (1..=22).
+    /// zstd level (-7..=22; negative levels trade ratio for speed).
     pub zstd_level: i32,
 }
 
@@ -193,9 +193,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), Error> {
-        if !(1..=22).contains(&self.codec.zstd_level) {
+        if !(-7..=22).contains(&self.codec.zstd_level) {
             return Err(Error::Config(format!(
-                "codec.zstd_level must be between 1 and 22, found {}",
+                "codec.zstd_level must be between -7 and 22, found {}",
                 self.codec.zstd_level
             )));
         }

@@ -308,7 +308,7 @@ fn sample_entry(request: &Value, text: &str) -> Result<Entry> {
     Ok(Entry {
         cache_id: keyed.key.hex(),
         cache_key: keyed.key.to_string(),
-        request: serde_json::value::RawValue::from_string(keyed.canonical)?,
+        request: keyed.canonical,
         response: serde_json::value::to_raw_value(&response(text))?,
         model: keyed.model,
         provider: "openai".into(),

@@ -8,20 +8,37 @@
 //! 6       2     reserved, zero
 //! 8       4     uncompressed payload length, little endian
 //! 12      4     CRC32 of bytes 0..12 and of the payload as stored, little endian
-//! 16      ..    payload: the entry as JSON, zstd-compressed when longer than the threshold
+//! 16      ..    payload, zstd-compressed when longer than the threshold
+//! ```
+//!
+//! The payload holds the entry in three sections, so that reading it back scans only the small
+//! one:
+//!
+//! ```text
+//! 0       4     length R of the canonical request, little endian
+//! 4       4     length S of the response, little endian
+//! 8       R     the canonical request text (UTF-8)
+//! 8+R     S     the response, JSON as the provider returned it
+//! 8+R+S   ..    every other field of the entry, as one JSON object
 //! ```
 //!
 //! The checksum covers the header too, so any single corrupted byte (indeed any burst of up to
 //! 32 bits) is detected. Decoding never panics: every failure is a [`CodecError`].
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 
-use crate::entry::Entry;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::entry::{Cost, Entry, Tokens};
+use crate::scope::Scope;
 
 /// First four bytes of every envelope.
 pub const MAGIC: [u8; 4] = *b"STRA";
 /// The envelope format this code writes and reads.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted when decoding.
@@ -108,14 +125,48 @@ impl Codec {
 
     /// Encodes `entry` into an envelope.
     pub fn encode(&self, entry: &Entry) -> Result<Vec<u8>, CodecError> {
-        let json = serde_json::to_vec(entry).map_err(|e| CodecError::Json(e.to_string()))?;
-        self.seal(&json)
+        let request = entry.request.as_bytes();
+        let response = entry.response.get().as_bytes();
+        let too_large = |n: usize| u32::try_from(n).map_err(|_| CodecError::TooLarge(n));
+        let mut payload = Vec::with_capacity(8 + request.len() + response.len() + 512);
+        payload.extend_from_slice(&too_large(request.len())?.to_le_bytes());
+        payload.extend_from_slice(&too_large(response.len())?.to_le_bytes());
+        payload.extend_from_slice(request);
+        payload.extend_from_slice(response);
+        serde_json::to_writer(&mut payload, &Metadata::of(entry))
+            .map_err(|e| CodecError::Json(e.to_string()))?;
+        self.seal(&payload)
     }
 
     /// Decodes an envelope into an entry.
     pub fn decode(&self, bytes: &[u8]) -> Result<Entry, CodecError> {
-        let json = self.open(bytes)?;
-        serde_json::from_slice(&json).map_err(|e| CodecError::Json(e.to_string()))
+        let payload = self.open(bytes)?;
+        let length = |at: usize| {
+            payload
+                .get(at..at + 4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(|b| u32::from_le_bytes(b) as usize)
+        };
+        let sections = length(0).zip(length(4)).and_then(|(r, s)| {
+            let request = payload.get(8..8 + r)?;
+            let response = payload.get(8 + r..8 + r + s)?;
+            let metadata = payload.get(8 + r + s..)?;
+            Some((request, response, metadata))
+        });
+        let Some((request, response, metadata)) = sections else {
+            return Err(CodecError::Json("sections overrun the payload".into()));
+        };
+        let text = |bytes: &[u8], what: &str| {
+            std::str::from_utf8(bytes)
+                .map(str::to_owned)
+                .map_err(|e| CodecError::Json(format!("{what}: {e}")))
+        };
+        let mut entry: Entry =
+            serde_json::from_slice(metadata).map_err(|e| CodecError::Json(e.to_string()))?;
+        entry.request = text(request, "request")?;
+        entry.response = RawValue::from_string(text(response, "response")?)
+            .map_err(|e| CodecError::Json(format!("response: {e}")))?;
+        Ok(entry)
     }
 
     /// Wraps an arbitrary payload in an envelope.
@@ -203,6 +254,50 @@ impl Codec {
     }
 }
 
+/// Every field of an [`Entry`] but the request and the response: the payload's JSON section.
+/// Field names and encodings are those of `Entry`, which reads it back.
+#[derive(Serialize)]
+struct Metadata<'a> {
+    cache_id: &'a str,
+    cache_key: &'a str,
+    model: &'a str,
+    provider: &'a str,
+    tokens: Tokens,
+    cost: Cost,
+    latency_ms: u64,
+    #[serde(with = "chrono::serde::ts_milliseconds")]
+    created_at: DateTime<Utc>,
+    #[serde(with = "chrono::serde::ts_milliseconds_option")]
+    expires_at: Option<DateTime<Utc>>,
+    tags: &'a [String],
+    scope: &'a Scope,
+    hit_count: u64,
+    #[serde(with = "chrono::serde::ts_milliseconds")]
+    last_accessed: DateTime<Utc>,
+    epochs: &'a BTreeMap<String, u64>,
+}
+
+impl<'a> Metadata<'a> {
+    fn of(entry: &'a Entry) -> Self {
+        Metadata {
+            cache_id: &entry.cache_id,
+            cache_key: &entry.cache_key,
+            model: &entry.model,
+            provider: &entry.provider,
+            tokens: entry.tokens,
+            cost: entry.cost,
+            latency_ms: entry.latency_ms,
+            created_at: entry.created_at,
+            expires_at: entry.expires_at,
+            tags: &entry.tags,
+            scope: &entry.scope,
+            hit_count: entry.hit_count,
+            last_accessed: entry.last_accessed,
+            epochs: &entry.epochs,
+        }
+    }
+}
+
 fn decompress(stored: &[u8], expected: usize) -> Result<Vec<u8>, CodecError> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -233,7 +328,6 @@ mod tests {
     use chrono::{TimeZone, Utc};
     use proptest::prelude::*;
     use serde_json::json;
-    use serde_json::value::RawValue;
 
     fn entry(response_text: &str) -> Entry {
         let request =
@@ -250,8 +344,7 @@ mod tests {
         Entry {
             cache_id: keyed.key.hex(),
             cache_key: keyed.key.to_string(),
-            request: RawValue::from_string(keyed.canonical.clone())
-                .unwrap_or_else(|e| panic!("{e}")),
+            request: keyed.canonical.clone(),
             response: serde_json::value::to_raw_value(&response).unwrap_or_else(|e| panic!("{e}")),
             model: keyed.model.clone(),
             provider: "openai".into(),
@@ -289,17 +382,13 @@ mod tests {
             assert_eq!(compressed, text.len() > 1000);
             let back = codec.decode(&bytes).unwrap_or_else(|err| panic!("{err}"));
             assert_same(&e, &back);
-            assert_eq!(back.request.get(), e.request.get());
-            assert!(
-                back.answers(
-                    &Normalizer::default()
-                        .key(
-                            &serde_json::from_str(e.request.get()).unwrap_or_default(),
-                            &Scope::User("u1".into())
-                        )
-                        .unwrap_or_else(|err| panic!("{err}"))
-                )
-            );
+            assert_eq!(back.request, e.request);
+            let request =
+                json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]});
+            let keyed = Normalizer::default()
+                .key(&request, &Scope::User("u1".into()))
+                .unwrap_or_else(|err| panic!("{err}"));
+            assert!(back.answers(&keyed));
         }
     }
 

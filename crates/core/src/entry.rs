@@ -39,18 +39,20 @@ pub struct Cost {
 
 /// One cached answer, as stored in every tier.
 ///
-/// `request` and `response` are kept as raw JSON text: the canonical request is compared byte for
-/// byte before an entry is served ([`Entry::answers`]), and the response is handed back exactly as
-/// the provider returned it.
+/// `request` is the canonical text the key was derived from, compared byte for byte before an
+/// entry is served ([`Entry::answers`]); `response` is raw JSON text, handed back exactly as the
+/// provider returned it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
     /// The 32 hex digits of the key's digest.
     pub cache_id: String,
     /// The display key, `{model_slug}_{32 hex}`.
     pub cache_key: String,
-    /// The canonical request the key was derived from.
-    pub request: Box<RawValue>,
+    /// The canonical request the key was derived from ([`Keyed::canonical`]).
+    #[serde(default)]
+    pub request: String,
     /// The response, as given.
+    #[serde(default = "null_response")]
     pub response: Box<RawValue>,
     /// The normalized model.
     pub model: String,
@@ -84,11 +86,15 @@ pub struct Entry {
     pub epochs: BTreeMap<String, u64>,
 }
 
+fn null_response() -> Box<RawValue> {
+    RawValue::NULL.to_owned()
+}
+
 impl Entry {
     /// Whether this entry is the answer to `keyed`: same canonical request, byte for byte, and same
     /// scope. A digest collision, accidental or crafted, fails this check and becomes a miss.
     pub fn answers(&self, keyed: &Keyed) -> bool {
-        self.request.get() == keyed.canonical && self.scope == keyed.scope
+        self.request == keyed.canonical && self.scope == keyed.scope
     }
 
     /// Whether the entry has expired at `now`.
@@ -98,7 +104,7 @@ impl Entry {
 
     /// Approximate bytes the entry holds in memory: what the memory tier weighs.
     pub fn weight(&self) -> u32 {
-        let text = self.request.get().len()
+        let text = self.request.len()
             + self.response.get().len()
             + self.cache_id.len()
             + self.cache_key.len()

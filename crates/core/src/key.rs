@@ -20,15 +20,13 @@ impl ModelSlug {
     /// Lowercases `model`, replaces every other character by `-` and cuts it to 40 characters.
     /// An empty model becomes `unknown`.
     pub fn new(model: &str) -> Self {
-        let mut slug: String = model
-            .chars()
-            .map(|c| c.to_ascii_lowercase())
-            .map(|c| match c {
-                'a'..='z' | '0'..='9' | '.' | '_' | '-' => c,
+        let mut slug = String::with_capacity(model.len().min(SLUG_MAX));
+        for c in model.chars().take(SLUG_MAX) {
+            slug.push(match c.to_ascii_lowercase() {
+                c @ ('a'..='z' | '0'..='9' | '.' | '_' | '-') => c,
                 _ => '-',
-            })
-            .take(SLUG_MAX)
-            .collect();
+            });
+        }
         if slug.is_empty() {
             slug.push_str("unknown");
         }
@@ -113,6 +111,17 @@ pub(crate) struct KeyWriter {
     buf: String,
     hashed: usize,
     hasher: Md5,
+    strings: Strings,
+}
+
+/// How the canonical writer writes strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Strings {
+    /// `"` then the length in bytes, `:` and the bytes as they are: the form keys hash and entries
+    /// store. It needs no escaping, so writing it costs a copy.
+    LengthPrefixed,
+    /// Quoted and escaped as JSON: the form `explain` shows people.
+    Json,
 }
 
 /// Unhashed bytes the writer collects before it hands them to MD5 (a multiple of its 64-byte
@@ -120,13 +129,25 @@ pub(crate) struct KeyWriter {
 const CHUNK: usize = 1024;
 
 impl KeyWriter {
-    /// A writer with room for `capacity` canonical bytes.
+    /// A writer with room for `capacity` canonical bytes, writing strings in the form keys use.
     pub(crate) fn new(capacity: usize) -> Self {
+        Self::with_strings(capacity, Strings::LengthPrefixed)
+    }
+
+    /// A writer with room for `capacity` canonical bytes, writing strings as `strings` says.
+    pub(crate) fn with_strings(capacity: usize, strings: Strings) -> Self {
         KeyWriter {
             buf: String::with_capacity(capacity),
             hashed: 0,
             hasher: Md5::new(),
+            strings,
         }
+    }
+
+    /// How this writer writes strings.
+    #[inline]
+    pub(crate) fn strings(&self) -> Strings {
+        self.strings
     }
 
     /// Appends `text` to the canonical form.
@@ -154,7 +175,6 @@ impl KeyWriter {
     }
 
     /// The canonical text written so far.
-    #[cfg(test)]
     pub(crate) fn written(&self) -> &str {
         &self.buf
     }

@@ -3,13 +3,18 @@
 //! The canonical form is JSON with object keys sorted, numbers in one form (`1.0` and `1` are the
 //! same number, written `1`), `null` members and members at their documented default left out.
 //! The [`Profile`] decides what else is treated as "the same request". The writer walks the parsed
-//! request once and writes canonical bytes straight into the caller's buffer: no intermediate tree
-//! or string is built on the standard path.
+//! request once and writes canonical bytes straight into the key's hasher: no intermediate tree
+//! is built.
+//!
+//! Keys hash (and entries store) this document with every string written length-prefixed,
+//! `"` + byte length + `:` + the bytes (`{"5:model:"6:gpt-4o,…}`), instead of quoted and escaped:
+//! the two forms map one to one, but the length-prefixed one costs a copy where JSON escaping
+//! costs a scan of every byte, and the key is on every lookup. [`Normalizer::canonical_json`]
+//! and `explain` show the JSON form.
 //!
 //! Message order is never changed: it carries meaning. Unknown fields are kept (canonicalized), so
 //! a provider-specific parameter can never be silently merged away.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
@@ -19,7 +24,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::RequestError;
-use crate::key::{KeyWriter, Keyed, ModelSlug};
+use crate::key::{KeyWriter, Keyed, ModelSlug, Strings};
 use crate::scope::Scope;
 
 /// How much two requests may differ and still share an answer.
@@ -159,7 +164,7 @@ pub struct Explanation {
     pub scope: Scope,
     /// One report per top-level field of the request.
     pub fields: Vec<FieldReport>,
-    /// The canonical request.
+    /// The canonical request, as JSON.
     pub canonical: Box<RawValue>,
 }
 
@@ -225,6 +230,14 @@ impl Normalizer {
         })
     }
 
+    /// The canonical form of `request` as JSON text: what the key covers, in the form people read
+    /// (the key itself hashes the same document with length-prefixed strings, see [`Keyed`]).
+    pub fn canonical_json(&self, request: &Value) -> Result<String, RequestError> {
+        let mut out = KeyWriter::with_strings(4096, Strings::Json);
+        self.write_canonical(request, &mut out)?;
+        Ok(out.written().to_string())
+    }
+
     /// Writes the canonical form of `request` into `out` and returns the normalized model.
     fn write_canonical(
         &self,
@@ -236,19 +249,21 @@ impl Normalizer {
         out.push_byte(b'{');
         let mut first = true;
         for (name, value) in sorted(map).iter() {
-            let written = match self.top_level(name, value) {
-                TopLevel::Drop(_) => continue,
-                TopLevel::Model => Cow::Owned(Value::String(model.clone())),
-                TopLevel::Rounded(x) => Cow::Owned(Value::from(x)),
-                TopLevel::Keep => Cow::Borrowed(value),
-            };
+            let action = self.top_level(name, value);
+            if let TopLevel::Drop(_) = action {
+                continue;
+            }
             if !first {
                 out.push_byte(b',');
             }
             first = false;
             write_str(out, name);
             out.push_byte(b':');
-            self.write_value(out, &written, place_of(name), 1);
+            match action {
+                TopLevel::Model => write_str(out, &model),
+                TopLevel::Rounded(x) => self.write_value(out, &Value::from(x), Place::Plain, 1),
+                _ => self.write_value(out, value, place_of(name), 1),
+            }
         }
         out.push_byte(b'}');
         Ok(model)
@@ -298,7 +313,7 @@ impl Normalizer {
             model: keyed.model,
             scope: scope.clone(),
             fields,
-            canonical: RawValue::from_string(keyed.canonical)
+            canonical: RawValue::from_string(self.canonical_json(request)?)
                 .map_err(|e| RequestError::Json(e.to_string()))?,
         })
     }
@@ -638,13 +653,20 @@ fn write_number(out: &mut KeyWriter, n: &serde_json::Number) {
     }
 }
 
-/// Writes `s` as a JSON string: only `"`, `\\` and control characters are escaped.
+/// Writes `s` as a string: length-prefixed (`"5:hello`) for keys, or as a JSON string in which
+/// only `"`, `\\` and control characters are escaped.
 ///
 /// Request text is long and rarely needs escaping, so the scan takes sixteen bytes at a time into
 /// a bit mask of the bytes to escape, copies the clean runs between them whole and never looks at
 /// a byte twice. Escapes are ASCII, so every cut falls on a character boundary.
 pub(crate) fn write_str(out: &mut KeyWriter, s: &str) {
     out.push_byte(b'"');
+    if out.strings() == Strings::LengthPrefixed {
+        out.push(itoa::Buffer::new().format(s.len()));
+        out.push_byte(b':');
+        out.push(s);
+        return;
+    }
     let bytes = s.as_bytes();
     let mut start = 0;
     let mut base = 0;
@@ -741,6 +763,12 @@ mod tests {
     }
 
     fn canonical(profile: Profile, request: &Value) -> String {
+        Normalizer::new(profile)
+            .canonical_json(request)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn canonical_text(profile: Profile, request: &Value) -> String {
         let keyed = Normalizer::new(profile)
             .key(request, &Scope::Global)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -762,6 +790,10 @@ mod tests {
         assert_eq!(
             canonical(Profile::Strict, &base),
             r#"{"max_tokens":10,"messages":[{"content":"hi","role":"user"}],"model":"m"}"#
+        );
+        assert_eq!(
+            canonical_text(Profile::Strict, &base),
+            r#"{"10:max_tokens:10,"8:messages:[{"7:content:"2:hi,"4:role:"4:user}],"5:model:"1:m}"#
         );
     }
 
@@ -1002,7 +1034,7 @@ mod tests {
         #[test]
         fn strings_are_escaped_exactly_as_serde_json_does(s in any::<String>(), ascii in "[ -~\n\t\"\\\\\u{0}-\u{1f}]{0,64}") {
             for text in [&s, &ascii] {
-                let mut out = KeyWriter::new(0);
+                let mut out = KeyWriter::with_strings(0, Strings::Json);
                 write_str(&mut out, text);
                 prop_assert_eq!(Some(out.written().to_string()), serde_json::to_string(text).ok());
             }
@@ -1013,6 +1045,7 @@ mod tests {
             let once = canonical(profile, &r.value());
             let reparsed: Value = serde_json::from_str(&once).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(canonical(profile, &reparsed), once);
+            prop_assert_eq!(canonical_text(profile, &reparsed), canonical_text(profile, &r.value()));
         }
 
         #[test]

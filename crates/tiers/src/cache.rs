@@ -690,13 +690,10 @@ impl Inner {
         };
         let now = Utc::now();
         let ttl = completion.ttl.or_else(|| self.ttl.for_model(&keyed.model));
-        // The canonical text is valid JSON by construction; `null` would only make the entry
-        // answer nothing, never something else.
-        let request = RawValue::from_string(keyed.canonical.clone()).unwrap_or_default();
         Entry {
             cache_id: keyed.key.hex(),
             cache_key: keyed.key.to_string(),
-            request,
+            request: keyed.canonical.clone(),
             response: completion.response,
             model: keyed.model.clone(),
             provider: completion.provider,
@@ -718,10 +715,8 @@ impl Inner {
 
 /// The key of a typed value stored with [`TieredCache::get_or_insert_with`].
 fn kv_key(key: &str) -> Keyed {
-    let mut canonical = String::with_capacity(key.len() + 8);
-    canonical.push_str("{\"kv\":");
-    canonical.push_str(&Value::String(key.to_string()).to_string());
-    canonical.push('}');
+    // The canonical text of `{"kv": key}`, strings length-prefixed as the normalizer writes them.
+    let canonical = format!("{{\"2:kv:\"{}:{key}}}", key.len());
     let digest_key = CacheKey::derive(ModelSlug::new(KV_MODEL), &Scope::Global, &canonical);
     Keyed {
         key: digest_key,

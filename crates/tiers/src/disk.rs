@@ -418,8 +418,7 @@ mod tests {
         let entry = Entry {
             cache_id: keyed.key.hex(),
             cache_key: keyed.key.to_string(),
-            request: serde_json::value::RawValue::from_string(keyed.canonical)
-                .unwrap_or_else(|e| panic!("{e}")),
+            request: keyed.canonical,
             response: serde_json::value::to_raw_value(&text).unwrap_or_else(|e| panic!("{e}")),
             model: "m".into(),
             provider: "p".into(),
