@@ -11,7 +11,7 @@ use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Deserializer, Serialize};
 use strata_analytics::Pricing;
 use strata_core::{Codec, Normalizer, Profile};
-use strata_tiers::{DiskConfig, DiskTier, TieredCache, TtlPolicy};
+use strata_tiers::{DiskConfig, DiskTier, S3Config, S3Tier, TieredCache, TtlPolicy};
 
 use crate::Error;
 
@@ -19,7 +19,15 @@ use crate::Error;
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
 
 /// Sections that `STRATA_{SECTION}_{KEY}` environment variables may set.
-const SECTIONS: &[&str] = &["normalization", "ttl", "memory", "disk", "codec", "pricing"];
+const SECTIONS: &[&str] = &[
+    "normalization",
+    "ttl",
+    "memory",
+    "disk",
+    "s3",
+    "codec",
+    "pricing",
+];
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -33,6 +41,8 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// L2.
     pub disk: DiskSection,
+    /// L3.
+    pub s3: S3Section,
     /// The envelope codec.
     pub codec: CodecConfig,
     /// Prices.
@@ -85,6 +95,74 @@ pub struct DiskSection {
     /// sled's flush interval.
     #[serde(with = "humantime_serde")]
     pub flush_every: Duration,
+}
+
+/// `[s3]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    /// Whether L3 is used.
+    pub enabled: bool,
+    /// The bucket.
+    pub bucket: String,
+    /// Endpoint URL; empty for AWS.
+    pub endpoint: String,
+    /// Region.
+    pub region: String,
+    /// Path-style addressing (needed by most S3-compatible servers).
+    pub path_style: bool,
+    /// Prefix of every object.
+    pub prefix: String,
+    /// Access key; empty: the AWS default chain (`AWS_ACCESS_KEY_ID`, profile, …).
+    pub access_key: Secret,
+    /// Secret key; empty: the AWS default chain.
+    pub secret_key: Secret,
+    /// Bound on opening a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bound on one operation, retries included.
+    #[serde(with = "humantime_serde")]
+    pub operation_timeout: Duration,
+    /// Retries after a failed attempt.
+    pub retries: u32,
+    /// Uploads and downloads in flight at once.
+    pub max_concurrency: usize,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long an open breaker skips S3.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cool_down: Duration,
+    /// This node's name in the bucket; empty for a random id kept in the disk directory.
+    pub node_id: String,
+}
+
+/// A credential: read from configuration, never shown (`Debug` and serialization print
+/// `<redacted>`).
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for the S3 client only.
+    pub fn expose(&self) -> Option<&str> {
+        (!self.0.is_empty()).then_some(self.0.as_str())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "<redacted>" })
+    }
 }
 
 /// `[codec]`.
@@ -202,6 +280,33 @@ impl Config {
         if self.disk.enabled && self.disk.path.as_os_str().is_empty() {
             return Err(Error::Config("disk.path must not be empty".into()));
         }
+        if self.s3.enabled {
+            if self.s3.bucket.trim().is_empty() {
+                return Err(Error::Config(
+                    "s3.bucket must be set when s3.enabled = true".into(),
+                ));
+            }
+            if !self.disk.enabled {
+                return Err(Error::Config(
+                    "s3.enabled needs disk.enabled = true: the S3 index and outbox live in the \
+                     disk tier's database"
+                        .into(),
+                ));
+            }
+            if self.s3.access_key.expose().is_some() != self.s3.secret_key.expose().is_some() {
+                return Err(Error::Config(
+                    "s3.access_key and s3.secret_key must be set together".into(),
+                ));
+            }
+            let endpoint = &self.s3.endpoint;
+            let is_url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+            if !endpoint.is_empty() && !is_url {
+                return Err(Error::Config(format!(
+                    "s3.endpoint must be an http:// or https:// URL, found `{}`",
+                    self.s3.endpoint
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -247,15 +352,41 @@ impl Config {
         }
     }
 
-    /// Opens the cache this configuration describes.
-    pub fn open_cache(&self) -> Result<TieredCache, Error> {
+    /// The S3 tier's settings.
+    pub fn s3_config(&self) -> S3Config {
+        let s = &self.s3;
+        let mut config = S3Config::new(s.bucket.trim());
+        config.endpoint = (!s.endpoint.is_empty()).then(|| s.endpoint.clone());
+        config.region = s.region.clone();
+        config.path_style = s.path_style;
+        config.prefix = s.prefix.clone();
+        config.access_key = s.access_key.expose().map(str::to_string);
+        config.secret_key = s.secret_key.expose().map(str::to_string);
+        config.connect_timeout = s.connect_timeout;
+        config.operation_timeout = s.operation_timeout;
+        config.max_attempts = s.retries.saturating_add(1);
+        config.max_concurrency = s.max_concurrency;
+        config.breaker_threshold = s.breaker_threshold;
+        config.breaker_cool_down = s.breaker_cool_down;
+        config.node_id = s.node_id.clone();
+        config
+    }
+
+    /// Opens the cache this configuration describes. With S3 enabled, this only builds the
+    /// client: an unreachable server is found (and degraded around) on first use.
+    pub async fn open_cache(&self) -> Result<TieredCache, Error> {
         let mut builder = TieredCache::builder()
             .normalizer(self.normalizer())
             .memory_capacity(self.memory.capacity.as_u64())
             .ttl(self.ttl_policy())
             .pricing(self.pricing()?);
         if self.disk.enabled {
-            builder = builder.disk(DiskTier::open(&self.disk_config(), self.codec())?);
+            let disk = DiskTier::open(&self.disk_config(), self.codec())?;
+            if self.s3.enabled {
+                builder =
+                    builder.s3(S3Tier::connect(&self.s3_config(), &disk, self.codec()).await?);
+            }
+            builder = builder.disk(disk);
         }
         Ok(builder.build())
     }

@@ -6,7 +6,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use strata::{Completion, Config, Scope};
-//! let cache = strata::Config::load_default()?.open_cache()?;
+//! let cache = strata::Config::load_default()?.open_cache().await?;
 //! let request = serde_json::json!({
 //!     "model": "gpt-4o-mini",
 //!     "messages": [{"role": "user", "content": "What is the capital of France?"}],

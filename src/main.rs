@@ -182,7 +182,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             ttl,
             scope,
         } => {
-            let cache = config.open_cache()?;
+            let cache = config.open_cache().await?;
             let request = read_json(&request)?;
             let mut completion = Completion::from_value(&read_json(&response)?)
                 .provider(provider)
@@ -240,7 +240,7 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
     {
         bail!("--repeat-zipf must be a positive number, found {s}");
     }
-    let cache = config.open_cache()?;
+    let cache = config.open_cache().await?;
     let options = ReplayOptions {
         limit: args.limit,
         repeat_zipf: args.repeat_zipf,
@@ -350,7 +350,7 @@ fn print_replay(config: &Config, args: &ReplayArgs, r: &ReplayReport) {
 }
 
 async fn stats_command(config: &Config, json: bool) -> Result<ExitCode> {
-    let cache = config.open_cache()?;
+    let cache = config.open_cache().await?;
     let stats = cache.lifetime_stats();
     let (memory, disk) = cache.usage();
     if json {
@@ -414,7 +414,7 @@ async fn get_command(
     scope: &Scope,
     entry: bool,
 ) -> Result<ExitCode> {
-    let cache = config.open_cache()?;
+    let cache = config.open_cache().await?;
     let request = read_json(request)?;
     let found = cache
         .get(&request, scope)

@@ -13,6 +13,11 @@ use strata::tiers::{DiskConfig, DiskTier, Tier, TierError, TierUsage, TtlPolicy}
 use strata::{Completion, Normalizer, Outcome, Scope, TieredCache};
 use tempfile::TempDir;
 
+#[path = "support/s3.rs"]
+mod s3_server;
+#[path = "s3/tier.rs"]
+mod s3_tier;
+
 fn request(text: &str) -> Value {
     json!({"model": "gpt-4o-mini", "messages": [
         {"role": "system", "content": "You are terse."},

@@ -7,6 +7,8 @@
 //!    one initializer per key and hands its result to every waiter. The initializer looks in L2,
 //!    and on a miss runs the executor and writes the entry to L2; moka stores it in L1. An
 //!    executor error reaches every waiter and is never cached.
+//!    With an S3 tier, the initializer looks in L3 after L2; an L3 hit is promoted into L2
+//!    (and L1 by moka). A miss is written to L1 and L2 at once and queued in the S3 outbox.
 //! 4. A failing tier is logged and counted, and the lookup goes on as a miss.
 
 use std::collections::HashMap;
@@ -21,12 +23,13 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use strata_analytics::{Counters, ErrorKind, Outcome, Pricing, Stats, TierName};
 use strata_core::{
-    CacheKey, Cost, Entry, Keyed, ModelSlug, Normalizer, RequestError, Scope, Tokens,
+    CacheKey, Codec, Cost, Entry, Keyed, ModelSlug, Normalizer, RequestError, Scope, Tokens,
 };
 
 use crate::disk::DiskTier;
 use crate::error::TierError;
 use crate::memory::MemoryTier;
+use crate::s3::S3Tier;
 use crate::tier::{Tier, TierUsage};
 
 /// How long entries live: a default and per-model overrides (keyed by normalized model name).
@@ -148,6 +151,7 @@ pub struct TieredCacheBuilder {
     memory_capacity: u64,
     l2: Option<Arc<dyn Tier>>,
     disk: Option<DiskTier>,
+    l3: Option<S3Tier>,
     ttl: TtlPolicy,
     pricing: Pricing,
 }
@@ -178,6 +182,13 @@ impl TieredCacheBuilder {
         self
     }
 
+    /// An S3 tier as L3. Writes reach it through its outbox; when the cache is built inside a
+    /// tokio runtime, a background task drains the outbox.
+    pub fn s3(mut self, tier: S3Tier) -> Self {
+        self.l3 = Some(tier);
+        self
+    }
+
     /// The TTL policy. Default: entries never expire.
     pub fn ttl(mut self, ttl: TtlPolicy) -> Self {
         self.ttl = ttl;
@@ -197,12 +208,16 @@ impl TieredCacheBuilder {
             .as_ref()
             .map(DiskTier::load_stats)
             .unwrap_or_default();
+        if let Some(l3) = &self.l3 {
+            l3.spawn_drainer();
+        }
         TieredCache {
             inner: Arc::new(Inner {
                 normalizer: self.normalizer,
                 memory: MemoryTier::new(self.memory_capacity),
                 l2: self.l2,
                 disk: self.disk,
+                l3: self.l3,
                 counters: Counters::default(),
                 baseline,
                 ttl: self.ttl,
@@ -223,6 +238,7 @@ struct Inner {
     memory: MemoryTier,
     l2: Option<Arc<dyn Tier>>,
     disk: Option<DiskTier>,
+    l3: Option<S3Tier>,
     counters: Counters,
     baseline: Stats,
     ttl: TtlPolicy,
@@ -256,6 +272,7 @@ impl TieredCache {
             memory_capacity: 256 << 20,
             l2: None,
             disk: None,
+            l3: None,
             ttl: TtlPolicy::default(),
             pricing: Pricing::default(),
         }
@@ -274,6 +291,16 @@ impl TieredCache {
     /// The L2 tier, if any.
     pub fn l2(&self) -> Option<&Arc<dyn Tier>> {
         self.inner.l2.as_ref()
+    }
+
+    /// The S3 tier, if any.
+    pub fn l3(&self) -> Option<&S3Tier> {
+        self.inner.l3.as_ref()
+    }
+
+    /// The disk tier, if L2 is one.
+    pub fn disk(&self) -> Option<&DiskTier> {
+        self.inner.disk.as_ref()
     }
 
     /// Keys a request under the cache's normalizer.
@@ -454,13 +481,18 @@ impl TieredCache {
         Ok(())
     }
 
-    /// Makes every write so far durable and stores the lifetime statistics.
+    /// Makes every write so far durable and stores the lifetime statistics; with an S3 tier,
+    /// uploads the outbox too. If S3 cannot take it, the error says so and the entries stay
+    /// queued (durably) for the next drain.
     pub async fn flush(&self) -> Result<(), TierError> {
         if let Some(disk) = &self.inner.disk {
             disk.save_stats(&self.lifetime_stats())?;
         }
         if let Some(l2) = &self.inner.l2 {
             l2.flush().await?;
+        }
+        if let Some(l3) = &self.inner.l3 {
+            l3.drain().await?;
         }
         Ok(())
     }
@@ -616,8 +648,54 @@ impl Inner {
         })
     }
 
-    /// L2 (and, later, L3): the first copy that answers the request.
+    /// L2, then L3: the first copy that answers the request. An L3 hit is promoted into L2.
     async fn lookup_below(&self, keyed: &Keyed) -> Option<(Arc<Entry>, Outcome)> {
+        if let Some(found) = self.lookup_l2(keyed).await {
+            return Some(found);
+        }
+        self.lookup_l3(keyed).await
+    }
+
+    async fn lookup_l3(&self, keyed: &Keyed) -> Option<(Arc<Entry>, Outcome)> {
+        let l3 = self.l3.as_ref()?;
+        if !l3.available() {
+            return None;
+        }
+        match l3.fetch(&keyed.key).await {
+            Ok(Some((entry, bytes))) => match self.verdict(&entry, keyed) {
+                Verdict::Serve => {
+                    let entry = Arc::new(entry);
+                    self.promote_to_l2(&keyed.key, &entry, &bytes).await;
+                    return Some((entry, Outcome::L3));
+                }
+                Verdict::Expired => self.counters.record_expired(),
+                Verdict::Collision => {
+                    self.counters
+                        .record_error(TierName::L3, ErrorKind::Collision);
+                }
+            },
+            Ok(None) => {}
+            Err(TierError::Corrupt(_)) => {
+                self.counters.record_error(TierName::L3, ErrorKind::Corrupt);
+            }
+            Err(e) => self.tier_failed(TierName::L3, "get", &e),
+        }
+        None
+    }
+
+    async fn promote_to_l2(&self, key: &CacheKey, entry: &Arc<Entry>, envelope: &[u8]) {
+        let result = match (&self.disk, &self.l2) {
+            // The envelope was just verified: store it as it is, without encoding it again.
+            (Some(disk), _) => disk.put_encoded(key, envelope),
+            (None, Some(l2)) => l2.put(key, entry).await,
+            (None, None) => Ok(()),
+        };
+        if let Err(e) = result {
+            self.tier_failed(TierName::L2, "promote", &e);
+        }
+    }
+
+    async fn lookup_l2(&self, keyed: &Keyed) -> Option<(Arc<Entry>, Outcome)> {
         let l2 = self.l2.as_ref()?;
         match l2.get(&keyed.key).await {
             Ok(Some(entry)) => match self.verdict(&entry, keyed) {
@@ -642,10 +720,41 @@ impl Inner {
     }
 
     async fn store_below(&self, key: &CacheKey, entry: &Arc<Entry>) {
-        if let Some(l2) = &self.l2
-            && let Err(e) = l2.put(key, entry).await
-        {
-            self.tier_failed(l2.name(), "put", &e);
+        let Some(l3) = &self.l3 else {
+            if let Some(l2) = &self.l2
+                && let Err(e) = l2.put(key, entry).await
+            {
+                self.tier_failed(l2.name(), "put", &e);
+            }
+            return;
+        };
+        // With S3, encode once: the same envelope goes to disk and into the outbox.
+        let encoded = match &self.disk {
+            Some(disk) => disk.codec().encode(entry),
+            None => Codec::default().encode(entry),
+        };
+        let envelope = match encoded {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                self.tier_failed(TierName::L2, "encode", &TierError::Corrupt(e));
+                return;
+            }
+        };
+        match (&self.disk, &self.l2) {
+            (Some(disk), _) => {
+                if let Err(e) = disk.put_encoded(key, &envelope) {
+                    self.tier_failed(TierName::L2, "put", &e);
+                }
+            }
+            (None, Some(l2)) => {
+                if let Err(e) = l2.put(key, entry).await {
+                    self.tier_failed(l2.name(), "put", &e);
+                }
+            }
+            (None, None) => {}
+        }
+        if let Err(e) = l3.enqueue(key, &envelope) {
+            self.tier_failed(TierName::L3, "enqueue", &e);
         }
     }
 
@@ -661,6 +770,11 @@ impl Inner {
             && let Err(e) = l2.remove(key).await
         {
             self.tier_failed(l2.name(), "remove", &e);
+        }
+        if let Some(l3) = &self.l3
+            && let Err(e) = l3.remove(key).await
+        {
+            self.tier_failed(TierName::L3, "remove", &e);
         }
     }
 
@@ -688,7 +802,10 @@ impl Inner {
             (None, Some(p)) => p,
             (None, None) => Cost::default(),
         };
+        // Milliseconds, as every stored copy keeps it: the entry handed back equals the one
+        // read back later.
         let now = Utc::now();
+        let now = chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
         let ttl = completion.ttl.or_else(|| self.ttl.for_model(&keyed.model));
         Entry {
             cache_id: keyed.key.hex(),

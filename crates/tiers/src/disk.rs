@@ -141,6 +141,30 @@ impl DiskTier {
         self.inner.store(key.id(), bytes)
     }
 
+    /// Stores an envelope already encoded by [`DiskTier::codec`] (and checked, when it came from
+    /// elsewhere) under `key`, then evicts if the bound is passed.
+    pub fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<(), TierError> {
+        self.inner.store(key.id(), bytes)?;
+        self.schedule_eviction();
+        Ok(())
+    }
+
+    /// The codec entries are stored with.
+    pub fn codec(&self) -> &Codec {
+        &self.inner.codec
+    }
+
+    /// Opens another tree of the same database (the S3 tier keeps its index and outbox there,
+    /// so they become durable with the entries they refer to).
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, TierError> {
+        Ok(self.inner.db.open_tree(name)?)
+    }
+
+    /// A fresh, unique number from the database.
+    pub fn generate_id(&self) -> Result<u64, TierError> {
+        Ok(self.inner.db.generate_id()?)
+    }
+
     /// Entries evicted for space since open.
     pub fn evictions(&self) -> u64 {
         self.inner.evictions.load(Relaxed)
@@ -374,9 +398,7 @@ impl Tier for DiskTier {
 
     async fn put(&self, key: &CacheKey, entry: &Arc<Entry>) -> Result<(), TierError> {
         let bytes = self.inner.codec.encode(entry)?;
-        self.inner.store(key.id(), &bytes)?;
-        self.schedule_eviction();
-        Ok(())
+        self.put_encoded(key, &bytes)
     }
 
     async fn remove(&self, key: &CacheKey) -> Result<(), TierError> {

@@ -4,18 +4,22 @@
 //! - [`MemoryTier`] (L1): moka, bounded in bytes, per-entry expiry.
 //! - [`DiskTier`] (L2): sled, bounded in bytes with least-recently-used eviction; a corrupt
 //!   directory is moved aside on open.
-//! - [`TieredCache`]: the lookup path L1 → L2 → executor, single flight, promotion, TTL, and
+//! - [`S3Tier`] (L3): any S3-compatible store, laid out by model and date, with a local index,
+//!   a durable write-behind outbox and a circuit breaker.
+//! - [`TieredCache`]: the lookup path L1 → L2 → L3 → executor, single flight, promotion, TTL, and
 //!   graceful degradation (a failing tier is a counted miss, never a failed call).
 
 pub mod cache;
 pub mod disk;
 pub mod error;
 pub mod memory;
+pub mod s3;
 pub mod tier;
 
 pub use cache::{Completion, Lookup, TieredCache, TieredCacheBuilder, TtlPolicy};
 pub use disk::{DiskConfig, DiskTier};
 pub use error::TierError;
 pub use memory::MemoryTier;
+pub use s3::{RebuildReport, S3Config, S3Stats, S3Tier, WarmReport};
 pub use strata_analytics::{Outcome, Stats};
 pub use tier::{Tier, TierUsage};

@@ -1,0 +1,105 @@
+//! A circuit breaker: after `threshold` consecutive failures, calls are skipped for a cool-down.
+
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+/// Counts consecutive failures and opens for `cool_down` once they reach `threshold`.
+///
+/// After the cool-down one call goes through (half-open): a success closes the breaker, a
+/// failure opens it again at once.
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    cool_down: Duration,
+    origin: Instant,
+    failures: AtomicU32,
+    /// Microseconds since `origin` until which calls are skipped; 0 when closed.
+    open_until_us: AtomicU64,
+    opened: AtomicU64,
+}
+
+impl Breaker {
+    /// A closed breaker. A `threshold` of 0 never opens.
+    pub fn new(threshold: u32, cool_down: Duration) -> Self {
+        Breaker {
+            threshold,
+            cool_down,
+            origin: Instant::now(),
+            failures: AtomicU32::new(0),
+            open_until_us: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.origin.elapsed().as_micros() as u64
+    }
+
+    /// Whether a call may go ahead now.
+    pub fn allows(&self) -> bool {
+        self.now_us() >= self.open_until_us.load(Relaxed)
+    }
+
+    /// How long until calls may go ahead again (zero when closed).
+    pub fn remaining(&self) -> Duration {
+        let until = self.open_until_us.load(Relaxed);
+        Duration::from_micros(until.saturating_sub(self.now_us()))
+    }
+
+    /// Records a call that reached the server and got an answer.
+    pub fn success(&self) {
+        self.failures.store(0, Relaxed);
+        self.open_until_us.store(0, Relaxed);
+    }
+
+    /// Records a call that failed (no answer, timeout, 5xx).
+    pub fn failure(&self) {
+        if self.threshold == 0 {
+            return;
+        }
+        let failures = self.failures.fetch_add(1, Relaxed) + 1;
+        if failures >= self.threshold {
+            // Stay one failure away from opening again once the cool-down is over.
+            self.failures.store(self.threshold - 1, Relaxed);
+            let until = self.now_us() + self.cool_down.as_micros() as u64;
+            self.open_until_us.store(until.max(1), Relaxed);
+            self.opened.fetch_add(1, Relaxed);
+            tracing::warn!(
+                cool_down = ?self.cool_down,
+                "S3 failed {failures} times in a row; skipping it for the cool-down"
+            );
+        }
+    }
+
+    /// How many times the breaker has opened.
+    pub fn times_opened(&self) -> u64 {
+        self.opened.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_the_threshold_and_closes_on_success() {
+        let b = Breaker::new(3, Duration::from_millis(50));
+        assert!(b.allows());
+        b.failure();
+        b.failure();
+        assert!(b.allows());
+        b.failure();
+        assert!(!b.allows());
+        assert_eq!(b.times_opened(), 1);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.allows(), "half-open after the cool-down");
+        b.failure();
+        assert!(!b.allows(), "one failure when half-open opens it again");
+        std::thread::sleep(Duration::from_millis(60));
+        b.success();
+        b.failure();
+        assert!(b.allows(), "a success resets the count");
+    }
+}

@@ -1,0 +1,1022 @@
+//! L3: any S3-compatible object store (AWS S3, MinIO, Garage), shared by every node that points
+//! at the same bucket.
+//!
+//! - Entries, metadata, by-hash pointers and manifest segments are laid out as [`layout`]
+//!   describes.
+//! - A local index (a sled tree beside the disk tier) maps the digests this node knows to their
+//!   object paths, so an L3 hit it knows about is one GET. An unknown key costs one pointer GET
+//!   (usually a 404).
+//! - Writes are write-behind: [`S3Tier::enqueue`] puts the envelope into a durable outbox (another
+//!   sled tree) and a background task drains it with bounded concurrency, retry and backoff.
+//!   [`S3Tier::drain`] empties it on demand (flush, clean shutdown); after a crash the outbox
+//!   resumes on the next open.
+//! - Every call is bounded by the configured timeouts; after repeated failures a [`Breaker`]
+//!   skips S3 for a cool-down. A failure is a miss for the caller, never an error.
+//! - This node never rewrites an object another node wrote, and never deletes a corrupt object it
+//!   did not write: it drops it from its index and treats the lookup as a miss.
+
+pub mod breaker;
+pub mod layout;
+
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use strata_analytics::TierName;
+use strata_core::{CacheKey, Codec, Entry};
+use tokio::sync::Notify;
+
+pub use breaker::Breaker;
+pub use layout::{Layout, MetadataDoc, ParsedPath, Pointer};
+
+use crate::disk::DiskTier;
+use crate::error::TierError;
+use crate::tier::{Tier, TierUsage};
+
+/// Settings of the S3 tier. `Debug` never shows the secret key.
+#[derive(Clone)]
+pub struct S3Config {
+    /// The bucket.
+    pub bucket: String,
+    /// Endpoint URL (`http://127.0.0.1:9000` for a local MinIO); `None` for AWS.
+    pub endpoint: Option<String>,
+    /// Region (S3-compatible servers usually accept anything, often `us-east-1`).
+    pub region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible servers need.
+    pub path_style: bool,
+    /// Prefix of every object; a trailing `/` is ignored.
+    pub prefix: String,
+    /// Access key; with `secret_key`, static credentials. Otherwise the AWS default chain
+    /// (environment, profile, instance metadata).
+    pub access_key: Option<String>,
+    /// Secret key.
+    pub secret_key: Option<String>,
+    /// Bound on opening a connection.
+    pub connect_timeout: Duration,
+    /// Bound on one whole operation, retries included.
+    pub operation_timeout: Duration,
+    /// Attempts per operation (1 = no retry).
+    pub max_attempts: u32,
+    /// Uploads and downloads in flight at once (outbox drain, warm, index rebuild).
+    pub max_concurrency: usize,
+    /// Consecutive failures that open the circuit breaker (0: never).
+    pub breaker_threshold: u32,
+    /// How long an open breaker skips S3.
+    pub breaker_cool_down: Duration,
+    /// This node's name in manifest segments; empty: a random id kept in the local database.
+    pub node_id: String,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .field("prefix", &self.prefix)
+            .field("access_key", &self.access_key.as_ref().map(|_| "<set>"))
+            .field(
+                "secret_key",
+                &self.secret_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("connect_timeout", &self.connect_timeout)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("breaker_cool_down", &self.breaker_cool_down)
+            .field("node_id", &self.node_id)
+            .finish()
+    }
+}
+
+impl S3Config {
+    /// Defaults for `bucket`: region `us-east-1`, path style, prefix `strata`, 1 s connect and
+    /// 5 s operation timeouts, 3 attempts, 16 in flight, breaker after 5 failures for 30 s.
+    pub fn new(bucket: impl Into<String>) -> Self {
+        S3Config {
+            bucket: bucket.into(),
+            endpoint: None,
+            region: "us-east-1".into(),
+            path_style: true,
+            prefix: "strata".into(),
+            access_key: None,
+            secret_key: None,
+            connect_timeout: Duration::from_secs(1),
+            operation_timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            max_concurrency: 16,
+            breaker_threshold: 5,
+            breaker_cool_down: Duration::from_secs(30),
+            node_id: String::new(),
+        }
+    }
+
+    /// An aws-sdk-s3 client for these settings: endpoint, path style, credentials, timeouts,
+    /// retries, and checksums only where the operation requires them (S3-compatible servers
+    /// differ in what they accept).
+    pub async fn client(&self) -> Client {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(self.region.clone()))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(self.connect_timeout)
+                    .operation_timeout(self.operation_timeout)
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(self.max_attempts.max(1)));
+        if let Some(endpoint) = &self.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let (Some(access), Some(secret)) = (&self.access_key, &self.secret_key) {
+            loader = loader.credentials_provider(Credentials::new(
+                access.clone(),
+                secret.clone(),
+                None,
+                None,
+                "strata-config",
+            ));
+        }
+        let shared = loader.load().await;
+        let config = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(self.path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .build();
+        Client::from_conf(config)
+    }
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Its key (path).
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last written, if the server says.
+    pub last_modified: Option<DateTime<Utc>>,
+}
+
+/// What one pass over the outbox did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Entries uploaded (entry, metadata and pointer objects).
+    pub uploaded: u64,
+    /// Entries that failed and stay queued.
+    pub failed: u64,
+    /// Entries dropped because their bytes were unreadable (counted, logged).
+    pub dropped: u64,
+}
+
+/// What `index rebuild` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RebuildReport {
+    /// Objects listed under `llm-cache/`.
+    pub listed: u64,
+    /// Entry objects now in the local index.
+    pub indexed: u64,
+    /// By-hash pointers that were missing and were written.
+    pub pointers_written: u64,
+    /// Pointers that could not be written.
+    pub failed: u64,
+}
+
+/// What `warm` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WarmReport {
+    /// Entry objects that matched the selection.
+    pub matched: u64,
+    /// Entries now in L2.
+    pub warmed: u64,
+    /// Entries skipped because they have expired.
+    pub expired: u64,
+    /// Objects that could not be read or were corrupt.
+    pub failed: u64,
+}
+
+/// Counters of the S3 tier since open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct S3Stats {
+    /// Entries uploaded.
+    pub uploaded: u64,
+    /// Upload attempts that failed (the entry stayed queued).
+    pub upload_failures: u64,
+    /// Outbox items dropped as unreadable.
+    pub dropped: u64,
+    /// Entries waiting in the outbox.
+    pub pending: u64,
+    /// Times the circuit breaker opened.
+    pub breaker_opened: u64,
+}
+
+struct Inner {
+    client: Client,
+    bucket: String,
+    layout: Layout,
+    codec: Codec,
+    /// digest → u64 LE object size · object path.
+    index: sled::Tree,
+    /// digest → envelope waiting for upload.
+    outbox: sled::Tree,
+    /// node id, manifest sequence.
+    meta: sled::Tree,
+    node_id: String,
+    breaker: Breaker,
+    max_concurrency: usize,
+    /// One drain at a time (the background task or a flush).
+    draining: tokio::sync::Mutex<()>,
+    wake: Arc<Notify>,
+    index_bytes: AtomicU64,
+    uploaded: AtomicU64,
+    upload_failures: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// The S3 tier. Cheap to clone (clones share the client and the local state).
+#[derive(Clone)]
+pub struct S3Tier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for S3Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Tier")
+            .field("bucket", &self.inner.bucket)
+            .field("prefix", &self.inner.layout.prefix())
+            .field("node_id", &self.inner.node_id)
+            .finish()
+    }
+}
+
+const NODE_ID_KEY: &[u8] = b"node-id";
+const MANIFEST_SEQ_KEY: &[u8] = b"manifest-seq";
+/// Outbox items uploaded per manifest segment.
+const BATCH: usize = 256;
+
+impl S3Tier {
+    /// Connects to the bucket of `config`, keeping the local index and the outbox in the disk
+    /// tier's database. Nothing is sent to S3 here: an unreachable server is found on first use.
+    pub async fn connect(
+        config: &S3Config,
+        disk: &DiskTier,
+        codec: Codec,
+    ) -> Result<Self, TierError> {
+        let client = config.client().await;
+        Self::with_client(client, config, disk, codec)
+    }
+
+    /// As [`S3Tier::connect`], with a client built elsewhere.
+    pub fn with_client(
+        client: Client,
+        config: &S3Config,
+        disk: &DiskTier,
+        codec: Codec,
+    ) -> Result<Self, TierError> {
+        if config.bucket.is_empty() {
+            return Err(TierError::Unavailable("s3.bucket is empty".into()));
+        }
+        let index = disk.open_tree("l3-index")?;
+        let outbox = disk.open_tree("l3-outbox")?;
+        let meta = disk.open_tree("l3-meta")?;
+        let node_id = if config.node_id.is_empty() {
+            match meta.get(NODE_ID_KEY)? {
+                Some(id) => String::from_utf8_lossy(&id).into_owned(),
+                None => {
+                    let id = fresh_node_id(disk.generate_id()?);
+                    meta.insert(NODE_ID_KEY, id.as_bytes())?;
+                    id
+                }
+            }
+        } else {
+            config.node_id.clone()
+        };
+        let index_bytes = index
+            .iter()
+            .values()
+            .filter_map(Result::ok)
+            .map(|v| index_size(&v))
+            .sum();
+        Ok(S3Tier {
+            inner: Arc::new(Inner {
+                client,
+                bucket: config.bucket.clone(),
+                layout: Layout::new(&config.prefix),
+                codec,
+                index,
+                outbox,
+                meta,
+                node_id,
+                breaker: Breaker::new(config.breaker_threshold, config.breaker_cool_down),
+                max_concurrency: config.max_concurrency.max(1),
+                draining: tokio::sync::Mutex::new(()),
+                wake: Arc::new(Notify::new()),
+                index_bytes: AtomicU64::new(index_bytes),
+                uploaded: AtomicU64::new(0),
+                upload_failures: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The S3 client.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        &self.inner.bucket
+    }
+
+    /// The object layout.
+    pub fn layout(&self) -> &Layout {
+        &self.inner.layout
+    }
+
+    /// This node's id in manifest segments.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> S3Stats {
+        S3Stats {
+            uploaded: self.inner.uploaded.load(Relaxed),
+            upload_failures: self.inner.upload_failures.load(Relaxed),
+            dropped: self.inner.dropped.load(Relaxed),
+            pending: self.pending() as u64,
+            breaker_opened: self.inner.breaker.times_opened(),
+        }
+    }
+
+    /// Entries waiting in the outbox.
+    pub fn pending(&self) -> usize {
+        self.inner.outbox.len()
+    }
+
+    /// Whether the circuit breaker lets calls through now.
+    pub fn available(&self) -> bool {
+        self.inner.breaker.allows()
+    }
+
+    /// Reads an entry from S3: through the local index when it knows the object, else through
+    /// the by-hash pointer. Returns the decoded entry and the envelope as stored.
+    pub async fn fetch(&self, key: &CacheKey) -> Result<Option<(Entry, Vec<u8>)>, TierError> {
+        let inner = &self.inner;
+        let id = key.digest;
+        if let Some(value) = inner.index.get(id)? {
+            let path = index_path(&value);
+            match inner.get_bytes(&path).await? {
+                Some(bytes) => return inner.decode_fetched(key, &path, bytes).map(Some),
+                None => {
+                    // Gone (deleted by gc or a lifecycle rule): forget it, try the pointer.
+                    inner.forget(&id)?;
+                }
+            }
+        }
+        let pointer_path = inner.layout.pointer_path(&key.hex());
+        let Some(raw) = inner.get_bytes(&pointer_path).await? else {
+            return Ok(None);
+        };
+        let pointer: Pointer = serde_json::from_slice(&raw)
+            .map_err(|e| TierError::Storage(format!("bad pointer {pointer_path}: {e}")))?;
+        let Some(bytes) = inner.get_bytes(&pointer.path).await? else {
+            return Ok(None);
+        };
+        inner.decode_fetched(key, &pointer.path, bytes).map(Some)
+    }
+
+    /// Queues an entry's envelope for upload. Durable once the disk tier flushes; the
+    /// background drain (or [`S3Tier::drain`]) uploads it.
+    pub fn enqueue(&self, key: &CacheKey, envelope: &[u8]) -> Result<(), TierError> {
+        self.inner.outbox.insert(key.digest, envelope)?;
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Drops a queued upload, if any.
+    pub fn dequeue(&self, key: &CacheKey) -> Result<(), TierError> {
+        self.inner.outbox.remove(key.digest)?;
+        Ok(())
+    }
+
+    /// Uploads an entry now: entry object, metadata object and by-hash pointer, then records it
+    /// in the local index. Returns the pointer.
+    pub async fn upload(&self, entry: &Entry, envelope: Vec<u8>) -> Result<Pointer, TierError> {
+        self.inner.upload(entry, envelope).await
+    }
+
+    /// Uploads the whole outbox, batch after batch, until it is empty or an upload fails.
+    /// Returns how many entries were uploaded.
+    pub async fn drain(&self) -> Result<u64, TierError> {
+        let mut total = 0;
+        loop {
+            let report = self.drain_once().await?;
+            total += report.uploaded;
+            if report.failed > 0 {
+                return Err(TierError::Unavailable(format!(
+                    "{} uploads failed; {} entries stay queued",
+                    report.failed,
+                    self.pending()
+                )));
+            }
+            if report.uploaded == 0 && report.dropped == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Uploads one batch of the outbox (up to 256 entries, `max_concurrency` at a time) and
+    /// writes their manifest segment.
+    pub async fn drain_once(&self) -> Result<DrainReport, TierError> {
+        let inner = &self.inner;
+        let _turn = inner.draining.lock().await;
+        let mut batch = Vec::new();
+        for item in inner.outbox.iter().take(BATCH) {
+            batch.push(item?);
+        }
+        if batch.is_empty() {
+            return Ok(DrainReport::default());
+        }
+        if !inner.breaker.allows() {
+            return Ok(DrainReport {
+                failed: batch.len() as u64,
+                ..DrainReport::default()
+            });
+        }
+        let mut report = DrainReport::default();
+        let mut done = Vec::new();
+        let results = futures::stream::iter(batch.into_iter().map(|(k, v)| async move {
+            let outcome = match inner.codec.decode(&v) {
+                Ok(entry) => Some(inner.upload(&entry, v.to_vec()).await),
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable entry in the S3 outbox; dropping it");
+                    None
+                }
+            };
+            (k, v, outcome)
+        }))
+        .buffer_unordered(inner.max_concurrency)
+        .collect::<Vec<_>>()
+        .await;
+        for (k, v, outcome) in results {
+            match outcome {
+                Some(Ok(pointer)) => done.push((k, v, pointer)),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "S3 upload failed; the entry stays queued");
+                    inner.upload_failures.fetch_add(1, Relaxed);
+                    report.failed += 1;
+                }
+                None => {
+                    inner.dropped.fetch_add(1, Relaxed);
+                    report.dropped += 1;
+                    inner
+                        .outbox
+                        .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
+                        .ok();
+                }
+            }
+        }
+        if done.is_empty() {
+            return Ok(report);
+        }
+        let lines: String = done
+            .iter()
+            .filter_map(|(_, _, p)| serde_json::to_string(p).ok())
+            .map(|line| line + "\n")
+            .collect();
+        let seq = inner.next_seq()?;
+        let manifest = inner.layout.manifest_path(Utc::now(), &inner.node_id, seq);
+        if let Err(e) = inner
+            .put_bytes(&manifest, lines.into_bytes(), "application/x-ndjson")
+            .await
+        {
+            tracing::warn!(error = %e, "writing a manifest segment failed; the batch stays queued");
+            inner.upload_failures.fetch_add(done.len() as u64, Relaxed);
+            report.failed += done.len() as u64;
+            return Ok(report);
+        }
+        for (k, v, _) in done {
+            // Only if it was not queued again meanwhile (a newer answer for the same key).
+            inner
+                .outbox
+                .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
+                .ok();
+            report.uploaded += 1;
+        }
+        inner.uploaded.fetch_add(report.uploaded, Relaxed);
+        Ok(report)
+    }
+
+    /// Starts the background task that drains the outbox: woken by every enqueue, retrying
+    /// with exponential backoff (from 250 ms up to 30 s, or the breaker's cool-down) after a
+    /// failure. It ends when the last handle of the tier is dropped.
+    pub fn spawn_drainer(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let wake = Arc::clone(&self.inner.wake);
+        Some(handle.spawn(async move {
+            let mut backoff = Duration::ZERO;
+            loop {
+                let wait = if backoff.is_zero() {
+                    Duration::from_secs(1)
+                } else {
+                    backoff
+                };
+                // Woken by an enqueue, or on a timer to retry and to notice the tier is gone.
+                let _ = tokio::time::timeout(wait, wake.notified()).await;
+                if !backoff.is_zero() {
+                    tokio::time::sleep(backoff).await;
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                let tier = S3Tier { inner };
+                if tier.pending() == 0 {
+                    continue;
+                }
+                match tier.drain().await {
+                    Ok(_) => backoff = Duration::ZERO,
+                    Err(e) => {
+                        let next = (backoff * 2)
+                            .clamp(Duration::from_millis(250), Duration::from_secs(30));
+                        backoff = next.max(tier.inner.breaker.remaining());
+                        tracing::debug!(error = %e, ?backoff, "outbox drain will retry");
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Lists every object under `prefix`, page by page (ListObjectsV2 continuation), calling
+    /// `on_page` with each page's objects.
+    pub async fn list_pages(
+        &self,
+        prefix: &str,
+        mut on_page: impl FnMut(Vec<Listed>),
+    ) -> Result<u64, TierError> {
+        let inner = &self.inner;
+        let mut token: Option<String> = None;
+        let mut total = 0;
+        loop {
+            let page = inner
+                .client
+                .list_objects_v2()
+                .bucket(&inner.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| inner.failed("LIST", prefix, &e))?;
+            inner.breaker.success();
+            let objects: Vec<Listed> = page
+                .contents()
+                .iter()
+                .filter_map(|o| {
+                    Some(Listed {
+                        key: o.key()?.to_string(),
+                        size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                        last_modified: o
+                            .last_modified()
+                            .and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
+                    })
+                })
+                .collect();
+            total += objects.len() as u64;
+            on_page(objects);
+            match page.next_continuation_token() {
+                Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_string()),
+                _ => return Ok(total),
+            }
+        }
+    }
+
+    /// Every object under `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>, TierError> {
+        let mut all = Vec::new();
+        self.list_pages(prefix, |page| all.extend(page)).await?;
+        Ok(all)
+    }
+
+    /// Runs `f` over `items` with at most `max_concurrency` in flight, returning the results
+    /// in completion order.
+    pub async fn for_each_concurrent<T, R, Fut>(
+        &self,
+        items: Vec<T>,
+        f: impl Fn(T) -> Fut,
+    ) -> Vec<R>
+    where
+        Fut: Future<Output = R>,
+    {
+        futures::stream::iter(items.into_iter().map(f))
+            .buffer_unordered(self.inner.max_concurrency)
+            .collect()
+            .await
+    }
+
+    /// Reads one object; `None` when it does not exist.
+    pub async fn get_object(&self, path: &str) -> Result<Option<Vec<u8>>, TierError> {
+        self.inner.get_bytes(path).await
+    }
+
+    /// Writes one object.
+    pub async fn put_object(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), TierError> {
+        self.inner.put_bytes(path, body, content_type).await
+    }
+
+    /// Records in the local index that `key`'s entry is the object `path` of `size` bytes.
+    pub fn remember(&self, key: &CacheKey, path: &str, size: u64) -> Result<(), TierError> {
+        self.inner.remember(&key.digest, path, size)
+    }
+
+    /// The object path the local index holds for `key`.
+    pub fn known_path(&self, key: &CacheKey) -> Result<Option<String>, TierError> {
+        Ok(self.inner.index.get(key.digest)?.map(|v| index_path(&v)))
+    }
+
+    /// Rebuilds the local index from a listing of `llm-cache/`, and writes the by-hash pointer
+    /// of every entry object that has none (its `created` is the hour of its path, `expires`
+    /// unknown). `progress` is called with the number of objects listed so far.
+    pub async fn rebuild_index(
+        &self,
+        mut progress: impl FnMut(u64),
+    ) -> Result<RebuildReport, TierError> {
+        let inner = &self.inner;
+        let layout = &inner.layout;
+        let mut pointers = std::collections::HashSet::new();
+        self.list_pages(&layout.pointer_root(), |page| {
+            pointers.extend(
+                page.iter()
+                    .filter_map(|o| layout.parse_pointer_path(&o.key)),
+            );
+        })
+        .await?;
+        let mut entries = Vec::new();
+        let mut listed = 0;
+        self.list_pages(&layout.cache_root(), |page| {
+            listed += page.len() as u64;
+            entries.extend(
+                page.into_iter()
+                    .filter_map(|o| layout.parse_entry_path(&o.key).map(|p| (p, o))),
+            );
+            progress(listed);
+        })
+        .await?;
+        inner.index.clear()?;
+        inner.index_bytes.store(0, Relaxed);
+        let mut report = RebuildReport {
+            listed,
+            ..RebuildReport::default()
+        };
+        let mut missing = Vec::new();
+        for (parsed, object) in entries {
+            let Some(key) = parsed.key() else { continue };
+            inner.remember(&key.digest, &object.key, object.size)?;
+            report.indexed += 1;
+            if !pointers.contains(&parsed.cache_id) {
+                missing.push(Pointer {
+                    cache_id: parsed.cache_id.clone(),
+                    cache_key: key.to_string(),
+                    path: object.key.clone(),
+                    model: parsed.slug.clone(),
+                    created: object.last_modified.unwrap_or(parsed.hour),
+                    expires: None,
+                    size: object.size,
+                    node: inner.node_id.clone(),
+                });
+            }
+        }
+        let results = self
+            .for_each_concurrent(missing, |pointer| async move {
+                let body = serde_json::to_vec(&pointer).unwrap_or_default();
+                let path = inner.layout.pointer_path(&pointer.cache_id);
+                inner.put_bytes(&path, body, "application/json").await
+            })
+            .await;
+        for result in results {
+            match result {
+                Ok(()) => report.pointers_written += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "writing a pointer failed");
+                    report.failed += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Pulls entries from S3 into the disk tier: those of model `slug` (or all), written in or
+    /// after the hour of `since` (or ever). Each object is checked (envelope checksum) before it
+    /// is stored; expired ones are skipped. `progress` is called with each entry handled.
+    pub async fn warm(
+        &self,
+        disk: &DiskTier,
+        slug: Option<&str>,
+        since: Option<DateTime<Utc>>,
+        progress: impl Fn(u64),
+    ) -> Result<WarmReport, TierError> {
+        let inner = &self.inner;
+        let prefix = inner.layout.listing_prefix(slug, None);
+        let since_hour = since.map(|t| t - chrono::Duration::hours(1));
+        let mut matched = Vec::new();
+        self.list_pages(&prefix, |page| {
+            matched.extend(page.into_iter().filter_map(|o| {
+                let parsed = inner.layout.parse_entry_path(&o.key)?;
+                let recent = since_hour.is_none_or(|t| parsed.hour > t);
+                recent.then_some((parsed, o))
+            }));
+        })
+        .await?;
+        let mut report = WarmReport {
+            matched: matched.len() as u64,
+            ..WarmReport::default()
+        };
+        let now = Utc::now();
+        let results = self
+            .for_each_concurrent(matched, |(parsed, object)| async move {
+                let key = parsed.key()?;
+                let bytes = inner.get_bytes(&object.key).await.ok()??;
+                let entry = inner.codec.decode(&bytes).ok()?;
+                if entry.is_expired_at(now) {
+                    return Some(false);
+                }
+                disk.put_encoded(&key, &bytes).ok()?;
+                inner.remember(&key.digest, &object.key, object.size).ok()?;
+                Some(true)
+            })
+            .await;
+        for (done, result) in results.into_iter().enumerate() {
+            match result {
+                Some(true) => report.warmed += 1,
+                Some(false) => report.expired += 1,
+                None => report.failed += 1,
+            }
+            progress(done as u64 + 1);
+        }
+        Ok(report)
+    }
+
+    /// Decodes an envelope fetched from S3.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Entry, TierError> {
+        Ok(self.inner.codec.decode(bytes)?)
+    }
+}
+
+impl Inner {
+    fn failed<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+        &self,
+        op: &str,
+        path: &str,
+        e: &SdkError<E, R>,
+    ) -> TierError {
+        // A server that answered with a 4xx is reachable: only transport errors, timeouts and
+        // 5xx count towards the breaker.
+        let server_fault = match e {
+            SdkError::ServiceError(_) => e.code().is_none_or(|c| {
+                c.contains("Internal") || c.contains("Unavailable") || c == "SlowDown"
+            }),
+            _ => true,
+        };
+        if server_fault {
+            self.breaker.failure();
+        } else {
+            self.breaker.success();
+        }
+        TierError::Storage(format!("S3 {op} {path}: {}", DisplayErrorContext(e)))
+    }
+
+    async fn get_bytes(&self, path: &str) -> Result<Option<Vec<u8>>, TierError> {
+        if !self.breaker.allows() {
+            return Err(TierError::Unavailable("S3 circuit breaker is open".into()));
+        }
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(path)
+            .send()
+            .await
+        {
+            Ok(out) => match out.body.collect().await {
+                Ok(data) => {
+                    self.breaker.success();
+                    Ok(Some(data.to_vec()))
+                }
+                Err(e) => {
+                    self.breaker.failure();
+                    Err(TierError::Storage(format!("S3 GET {path}: body: {e}")))
+                }
+            },
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key());
+                if missing || status == Some(404) {
+                    self.breaker.success();
+                    return Ok(None);
+                }
+                Err(self.failed("GET", path, &e))
+            }
+        }
+    }
+
+    async fn put_bytes(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), TierError> {
+        if !self.breaker.allows() {
+            return Err(TierError::Unavailable("S3 circuit breaker is open".into()));
+        }
+        match self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(path)
+            .content_type(content_type)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+        {
+            Ok(_) => {
+                self.breaker.success();
+                Ok(())
+            }
+            Err(e) => Err(self.failed("PUT", path, &e)),
+        }
+    }
+
+    async fn upload(&self, entry: &Entry, envelope: Vec<u8>) -> Result<Pointer, TierError> {
+        let path = self.layout.entry_path(entry);
+        let size = envelope.len() as u64;
+        let metadata = serde_json::to_vec_pretty(&MetadataDoc::of(entry, size))
+            .map_err(|e| TierError::Storage(format!("metadata of {}: {e}", entry.cache_key)))?;
+        let pointer = Pointer::of(entry, path.clone(), size, &self.node_id);
+        let pointer_json = serde_json::to_vec(&pointer)
+            .map_err(|e| TierError::Storage(format!("pointer of {}: {e}", entry.cache_key)))?;
+        // The entry first: a pointer never names an object that is not there.
+        self.put_bytes(&path, envelope, "application/octet-stream")
+            .await?;
+        let metadata_path = Layout::metadata_path(&path);
+        let pointer_path = self.layout.pointer_path(&entry.cache_id);
+        let (m, p) = tokio::join!(
+            self.put_bytes(&metadata_path, metadata, "application/json"),
+            self.put_bytes(&pointer_path, pointer_json, "application/json"),
+        );
+        m?;
+        p?;
+        if let Some(key) = CacheKey::parse(&entry.cache_key) {
+            self.remember(&key.digest, &path, size)?;
+        }
+        Ok(pointer)
+    }
+
+    fn decode_fetched(
+        &self,
+        key: &CacheKey,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(Entry, Vec<u8>), TierError> {
+        match self.codec.decode(&bytes) {
+            Ok(entry) => {
+                self.remember(&key.digest, path, bytes.len() as u64)?;
+                Ok((entry, bytes))
+            }
+            Err(e) => {
+                tracing::warn!(%path, error = %e, "corrupt object in S3; treating it as a miss");
+                self.forget(&key.digest)?;
+                Err(TierError::Corrupt(e))
+            }
+        }
+    }
+
+    fn remember(&self, digest: &[u8; 16], path: &str, size: u64) -> Result<(), TierError> {
+        let mut value = Vec::with_capacity(8 + path.len());
+        value.extend_from_slice(&size.to_le_bytes());
+        value.extend_from_slice(path.as_bytes());
+        if let Some(old) = self.index.insert(digest, value)? {
+            self.index_bytes.fetch_sub(index_size(&old), Relaxed);
+        }
+        self.index_bytes.fetch_add(size, Relaxed);
+        Ok(())
+    }
+
+    fn forget(&self, digest: &[u8; 16]) -> Result<(), TierError> {
+        if let Some(old) = self.index.remove(digest)? {
+            self.index_bytes.fetch_sub(index_size(&old), Relaxed);
+        }
+        Ok(())
+    }
+
+    fn next_seq(&self) -> Result<u64, TierError> {
+        let next = self.meta.update_and_fetch(MANIFEST_SEQ_KEY, |old| {
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_be_bytes);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        Ok(next
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+}
+
+fn index_size(value: &[u8]) -> u64 {
+    value
+        .first_chunk::<8>()
+        .map_or(0, |b| u64::from_le_bytes(*b))
+}
+
+fn index_path(value: &[u8]) -> String {
+    String::from_utf8_lossy(value.get(8..).unwrap_or_default()).into_owned()
+}
+
+fn fresh_node_id(seed: u64) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mixed = (nanos ^ seed.rotate_left(32) ^ u64::from(std::process::id()))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    format!("node-{:012x}", mixed >> 16)
+}
+
+#[async_trait]
+impl Tier for S3Tier {
+    fn name(&self) -> TierName {
+        TierName::L3
+    }
+
+    async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Entry>>, TierError> {
+        Ok(self.fetch(key).await?.map(|(entry, _)| Arc::new(entry)))
+    }
+
+    /// Uploads at once (the cache itself goes through the outbox with [`S3Tier::enqueue`]).
+    async fn put(&self, _key: &CacheKey, entry: &Arc<Entry>) -> Result<(), TierError> {
+        let envelope = self.inner.codec.encode(entry)?;
+        self.upload(entry, envelope).await.map(|_| ())
+    }
+
+    /// Deletes the entry, its metadata and its pointer, and drops any queued upload.
+    async fn remove(&self, key: &CacheKey) -> Result<(), TierError> {
+        let inner = &self.inner;
+        self.dequeue(key)?;
+        let path = match self.known_path(key)? {
+            Some(path) => Some(path),
+            None => {
+                let pointer_path = inner.layout.pointer_path(&key.hex());
+                inner
+                    .get_bytes(&pointer_path)
+                    .await?
+                    .and_then(|raw| serde_json::from_slice::<Pointer>(&raw).ok())
+                    .map(|p| p.path)
+            }
+        };
+        let mut paths = vec![inner.layout.pointer_path(&key.hex())];
+        if let Some(path) = path {
+            paths.push(Layout::metadata_path(&path));
+            paths.push(path);
+        }
+        for path in paths {
+            inner
+                .client
+                .delete_object()
+                .bucket(&inner.bucket)
+                .key(&path)
+                .send()
+                .await
+                .map_err(|e| inner.failed("DELETE", &path, &e))?;
+        }
+        inner.forget(&key.digest)
+    }
+
+    /// Drains the outbox.
+    async fn flush(&self) -> Result<(), TierError> {
+        self.drain().await.map(|_| ())
+    }
+
+    fn usage(&self) -> TierUsage {
+        TierUsage {
+            entries: self.inner.index.len() as u64,
+            bytes: self.inner.index_bytes.load(Relaxed),
+            capacity: None,
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! The S3 tier against a real S3 server (in-process s3s-fs, or the one `STRATA_TEST_S3_*` names).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use strata::core::Codec;
+use strata::tiers::s3::Pointer;
+use strata::tiers::{DiskConfig, DiskTier, S3Tier, Tier};
+use strata::{Completion, Outcome, Scope, TieredCache};
+use tempfile::TempDir;
+
+use crate::s3_server::TestS3;
+
+fn request(text: &str) -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]})
+}
+
+fn completion(text: &str) -> Completion {
+    let response = json!({"choices": [{"message": {"role": "assistant", "content": text}}],
+                          "usage": {"prompt_tokens": 12, "completion_tokens": 30}});
+    Completion::from_value(&response)
+        .provider("openai")
+        .cost_usd(0.001)
+        .latency_ms(700)
+}
+
+/// One node: a disk directory and an S3 tier on the shared bucket.
+struct Node {
+    cache: TieredCache,
+    s3: S3Tier,
+    disk: DiskTier,
+}
+
+async fn node(server: &TestS3, dir: &std::path::Path) -> Result<Node> {
+    node_with(&server.config(), dir).await
+}
+
+async fn node_with(config: &strata::tiers::S3Config, dir: &std::path::Path) -> Result<Node> {
+    let disk = DiskTier::open(&DiskConfig::new(dir), Codec::default())?;
+    let s3 = S3Tier::connect(config, &disk, Codec::default()).await?;
+    let cache = TieredCache::builder()
+        .disk(disk.clone())
+        .s3(s3.clone())
+        .build();
+    Ok(Node { cache, s3, disk })
+}
+
+async fn never() -> Result<Completion, std::io::Error> {
+    Err(std::io::Error::other("the executor must not run"))
+}
+
+async fn outcome(cache: &TieredCache, text: &str) -> Result<Outcome> {
+    let lookup = cache
+        .get_or_execute(&request(text), &Scope::Global, never)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(lookup.outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_land_at_the_documented_paths_with_pointer_and_manifest() -> Result<()> {
+    let server = TestS3::start().await?;
+    let dir = TempDir::new()?;
+    let a = node(&server, dir.path()).await?;
+    let entry = a
+        .cache
+        .put(&request("paths"), &Scope::Global, completion("here"))
+        .await?;
+    a.cache.flush().await?;
+
+    let day = entry.created_at.format("%Y/%m/%d/%H");
+    let base = format!(
+        "{}/llm-cache/gpt-4o-mini/{day}/{}",
+        server.prefix, entry.cache_id
+    );
+    let pointer_key = format!(
+        "{}/cache-index/by-hash/{}/{}.json",
+        server.prefix,
+        &entry.cache_id[..2],
+        entry.cache_id
+    );
+    let keys = server.keys().await?;
+    let manifest_prefix = format!(
+        "{}/cache-index/by-date/{}/{}-",
+        server.prefix,
+        entry.created_at.format("%Y-%m-%d"),
+        a.s3.node_id()
+    );
+    ensure!(
+        keys.len() == 4,
+        "entry, metadata, pointer, manifest: {keys:#?}"
+    );
+    ensure!(keys.contains(&format!("{base}.json.zst")), "{keys:#?}");
+    ensure!(keys.contains(&format!("{base}.metadata.json")), "{keys:#?}");
+    ensure!(keys.contains(&pointer_key), "{keys:#?}");
+    let manifest = keys
+        .iter()
+        .find(|k| k.starts_with(&manifest_prefix) && k.ends_with(".jsonl"))
+        .context("manifest segment")?;
+
+    // The entry object is the envelope, and decodes to the entry.
+    let stored = server.object(&format!("{base}.json.zst")).await?;
+    let decoded = Codec::default().decode(&stored)?;
+    assert_eq!(decoded.request, entry.request);
+    assert_eq!(decoded.response.get(), entry.response.get());
+
+    // The pointer names the object, its model, size and dates.
+    let pointer: Pointer = serde_json::from_slice(&server.object(&pointer_key).await?)?;
+    assert_eq!(pointer.path, format!("{base}.json.zst"));
+    assert_eq!(pointer.cache_key, entry.cache_key);
+    assert_eq!(pointer.model, "gpt-4o-mini");
+    assert_eq!(pointer.size, stored.len() as u64);
+    assert_eq!(pointer.created, entry.created_at);
+    assert_eq!(pointer.expires, entry.expires_at);
+    assert_eq!(pointer.node, a.s3.node_id());
+
+    // The manifest segment holds one line: the same pointer.
+    let manifest_text = String::from_utf8(server.object(manifest).await?)?;
+    let lines: Vec<Pointer> = manifest_text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines, vec![pointer]);
+
+    // The metadata is plain JSON without the request or the response.
+    let metadata: Value =
+        serde_json::from_slice(&server.object(&format!("{base}.metadata.json")).await?)?;
+    assert_eq!(metadata["cache_key"], json!(entry.cache_key));
+    assert_eq!(metadata["tokens"]["output"], json!(30));
+    assert_eq!(metadata["object_bytes"], json!(stored.len()));
+    assert!(metadata.get("request").is_none() && metadata.get("response").is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_b_is_served_from_l3_and_promotes_into_l2_and_l1() -> Result<()> {
+    let server = TestS3::start().await?;
+    let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
+    let a = node(&server, dir_a.path()).await?;
+    for i in 0..5 {
+        a.cache
+            .put(
+                &request(&format!("q{i}")),
+                &Scope::Global,
+                completion(&format!("a{i}")),
+            )
+            .await?;
+    }
+    a.cache.flush().await?;
+    assert_eq!(a.s3.pending(), 0);
+
+    let b = node(&server, dir_b.path()).await?;
+    // B has never seen these keys: its index is empty, so each costs a pointer GET, then a GET.
+    assert_eq!(b.s3.usage().entries, 0);
+    assert_eq!(outcome(&b.cache, "q0").await?, Outcome::L3);
+    // Promoted into L1 ...
+    assert_eq!(outcome(&b.cache, "q0").await?, Outcome::L1);
+    // ... and into L2.
+    let keyed = b.cache.key(&request("q0"), &Scope::Global)?;
+    b.cache.memory().remove_id(keyed.key.id()).await;
+    assert_eq!(outcome(&b.cache, "q0").await?, Outcome::L2);
+    assert!(b.disk.get(&keyed.key).await?.is_some());
+    // B's index now knows where q0 lives.
+    assert!(b.s3.known_path(&keyed.key)?.is_some());
+
+    // The answer is A's, byte for byte.
+    let lookup = b
+        .cache
+        .get_or_execute(&request("q3"), &Scope::Global, never)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(lookup.outcome, Outcome::L3);
+    let a_entry = a
+        .disk
+        .get(&a.cache.key(&request("q3"), &Scope::Global)?.key)
+        .await?;
+    assert_eq!(
+        Some(lookup.entry.response.get()),
+        a_entry.as_ref().map(|e| e.response.get())
+    );
+    let stats = b.cache.stats();
+    assert_eq!(stats.hits.l3, 2);
+    // An unknown request is a miss after one pointer GET (a 404), and the executor runs.
+    let miss = b
+        .cache
+        .get_or_execute(&request("new"), &Scope::Global, || async {
+            Ok::<_, std::io::Error>(completion("fresh"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(miss.outcome, Outcome::Miss);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_scoped_l3_entry_is_not_served_to_another_user() -> Result<()> {
+    let server = TestS3::start().await?;
+    let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
+    let a = node(&server, dir_a.path()).await?;
+    let alice = Scope::User("alice".into());
+    a.cache
+        .put(&request("mine"), &alice, completion("secret"))
+        .await?;
+    a.cache.flush().await?;
+    let b = node(&server, dir_b.path()).await?;
+    let bob = Scope::User("bob".into());
+    assert!(b.cache.get(&request("mine"), &bob).await?.is_none());
+    let served = b.cache.get(&request("mine"), &alice).await?;
+    assert_eq!(served.map(|l| l.outcome), Some(Outcome::L3));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_object_in_s3_is_a_counted_miss() -> Result<()> {
+    let server = TestS3::start().await?;
+    let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
+    let a = node(&server, dir_a.path()).await?;
+    let entry = a
+        .cache
+        .put(&request("c"), &Scope::Global, completion("ok"))
+        .await?;
+    a.cache.flush().await?;
+    let keyed = a.cache.key(&request("c"), &Scope::Global)?;
+    let path =
+        a.s3.known_path(&keyed.key)?
+            .context("indexed after upload")?;
+    let mut bytes = server.object(&path).await?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    a.s3.put_object(&path, bytes, "application/octet-stream")
+        .await?;
+
+    let b = node(&server, dir_b.path()).await?;
+    let lookup = b
+        .cache
+        .get_or_execute(&request("c"), &Scope::Global, || async {
+            Ok::<_, std::io::Error>(completion("recomputed"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(lookup.outcome, Outcome::Miss);
+    assert_ne!(lookup.entry.response.get(), entry.response.get());
+    assert_eq!(b.cache.stats().errors.corrupt, 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_entries_from_before_a_crash_reach_s3_after_reopen() -> Result<()> {
+    let mut server = TestS3::start().await?;
+    if !server.is_local() {
+        return Ok(()); // needs a server it can stop
+    }
+    let dir = TempDir::new()?;
+    // The server is down while the entries are written, so they can only be in the outbox.
+    server.stop().await?;
+    let (config, path) = (server.config(), dir.path().to_path_buf());
+    // The first process: its own runtime, so that its background drainer dies with it.
+    std::thread::spawn(move || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let a = runtime.block_on(async {
+            let a = node_with(&config, &path).await?;
+            for i in 0..20 {
+                a.cache
+                    .put(
+                        &request(&format!("crash{i}")),
+                        &Scope::Global,
+                        completion("x"),
+                    )
+                    .await?;
+            }
+            anyhow::Ok(a)
+        })?;
+        assert_eq!(a.s3.pending(), 20);
+        // Make the outbox durable as sled's own flush timer would, then "crash": the cache
+        // is never closed or dropped, and its runtime stops.
+        a.disk.flush_blocking()?;
+        std::mem::forget(a);
+        drop(runtime);
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("first process panicked"))??;
+    server.restart().await?;
+    // sled keeps one process-wide lock per directory: reopen in a copy, as a restarted process
+    // would see the directory.
+    let copy = TempDir::new()?;
+    copy_dir(dir.path(), copy.path())?;
+    let reopened = node(&server, copy.path()).await?;
+    assert_eq!(reopened.s3.pending(), 20, "the outbox survived");
+    // The background drainer takes it without being asked.
+    let started = std::time::Instant::now();
+    while reopened.s3.pending() > 0 && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reopened.s3.pending(), 0);
+    let entries = server
+        .keys()
+        .await?
+        .into_iter()
+        .filter(|k| k.ends_with(".json.zst"))
+        .count();
+    assert_eq!(entries, 20);
+    Ok(())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    for item in std::fs::read_dir(from)? {
+        let item = item?;
+        let target = to.join(item.file_name());
+        if item.file_type()?.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            copy_dir(&item.path(), &target)?;
+        } else {
+            std::fs::copy(item.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_s3_refusing_connections_lookups_and_puts_work_and_writes_land_later() -> Result<()> {
+    let mut server = TestS3::start().await?;
+    if !server.is_local() {
+        return Ok(()); // needs a server it can stop
+    }
+    let dir = TempDir::new()?;
+    let mut config = server.config();
+    config.breaker_threshold = 3;
+    config.breaker_cool_down = Duration::from_millis(300);
+    let disk = DiskTier::open(&DiskConfig::new(dir.path()), Codec::default())?;
+    let s3 = S3Tier::connect(&config, &disk, Codec::default()).await?;
+    let cache = TieredCache::builder().disk(disk).s3(s3.clone()).build();
+    cache
+        .put(&request("before"), &Scope::Global, completion("b"))
+        .await?;
+    cache.flush().await?;
+
+    server.stop().await?;
+    let started = std::time::Instant::now();
+    for i in 0..30 {
+        // Misses run the executor and are stored locally.
+        let lookup = cache
+            .get_or_execute(&request(&format!("down{i}")), &Scope::Global, || async {
+                Ok::<_, std::io::Error>(completion("d"))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(lookup.outcome, Outcome::Miss);
+    }
+    // Hits below L1 still come from L2.
+    let keyed = cache.key(&request("before"), &Scope::Global)?;
+    cache.memory().remove_id(keyed.key.id()).await;
+    assert_eq!(outcome(&cache, "before").await?, Outcome::L2);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a refused connection fails fast: {:?}",
+        started.elapsed()
+    );
+    assert!(s3.stats().breaker_opened >= 1, "{:?}", s3.stats());
+    assert!(cache.stats().errors.l3 >= 1);
+    assert!(
+        cache.flush().await.is_err(),
+        "flush says S3 did not take the writes"
+    );
+    assert_eq!(s3.pending(), 30);
+
+    server.restart().await?;
+    tokio::time::sleep(Duration::from_millis(350)).await; // the breaker's cool-down
+    cache.flush().await?;
+    assert_eq!(s3.pending(), 0);
+    let entries = server
+        .keys()
+        .await?
+        .into_iter()
+        .filter(|k| k.ends_with(".json.zst"))
+        .count();
+    assert_eq!(entries, 31);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_and_index_rebuild_page_through_more_than_a_thousand_objects() -> Result<()> {
+    let server = TestS3::start().await?;
+    let dir = TempDir::new()?;
+    let a = node(&server, dir.path()).await?;
+    let n = 1100;
+    for i in 0..n {
+        a.cache
+            .put(
+                &request(&format!("bulk {i}")),
+                &Scope::Global,
+                completion("z"),
+            )
+            .await?;
+    }
+    let started = std::time::Instant::now();
+    a.cache.flush().await?;
+    eprintln!("drained {n} entries in {:?}", started.elapsed());
+    let root = a.s3.layout().cache_root();
+    let mut pages = 0;
+    let listed = a.s3.list_pages(&root, |_| pages += 1).await?;
+    // Entry and metadata objects: 2 per entry, over at least three pages of 1,000.
+    assert_eq!(listed, 2 * n);
+    assert!(pages >= 3, "{pages} pages");
+
+    // Delete some pointers, then rebuild them and the index in a fresh directory.
+    for i in 0..10 {
+        let keyed = a
+            .cache
+            .key(&request(&format!("bulk {i}")), &Scope::Global)?;
+        a.s3.client()
+            .delete_object()
+            .bucket(a.s3.bucket())
+            .key(a.s3.layout().pointer_path(&keyed.key.hex()))
+            .send()
+            .await?;
+    }
+    let dir_b = TempDir::new()?;
+    let b = node(&server, dir_b.path()).await?;
+    let mut seen = 0;
+    let report = b.s3.rebuild_index(|n| seen = n).await?;
+    assert_eq!(report.listed, 2 * n);
+    assert_eq!(seen, 2 * n);
+    assert_eq!(report.indexed, n);
+    assert_eq!(report.pointers_written, 10);
+    assert_eq!(b.s3.usage().entries, n);
+    // The rebuilt pointer serves a node that has no index.
+    let dir_c = TempDir::new()?;
+    let c = node(&server, dir_c.path()).await?;
+    assert_eq!(outcome(&c.cache, "bulk 3").await?, Outcome::L3);
+    // The rebuilt index serves B with one GET.
+    let keyed = b.cache.key(&request("bulk 7"), &Scope::Global)?;
+    assert!(b.s3.known_path(&keyed.key)?.is_some());
+    assert_eq!(outcome(&b.cache, "bulk 7").await?, Outcome::L3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pulls_a_models_entries_into_l2() -> Result<()> {
+    let server = TestS3::start().await?;
+    let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
+    let a = node(&server, dir_a.path()).await?;
+    for i in 0..6 {
+        a.cache
+            .put(&request(&format!("w{i}")), &Scope::Global, completion("w"))
+            .await?;
+    }
+    let other =
+        json!({"model": "claude-3-5-haiku", "messages": [{"role": "user", "content": "w"}]});
+    a.cache.put(&other, &Scope::Global, completion("c")).await?;
+    a.cache.flush().await?;
+
+    let b = node(&server, dir_b.path()).await?;
+    let report =
+        b.s3.warm(&b.disk, Some("gpt-4o-mini"), None, |_| {})
+            .await?;
+    assert_eq!((report.matched, report.warmed, report.failed), (6, 6, 0));
+    assert_eq!(b.disk.usage().entries, 6);
+    assert_eq!(outcome(&b.cache, "w4").await?, Outcome::L2);
+    let since_future = chrono::Utc::now() + chrono::Duration::hours(2);
+    let none = b.s3.warm(&b.disk, None, Some(since_future), |_| {}).await?;
+    assert_eq!(none.matched, 0);
+    Ok(())
+}
