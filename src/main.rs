@@ -13,6 +13,8 @@ use serde_json::Value;
 use strata::replay::{self, ReplayOptions, ReplayReport, ScopeBy};
 use strata::{Completion, Config, Profile, Scope, Stats};
 
+mod s3_commands;
+
 #[derive(Parser)]
 #[command(name = "strata", version, about = "A tiered cache for LLM responses", long_about = None)]
 struct Cli {
@@ -73,6 +75,32 @@ enum Command {
         #[command(flatten)]
         scope: ScopeArgs,
     },
+    /// List the entries stored in S3 (path, size, when written).
+    Ls {
+        /// Only this model's entries.
+        #[arg(long, value_name = "MODEL")]
+        model: Option<String>,
+        /// Only entries written on this day (UTC).
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        date: Option<chrono::NaiveDate>,
+        /// Print JSON Lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull entries from S3 into the local disk tier.
+    Warm {
+        /// Only this model's entries.
+        #[arg(long, value_name = "MODEL")]
+        model: Option<String>,
+        /// Only entries written within this duration (`12h`, `7d`).
+        #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+    },
+    /// The local index of the S3 objects this node knows.
+    Index {
+        #[command(subcommand)]
+        command: IndexCommand,
+    },
     /// Show which fields of a request go into its key, and how.
     Explain {
         /// The request (JSON file, `-` for stdin).
@@ -84,6 +112,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Rebuild the local index, and any missing by-hash pointers, from a listing of the bucket.
+    Rebuild,
 }
 
 #[derive(Args)]
@@ -194,10 +228,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .put(&request, &scope.scope(), completion)
                 .await
                 .context("request cannot be cached")?;
-            cache.close().await?;
+            close(cache).await;
             println!("{}", entry.cache_key);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ls { model, date, json } => {
+            s3_commands::ls(&config, model.as_deref(), date, json).await
+        }
+        Command::Warm { model, since } => s3_commands::warm(&config, model.as_deref(), since).await,
+        Command::Index {
+            command: IndexCommand::Rebuild,
+        } => s3_commands::rebuild_index(&config).await,
         Command::Explain {
             request,
             scope,
@@ -258,7 +299,7 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
     })
     .await?;
     bar.finish_and_clear();
-    cache.close().await?;
+    close(cache).await;
     for skipped in &report.skipped {
         eprintln!(
             "strata: skipped line {} of {}: {}",
@@ -279,6 +320,17 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
         print_replay(config, &args, &report);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Flushes and closes the cache. Uploads S3 could not take stay queued for the next run: a
+/// warning, not a failure.
+async fn close(cache: strata::TieredCache) {
+    let pending = cache.l3().map(|l3| l3.pending()).unwrap_or(0);
+    if let Err(e) = cache.close().await {
+        eprintln!("strata: warning: {e}");
+    } else if pending > 0 {
+        tracing::debug!(pending, "outbox drained");
+    }
 }
 
 fn progress_bar() -> ProgressBar {
@@ -365,7 +417,7 @@ async fn stats_command(config: &Config, json: bool) -> Result<ExitCode> {
     } else {
         print_stats(config, &stats, disk);
     }
-    cache.close().await?;
+    close(cache).await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -435,7 +487,7 @@ async fn get_command(
             ExitCode::from(1)
         }
     };
-    cache.close().await?;
+    close(cache).await;
     Ok(code)
 }
 

@@ -356,3 +356,124 @@ fn zipf_replay_with_both_tiers_stays_within_the_memory_budget() -> Result<()> {
     assert!(rss < bound + (64 << 20), "peak RSS {} MiB", rss >> 20);
     Ok(())
 }
+
+#[path = "support/s3.rs"]
+mod s3_server;
+
+/// A runtime that keeps the in-process S3 server serving while the command runs.
+fn s3_runtime() -> Result<(tokio::runtime::Runtime, s3_server::TestS3)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = runtime.block_on(s3_server::TestS3::start())?;
+    Ok((runtime, server))
+}
+
+fn write_config(dir: &Path, text: &str) -> Result<PathBuf> {
+    let path = dir.join("strata.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+#[test]
+fn a_second_node_with_its_own_disk_is_served_from_l3() -> Result<()> {
+    let (_runtime, server) = s3_runtime()?;
+    let (node_a, node_b) = (TempDir::new()?, TempDir::new()?);
+    let config_a = write_config(
+        node_a.path(),
+        &server.config_toml(&node_a.path().join("l2")),
+    )?;
+    let config_b = write_config(
+        node_b.path(),
+        &server.config_toml(&node_b.path().join("l2")),
+    )?;
+    let config_a = config_a.to_string_lossy().to_string();
+    let config_b = config_b.to_string_lossy().to_string();
+
+    let first = replay(node_a.path(), &["--config", &config_a], &[])?;
+    assert_adds_up(&first);
+    let requests = n(&first, &["requests"]);
+    assert!(n(&first, &["misses"]) > 0);
+    assert_eq!(n(&first, &["hits", "l3"]), 0);
+
+    // Node B shares the bucket, not the disk: every entry A stored comes from L3.
+    let second = replay(node_b.path(), &["--config", &config_b], &[])?;
+    assert_adds_up(&second);
+    assert_eq!(n(&second, &["requests"]), requests);
+    assert_eq!(
+        n(&second, &["hits", "l3"]),
+        n(&first, &["misses"]),
+        "{second}"
+    );
+    assert_eq!(n(&second, &["misses"]), 0, "{second}");
+
+    // The bucket can be listed and the index rebuilt from the command line.
+    let listing = strata(node_b.path())?
+        .args(["--config", &config_b, "ls", "--model", "gpt-4o", "--json"])
+        .output()?;
+    assert!(
+        listing.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listing.stderr)
+    );
+    let lines = String::from_utf8(listing.stdout)?;
+    let listed: Vec<Value> = lines
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert!(!listed.is_empty());
+    assert!(
+        listed.iter().all(|o| o["model"] == "gpt-4o"
+            && o["path"].as_str().is_some_and(|p| p.ends_with(".json.zst")))
+    );
+
+    let rebuilt = strata(node_b.path())?
+        .args(["--config", &config_b, "index", "rebuild"])
+        .output()?;
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    let text = String::from_utf8(rebuilt.stdout)?;
+    assert!(
+        text.starts_with(&format!("indexed {} entries", n(&first, &["misses"]))),
+        "{text}"
+    );
+
+    // A third node warms its disk from S3, then replays from L2 alone.
+    let node_c = TempDir::new()?;
+    let config_c = write_config(
+        node_c.path(),
+        &server.config_toml(&node_c.path().join("l2")),
+    )?;
+    let config_c = config_c.to_string_lossy().to_string();
+    let warmed = strata(node_c.path())?
+        .args(["--config", &config_c, "warm", "--since", "1h"])
+        .output()?;
+    assert!(
+        warmed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&warmed.stderr)
+    );
+    let third = replay(node_c.path(), &["--config", &config_c], &[])?;
+    assert_eq!(
+        n(&third, &["hits", "l2"]),
+        n(&first, &["misses"]),
+        "{third}"
+    );
+    assert_eq!(n(&third, &["hits", "l3"]), 0, "{third}");
+    Ok(())
+}
+
+#[test]
+fn s3_commands_without_s3_say_how_to_enable_it() -> Result<()> {
+    let dir = TempDir::new()?;
+    let output = strata(dir.path())?.arg("ls").output()?;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("S3 is not enabled"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    Ok(())
+}

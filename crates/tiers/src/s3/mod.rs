@@ -750,8 +750,11 @@ impl S3Tier {
             ..WarmReport::default()
         };
         let now = Utc::now();
+        let handled = AtomicU64::new(0);
+        let (handled, progress) = (&handled, &progress);
         let results = self
             .for_each_concurrent(matched, |(parsed, object)| async move {
+                progress(handled.fetch_add(1, Relaxed) + 1);
                 let key = parsed.key()?;
                 let bytes = inner.get_bytes(&object.key).await.ok()??;
                 let entry = inner.codec.decode(&bytes).ok()?;
@@ -763,13 +766,12 @@ impl S3Tier {
                 Some(true)
             })
             .await;
-        for (done, result) in results.into_iter().enumerate() {
+        for result in results {
             match result {
                 Some(true) => report.warmed += 1,
                 Some(false) => report.expired += 1,
                 None => report.failed += 1,
             }
-            progress(done as u64 + 1);
         }
         Ok(report)
     }

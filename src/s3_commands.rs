@@ -1,0 +1,169 @@
+//! `strata ls`, `strata warm` and `strata index rebuild`: the commands that work on the bucket.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use chrono::{NaiveDate, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
+use strata::Config;
+use strata::core::ModelSlug;
+use strata::tiers::S3Tier;
+
+use crate::{close, thousands};
+
+/// The cache of `config`, which must have S3 enabled, and its S3 tier.
+async fn open(config: &Config) -> Result<(strata::TieredCache, S3Tier)> {
+    if !config.s3.enabled {
+        bail!(
+            "S3 is not enabled: set [s3] enabled = true and a bucket in the configuration \
+             (see config/minio.toml)"
+        );
+    }
+    let cache = config.open_cache().await?;
+    let s3 = cache.l3().cloned().context("the S3 tier did not open")?;
+    Ok((cache, s3))
+}
+
+fn spinner(what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template(&format!(
+        "{{spinner}} {what} [{{elapsed_precise}}] {{pos}} objects ({{per_sec}})"
+    )) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// `strata ls [--model M] [--date YYYY-MM-DD] [--json]`.
+pub async fn ls(
+    config: &Config,
+    model: Option<&str>,
+    date: Option<NaiveDate>,
+    json: bool,
+) -> Result<ExitCode> {
+    let (cache, s3) = open(config).await?;
+    let slug = model.map(|m| ModelSlug::new(&m.to_lowercase()));
+    let layout = s3.layout().clone();
+    let prefix = layout.listing_prefix(slug.as_ref().map(ModelSlug::as_str), date);
+    let bar = spinner("listing");
+    let (mut entries, mut bytes) = (0u64, 0u64);
+    let mut out = std::io::stdout().lock();
+    let mut failed = None;
+    let listed = s3
+        .list_pages(&prefix, |page| {
+            bar.inc(page.len() as u64);
+            for object in page {
+                let Some(parsed) = layout.parse_entry_path(&object.key) else {
+                    continue;
+                };
+                if date.is_some_and(|d| parsed.hour.date_naive() != d) {
+                    continue;
+                }
+                entries += 1;
+                bytes += object.size;
+                let written = object.last_modified.unwrap_or(parsed.hour);
+                let line = if json {
+                    serde_json::json!({
+                        "key": format!("{}_{}", parsed.slug, parsed.cache_id),
+                        "model": parsed.slug,
+                        "path": object.key,
+                        "size": object.size,
+                        "last_modified": written,
+                    })
+                    .to_string()
+                } else {
+                    format!(
+                        "{}  {:>9}  {}",
+                        written.format("%Y-%m-%d %H:%M"),
+                        object.size,
+                        object.key
+                    )
+                };
+                if let Err(e) = std::io::Write::write_all(&mut out, (line + "\n").as_bytes()) {
+                    failed.get_or_insert(e);
+                }
+            }
+        })
+        .await;
+    bar.finish_and_clear();
+    close(cache).await;
+    let listed = listed.with_context(|| format!("listing s3://{}/{prefix}", s3.bucket()))?;
+    if let Some(e) = failed {
+        bail!("writing the listing: {e}");
+    }
+    if !json {
+        eprintln!(
+            "{} entries, {:.1} MiB ({} objects listed under s3://{}/{prefix})",
+            thousands(entries),
+            bytes as f64 / (1 << 20) as f64,
+            thousands(listed),
+            s3.bucket()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `strata warm [--model M] [--since DUR]`.
+pub async fn warm(
+    config: &Config,
+    model: Option<&str>,
+    since: Option<Duration>,
+) -> Result<ExitCode> {
+    let (cache, s3) = open(config).await?;
+    let disk = cache.disk().cloned().context("warm needs the disk tier")?;
+    let slug = model.map(|m| ModelSlug::new(&m.to_lowercase()));
+    let since = since
+        .map(|d| chrono::Duration::from_std(d).map(|d| Utc::now() - d))
+        .transpose()
+        .context("--since is too long")?;
+    let bar = spinner("warming");
+    let report = s3
+        .warm(&disk, slug.as_ref().map(ModelSlug::as_str), since, |n| {
+            bar.set_position(n)
+        })
+        .await;
+    bar.finish_and_clear();
+    close(cache).await;
+    let report = report.context("warming from S3")?;
+    println!(
+        "warmed {} entries into {} ({} matched, {} expired, {} failed)",
+        thousands(report.warmed),
+        config.disk.path.display(),
+        thousands(report.matched),
+        thousands(report.expired),
+        thousands(report.failed)
+    );
+    Ok(if report.failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `strata index rebuild`.
+pub async fn rebuild_index(config: &Config) -> Result<ExitCode> {
+    let (cache, s3) = open(config).await?;
+    let bar = spinner("listing");
+    let report = s3.rebuild_index(|n| bar.set_position(n)).await;
+    bar.finish_and_clear();
+    close(cache).await;
+    let report = report.context("rebuilding the index")?;
+    println!(
+        "indexed {} entries ({} objects listed); wrote {} missing pointers ({} failed)",
+        thousands(report.indexed),
+        thousands(report.listed),
+        thousands(report.pointers_written),
+        thousands(report.failed)
+    );
+    Ok(if report.failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
