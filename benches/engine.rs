@@ -12,7 +12,7 @@ use md5::{Digest, Md5};
 use serde_json::Value;
 use strata::core::Codec;
 use strata::replay::{Exchange, ExchangeLog, parse_exchange};
-use strata::tiers::{DiskConfig, DiskTier, Tier};
+use strata::tiers::{DiskConfig, DiskTier, S3Tier, Tier};
 use strata::{Completion, Normalizer, Scope, TieredCache};
 
 fn workload() -> Vec<Exchange> {
@@ -182,6 +182,174 @@ fn bench_tiers(c: &mut Criterion) {
     let _ = Arc::new(dir);
 }
 
+#[path = "../tests/support/s3.rs"]
+mod s3_server;
+
+/// L3 against s3s-fs served in-process on loopback, each measure next to a raw GetObject of the
+/// same objects from the same server, and put with S3 next to put without.
+fn bench_s3(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let exchanges = workload();
+    let requests = requests(&exchanges);
+    let server = rt
+        .block_on(s3_server::TestS3::start())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let open = |name: &str| {
+        DiskTier::open(&DiskConfig::new(dir.path().join(name)), Codec::default())
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (disk, plain_disk) = (open("with-s3"), open("without-s3"));
+    let s3 = rt
+        .block_on(S3Tier::connect(&server.config(), &disk, Codec::default()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cache = rt.block_on(async {
+        let cache = TieredCache::builder()
+            .memory_capacity(256 << 20)
+            .disk(disk.clone())
+            .s3(s3.clone())
+            .build();
+        for e in &exchanges {
+            let _ = cache.put(&e.request, &Scope::Global, e.completion()).await;
+        }
+        cache.flush().await.unwrap_or_else(|e| panic!("{e}"));
+        cache
+    });
+    let plain = filled_cache(&rt, &exchanges, Some(plain_disk));
+    let keys: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            cache
+                .key(r, &Scope::Global)
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let paths: Vec<String> = keys
+        .iter()
+        .map(|k| s3.known_path(&k.key).ok().flatten().unwrap_or_default())
+        .collect();
+    let never = || async { Err::<Completion, std::io::Error>(std::io::Error::other("miss")) };
+
+    let mut group = c.benchmark_group("s3");
+    let mut i = 0;
+    group.bench_function("raw_get_object_floor", |b| {
+        b.to_async(&rt).iter(|| {
+            i = (i + 1) % paths.len();
+            let (s3, path) = (&s3, &paths[i]);
+            async move {
+                let out = s3
+                    .client()
+                    .get_object()
+                    .bucket(s3.bucket())
+                    .key(path)
+                    .send()
+                    .await;
+                let body = match out {
+                    Ok(out) => out
+                        .body
+                        .collect()
+                        .await
+                        .map(|b| b.to_vec())
+                        .unwrap_or_default(),
+                    Err(e) => panic!("{e}"),
+                };
+                black_box(body.len())
+            }
+        })
+    });
+    let mut i = 0;
+    group.bench_function("l3_hit", |b| {
+        b.to_async(&rt).iter(|| {
+            i = (i + 1) % requests.len();
+            let (cache, disk, request, key) = (&cache, &disk, &requests[i], &keys[i].key);
+            async move {
+                // Drop the L1 and L2 copies so the lookup goes to S3 (and promotes it back).
+                cache.memory().remove_id(key.id()).await;
+                let _ = disk.remove(key).await;
+                let lookup = cache.get_or_execute(request, &Scope::Global, never).await;
+                assert!(matches!(lookup.map(|l| l.outcome), Ok(strata::Outcome::L3)));
+            }
+        })
+    });
+    let mut i = 0;
+    group.bench_function("put_without_s3", |b| {
+        b.to_async(&rt).iter(|| {
+            i = (i + 1) % exchanges.len();
+            let (plain, e) = (&plain, &exchanges[i]);
+            async move {
+                black_box(
+                    plain
+                        .put(&e.request, &Scope::Global, e.completion())
+                        .await
+                        .is_ok(),
+                )
+            }
+        })
+    });
+    let mut i = 0;
+    group.bench_function("put_with_s3", |b| {
+        b.to_async(&rt).iter(|| {
+            i = (i + 1) % exchanges.len();
+            let (cache, e) = (&cache, &exchanges[i]);
+            async move {
+                black_box(
+                    cache
+                        .put(&e.request, &Scope::Global, e.completion())
+                        .await
+                        .is_ok(),
+                )
+            }
+        })
+    });
+    group.finish();
+    rt.block_on(async {
+        let _ = cache.flush().await;
+    });
+
+    // Outbox drain: a tier of its own (no background drainer), timed per entry drained.
+    let drain_dir = open("drain");
+    let drain_tier = rt
+        .block_on(S3Tier::connect(
+            &server.config(),
+            &drain_dir,
+            Codec::default(),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let envelopes: Vec<_> = keys
+        .iter()
+        .filter_map(|k| {
+            let entry = rt.block_on(disk.get(&k.key)).ok().flatten()?;
+            Some((k.key.clone(), Codec::default().encode(&entry).ok()?))
+        })
+        .collect();
+    let mut group = c.benchmark_group("s3_drain");
+    group.sample_size(10);
+    group.bench_function("outbox_drain_per_entry", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (tier, envelopes) = (&drain_tier, &envelopes);
+            async move {
+                for n in 0..iters as usize {
+                    let (key, envelope) = &envelopes[n % envelopes.len()];
+                    // Distinct keys beyond one round of the workload.
+                    let mut key = key.clone();
+                    key.digest[0] ^= (n / envelopes.len()) as u8;
+                    tier.enqueue(&key, envelope)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+                let started = std::time::Instant::now();
+                tier.drain().await.unwrap_or_else(|e| panic!("{e}"));
+                started.elapsed()
+            }
+        })
+    });
+    group.finish();
+    drop((cache, plain, server));
+}
+
 fn median_ns(group: &str, name: &str) -> Option<f64> {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
@@ -223,6 +391,24 @@ fn summary() {
     if let Some(put) = us("tiers", "put_l1_l2") {
         println!("| put (L1 + L2) | {put:.2} µs | ≤ 30 µs | |");
     }
+    if let (Some(l3), Some(raw)) = (us("s3", "l3_hit"), us("s3", "raw_get_object_floor")) {
+        println!(
+            "| L3 hit | {l3:.1} µs ({:.2}× raw GET) | ≤ 1.2× raw GET | raw GetObject {raw:.1} µs |",
+            l3 / raw
+        );
+    }
+    if let (Some(with), Some(without)) = (us("s3", "put_with_s3"), us("s3", "put_without_s3")) {
+        println!(
+            "| put with S3 | {with:.2} µs ({:.2}× without) | ≤ 1.1× without | put without S3 {without:.2} µs |",
+            with / without
+        );
+    }
+    if let Some(per_entry) = us("s3_drain", "outbox_drain_per_entry") {
+        println!(
+            "| outbox drain | {:.0} entries/s | ≥ 300 entries/s | |",
+            1e6 / per_entry
+        );
+    }
 }
 
 fn config() -> Criterion {
@@ -236,7 +422,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_key, bench_tiers
+    targets = bench_key, bench_tiers, bench_s3
 }
 
 fn main() {
