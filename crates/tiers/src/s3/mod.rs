@@ -267,6 +267,8 @@ const NODE_ID_KEY: &[u8] = b"node-id";
 const MANIFEST_SEQ_KEY: &[u8] = b"manifest-seq";
 /// Outbox items uploaded per manifest segment.
 const BATCH: usize = 256;
+/// How long the drainer waits after a wake-up, so that a burst of writes becomes one batch.
+const LINGER: Duration = Duration::from_millis(50);
 
 impl S3Tier {
     /// Connects to the bucket of `config`, keeping the local index and the outbox in the disk
@@ -382,7 +384,7 @@ impl S3Tier {
         if let Some(value) = inner.index.get(id)? {
             let path = index_path(&value);
             match inner.get_bytes(&path).await? {
-                Some(bytes) => return inner.decode_fetched(key, &path, bytes).map(Some),
+                Some(bytes) => return inner.decode_fetched(key, &path, bytes, true).map(Some),
                 None => {
                     // Gone (deleted by gc or a lifecycle rule): forget it, try the pointer.
                     inner.forget(&id)?;
@@ -398,7 +400,9 @@ impl S3Tier {
         let Some(bytes) = inner.get_bytes(&pointer.path).await? else {
             return Ok(None);
         };
-        inner.decode_fetched(key, &pointer.path, bytes).map(Some)
+        inner
+            .decode_fetched(key, &pointer.path, bytes, false)
+            .map(Some)
     }
 
     /// Queues an entry's envelope for upload. Durable once the disk tier flushes; the
@@ -539,9 +543,12 @@ impl S3Tier {
                     backoff
                 };
                 // Woken by an enqueue, or on a timer to retry and to notice the tier is gone.
-                let _ = tokio::time::timeout(wait, wake.notified()).await;
+                let woken = tokio::time::timeout(wait, wake.notified()).await.is_ok();
                 if !backoff.is_zero() {
                     tokio::time::sleep(backoff).await;
+                } else if woken {
+                    // Let a burst of puts gather into one batch (and one manifest segment).
+                    tokio::time::sleep(LINGER).await;
                 }
                 let Some(inner) = weak.upgrade() else { return };
                 let tier = S3Tier { inner };
@@ -896,10 +903,13 @@ impl Inner {
         key: &CacheKey,
         path: &str,
         bytes: Vec<u8>,
+        indexed: bool,
     ) -> Result<(Entry, Vec<u8>), TierError> {
         match self.codec.decode(&bytes) {
             Ok(entry) => {
-                self.remember(&key.digest, path, bytes.len() as u64)?;
+                if !indexed {
+                    self.remember(&key.digest, path, bytes.len() as u64)?;
+                }
                 Ok((entry, bytes))
             }
             Err(e) => {
