@@ -162,11 +162,25 @@ fn bench_tiers(c: &mut Criterion) {
             }
         })
     });
+    bench_put(&mut group, "put_l1_l2", &rt, &cache, &exchanges);
+    group.finish();
+    drop(cache);
+    let _ = Arc::new(dir);
+}
+
+/// Benches `put` on `cache`, the workload's exchanges in rotation.
+fn bench_put(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    rt: &tokio::runtime::Runtime,
+    cache: &TieredCache,
+    exchanges: &[Exchange],
+) {
     let mut i = 0;
-    group.bench_function("put_l1_l2", |b| {
-        b.to_async(&rt).iter(|| {
+    group.bench_function(name, |b| {
+        b.to_async(rt).iter(|| {
             i = (i + 1) % exchanges.len();
-            let (cache, e) = (&cache, &exchanges[i]);
+            let e = &exchanges[i];
             async move {
                 black_box(
                     cache
@@ -177,9 +191,6 @@ fn bench_tiers(c: &mut Criterion) {
             }
         })
     });
-    group.finish();
-    drop(cache);
-    let _ = Arc::new(dir);
 }
 
 #[path = "../tests/support/s3.rs"]
@@ -278,36 +289,8 @@ fn bench_s3(c: &mut Criterion) {
             }
         })
     });
-    let mut i = 0;
-    group.bench_function("put_without_s3", |b| {
-        b.to_async(&rt).iter(|| {
-            i = (i + 1) % exchanges.len();
-            let (plain, e) = (&plain, &exchanges[i]);
-            async move {
-                black_box(
-                    plain
-                        .put(&e.request, &Scope::Global, e.completion())
-                        .await
-                        .is_ok(),
-                )
-            }
-        })
-    });
-    let mut i = 0;
-    group.bench_function("put_with_s3", |b| {
-        b.to_async(&rt).iter(|| {
-            i = (i + 1) % exchanges.len();
-            let (cache, e) = (&cache, &exchanges[i]);
-            async move {
-                black_box(
-                    cache
-                        .put(&e.request, &Scope::Global, e.completion())
-                        .await
-                        .is_ok(),
-                )
-            }
-        })
-    });
+    bench_put(&mut group, "put_without_s3", &rt, &plain, &exchanges);
+    bench_put(&mut group, "put_with_s3", &rt, &cache, &exchanges);
     group.finish();
     rt.block_on(async {
         let _ = cache.flush().await;

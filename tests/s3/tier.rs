@@ -46,6 +46,23 @@ async fn node_with(config: &strata::tiers::S3Config, dir: &std::path::Path) -> R
     Ok(Node { cache, s3, disk })
 }
 
+/// Stores `n` requests `{prefix}{i}`, each answered with `answer`.
+async fn put_many(cache: &TieredCache, prefix: &str, n: u64, answer: &str) -> Result<()> {
+    for i in 0..n {
+        let text = format!("{prefix}{i}");
+        cache
+            .put(&request(&text), &Scope::Global, completion(answer))
+            .await?;
+    }
+    Ok(())
+}
+
+/// How many entry objects the test's prefix holds.
+async fn entry_objects(server: &TestS3) -> Result<usize> {
+    let keys = server.keys().await?;
+    Ok(keys.iter().filter(|k| k.ends_with(".json.zst")).count())
+}
+
 async fn never() -> Result<Completion, std::io::Error> {
     Err(std::io::Error::other("the executor must not run"))
 }
@@ -296,13 +313,7 @@ async fn outbox_entries_from_before_a_crash_reach_s3_after_reopen() -> Result<()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(reopened.s3.pending(), 0);
-    let entries = server
-        .keys()
-        .await?
-        .into_iter()
-        .filter(|k| k.ends_with(".json.zst"))
-        .count();
-    assert_eq!(entries, 20);
+    assert_eq!(entry_objects(&server).await?, 20);
     Ok(())
 }
 
@@ -371,13 +382,7 @@ async fn with_s3_refusing_connections_lookups_and_puts_work_and_writes_land_late
     tokio::time::sleep(Duration::from_millis(350)).await; // the breaker's cool-down
     cache.flush().await?;
     assert_eq!(s3.pending(), 0);
-    let entries = server
-        .keys()
-        .await?
-        .into_iter()
-        .filter(|k| k.ends_with(".json.zst"))
-        .count();
-    assert_eq!(entries, 31);
+    assert_eq!(entry_objects(&server).await?, 31);
     Ok(())
 }
 
@@ -387,15 +392,7 @@ async fn listing_and_index_rebuild_page_through_more_than_a_thousand_objects() -
     let dir = TempDir::new()?;
     let a = node(&server, dir.path()).await?;
     let n = 1100;
-    for i in 0..n {
-        a.cache
-            .put(
-                &request(&format!("bulk {i}")),
-                &Scope::Global,
-                completion("z"),
-            )
-            .await?;
-    }
+    put_many(&a.cache, "bulk ", n, "z").await?;
     let started = std::time::Instant::now();
     a.cache.flush().await?;
     eprintln!("drained {n} entries in {:?}", started.elapsed());
@@ -443,11 +440,7 @@ async fn warm_pulls_a_models_entries_into_l2() -> Result<()> {
     let server = TestS3::start().await?;
     let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
     let a = node(&server, dir_a.path()).await?;
-    for i in 0..6 {
-        a.cache
-            .put(&request(&format!("w{i}")), &Scope::Global, completion("w"))
-            .await?;
-    }
+    put_many(&a.cache, "w", 6, "w").await?;
     let other =
         json!({"model": "claude-3-5-haiku", "messages": [{"role": "user", "content": "w"}]});
     a.cache.put(&other, &Scope::Global, completion("c")).await?;
