@@ -11,7 +11,7 @@ use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Deserializer, Serialize};
 use strata_analytics::Pricing;
 use strata_core::{Codec, Normalizer, Profile};
-use strata_tiers::{DiskConfig, DiskTier, S3Config, S3Tier, TieredCache, TtlPolicy};
+use strata_tiers::{DiskConfig, DiskTier, EpochStore, S3Config, S3Tier, TieredCache, TtlPolicy};
 
 use crate::Error;
 
@@ -25,6 +25,7 @@ const SECTIONS: &[&str] = &[
     "memory",
     "disk",
     "s3",
+    "invalidation",
     "codec",
     "pricing",
 ];
@@ -43,6 +44,8 @@ pub struct Config {
     pub disk: DiskSection,
     /// L3.
     pub s3: S3Section,
+    /// Invalidation across nodes and garbage collection.
+    pub invalidation: InvalidationSection,
     /// The envelope codec.
     pub codec: CodecConfig,
     /// Prices.
@@ -165,6 +168,23 @@ impl Serialize for Secret {
     }
 }
 
+/// `[invalidation]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvalidationSection {
+    /// How often each node reads the shared epochs from S3 (and publishes its own): another
+    /// node's invalidation stops this one serving within about this long.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// Update `control/epochs.json` with a compare-and-swap on its ETag. Turn off for servers
+    /// that reject conditional writes; per-node copies keep every bump either way.
+    pub conditional_writes: bool,
+    /// How often a background sweep removes expired and invalidated entries from the disk
+    /// tier; "never" leaves it to `strata gc` and lazy removal on lookup.
+    #[serde(deserialize_with = "ttl", serialize_with = "ttl_out")]
+    pub sweep_interval: Option<Duration>,
+}
+
 /// `[codec]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -270,7 +290,23 @@ impl Config {
         Ok(config)
     }
 
+    /// The longest time any entry lives: the default TTL and every per-model TTL. `None` when
+    /// some entries never expire.
+    pub fn longest_ttl(&self) -> Option<Duration> {
+        let mut longest = self.ttl.default?;
+        for ttl in self.ttl.models.values() {
+            longest = longest.max(*ttl);
+        }
+        Some(longest)
+    }
+
     fn validate(&self) -> Result<(), Error> {
+        if self.invalidation.refresh_interval < Duration::from_millis(100) {
+            return Err(Error::Config(format!(
+                "invalidation.refresh_interval must be at least 100ms, found {}",
+                humantime::format_duration(self.invalidation.refresh_interval)
+            )));
+        }
         if !(-7..=22).contains(&self.codec.zstd_level) {
             return Err(Error::Config(format!(
                 "codec.zstd_level must be between -7 and 22, found {}",
@@ -380,8 +416,14 @@ impl Config {
             .memory_capacity(self.memory.capacity.as_u64())
             .ttl(self.ttl_policy())
             .pricing(self.pricing()?);
+        builder = builder
+            .refresh_interval(self.invalidation.refresh_interval)
+            .sweep_interval(self.invalidation.sweep_interval);
         if self.disk.enabled {
             let disk = DiskTier::open(&self.disk_config(), self.codec())?;
+            builder = builder.epochs(
+                EpochStore::open(&disk)?.conditional_writes(self.invalidation.conditional_writes),
+            );
             if self.s3.enabled {
                 builder =
                     builder.s3(S3Tier::connect(&self.s3_config(), &disk, self.codec()).await?);

@@ -13,6 +13,7 @@ use serde_json::Value;
 use strata::replay::{self, ReplayOptions, ReplayReport, ScopeBy};
 use strata::{Completion, Config, Profile, Scope, Stats};
 
+mod invalidate_commands;
 mod s3_commands;
 
 #[derive(Parser)]
@@ -101,6 +102,34 @@ enum Command {
         #[command(subcommand)]
         command: IndexCommand,
     },
+    /// Take cached answers back, on every tier and every node sharing the bucket.
+    Invalidate {
+        #[command(flatten)]
+        selector: invalidate_commands::SelectorArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Invalidate everything, on every tier and node, and delete the bucket's entries.
+    Clear {
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Delete expired and invalidated entries from the disk tier and from S3.
+    Gc {
+        /// Only count what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bucket settings.
+    S3 {
+        #[command(subcommand)]
+        command: S3Command,
+    },
     /// Show which fields of a request go into its key, and how.
     Explain {
         /// The request (JSON file, `-` for stdin).
@@ -111,6 +140,17 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum S3Command {
+    /// Print the lifecycle rules that expire entries after the longest TTL; `--apply`
+    /// installs them, so old entries cost nothing even if no gc runs.
+    Lifecycle {
+        /// Install the rules on the bucket.
+        #[arg(long)]
+        apply: bool,
     },
 }
 
@@ -232,6 +272,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", entry.cache_key);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Invalidate { selector, json } => {
+            invalidate_commands::invalidate(&config, &selector, json).await
+        }
+        Command::Clear { yes } => invalidate_commands::clear(&config, yes).await,
+        Command::Gc { dry_run, json } => invalidate_commands::gc(&config, dry_run, json).await,
+        Command::S3 {
+            command: S3Command::Lifecycle { apply },
+        } => invalidate_commands::lifecycle(&config, apply).await,
         Command::Ls { model, date, json } => {
             s3_commands::ls(&config, model.as_deref(), date, json).await
         }

@@ -14,7 +14,7 @@ use strata::tiers::S3Tier;
 use crate::{close, thousands};
 
 /// The cache of `config`, which must have S3 enabled, and its S3 tier.
-async fn open(config: &Config) -> Result<(strata::TieredCache, S3Tier)> {
+pub async fn open(config: &Config) -> Result<(strata::TieredCache, S3Tier)> {
     if !config.s3.enabled {
         bail!(
             "S3 is not enabled: set [s3] enabled = true and a bucket in the configuration \

@@ -66,6 +66,7 @@ pub struct Counters {
     misses: AtomicU64,
     uncacheable: AtomicU64,
     expired: AtomicU64,
+    invalidated: AtomicU64,
     tier_errors: [AtomicU64; 3],
     corrupt: AtomicU64,
     collisions: AtomicU64,
@@ -128,6 +129,9 @@ pub struct Stats {
     pub uncacheable: u64,
     /// Entries found but past their expiry (counted within misses).
     pub expired: u64,
+    /// Copies found invalidated (an epoch moved past them) and dropped.
+    #[serde(default)]
+    pub invalidated: u64,
     /// Errors by kind.
     pub errors: Errors,
     /// Entries written by `put` or after a miss.
@@ -167,6 +171,7 @@ impl Stats {
             misses: self.misses + other.misses,
             uncacheable: self.uncacheable + other.uncacheable,
             expired: self.expired + other.expired,
+            invalidated: self.invalidated + other.invalidated,
             errors: Errors {
                 l1: self.errors.l1 + other.errors.l1,
                 l2: self.errors.l2 + other.errors.l2,
@@ -236,6 +241,11 @@ impl Counters {
         self.expired.fetch_add(1, Relaxed);
     }
 
+    /// Counts a copy found invalidated (and dropped).
+    pub fn record_invalidated(&self) {
+        self.invalidated.fetch_add(1, Relaxed);
+    }
+
     /// Counts a failed executor call.
     pub fn record_executor_error(&self) {
         self.executor_errors.fetch_add(1, Relaxed);
@@ -262,6 +272,7 @@ impl Counters {
             misses: get(&self.misses),
             uncacheable: get(&self.uncacheable),
             expired: get(&self.expired),
+            invalidated: get(&self.invalidated),
             errors: Errors {
                 l1: get(&self.tier_errors[0]),
                 l2: get(&self.tier_errors[1]),

@@ -5,6 +5,7 @@
 //! - [`key`]: cache keys, the MD5 of the canonical bytes together with the [`Scope`] and the
 //!   key-format version.
 //! - [`entry`]: the stored [`Entry`] (request, response, cost, tokens, expiry, …).
+//! - [`epochs`]: invalidation [`Epochs`] and [`Selector`]s: O(1) bulk invalidation.
 //! - [`codec`]: the versioned, checksummed [`Envelope`](codec) that entries travel in on disk and
 //!   in object storage.
 //!
@@ -21,6 +22,7 @@
 
 pub mod codec;
 pub mod entry;
+pub mod epochs;
 pub mod error;
 pub mod key;
 pub mod normalize;
@@ -28,6 +30,7 @@ pub mod scope;
 
 pub use codec::{Codec, CodecError};
 pub use entry::{Cost, Entry, Tokens};
+pub use epochs::{Epochs, Selector};
 pub use error::RequestError;
 pub use key::{CacheKey, KEY_FORMAT_VERSION, Keyed, ModelSlug};
 pub use normalize::{Explanation, FieldAction, FieldReport, Normalizer, Profile};

@@ -354,11 +354,18 @@ impl Normalizer {
             }
             None => return Err(RequestError::MissingField { field: "model" }),
         };
+        Ok(self.model_name(model))
+    }
+
+    /// The model name as entries of this normalizer record it: as given under `strict`;
+    /// trimmed, lowercased and resolved through the aliases otherwise. Selectors that name a
+    /// model (invalidation, reports) go through this so `GPT-4o` finds `gpt-4o`'s entries.
+    pub fn model_name(&self, model: &str) -> String {
         if self.profile == Profile::Strict {
-            return Ok(model.clone());
+            return model.to_string();
         }
         let lower = model.trim().to_lowercase();
-        Ok(self.aliases.get(&lower).cloned().unwrap_or(lower))
+        self.aliases.get(&lower).cloned().unwrap_or(lower)
     }
 
     fn top_level(&self, name: &str, value: &Value) -> TopLevel {

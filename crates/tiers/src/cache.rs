@@ -10,6 +10,9 @@
 //!    With an S3 tier, the initializer looks in L3 after L2; an L3 hit is promoted into L2
 //!    (and L1 by moka). A miss is written to L1 and L2 at once and queued in the S3 outbox.
 //! 4. A failing tier is logged and counted, and the lookup goes on as a miss.
+//! 5. On every tier a copy is served only while the invalidation epochs admit it
+//!    ([`EpochStore`]); a copy they no longer admit is dropped from that tier and the lookup
+//!    goes on below. Invalidation, pruning and garbage collection live in [`crate::invalidate`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,6 +30,7 @@ use strata_core::{
 };
 
 use crate::disk::DiskTier;
+use crate::epochs::EpochStore;
 use crate::error::TierError;
 use crate::memory::MemoryTier;
 use crate::s3::S3Tier;
@@ -154,9 +158,33 @@ pub struct TieredCacheBuilder {
     l3: Option<S3Tier>,
     ttl: TtlPolicy,
     pricing: Pricing,
+    epochs: Option<EpochStore>,
+    refresh_interval: Duration,
+    sweep_interval: Option<Duration>,
 }
 
 impl TieredCacheBuilder {
+    /// Where the invalidation epochs live. Default: the disk tier's database when there is
+    /// one (so they survive restarts), memory otherwise.
+    pub fn epochs(mut self, epochs: EpochStore) -> Self {
+        self.epochs = Some(epochs);
+        self
+    }
+
+    /// How often epochs are exchanged with the bucket (with an S3 tier). Default 5 s: another
+    /// node's invalidation stops this one serving within about that long.
+    pub fn refresh_interval(mut self, every: Duration) -> Self {
+        self.refresh_interval = every;
+        self
+    }
+
+    /// How often a background sweep removes expired and invalidated entries from the disk
+    /// tier. Default: never (call [`TieredCache::gc`]).
+    pub fn sweep_interval(mut self, every: Option<Duration>) -> Self {
+        self.sweep_interval = every;
+        self
+    }
+
     /// The normalizer (profile and aliases). Default: `standard`, no aliases.
     pub fn normalizer(mut self, normalizer: Normalizer) -> Self {
         self.normalizer = normalizer;
@@ -211,8 +239,17 @@ impl TieredCacheBuilder {
         if let Some(l3) = &self.l3 {
             l3.spawn_drainer();
         }
-        TieredCache {
+        let epochs = match (self.epochs, &self.disk) {
+            (Some(epochs), _) => epochs,
+            (None, Some(disk)) => EpochStore::open(disk).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot load invalidation epochs; keeping them in memory");
+                EpochStore::in_memory()
+            }),
+            (None, None) => EpochStore::in_memory(),
+        };
+        let cache = TieredCache {
             inner: Arc::new(Inner {
+                epochs: Arc::new(epochs),
                 normalizer: self.normalizer,
                 memory: MemoryTier::new(self.memory_capacity),
                 l2: self.l2,
@@ -223,26 +260,34 @@ impl TieredCacheBuilder {
                 ttl: self.ttl,
                 pricing: self.pricing,
             }),
+        };
+        if cache.inner.l3.is_some() {
+            crate::invalidate::spawn_refresher(&cache, self.refresh_interval);
         }
+        if let (Some(every), Some(_)) = (self.sweep_interval, &cache.inner.l2) {
+            crate::invalidate::spawn_sweeper(&cache, every);
+        }
+        cache
     }
 }
 
 /// The tiered cache: memory, then disk, then the executor. Cheap to clone.
 #[derive(Clone)]
 pub struct TieredCache {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    normalizer: Normalizer,
-    memory: MemoryTier,
-    l2: Option<Arc<dyn Tier>>,
-    disk: Option<DiskTier>,
-    l3: Option<S3Tier>,
-    counters: Counters,
+pub(crate) struct Inner {
+    pub(crate) normalizer: Normalizer,
+    pub(crate) memory: MemoryTier,
+    pub(crate) l2: Option<Arc<dyn Tier>>,
+    pub(crate) disk: Option<DiskTier>,
+    pub(crate) l3: Option<S3Tier>,
+    pub(crate) counters: Counters,
     baseline: Stats,
-    ttl: TtlPolicy,
+    pub(crate) ttl: TtlPolicy,
     pricing: Pricing,
+    pub(crate) epochs: Arc<EpochStore>,
 }
 
 impl Drop for Inner {
@@ -259,6 +304,7 @@ impl Drop for Inner {
 enum Verdict {
     Serve,
     Expired,
+    Invalidated,
     Collision,
 }
 
@@ -275,6 +321,9 @@ impl TieredCache {
             l3: None,
             ttl: TtlPolicy::default(),
             pricing: Pricing::default(),
+            epochs: None,
+            refresh_interval: Duration::from_secs(5),
+            sweep_interval: None,
         }
     }
 
@@ -527,6 +576,10 @@ impl TieredCache {
                     inner.counters.record_expired();
                     inner.memory.remove_id(id).await;
                 }
+                Verdict::Invalidated => {
+                    inner.counters.record_invalidated();
+                    inner.memory.remove_id(id).await;
+                }
                 Verdict::Collision => {
                     inner
                         .counters
@@ -578,6 +631,8 @@ impl Inner {
             Verdict::Collision
         } else if entry.is_expired_at(Utc::now()) {
             Verdict::Expired
+        } else if !self.epochs.admits(entry) {
+            Verdict::Invalidated
         } else {
             Verdict::Serve
         }
@@ -589,6 +644,11 @@ impl Inner {
             Verdict::Serve => Some(entry),
             Verdict::Expired => {
                 self.counters.record_expired();
+                self.memory.remove_id(keyed.key.id()).await;
+                None
+            }
+            Verdict::Invalidated => {
+                self.counters.record_invalidated();
                 self.memory.remove_id(keyed.key.id()).await;
                 None
             }
@@ -669,6 +729,13 @@ impl Inner {
                     return Some((entry, Outcome::L3));
                 }
                 Verdict::Expired => self.counters.record_expired(),
+                Verdict::Invalidated => {
+                    // The objects stay for `gc`; this node stops pointing at them.
+                    self.counters.record_invalidated();
+                    if let Err(e) = l3.forget(&keyed.key) {
+                        self.tier_failed(TierName::L3, "forget", &e);
+                    }
+                }
                 Verdict::Collision => {
                     self.counters
                         .record_error(TierName::L3, ErrorKind::Collision);
@@ -700,8 +767,12 @@ impl Inner {
         match l2.get(&keyed.key).await {
             Ok(Some(entry)) => match self.verdict(&entry, keyed) {
                 Verdict::Serve => return Some((entry, Outcome::L2)),
-                Verdict::Expired => {
-                    self.counters.record_expired();
+                Verdict::Expired | Verdict::Invalidated => {
+                    if entry.is_expired_at(Utc::now()) {
+                        self.counters.record_expired();
+                    } else {
+                        self.counters.record_invalidated();
+                    }
                     if let Err(e) = l2.remove(&keyed.key).await {
                         self.tier_failed(l2.name(), "remove", &e);
                     }
@@ -764,7 +835,7 @@ impl Inner {
         self.counters.record_put();
     }
 
-    async fn remove(&self, key: &CacheKey) {
+    pub(crate) async fn remove(&self, key: &CacheKey) {
         self.memory.remove_id(key.id()).await;
         if let Some(l2) = &self.l2
             && let Err(e) = l2.remove(key).await
@@ -778,7 +849,7 @@ impl Inner {
         }
     }
 
-    fn tier_failed(&self, tier: TierName, op: &str, error: &TierError) {
+    pub(crate) fn tier_failed(&self, tier: TierName, op: &str, error: &TierError) {
         tracing::warn!(?tier, op, %error, "cache tier failed; treating as a miss");
         self.counters.record_error(tier, ErrorKind::Io);
     }
@@ -807,7 +878,7 @@ impl Inner {
         let now = Utc::now();
         let now = chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
         let ttl = completion.ttl.or_else(|| self.ttl.for_model(&keyed.model));
-        Entry {
+        let mut entry = Entry {
             cache_id: keyed.key.hex(),
             cache_key: keyed.key.to_string(),
             request: keyed.canonical.clone(),
@@ -826,7 +897,9 @@ impl Inner {
             hit_count: 0,
             last_accessed: now,
             epochs: Default::default(),
-        }
+        };
+        entry.epochs = self.epochs.stamp(&entry);
+        entry
     }
 }
 

@@ -68,6 +68,17 @@ struct Inner {
     moved_aside: Option<PathBuf>,
 }
 
+/// What a [`DiskTier::sweep`] saw and removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Entries looked at.
+    pub seen: u64,
+    /// Entries removed.
+    pub removed: u64,
+    /// Bytes the removed entries held.
+    pub bytes: u64,
+}
+
 /// The disk tier. Cheap to clone (clones share the database).
 #[derive(Clone)]
 pub struct DiskTier {
@@ -163,6 +174,46 @@ impl DiskTier {
     /// A fresh, unique number from the database.
     pub fn generate_id(&self) -> Result<u64, TierError> {
         Ok(self.inner.db.generate_id()?)
+    }
+
+    /// Walks every stored entry in key order, decoding each, and removes those `remove` says
+    /// to (undecodable copies are passed as errors; removing them is up to `remove` too).
+    /// Blocking: call it from the blocking pool or a command. `remove` also gets the bytes
+    /// the copy holds on disk.
+    pub fn sweep(
+        &self,
+        mut remove: impl FnMut(u128, Result<Entry, strata_core::CodecError>, u64) -> bool,
+    ) -> Result<Swept, TierError> {
+        let mut swept = Swept::default();
+        for item in self.inner.entries.iter() {
+            let (key, value) = item?;
+            let Some(id) = id_of(&key) else { continue };
+            let bytes = (value.len() + 16) as u64;
+            swept.seen += 1;
+            if remove(id, self.inner.codec.decode(&value), bytes) {
+                self.inner.forget(id)?;
+                swept.removed += 1;
+                swept.bytes += bytes;
+            }
+        }
+        Ok(swept)
+    }
+
+    /// Removes the entry stored under a digest, if any. Returns whether one was there.
+    pub fn remove_id(&self, id: u128) -> Result<bool, TierError> {
+        let was = self.inner.entries.contains_key(id.to_be_bytes())?;
+        self.inner.forget(id)?;
+        Ok(was)
+    }
+
+    /// Removes every entry. Returns how many there were.
+    pub fn clear(&self) -> Result<u64, TierError> {
+        let n = self.inner.entries.len() as u64;
+        self.inner.entries.clear()?;
+        self.inner.access.clear()?;
+        self.inner.lock_slots().clear();
+        self.inner.bytes.store(0, Relaxed);
+        Ok(n)
     }
 
     /// Entries evicted for space since open.

@@ -20,6 +20,9 @@ pub enum TierError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The caller asked for something that cannot be done as asked (a bad selector or pattern).
+    #[error("invalid: {0}")]
+    Invalid(String),
     /// The tier cannot be used now (injected fault, open failure, circuit open).
     #[error("tier unavailable: {0}")]
     Unavailable(String),

@@ -8,17 +8,23 @@
 //!   a durable write-behind outbox and a circuit breaker.
 //! - [`TieredCache`]: the lookup path L1 → L2 → L3 → executor, single flight, promotion, TTL, and
 //!   graceful degradation (a failing tier is a counted miss, never a failed call).
+//! - [`EpochStore`] and [`invalidate`]: invalidation by selector, key and pattern on every tier
+//!   and every node, `clear`, and garbage collection.
 
 pub mod cache;
 pub mod disk;
+pub mod epochs;
 pub mod error;
+pub mod invalidate;
 pub mod memory;
 pub mod s3;
 pub mod tier;
 
 pub use cache::{Completion, Lookup, TieredCache, TieredCacheBuilder, TtlPolicy};
-pub use disk::{DiskConfig, DiskTier};
+pub use disk::{DiskConfig, DiskTier, Swept};
+pub use epochs::{EpochStore, SyncReport};
 pub use error::TierError;
+pub use invalidate::{GcReport, Invalidation, Progress};
 pub use memory::MemoryTier;
 pub use s3::{RebuildReport, S3Config, S3Stats, S3Tier, WarmReport};
 pub use strata_analytics::{Outcome, Stats};

@@ -5,6 +5,8 @@
 //! {prefix}/llm-cache/{model_slug}/{YYYY}/{MM}/{DD}/{HH}/{cache_id}.metadata.json plain JSON metadata
 //! {prefix}/cache-index/by-hash/{hh}/{cache_id}.json     pointer: object path, model, created, expires, size
 //! {prefix}/cache-index/by-date/{YYYY-MM-DD}/{node_id}-{seq}.jsonl  manifest segment, append-only
+//! {prefix}/control/epochs.json                       invalidation epochs, shared (compare-and-swap)
+//! {prefix}/control/epochs/{node_id}.json             the epochs one node knows; only it writes it
 //! ```
 //!
 //! The date in an entry's path is its `created_at` in UTC. `{hh}` is the first two hex digits of
@@ -90,6 +92,26 @@ impl Layout {
                 d.day()
             )),
         }
+    }
+
+    /// The shared invalidation epochs.
+    pub fn epochs_path(&self) -> String {
+        self.join("control/epochs.json")
+    }
+
+    /// The folder of per-node copies of the epochs.
+    pub fn node_epochs_root(&self) -> String {
+        self.join("control/epochs/")
+    }
+
+    /// The copy of the epochs `node` keeps (only that node writes it).
+    pub fn node_epochs_path(&self, node: &str) -> String {
+        format!("{}{node}.json", self.node_epochs_root())
+    }
+
+    /// The folder of pointers and manifests: `{prefix}/cache-index/`.
+    pub fn index_root(&self) -> String {
+        self.join("cache-index/")
     }
 
     /// The folder holding every by-hash pointer.

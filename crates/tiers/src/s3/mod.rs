@@ -16,6 +16,7 @@
 //!   did not write: it drops it from its index and treats the lookup as a miss.
 
 pub mod breaker;
+pub mod control;
 pub mod layout;
 
 use std::future::Future;
@@ -170,7 +171,12 @@ pub struct Listed {
     pub size: u64,
     /// When it was last written, if the server says.
     pub last_modified: Option<DateTime<Utc>>,
+    /// Its ETag, if the server says.
+    pub etag: Option<String>,
 }
+
+/// A queued upload: the key's digest and the entry's envelope.
+pub type Queued = ([u8; 16], Vec<u8>);
 
 /// What one pass over the outbox did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -599,6 +605,7 @@ impl S3Tier {
                         last_modified: o
                             .last_modified()
                             .and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
+                        etag: o.e_tag().map(str::to_string),
                     })
                 })
                 .collect();
@@ -652,6 +659,33 @@ impl S3Tier {
     /// Records in the local index that `key`'s entry is the object `path` of `size` bytes.
     pub fn remember(&self, key: &CacheKey, path: &str, size: u64) -> Result<(), TierError> {
         self.inner.remember(&key.digest, path, size)
+    }
+
+    /// Drops `key` from the local index (the objects stay; `gc` deletes them).
+    pub fn forget(&self, key: &CacheKey) -> Result<(), TierError> {
+        self.inner.forget(&key.digest)
+    }
+
+    /// Removes every queued upload and the whole local index (after `clear`). Returns how
+    /// many uploads were dropped.
+    pub fn clear_local(&self) -> Result<u64, TierError> {
+        let dropped = self.inner.outbox.len() as u64;
+        self.inner.outbox.clear()?;
+        self.inner.index.clear()?;
+        self.inner.index_bytes.store(0, Relaxed);
+        Ok(dropped)
+    }
+
+    /// Every queued upload as (digest, envelope), for selecting by pattern.
+    pub fn queued(&self) -> Result<Vec<Queued>, TierError> {
+        let mut out = Vec::new();
+        for item in self.inner.outbox.iter() {
+            let (k, v) = item?;
+            if let Ok(digest) = <[u8; 16]>::try_from(k.as_ref()) {
+                out.push((digest, v.to_vec()));
+            }
+        }
+        Ok(out)
     }
 
     /// The object path the local index holds for `key`.

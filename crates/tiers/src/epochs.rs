@@ -1,0 +1,217 @@
+//! The epochs in force on this node: read on every lookup, persisted in the disk tier's
+//! database, and exchanged with other nodes through the bucket.
+//!
+//! Lookups read an `Arc` snapshot (a flag skips even that while nothing was ever invalidated).
+//! A bump replaces the snapshot and persists it before returning; [`EpochStore::sync`] merges
+//! what the bucket holds and publishes what it lacks (see [`crate::s3::control`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use chrono::Utc;
+use strata_core::{Entry, Epochs, Selector};
+
+use crate::disk::DiskTier;
+use crate::error::TierError;
+use crate::s3::S3Tier;
+use crate::s3::control::{Expect, Written};
+
+const CURRENT_KEY: &[u8] = b"current";
+/// Conditional writes of the shared document tried before leaving the rest to node copies.
+const CAS_ATTEMPTS: u32 = 8;
+
+/// The epochs of one node.
+pub struct EpochStore {
+    current: RwLock<Arc<Epochs>>,
+    empty: AtomicBool,
+    tree: Option<sled::Tree>,
+    conditional_writes: bool,
+    sync: tokio::sync::Mutex<SyncState>,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Other nodes' copies already merged, by path: their ETag.
+    seen: HashMap<String, Option<String>>,
+    /// What this node last wrote as its own copy.
+    published_copy: Option<Epochs>,
+}
+
+/// What one [`EpochStore::sync`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Whether this node learnt of bumps it did not know.
+    pub learnt: bool,
+    /// Whether the shared `control/epochs.json` was written.
+    pub published: bool,
+    /// Conditional writes that lost a race and were retried.
+    pub conflicts: u32,
+}
+
+impl std::fmt::Debug for EpochStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochStore")
+            .field("current", &self.snapshot())
+            .field("persistent", &self.tree.is_some())
+            .finish()
+    }
+}
+
+impl EpochStore {
+    /// Epochs kept in memory only (a cache without a disk tier).
+    pub fn in_memory() -> Self {
+        Self::with_tree(None, Epochs::default())
+    }
+
+    /// Epochs kept in the disk tier's database (tree `epochs`), loaded as last persisted.
+    pub fn open(disk: &DiskTier) -> Result<Self, TierError> {
+        let tree = disk.open_tree("epochs")?;
+        let current = match tree.get(CURRENT_KEY)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                TierError::Storage(format!("stored invalidation epochs do not parse: {e}"))
+            })?,
+            None => Epochs::default(),
+        };
+        Ok(Self::with_tree(Some(tree), current))
+    }
+
+    fn with_tree(tree: Option<sled::Tree>, current: Epochs) -> Self {
+        EpochStore {
+            empty: AtomicBool::new(current.is_empty()),
+            current: RwLock::new(Arc::new(current)),
+            tree,
+            conditional_writes: true,
+            sync: tokio::sync::Mutex::new(SyncState::default()),
+        }
+    }
+
+    /// Whether [`EpochStore::sync`] writes the shared document with a compare-and-swap on its
+    /// ETag (the default). Off, it writes unconditionally and relies on the per-node copies
+    /// alone, for servers that reject conditional headers.
+    pub fn conditional_writes(mut self, on: bool) -> Self {
+        self.conditional_writes = on;
+        self
+    }
+
+    /// The epochs in force now.
+    pub fn snapshot(&self) -> Arc<Epochs> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether an entry may be served under the epochs in force.
+    pub fn admits(&self, entry: &Entry) -> bool {
+        self.empty.load(Ordering::Acquire) || self.snapshot().admits(entry)
+    }
+
+    /// The epochs an entry written now records.
+    pub fn stamp(&self, entry: &Entry) -> BTreeMap<String, u64> {
+        if self.empty.load(Ordering::Acquire) {
+            return BTreeMap::new();
+        }
+        self.snapshot().stamp(entry)
+    }
+
+    /// Bumps the epoch of `selector` on this node and persists it (not yet flushed; see
+    /// [`EpochStore::flush`]). Returns the new value.
+    pub fn bump(&self, selector: &Selector) -> Result<u64, TierError> {
+        self.update(|epochs| Some(epochs.bump(selector, Utc::now())))
+            .map(|v| v.unwrap_or(0))
+    }
+
+    /// Merges epochs learnt elsewhere. Returns whether anything changed.
+    pub fn absorb(&self, other: &Epochs) -> Result<bool, TierError> {
+        if self.snapshot().covers(other) {
+            return Ok(false);
+        }
+        self.update(|epochs| epochs.merge(other).then_some(0))
+            .map(|v| v.is_some())
+    }
+
+    /// Drops key tombstones older than `cutoff_ms`. Returns how many.
+    pub fn prune_keys_before(&self, cutoff_ms: u64) -> Result<usize, TierError> {
+        let mut pruned = 0;
+        self.update(|epochs| {
+            pruned = epochs.prune_keys_before(cutoff_ms);
+            (pruned > 0).then_some(0)
+        })?;
+        Ok(pruned)
+    }
+
+    /// Applies `change` to a copy of the epochs; if it returns `Some`, persists the copy and
+    /// puts it in force.
+    fn update<R>(
+        &self,
+        change: impl FnOnce(&mut Epochs) -> Option<R>,
+    ) -> Result<Option<R>, TierError> {
+        let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = Epochs::clone(&guard);
+        let Some(result) = change(&mut next) else {
+            return Ok(None);
+        };
+        if let Some(tree) = &self.tree {
+            let bytes = serde_json::to_vec(&next)
+                .map_err(|e| TierError::Storage(format!("encoding epochs: {e}")))?;
+            tree.insert(CURRENT_KEY, bytes)?;
+        }
+        self.empty.store(next.is_empty(), Ordering::Release);
+        *guard = Arc::new(next);
+        Ok(Some(result))
+    }
+
+    /// Makes the persisted epochs durable.
+    pub async fn flush(&self) -> Result<(), TierError> {
+        if let Some(tree) = &self.tree {
+            tree.flush_async().await?;
+        }
+        Ok(())
+    }
+
+    /// Exchanges epochs with the bucket: merges every other node's copy that changed since the
+    /// last sync and the shared `control/epochs.json`; then, if the shared document lacks
+    /// anything this node knows, writes the union back (compare-and-swap on the ETag, retried
+    /// on conflict), and refreshes this node's own copy.
+    pub async fn sync(&self, s3: &S3Tier) -> Result<SyncReport, TierError> {
+        let mut state = self.sync.lock().await;
+        let mut report = SyncReport::default();
+        let own = s3.layout().node_epochs_path(s3.node_id());
+        for object in s3.list(&s3.layout().node_epochs_root()).await? {
+            if object.key == own || state.seen.get(&object.key) == Some(&object.etag) {
+                continue;
+            }
+            if let Some(copy) = s3.read_node_epochs(&object.key).await? {
+                report.learnt |= self.absorb(&copy)?;
+            }
+            state.seen.insert(object.key, object.etag);
+        }
+        for _ in 0..CAS_ATTEMPTS {
+            let (shared, etag) = s3.read_epochs().await?.unwrap_or_default();
+            report.learnt |= self.absorb(&shared)?;
+            let local = self.snapshot();
+            if shared.covers(&local) {
+                break;
+            }
+            let expect = match (self.conditional_writes, etag) {
+                (false, _) => Expect::Anything,
+                (true, Some(etag)) => Expect::ETag(etag),
+                (true, None) => Expect::Absent,
+            };
+            match s3.write_epochs(&local, &expect).await? {
+                Written::Done => {
+                    report.published = true;
+                    break;
+                }
+                Written::Conflict => report.conflicts += 1,
+            }
+        }
+        let local = self.snapshot();
+        if state.published_copy.as_ref() != Some(&*local) {
+            s3.write_node_epochs(&local).await?;
+            state.published_copy = Some(Epochs::clone(&local));
+        }
+        if report.learnt {
+            self.flush().await?;
+        }
+        Ok(report)
+    }
+}

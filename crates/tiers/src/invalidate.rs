@@ -1,0 +1,515 @@
+//! Taking answers back: invalidation by selector, by key and by pattern, `clear`, garbage
+//! collection, and the background tasks that refresh epochs and sweep the disk tier.
+//!
+//! Bulk selectors (model, user, session, namespace, tag, age, all) bump an epoch: O(1), no
+//! entry is touched, and every tier stops serving the covered entries at once because every
+//! lookup checks the epochs ([`crate::EpochStore`]). The copies are removed lazily when a lookup
+//! meets them, by the disk sweep, and for good by [`TieredCache::gc`]. Keys and patterns remove
+//! the matching copies from every tier at once and leave a key tombstone (a key epoch) so that
+//! other nodes' copies stop being served too.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use chrono::Utc;
+use strata_analytics::TierName;
+use strata_core::{CacheKey, Entry, Epochs, ModelSlug, Selector};
+
+use crate::cache::{Inner, TieredCache};
+use crate::epochs::{EpochStore, SyncReport};
+use crate::error::TierError;
+use crate::s3::S3Tier;
+use crate::s3::layout::{ENTRY_SUFFIX, Layout, METADATA_SUFFIX};
+
+/// What an invalidation did on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalidation {
+    /// What was invalidated, for people.
+    pub what: String,
+    /// Entries affected. Exact for keys and patterns (copies found and removed); for epoch
+    /// selectors, an estimate counted on this node's tiers (see [`Invalidation::exact`]).
+    pub affected: u64,
+    /// Whether `affected` is exact.
+    pub exact: bool,
+    /// Whether the bucket's shared epochs were updated (with an S3 tier). When this is false,
+    /// the invalidation holds on this node and is published by the next refresh.
+    pub published: bool,
+}
+
+/// What [`TieredCache::gc`] found and freed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Entries looked at in L2.
+    pub l2_seen: u64,
+    /// Entries removed from L2 (expired, invalidated or corrupt).
+    pub l2_removed: u64,
+    /// Bytes they held.
+    pub l2_bytes: u64,
+    /// Objects listed under `llm-cache/` and `cache-index/by-hash/`.
+    pub s3_listed: u64,
+    /// Entry objects found expired, invalidated or corrupt.
+    pub s3_entries: u64,
+    /// Objects deleted (entries, metadata, pointers).
+    pub s3_objects: u64,
+    /// Bytes those objects held.
+    pub s3_bytes: u64,
+    /// Whether nothing was deleted (`--dry-run`): the counts say what would be.
+    pub dry_run: bool,
+}
+
+/// Progress of a long operation, for a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Objects listed so far.
+    Listed(u64),
+    /// Entry objects checked so far, of a total.
+    Checked(u64, u64),
+    /// Objects deleted so far, of a total.
+    Deleted(u64, u64),
+}
+
+impl TieredCache {
+    /// The invalidation epochs of this cache.
+    pub fn epochs(&self) -> &Arc<EpochStore> {
+        &self.inner.epochs
+    }
+
+    /// Invalidates every entry a selector covers, on every tier of every node.
+    ///
+    /// Bulk selectors bump an epoch (O(1), nothing is scanned); the bump is persisted before
+    /// this returns and, with an S3 tier, published to `control/epochs.json`, which other nodes
+    /// read every refresh interval. [`Selector::Key`] removes the entry from every tier now.
+    /// `affected` is exact only for keys; call [`TieredCache::estimate`] first for a count.
+    pub async fn invalidate(&self, selector: &Selector) -> Result<Invalidation, TierError> {
+        let inner = &self.inner;
+        let selector = self.canonical_selector(selector);
+        let mut affected = 0;
+        let exact = matches!(selector, Selector::Key(_));
+        if let Selector::Key(id) = &selector {
+            let key = CacheKey::parse(id)
+                .or_else(|| CacheKey::parse(&format!("x_{id}")))
+                .ok_or_else(|| {
+                    TierError::Invalid(format!(
+                        "`{id}` is not a cache key (`model_32hex`) or a cache id (32 hex digits)"
+                    ))
+                })?;
+            affected = u64::from(self.remove_everywhere(&key).await?);
+            inner.epochs.bump(&Selector::Key(key.hex()))?;
+        } else {
+            inner.epochs.bump(&selector)?;
+        }
+        inner.epochs.flush().await?;
+        let published = self.publish().await;
+        Ok(Invalidation {
+            what: selector.to_string(),
+            affected,
+            exact,
+            published,
+        })
+    }
+
+    /// Model names go through the normalizer (`GPT-4o` means `gpt-4o`); display keys become
+    /// cache ids.
+    fn canonical_selector(&self, selector: &Selector) -> Selector {
+        match selector {
+            Selector::Model(m) => Selector::Model(self.inner.normalizer.model_name(m)),
+            other => other.clone(),
+        }
+    }
+
+    /// Removes `key`'s copies from L1, L2 and S3 (and the outbox). Returns whether any tier
+    /// had one.
+    async fn remove_everywhere(&self, key: &CacheKey) -> Result<bool, TierError> {
+        let inner = &self.inner;
+        let mut found = inner.memory.get_id(key.id()).await.is_some();
+        if let Some(disk) = &inner.disk {
+            found |= disk.remove_id(key.id())?;
+        } else if let Some(l2) = &inner.l2 {
+            found |= matches!(l2.get(key).await, Ok(Some(_)));
+        }
+        if let Some(l3) = &inner.l3 {
+            found |= l3.known_path(key)?.is_some()
+                || l3
+                    .get_object(&l3.layout().pointer_path(&key.hex()))
+                    .await?
+                    .is_some();
+        }
+        inner.remove(key).await;
+        Ok(found)
+    }
+
+    /// Publishes the epochs to the bucket now; false (and a warning) if S3 cannot take them.
+    async fn publish(&self) -> bool {
+        let Some(l3) = &self.inner.l3 else {
+            return false;
+        };
+        match self.inner.epochs.sync(l3).await {
+            Ok(report) => report.published || !report.learnt,
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "cannot publish the invalidation to S3 now; it holds here and the next refresh publishes it");
+                false
+            }
+        }
+    }
+
+    /// Exchanges epochs with the bucket now (the background refresher does this every refresh
+    /// interval). Without an S3 tier there is nothing to do.
+    pub async fn refresh_epochs(&self) -> Result<SyncReport, TierError> {
+        match &self.inner.l3 {
+            Some(l3) => self.inner.epochs.sync(l3).await,
+            None => Ok(SyncReport::default()),
+        }
+    }
+
+    /// Counts the entries on this node that `selector` would invalidate: those its tiers
+    /// still serve and would stop serving. Scans the disk tier (or memory without one); an
+    /// estimate of the whole cache, since other nodes and S3 may hold more.
+    pub async fn estimate(&self, selector: &Selector) -> Result<u64, TierError> {
+        let selector = self.canonical_selector(selector);
+        let now_epochs = self.inner.epochs.snapshot();
+        let mut after = Epochs::clone(&now_epochs);
+        // A moment later than now, so that entries written this millisecond count too.
+        after.bump(&selector, Utc::now() + chrono::Duration::milliseconds(1));
+        let covered = move |e: &Entry| now_epochs.admits(e) && !after.admits(e);
+        match &self.inner.disk {
+            Some(disk) => {
+                let disk = disk.clone();
+                blocking(move || {
+                    let mut n = 0;
+                    disk.sweep(|_, decoded, _| {
+                        if decoded.is_ok_and(|e| covered(&e)) {
+                            n += 1;
+                        }
+                        false
+                    })?;
+                    Ok(n)
+                })
+                .await
+            }
+            None => Ok(self
+                .inner
+                .memory
+                .cache()
+                .iter()
+                .filter(|(_, e)| covered(e))
+                .count() as u64),
+        }
+    }
+
+    /// Invalidates every entry whose display key (`{model_slug}_{32 hex}`) matches a glob
+    /// (`gpt-4o_*`, `*_00*`): removes the copies from L1, L2, the outbox and S3 (listing
+    /// `llm-cache/`), and leaves a key tombstone per match so other nodes stop serving theirs.
+    /// `affected` is the exact number of distinct keys removed.
+    pub async fn invalidate_pattern(
+        &self,
+        pattern: &str,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<Invalidation, TierError> {
+        let inner = &self.inner;
+        let matcher = globset::Glob::new(pattern)
+            .map_err(|e| TierError::Invalid(format!("pattern `{pattern}`: {e}")))?
+            .compile_matcher();
+        let mut ids: BTreeSet<String> = BTreeSet::new();
+        for (id, entry) in inner.memory.cache().iter() {
+            if matcher.is_match(&entry.cache_key) {
+                ids.insert(entry.cache_id.clone());
+                inner.memory.remove_id(*id).await;
+            }
+        }
+        if let Some(disk) = &inner.disk {
+            let (disk, m) = (disk.clone(), matcher.clone());
+            let found = blocking(move || {
+                let mut found = Vec::new();
+                disk.sweep(|_, decoded, _| match decoded {
+                    Ok(e) if m.is_match(&e.cache_key) => {
+                        found.push(e.cache_id);
+                        true
+                    }
+                    _ => false,
+                })?;
+                Ok(found)
+            })
+            .await?;
+            ids.extend(found);
+        }
+        if let Some(l3) = &inner.l3 {
+            for (digest, envelope) in l3.queued()? {
+                if let Ok(e) = l3.decode(&envelope)
+                    && matcher.is_match(&e.cache_key)
+                {
+                    ids.insert(e.cache_id);
+                    l3.dequeue(&CacheKey {
+                        slug: ModelSlug::new(&e.model),
+                        digest,
+                    })?;
+                }
+            }
+            let layout = l3.layout().clone();
+            let mut doomed = Vec::new();
+            let mut listed = 0;
+            l3.list_pages(&layout.cache_root(), |page| {
+                listed += page.len() as u64;
+                for object in page {
+                    let Some(parsed) = entry_or_metadata(&layout, &object.key) else {
+                        continue;
+                    };
+                    if matcher.is_match(format!("{}_{}", parsed.0, parsed.1)) {
+                        ids.insert(parsed.1);
+                        doomed.push(object.key);
+                    }
+                }
+                progress(Progress::Listed(listed));
+            })
+            .await?;
+            for id in &ids {
+                doomed.push(layout.pointer_path(id));
+                if let Some(key) = CacheKey::parse(&format!("x_{id}")) {
+                    l3.forget(&key)?;
+                }
+            }
+            let total = doomed.len() as u64;
+            l3.delete_objects(&doomed, |n| progress(Progress::Deleted(n, total)))
+                .await?;
+        }
+        for id in &ids {
+            inner.epochs.bump(&Selector::Key(id.clone()))?;
+        }
+        inner.epochs.flush().await?;
+        let published = self.publish().await;
+        Ok(Invalidation {
+            what: format!("keys matching {pattern}"),
+            affected: ids.len() as u64,
+            exact: true,
+            published,
+        })
+    }
+
+    /// Invalidates everything, everywhere (bumps the `all` epoch), and empties this node's
+    /// memory, disk tier and outbox at once. Objects in S3 are left for [`TieredCache::gc`],
+    /// which the `strata clear` command runs next. Returns how many entries this node held.
+    pub async fn clear(&self) -> Result<Invalidation, TierError> {
+        let inner = &self.inner;
+        inner.epochs.bump(&Selector::All)?;
+        inner.epochs.flush().await?;
+        let in_memory = inner.memory.cache().entry_count();
+        inner.memory.cache().invalidate_all();
+        let mut affected = in_memory;
+        if let Some(disk) = &inner.disk {
+            affected = affected.max(disk.clear()?);
+        }
+        if let Some(l3) = &inner.l3 {
+            // Queued uploads are copies of disk entries already counted.
+            l3.clear_local()?;
+        }
+        let published = self.publish().await;
+        Ok(Invalidation {
+            what: Selector::All.to_string(),
+            affected,
+            exact: true,
+            published,
+        })
+    }
+
+    /// Deletes expired, invalidated and corrupt entries from L2 and, with an S3 tier, from
+    /// the bucket: entry and metadata objects, and the by-hash pointer of a key left with no
+    /// object, with DeleteObjects in batches of 1,000. With `dry_run`, only counts.
+    pub async fn gc(
+        &self,
+        dry_run: bool,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<GcReport, TierError> {
+        let inner = &self.inner;
+        let mut report = GcReport {
+            dry_run,
+            ..GcReport::default()
+        };
+        let epochs = inner.epochs.snapshot();
+        if let Some(disk) = &inner.disk {
+            let (disk, e) = (disk.clone(), Arc::clone(&epochs));
+            let swept = blocking(move || sweep_disk(&disk, &e, dry_run)).await?;
+            report.l2_seen = swept.0;
+            report.l2_removed = swept.1;
+            report.l2_bytes = swept.2;
+        }
+        if let Some(l3) = &inner.l3 {
+            gc_bucket(l3, &epochs, dry_run, &mut report, &mut progress).await?;
+        }
+        Ok(report)
+    }
+}
+
+/// (seen, removed, bytes) of a disk sweep: expired, invalidated and undecodable entries.
+fn sweep_disk(
+    disk: &crate::DiskTier,
+    epochs: &Epochs,
+    dry_run: bool,
+) -> Result<(u64, u64, u64), TierError> {
+    let now = Utc::now();
+    let mut doomed = (0, 0);
+    let swept = disk.sweep(|_, decoded, bytes| {
+        let dead = match decoded {
+            Ok(e) => e.is_expired_at(now) || !epochs.admits(&e),
+            Err(_) => true,
+        };
+        if dead {
+            doomed.0 += 1;
+            doomed.1 += bytes;
+        }
+        dead && !dry_run
+    })?;
+    Ok((swept.seen, doomed.0, doomed.1))
+}
+
+/// The model slug and cache id of an entry or metadata object's path.
+fn entry_or_metadata(layout: &Layout, path: &str) -> Option<(String, String)> {
+    let as_entry = match path.strip_suffix(METADATA_SUFFIX) {
+        Some(stem) => format!("{stem}{ENTRY_SUFFIX}"),
+        None => path.to_string(),
+    };
+    let parsed = layout.parse_entry_path(&as_entry)?;
+    Some((parsed.slug, parsed.cache_id))
+}
+
+async fn gc_bucket(
+    l3: &S3Tier,
+    epochs: &Epochs,
+    dry_run: bool,
+    report: &mut GcReport,
+    progress: &mut impl FnMut(Progress),
+) -> Result<(), TierError> {
+    let layout = l3.layout().clone();
+    let mut sizes: HashMap<String, u64> = HashMap::new();
+    let mut listed = 0;
+    for root in [layout.cache_root(), layout.pointer_root()] {
+        l3.list_pages(&root, |page| {
+            listed += page.len() as u64;
+            sizes.extend(page.into_iter().map(|o| (o.key, o.size)));
+            progress(Progress::Listed(listed));
+        })
+        .await?;
+    }
+    report.s3_listed = listed;
+    let entries: Vec<(String, String)> = sizes
+        .keys()
+        .filter_map(|k| Some((k.clone(), layout.parse_entry_path(k)?.cache_id)))
+        .collect();
+    let total = entries.len() as u64;
+    let now = Utc::now();
+    let mut checked = 0;
+    let verdicts = l3
+        .for_each_concurrent(entries, |(path, id)| async move {
+            let dead = match l3.get_object(&path).await {
+                Ok(Some(bytes)) => match l3.decode(&bytes) {
+                    Ok(e) => Some(e.is_expired_at(now) || !epochs.admits(&e)),
+                    Err(_) => Some(true),
+                },
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(%path, error = %e, "gc cannot read an entry object; keeping it");
+                    None
+                }
+            };
+            (path, id, dead)
+        })
+        .await;
+    let mut doomed = Vec::new();
+    let mut alive_ids = HashSet::new();
+    let mut dead_ids = HashSet::new();
+    for (path, id, dead) in verdicts {
+        checked += 1;
+        if checked % 64 == 0 || checked == total {
+            progress(Progress::Checked(checked, total));
+        }
+        match dead {
+            Some(true) => {
+                report.s3_entries += 1;
+                let metadata = Layout::metadata_path(&path);
+                if sizes.contains_key(&metadata) {
+                    doomed.push(metadata);
+                }
+                doomed.push(path);
+                dead_ids.insert(id);
+            }
+            _ => {
+                alive_ids.insert(id);
+            }
+        }
+    }
+    for id in dead_ids.difference(&alive_ids) {
+        let pointer = layout.pointer_path(id);
+        if sizes.contains_key(&pointer) {
+            doomed.push(pointer);
+        }
+        if !dry_run && let Some(key) = CacheKey::parse(&format!("x_{id}")) {
+            l3.forget(&key)?;
+        }
+    }
+    report.s3_objects = doomed.len() as u64;
+    report.s3_bytes = doomed.iter().filter_map(|p| sizes.get(p)).sum();
+    if !dry_run {
+        let total = doomed.len() as u64;
+        report.s3_objects = l3
+            .delete_objects(&doomed, |n| progress(Progress::Deleted(n, total)))
+            .await?;
+    }
+    Ok(())
+}
+
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, TierError> + Send + 'static,
+) -> Result<R, TierError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TierError::Storage(format!("background task: {e}")))?
+}
+
+/// Refreshes the epochs from the bucket every `every`, while the cache lives.
+pub(crate) fn spawn_refresher(cache: &TieredCache, every: Duration) {
+    let weak = Arc::downgrade(&cache.inner);
+    let every = every.max(Duration::from_millis(100));
+    tokio::spawn(async move {
+        loop {
+            let Some(inner) = weak.upgrade() else { return };
+            refresh_once(&inner).await;
+            drop(inner);
+            tokio::time::sleep(every).await;
+        }
+    });
+}
+
+async fn refresh_once(inner: &Inner) {
+    let Some(l3) = &inner.l3 else { return };
+    if let Err(e) = inner.epochs.sync(l3).await {
+        tracing::debug!(error = %e, "refreshing invalidation epochs failed; will retry");
+        inner.tier_failed(TierName::L3, "refresh epochs", &e);
+    }
+}
+
+/// Removes expired and invalidated entries from the disk tier every `every`.
+pub(crate) fn spawn_sweeper(cache: &TieredCache, every: Duration) {
+    let weak: Weak<Inner> = Arc::downgrade(&cache.inner);
+    let every = every.max(Duration::from_secs(1));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(inner) = weak.upgrade() else { return };
+            let (Some(disk), epochs) = (inner.disk.clone(), inner.epochs.snapshot()) else {
+                return;
+            };
+            drop(inner);
+            match blocking(move || sweep_disk(&disk, &epochs, false)).await {
+                Ok((_, removed, bytes)) if removed > 0 => {
+                    tracing::info!(
+                        removed,
+                        bytes,
+                        "disk sweep removed expired and invalidated entries"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "disk sweep failed"),
+            }
+        }
+    });
+}

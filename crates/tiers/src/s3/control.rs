@@ -1,0 +1,247 @@
+//! Objects that control the cache rather than hold entries: the shared invalidation epochs,
+//! batch deletes for garbage collection, and the bucket lifecycle rule.
+//!
+//! `control/epochs.json` is shared by every node and updated with a compare-and-swap on its
+//! ETag (`If-Match`, or `If-None-Match: *` to create it). Not every S3-compatible server honours
+//! conditional writes, and some check them without atomicity, so each node also writes its own
+//! `control/epochs/{node_id}.json`, which no other node touches; readers merge all of them by
+//! taking the maximum of each epoch ([`strata_core::Epochs::merge`]), so no bump is lost even
+//! when a conditional write is silently ignored.
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{
+    BucketLifecycleConfiguration, Delete, ExpirationStatus, LifecycleExpiration, LifecycleRule,
+    LifecycleRuleFilter, ObjectIdentifier,
+};
+use strata_core::Epochs;
+
+use super::S3Tier;
+use crate::error::TierError;
+
+/// What a conditional write of `control/epochs.json` expects to replace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// The object must not exist yet (`If-None-Match: *`).
+    Absent,
+    /// The object must still have this ETag (`If-Match`).
+    ETag(String),
+    /// No condition: the fallback for servers without conditional writes.
+    Anything,
+}
+
+/// The result of a conditional write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// The object was written.
+    Done,
+    /// Another writer got there first (412 Precondition Failed, or 409 on AWS): read again.
+    Conflict,
+}
+
+/// Objects per DeleteObjects request (the S3 maximum).
+pub const DELETE_BATCH: usize = 1000;
+
+impl S3Tier {
+    /// Reads the shared epochs and their ETag; `None` when no node has written them yet. A
+    /// document that does not parse is reported as empty (with its ETag, so it gets replaced):
+    /// the per-node copies still hold every bump.
+    pub async fn read_epochs(&self) -> Result<Option<(Epochs, Option<String>)>, TierError> {
+        let inner = &self.inner;
+        let path = inner.layout.epochs_path();
+        if !inner.breaker.allows() {
+            return Err(TierError::Unavailable("S3 circuit breaker is open".into()));
+        }
+        let out = match inner
+            .client
+            .get_object()
+            .bucket(&inner.bucket)
+            .key(&path)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                    || e.raw_response().map(|r| r.status().as_u16()) == Some(404);
+                if missing {
+                    inner.breaker.success();
+                    return Ok(None);
+                }
+                return Err(inner.failed("GET", &path, &e));
+            }
+        };
+        let etag = out.e_tag().map(str::to_string);
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| TierError::Storage(format!("S3 GET {path}: body: {e}")))?;
+        inner.breaker.success();
+        let epochs = serde_json::from_slice(&body.into_bytes()).unwrap_or_else(|e| {
+            tracing::warn!(%path, error = %e, "shared epochs do not parse; replacing them");
+            Epochs::default()
+        });
+        Ok(Some((epochs, etag)))
+    }
+
+    /// Writes the shared epochs under a condition. A lost race is [`Written::Conflict`], not an
+    /// error.
+    pub async fn write_epochs(
+        &self,
+        epochs: &Epochs,
+        expect: &Expect,
+    ) -> Result<Written, TierError> {
+        let inner = &self.inner;
+        let path = inner.layout.epochs_path();
+        let body = serde_json::to_vec_pretty(epochs)
+            .map_err(|e| TierError::Storage(format!("encoding epochs: {e}")))?;
+        let mut request = inner
+            .client
+            .put_object()
+            .bucket(&inner.bucket)
+            .key(&path)
+            .content_type("application/json")
+            .body(ByteStream::from(body));
+        request = match expect {
+            Expect::Absent => request.if_none_match("*"),
+            Expect::ETag(etag) => request.if_match(etag),
+            Expect::Anything => request,
+        };
+        match request.send().await {
+            Ok(_) => {
+                inner.breaker.success();
+                Ok(Written::Done)
+            }
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                if matches!(status, Some(412 | 409)) {
+                    inner.breaker.success();
+                    return Ok(Written::Conflict);
+                }
+                Err(inner.failed("PUT", &path, &e))
+            }
+        }
+    }
+
+    /// Writes this node's own copy of the epochs.
+    pub async fn write_node_epochs(&self, epochs: &Epochs) -> Result<(), TierError> {
+        let path = self.inner.layout.node_epochs_path(&self.inner.node_id);
+        let body = serde_json::to_vec_pretty(epochs)
+            .map_err(|e| TierError::Storage(format!("encoding epochs: {e}")))?;
+        self.put_object(&path, body, "application/json").await
+    }
+
+    /// Reads one node's copy of the epochs; `None` if it is gone or does not parse.
+    pub async fn read_node_epochs(&self, path: &str) -> Result<Option<Epochs>, TierError> {
+        Ok(self.get_object(path).await?.and_then(|bytes| {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| tracing::warn!(%path, error = %e, "node epochs do not parse"))
+                .ok()
+        }))
+    }
+
+    /// Deletes objects with DeleteObjects, [`DELETE_BATCH`] at a time (the SDK adds the
+    /// checksum the request requires). Returns how many the server reported deleted;
+    /// `progress` gets the running count.
+    pub async fn delete_objects(
+        &self,
+        paths: &[String],
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, TierError> {
+        let inner = &self.inner;
+        let mut deleted = 0u64;
+        for chunk in paths.chunks(DELETE_BATCH) {
+            let objects = chunk
+                .iter()
+                .map(|p| ObjectIdentifier::builder().key(p).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TierError::Storage(format!("DeleteObjects request: {e}")))?;
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(|e| TierError::Storage(format!("DeleteObjects request: {e}")))?;
+            let out = inner
+                .client
+                .delete_objects()
+                .bucket(&inner.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| inner.failed("DeleteObjects", &inner.layout.cache_root(), &e))?;
+            inner.breaker.success();
+            let failed = out.errors().len();
+            for e in out.errors() {
+                tracing::warn!(
+                    key = e.key().unwrap_or(""),
+                    code = e.code().unwrap_or(""),
+                    "S3 did not delete an object"
+                );
+            }
+            deleted += (chunk.len() - failed) as u64;
+            progress(deleted);
+        }
+        Ok(deleted)
+    }
+
+    /// The lifecycle rules that expire everything strata stores per entry (`llm-cache/` and
+    /// `cache-index/`) `days` after it was written.
+    pub fn lifecycle_rules(&self, days: i32) -> Result<Vec<LifecycleRule>, TierError> {
+        let layout = &self.inner.layout;
+        [
+            ("strata-llm-cache", layout.cache_root()),
+            ("strata-cache-index", layout.index_root()),
+        ]
+        .into_iter()
+        .map(|(id, prefix)| {
+            LifecycleRule::builder()
+                .id(id)
+                .filter(LifecycleRuleFilter::builder().prefix(prefix).build())
+                .status(ExpirationStatus::Enabled)
+                .expiration(LifecycleExpiration::builder().days(days).build())
+                .build()
+                .map_err(|e| TierError::Storage(format!("lifecycle rule: {e}")))
+        })
+        .collect()
+    }
+
+    /// Installs `rules` as the bucket's lifecycle configuration, keeping the bucket's other
+    /// rules (those whose ids are not strata's).
+    pub async fn apply_lifecycle(&self, rules: Vec<LifecycleRule>) -> Result<(), TierError> {
+        let inner = &self.inner;
+        let ours: Vec<String> = rules
+            .iter()
+            .filter_map(|r| r.id().map(String::from))
+            .collect();
+        let mut all: Vec<LifecycleRule> = match inner
+            .client
+            .get_bucket_lifecycle_configuration()
+            .bucket(&inner.bucket)
+            .send()
+            .await
+        {
+            Ok(out) => out
+                .rules()
+                .iter()
+                .filter(|r| r.id().is_none_or(|id| !ours.iter().any(|o| o == id)))
+                .cloned()
+                .collect(),
+            // No configuration yet (NoSuchLifecycleConfiguration) or none readable: start empty.
+            Err(_) => Vec::new(),
+        };
+        all.extend(rules);
+        let config = BucketLifecycleConfiguration::builder()
+            .set_rules(Some(all))
+            .build()
+            .map_err(|e| TierError::Storage(format!("lifecycle configuration: {e}")))?;
+        inner
+            .client
+            .put_bucket_lifecycle_configuration()
+            .bucket(&inner.bucket)
+            .lifecycle_configuration(config)
+            .send()
+            .await
+            .map_err(|e| inner.failed("PutBucketLifecycleConfiguration", &inner.bucket, &e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,263 @@
+//! `strata invalidate`, `strata clear`, `strata gc` and `strata s3 lifecycle`: taking answers
+//! back and freeing what they held.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use strata::Config;
+use strata::core::Selector;
+use strata::tiers::{GcReport, Invalidation, Progress};
+
+use crate::{close, thousands};
+
+/// Which entries `strata invalidate` takes back: exactly one selector.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+pub struct SelectorArgs {
+    /// One entry, by display key (`gpt-4o_0123…`) or cache id (32 hex digits).
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+    /// Entries whose display key matches a glob (`gpt-4o_*`).
+    #[arg(long, value_name = "GLOB")]
+    pattern: Option<String>,
+    /// Entries in a user's scope.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Entries in a session's scope.
+    #[arg(long, value_name = "SESSION")]
+    session: Option<String>,
+    /// Entries in a namespace's scope.
+    #[arg(long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// Entries of a model.
+    #[arg(long, value_name = "MODEL")]
+    model: Option<String>,
+    /// Entries tagged with this tag or one below it (`jobs` covers `jobs:42`).
+    #[arg(long, value_name = "TAG")]
+    tag: Option<String>,
+    /// Entries created longer ago than this (`12h`, `7d`).
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    older_than: Option<Duration>,
+}
+
+impl SelectorArgs {
+    fn selector(&self) -> Option<Selector> {
+        let s = |v: &Option<String>| v.clone();
+        if let Some(k) = s(&self.key) {
+            return Some(Selector::Key(k));
+        }
+        s(&self.user)
+            .map(Selector::User)
+            .or_else(|| s(&self.session).map(Selector::Session))
+            .or_else(|| s(&self.namespace).map(Selector::Namespace))
+            .or_else(|| s(&self.model).map(Selector::Model))
+            .or_else(|| s(&self.tag).map(Selector::Tag))
+            .or_else(|| self.older_than.map(Selector::OlderThan))
+    }
+}
+
+fn bar(what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) =
+        ProgressStyle::with_template(&format!("{{spinner}} {what} [{{elapsed_precise}}] {{msg}}"))
+    {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+fn show(bar: &ProgressBar, p: Progress) {
+    match p {
+        Progress::Listed(n) => bar.set_message(format!("{} objects listed", thousands(n))),
+        Progress::Checked(n, of) => bar.set_message(format!(
+            "{} of {} entries checked",
+            thousands(n),
+            thousands(of)
+        )),
+        Progress::Deleted(n, of) => bar.set_message(format!(
+            "{} of {} objects deleted",
+            thousands(n),
+            thousands(of)
+        )),
+    }
+}
+
+fn report(done: &Invalidation, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "invalidated": done.what,
+                "affected": done.affected,
+                "exact": done.exact,
+                "published": done.published,
+            })
+        );
+        return;
+    }
+    let count = if done.exact {
+        format!("{} entries", thousands(done.affected))
+    } else {
+        format!(
+            "about {} entries (an estimate: counted on this node's tiers)",
+            thousands(done.affected)
+        )
+    };
+    println!("invalidated {}: {count}", done.what);
+    if !done.published {
+        eprintln!(
+            "note: not published to S3 (disabled or unreachable); with S3 the next refresh publishes it"
+        );
+    }
+}
+
+/// `strata invalidate SELECTOR [--json]`.
+pub async fn invalidate(config: &Config, args: &SelectorArgs, json: bool) -> Result<ExitCode> {
+    let cache = config.open_cache().await?;
+    let done = if let Some(pattern) = &args.pattern {
+        let bar = bar("invalidating");
+        let done = cache.invalidate_pattern(pattern, |p| show(&bar, p)).await;
+        bar.finish_and_clear();
+        done
+    } else {
+        let selector = args.selector().context("no selector given")?;
+        let estimate = match selector {
+            Selector::Key(_) => Ok(0),
+            _ => cache.estimate(&selector).await,
+        };
+        cache.invalidate(&selector).await.and_then(|mut done| {
+            if !done.exact {
+                done.affected = estimate?;
+            }
+            Ok(done)
+        })
+    };
+    close(cache).await;
+    report(&done.context("invalidating")?, json);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `strata clear --yes`: everything, on every tier and node; then a gc of the bucket.
+pub async fn clear(config: &Config, yes: bool) -> Result<ExitCode> {
+    if !yes {
+        bail!("clear invalidates every entry on every node; run it again with --yes to confirm");
+    }
+    let cache = config.open_cache().await?;
+    let done = cache.clear().await;
+    let gc = match (&done, cache.l3()) {
+        (Ok(_), Some(_)) => {
+            let bar = bar("deleting S3 objects");
+            let gc = cache.gc(false, |p| show(&bar, p)).await;
+            bar.finish_and_clear();
+            Some(gc)
+        }
+        _ => None,
+    };
+    close(cache).await;
+    let done = done.context("clearing")?;
+    println!(
+        "cleared: {} entries removed on this node; every node stops serving the rest within its refresh interval",
+        thousands(done.affected)
+    );
+    if let Some(gc) = gc {
+        print_gc(&gc.context("deleting the S3 objects")?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn print_gc(r: &GcReport) {
+    let verb = if r.dry_run { "would free" } else { "freed" };
+    println!(
+        "L2: {verb} {} of {} entries ({})",
+        thousands(r.l2_removed),
+        thousands(r.l2_seen),
+        mib(r.l2_bytes)
+    );
+    if r.s3_listed > 0 || r.s3_objects > 0 {
+        println!(
+            "S3: {verb} {} objects ({} dead entries with their metadata and pointers, {}) of {} listed",
+            thousands(r.s3_objects),
+            thousands(r.s3_entries),
+            mib(r.s3_bytes),
+            thousands(r.s3_listed)
+        );
+    }
+}
+
+/// `strata gc [--dry-run] [--json]`.
+pub async fn gc(config: &Config, dry_run: bool, json: bool) -> Result<ExitCode> {
+    let cache = config.open_cache().await?;
+    // Learn other nodes' invalidations first, so their entries go too.
+    if cache.l3().is_some()
+        && let Err(e) = cache.refresh_epochs().await
+    {
+        eprintln!("strata: warning: cannot read the shared epochs: {e}");
+    }
+    let bar = bar(if dry_run { "gc (dry run)" } else { "gc" });
+    let r = cache.gc(dry_run, |p| show(&bar, p)).await;
+    bar.finish_and_clear();
+    close(cache).await;
+    let r = r.context("garbage collection")?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "dry_run": r.dry_run,
+                "l2": {"seen": r.l2_seen, "removed": r.l2_removed, "bytes": r.l2_bytes},
+                "s3": {"listed": r.s3_listed, "entries": r.s3_entries, "objects": r.s3_objects, "bytes": r.s3_bytes},
+            })
+        );
+    } else {
+        print_gc(&r);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `strata s3 lifecycle [--apply]`.
+pub async fn lifecycle(config: &Config, apply: bool) -> Result<ExitCode> {
+    let Some(longest) = config.longest_ttl() else {
+        bail!(
+            "some entries never expire (ttl.default = \"never\"): no lifecycle rule can match \
+             them; set a TTL first"
+        );
+    };
+    // S3 counts whole days; an entry must never vanish before its TTL ends.
+    let days = i32::try_from(longest.as_secs().div_ceil(86_400).max(1))
+        .context("the longest TTL is too long for a lifecycle rule")?;
+    let (cache, s3) = crate::s3_commands::open(config).await?;
+    let rules = s3.lifecycle_rules(days)?;
+    println!(
+        "lifecycle rules for s3://{} (longest TTL {} → {days} days):",
+        s3.bucket(),
+        humantime::format_duration(longest)
+    );
+    for rule in &rules {
+        let prefix = rule.filter().and_then(|f| f.prefix()).unwrap_or_default();
+        println!(
+            "  {}: expire objects under {prefix} {days} days after they were written",
+            rule.id().unwrap_or_default()
+        );
+    }
+    if !apply {
+        println!("(dry run: run with --apply to install them)");
+        close(cache).await;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let applied = s3.apply_lifecycle(rules).await;
+    close(cache).await;
+    applied.context("installing the lifecycle rules")?;
+    println!("installed");
+    Ok(ExitCode::SUCCESS)
+}
