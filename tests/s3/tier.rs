@@ -317,7 +317,7 @@ async fn outbox_entries_from_before_a_crash_reach_s3_after_reopen() -> Result<()
     Ok(())
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+pub(crate) fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     for item in std::fs::read_dir(from)? {
         let item = item?;
         let target = to.join(item.file_name());

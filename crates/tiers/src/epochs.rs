@@ -205,7 +205,13 @@ impl EpochStore {
             }
         }
         let local = self.snapshot();
-        if state.published_copy.as_ref() != Some(&*local) {
+        // Nothing to say until something was invalidated: a node that never saw an epoch
+        // writes no copy.
+        let unchanged = match &state.published_copy {
+            Some(copy) => copy == &*local,
+            None => local.is_empty(),
+        };
+        if !unchanged {
             s3.write_node_epochs(&local).await?;
             state.published_copy = Some(Epochs::clone(&local));
         }
