@@ -477,3 +477,142 @@ fn s3_commands_without_s3_say_how_to_enable_it() -> Result<()> {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     Ok(())
 }
+
+#[test]
+fn invalidating_a_model_reaches_another_node_and_gc_empties_the_bucket_of_it() -> Result<()> {
+    let (_runtime, server) = s3_runtime()?;
+    let (node_a, node_b) = (TempDir::new()?, TempDir::new()?);
+    let config_of = |dir: &Path| -> Result<String> {
+        let path = write_config(dir, &server.config_toml(&dir.join("l2")))?;
+        Ok(path.to_string_lossy().to_string())
+    };
+    let (config_a, config_b) = (config_of(node_a.path())?, config_of(node_b.path())?);
+    let first = replay(node_a.path(), &["--config", &config_a], &[])?;
+    let stored = n(&first, &["misses"]);
+
+    let run = |dir: &Path, args: &[&str]| -> Result<Output> {
+        let output = strata(dir)?.args(args).output()?;
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(output)
+    };
+    let done = json_of(&run(
+        node_a.path(),
+        &[
+            "--config",
+            &config_a,
+            "invalidate",
+            "--model",
+            "GPT-4o",
+            "--json",
+        ],
+    )?)?;
+    assert_eq!(done["exact"], false, "{done}");
+    assert_eq!(done["published"], true, "{done}");
+    let affected = n(&done, &["affected"]);
+    assert!(affected > 0 && affected < stored, "{done}");
+
+    // Node A holds every entry, so the estimate is the number of gpt-4o entries exactly.
+    let gc = json_of(&run(
+        node_a.path(),
+        &["--config", &config_a, "gc", "--json"],
+    )?)?;
+    assert_eq!(n(&gc, &["l2", "removed"]), affected, "{gc}");
+    assert_eq!(n(&gc, &["s3", "entries"]), affected, "{gc}");
+    assert_eq!(n(&gc, &["s3", "objects"]), 3 * affected, "{gc}");
+    let listing = run(
+        node_a.path(),
+        &["--config", &config_a, "ls", "--model", "gpt-4o", "--json"],
+    )?;
+    assert!(listing.stdout.is_empty(), "gpt-4o objects remain");
+
+    // Node B, its own disk, the same bucket: the invalidated model misses, the rest is in L3.
+    let second = replay(node_b.path(), &["--config", &config_b], &[])?;
+    assert_adds_up(&second);
+    assert_eq!(n(&second, &["misses"]), affected, "{second}");
+    assert_eq!(n(&second, &["hits", "l3"]), stored - affected, "{second}");
+
+    let rules = run(node_a.path(), &["--config", &config_a, "s3", "lifecycle"])?;
+    let text = String::from_utf8(rules.stdout)?;
+    assert!(
+        text.contains("llm-cache/ 7 days after") && text.contains("--apply"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn invalidate_by_key_and_tag_and_clear_without_s3() -> Result<()> {
+    let dir = TempDir::new()?;
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let put = |tag: &str, user: Option<&str>| -> Result<String> {
+        let mut cmd = strata(dir.path())?;
+        cmd.arg("put")
+            .arg("--request")
+            .arg(examples.join("request.json"))
+            .arg("--response")
+            .arg(examples.join("response.json"))
+            .args(["--tag", tag]);
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
+        let output = cmd.output()?;
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?.trim().to_string())
+    };
+    let served = |user: Option<&str>| -> Result<bool> {
+        let mut cmd = strata(dir.path())?;
+        cmd.arg("get")
+            .arg("--request")
+            .arg(examples.join("request.json"));
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
+        Ok(cmd.output()?.status.success())
+    };
+    let invalidate = |args: &[&str]| -> Result<String> {
+        let output = strata(dir.path())?.arg("invalidate").args(args).output()?;
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?)
+    };
+
+    let key = put("jobs:42", None)?;
+    put("other", Some("ann"))?;
+    assert!(served(None)? && served(Some("ann"))?);
+    let text = invalidate(&["--tag", "jobs"])?;
+    assert!(text.contains("about 1 entries"), "{text}");
+    assert!(!served(None)? && served(Some("ann"))?);
+
+    put("jobs:42", None)?;
+    let text = invalidate(&["--key", &key])?;
+    assert!(text.contains(&format!("key {key}")), "{text}");
+    assert!(text.contains(": 1 entries"), "{text}");
+    assert!(!served(None)?);
+
+    let refused = strata(dir.path())?.arg("clear").output()?;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    let cleared = strata(dir.path())?.args(["clear", "--yes"]).output()?;
+    assert!(cleared.status.success());
+    assert!(!served(Some("ann"))?);
+
+    let two = strata(dir.path())?
+        .args(["invalidate", "--model", "a", "--tag", "b"])
+        .output()?;
+    assert!(
+        !two.status.success(),
+        "two selectors at once must be refused"
+    );
+    Ok(())
+}
