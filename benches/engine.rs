@@ -12,6 +12,7 @@ use futures::StreamExt;
 use md5::{Digest, Md5};
 use serde_json::Value;
 use strata::core::Codec;
+use strata::core::Selector;
 use strata::replay::{Exchange, ExchangeLog, parse_exchange};
 use strata::tiers::{DiskConfig, DiskTier, S3Tier, Tier};
 use strata::{Completion, Normalizer, Scope, TieredCache};
@@ -461,6 +462,15 @@ fn summary() {
             with / without
         );
     }
+    if let Some(local) = us("invalidate", "by_model_over_100k_entries") {
+        let published = us("invalidate", "by_model_published_to_s3")
+            .map(|p| format!("with S3 (published to the bucket) {:.2} ms", p / 1000.0))
+            .unwrap_or_default();
+        println!(
+            "| invalidate a model over 100,000 entries | {:.3} ms | < 10 ms | {published} |",
+            local / 1000.0
+        );
+    }
     if let (Some(per_batch), Some(raw)) = (
         us("s3_drain", "outbox_drain_256"),
         us("s3_drain", "raw_put_floor_256"),
@@ -482,10 +492,84 @@ fn config() -> Criterion {
         .configure_from_args()
 }
 
+/// Invalidation by model with 100,000 entries in L1 and L2 (it must not touch them), and the
+/// same call with an S3 tier, where it also publishes the epochs to the bucket.
+fn bench_invalidate(c: &mut Criterion) {
+    let rt = runtime();
+    let exchanges = workload();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let disk = DiskTier::open(&DiskConfig::new(dir.path().join("l2")), Codec::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cache = TieredCache::builder()
+        .memory_capacity(1 << 30)
+        .disk(disk)
+        .build();
+    let models = [
+        "gpt-4o",
+        "gpt-4o-mini",
+        "claude-3-5-sonnet",
+        "llama-3.1-70b",
+    ];
+    rt.block_on(async {
+        for i in 0..INVALIDATE_ENTRIES {
+            let e = &exchanges[i % exchanges.len()];
+            let mut request = e.request.clone();
+            request["model"] = Value::from(models[i % models.len()]);
+            request["seed"] = Value::from(i);
+            let _ = cache.put(&request, &Scope::Global, e.completion()).await;
+        }
+    });
+    let selector = Selector::Model("gpt-4o".into());
+    let mut group = c.benchmark_group("invalidate");
+    group.bench_function("by_model_over_100k_entries", |b| {
+        b.to_async(&rt).iter(|| async {
+            black_box(
+                cache
+                    .invalidate(&selector)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
+        })
+    });
+
+    let server = rt
+        .block_on(s3_server::TestS3::start())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s3_disk = DiskTier::open(&DiskConfig::new(dir.path().join("s3")), Codec::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s3 = rt
+        .block_on(S3Tier::connect(
+            &server.config(),
+            &s3_disk,
+            Codec::default(),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let shared = rt.block_on(async {
+        TieredCache::builder()
+            .disk(s3_disk)
+            .s3(s3)
+            .refresh_interval(Duration::from_secs(3600))
+            .build()
+    });
+    group.bench_function("by_model_published_to_s3", |b| {
+        b.to_async(&rt).iter(|| async {
+            let done = shared
+                .invalidate(&selector)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(done.published);
+        })
+    });
+    group.finish();
+    drop((cache, shared, server));
+}
+
+const INVALIDATE_ENTRIES: usize = 100_000;
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_key, bench_tiers, bench_s3
+    targets = bench_key, bench_tiers, bench_s3, bench_invalidate
 }
 
 fn main() {

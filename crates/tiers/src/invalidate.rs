@@ -469,7 +469,11 @@ async fn blocking<R: Send + 'static>(
 pub(crate) fn spawn_refresher(cache: &TieredCache, every: Duration) {
     let weak = Arc::downgrade(&cache.inner);
     let every = every.max(Duration::from_millis(100));
-    tokio::spawn(async move {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!("no async runtime: epochs are refreshed only by refresh_epochs()");
+        return;
+    };
+    runtime.spawn(async move {
         loop {
             let Some(inner) = weak.upgrade() else { return };
             refresh_once(&inner).await;
@@ -491,7 +495,11 @@ async fn refresh_once(inner: &Inner) {
 pub(crate) fn spawn_sweeper(cache: &TieredCache, every: Duration) {
     let weak: Weak<Inner> = Arc::downgrade(&cache.inner);
     let every = every.max(Duration::from_secs(1));
-    tokio::spawn(async move {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!("no async runtime: the disk tier is swept only by gc()");
+        return;
+    };
+    runtime.spawn(async move {
         loop {
             tokio::time::sleep(every).await;
             let Some(inner) = weak.upgrade() else { return };
