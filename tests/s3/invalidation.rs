@@ -87,6 +87,33 @@ async fn node(server: &TestS3, dir: &Path) -> Result<TieredCache> {
     open_node(&server.config(), dir, Duration::from_secs(5), true).await
 }
 
+/// Nothing of `hit` is served by `cache`; everything of `spared` is, from `tier`.
+async fn expect_served(
+    name: &str,
+    cache: &TieredCache,
+    hit: &[Item],
+    spared: &[Item],
+    tier: Outcome,
+) -> Result<()> {
+    for i in hit {
+        let found = i.found(cache).await?;
+        ensure!(
+            found.is_none(),
+            "{name}: {tier:?} still serves {}: {found:?}",
+            i.text
+        );
+    }
+    for i in spared {
+        let found = i.found(cache).await?;
+        ensure!(
+            found == Some(tier),
+            "{name}: {} from {tier:?}: {found:?}",
+            i.text
+        );
+    }
+    Ok(())
+}
+
 /// Invalidates with `selector` (or a pattern) on node A, then checks, tier by tier, that
 /// nothing `hit` covers is served and everything in `spared` still is: from A's L1; from A's
 /// L2 after a restart (the epochs must survive it); from L3 on a node B with its own disk.
@@ -132,21 +159,7 @@ async fn check_selector(
     let dir_a2 = TempDir::new()?;
     crate::s3_tier::copy_dir(dir_a.path(), dir_a2.path())?;
 
-    for i in hit {
-        ensure!(
-            i.found(&a).await?.is_none(),
-            "{name}: L1 still serves {}",
-            i.text
-        );
-    }
-    for i in spared {
-        let found = i.found(&a).await?;
-        ensure!(
-            found == Some(Outcome::L1),
-            "{name}: {} from L1: {found:?}",
-            i.text
-        );
-    }
+    expect_served(name, &a, hit, spared, Outcome::L1).await?;
     a.close().await?;
 
     let a = node(&server, dir_a2.path()).await?;
@@ -161,40 +174,12 @@ async fn check_selector(
             "{name}: L2 copies were removed eagerly"
         );
     }
-    for i in hit {
-        ensure!(
-            i.found(&a).await?.is_none(),
-            "{name}: L2 still serves {}",
-            i.text
-        );
-    }
-    for i in spared {
-        let found = i.found(&a).await?;
-        ensure!(
-            found == Some(Outcome::L2),
-            "{name}: {} from L2: {found:?}",
-            i.text
-        );
-    }
+    expect_served(name, &a, hit, spared, Outcome::L2).await?;
     a.close().await?;
 
     let b = node(&server, dir_b.path()).await?;
     b.refresh_epochs().await?;
-    for i in hit {
-        ensure!(
-            i.found(&b).await?.is_none(),
-            "{name}: L3 still serves {}",
-            i.text
-        );
-    }
-    for i in spared {
-        let found = i.found(&b).await?;
-        ensure!(
-            found == Some(Outcome::L3),
-            "{name}: {} from L3: {found:?}",
-            i.text
-        );
-    }
+    expect_served(name, &b, hit, spared, Outcome::L3).await?;
     b.close().await?;
     Ok(())
 }

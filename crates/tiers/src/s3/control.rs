@@ -46,38 +46,11 @@ impl S3Tier {
     /// document that does not parse is reported as empty (with its ETag, so it gets replaced):
     /// the per-node copies still hold every bump.
     pub async fn read_epochs(&self) -> Result<Option<(Epochs, Option<String>)>, TierError> {
-        let inner = &self.inner;
-        let path = inner.layout.epochs_path();
-        if !inner.breaker.allows() {
-            return Err(TierError::Unavailable("S3 circuit breaker is open".into()));
-        }
-        let out = match inner
-            .client
-            .get_object()
-            .bucket(&inner.bucket)
-            .key(&path)
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(e) => {
-                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
-                    || e.raw_response().map(|r| r.status().as_u16()) == Some(404);
-                if missing {
-                    inner.breaker.success();
-                    return Ok(None);
-                }
-                return Err(inner.failed("GET", &path, &e));
-            }
+        let path = self.inner.layout.epochs_path();
+        let Some((body, etag)) = self.inner.get_tagged(&path).await? else {
+            return Ok(None);
         };
-        let etag = out.e_tag().map(str::to_string);
-        let body = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| TierError::Storage(format!("S3 GET {path}: body: {e}")))?;
-        inner.breaker.success();
-        let epochs = serde_json::from_slice(&body.into_bytes()).unwrap_or_else(|e| {
+        let epochs = serde_json::from_slice(&body).unwrap_or_else(|e| {
             tracing::warn!(%path, error = %e, "shared epochs do not parse; replacing them");
             Epochs::default()
         });

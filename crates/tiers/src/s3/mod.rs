@@ -847,6 +847,11 @@ impl Inner {
     }
 
     async fn get_bytes(&self, path: &str) -> Result<Option<Vec<u8>>, TierError> {
+        Ok(self.get_tagged(path).await?.map(|(bytes, _)| bytes))
+    }
+
+    /// One GET: the object's bytes and its ETag; `None` when it does not exist.
+    async fn get_tagged(&self, path: &str) -> Result<Option<(Vec<u8>, Option<String>)>, TierError> {
         if !self.breaker.allows() {
             return Err(TierError::Unavailable("S3 circuit breaker is open".into()));
         }
@@ -858,16 +863,19 @@ impl Inner {
             .send()
             .await
         {
-            Ok(out) => match out.body.collect().await {
-                Ok(data) => {
-                    self.breaker.success();
-                    Ok(Some(data.to_vec()))
+            Ok(out) => {
+                let etag = out.e_tag().map(str::to_string);
+                match out.body.collect().await {
+                    Ok(data) => {
+                        self.breaker.success();
+                        Ok(Some((data.to_vec(), etag)))
+                    }
+                    Err(e) => {
+                        self.breaker.failure();
+                        Err(TierError::Storage(format!("S3 GET {path}: body: {e}")))
+                    }
                 }
-                Err(e) => {
-                    self.breaker.failure();
-                    Err(TierError::Storage(format!("S3 GET {path}: body: {e}")))
-                }
-            },
+            }
             Err(e) => {
                 let status = e.raw_response().map(|r| r.status().as_u16());
                 let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key());
