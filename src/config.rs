@@ -9,7 +9,7 @@ use bytesize::ByteSize;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Deserializer, Serialize};
-use strata_analytics::Pricing;
+use strata_analytics::{AnalyticsConfig, Pricing};
 use strata_core::{Codec, Normalizer, Profile};
 use strata_tiers::{DiskConfig, DiskTier, EpochStore, S3Config, S3Tier, TieredCache, TtlPolicy};
 
@@ -26,6 +26,7 @@ const SECTIONS: &[&str] = &[
     "disk",
     "s3",
     "invalidation",
+    "analytics",
     "codec",
     "pricing",
 ];
@@ -46,6 +47,8 @@ pub struct Config {
     pub s3: S3Section,
     /// Invalidation across nodes and garbage collection.
     pub invalidation: InvalidationSection,
+    /// Recording for reports.
+    pub analytics: AnalyticsSection,
     /// The envelope codec.
     pub codec: CodecConfig,
     /// Prices.
@@ -183,6 +186,25 @@ pub struct InvalidationSection {
     /// tier; "never" leaves it to `strata gc` and lazy removal on lookup.
     #[serde(deserialize_with = "ttl", serialize_with = "ttl_out")]
     pub sweep_interval: Option<Duration>,
+}
+
+/// `[analytics]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalyticsSection {
+    /// Record every lookup's outcome for `strata report`.
+    pub enabled: bool,
+    /// Outcomes queued for the recorder before new ones are dropped (and counted); a lookup
+    /// never waits for the recorder.
+    pub channel_capacity: usize,
+    /// Counters of the hot-key sketch.
+    pub hot_keys: usize,
+    /// With S3, how often this node writes its daily rollups to `{prefix}/analytics/`.
+    #[serde(with = "humantime_serde")]
+    pub publish_interval: Duration,
+    /// Entries never hit and older than this are reported as cold.
+    #[serde(with = "humantime_serde")]
+    pub cold_after: Duration,
 }
 
 /// `[codec]`.
@@ -418,7 +440,13 @@ impl Config {
             .pricing(self.pricing()?);
         builder = builder
             .refresh_interval(self.invalidation.refresh_interval)
-            .sweep_interval(self.invalidation.sweep_interval);
+            .sweep_interval(self.invalidation.sweep_interval)
+            .analytics(self.analytics.enabled.then(|| AnalyticsConfig {
+                channel_capacity: self.analytics.channel_capacity,
+                hot_key_capacity: self.analytics.hot_keys,
+                ..AnalyticsConfig::default()
+            }))
+            .publish_interval(self.analytics.publish_interval);
         if self.disk.enabled {
             let disk = DiskTier::open(&self.disk_config(), self.codec())?;
             builder = builder.epochs(

@@ -10,10 +10,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
+use strata::analytics::render::{human_duration, thousands};
 use strata::replay::{self, ReplayOptions, ReplayReport, ScopeBy};
 use strata::{Completion, Config, Profile, Scope, Stats};
 
 mod invalidate_commands;
+mod report_command;
 mod s3_commands;
 
 #[derive(Parser)]
@@ -33,6 +35,8 @@ struct Cli {
 enum Command {
     /// Replay an exchange log through the cache and report what caching saved.
     Replay(ReplayArgs),
+    /// What the cache saved, where, and what to change: a table, JSON, CSV or an HTML page.
+    Report(report_command::ReportArgs),
     /// Lifetime statistics of the cache and the size of its tiers.
     Stats {
         /// Print JSON.
@@ -240,6 +244,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
     match cli.command {
         Command::Replay(args) => replay_command(&config, args).await,
+        Command::Report(args) => report_command::run(&config, args).await,
         Command::Stats { json } => stats_command(&config, json).await,
         Command::Get {
             request,
@@ -347,6 +352,9 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
     })
     .await?;
     bar.finish_and_clear();
+    let summary = (!args.json)
+        .then(|| report_command::session_table(&cache, 5))
+        .flatten();
     close(cache).await;
     for skipped in &report.skipped {
         eprintln!(
@@ -365,7 +373,7 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_replay(config, &args, &report);
+        print_replay(config, &args, &report, summary.as_deref());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -394,7 +402,7 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
-fn print_replay(config: &Config, args: &ReplayArgs, r: &ReplayReport) {
+fn print_replay(config: &Config, args: &ReplayArgs, r: &ReplayReport, summary: Option<&str>) {
     let mode = match args.repeat_zipf {
         Some(s) => format!("Zipf({s}) draws"),
         None => "in order".to_string(),
@@ -405,47 +413,35 @@ fn print_replay(config: &Config, args: &ReplayArgs, r: &ReplayReport) {
         config.normalization.profile,
         args.scope.as_str()
     );
-    println!("  requests         {:>12}", thousands(r.requests));
     println!(
-        "  hits             {:>12}   {:.2}%   L1 {} · L2 {} · L3 {}{}",
-        thousands(r.hits.total()),
-        r.hit_rate * 100.0,
-        thousands(r.hits.l1),
-        thousands(r.hits.l2),
-        thousands(r.hits.l3),
-        if r.hits.coalesced > 0 {
-            format!(" · coalesced {}", thousands(r.hits.coalesced))
-        } else {
-            String::new()
-        }
-    );
-    println!("  misses           {:>12}", thousands(r.misses));
-    println!("  skipped lines    {:>12}", thousands(r.skipped_lines));
-    println!(
-        "  cost saved       {:>12}",
-        format!("${:.4}", r.cost_saved_usd)
-    );
-    println!("  tokens saved     {:>12}", thousands(r.tokens_saved));
-    println!(
-        "  latency saved    {:>12}",
-        replay::human_duration(Duration::from_millis(r.latency_saved_ms))
-    );
-    println!(
-        "  lookup p50 / p99 {:>12}",
-        format!(
-            "{:.1} µs / {:.1} µs",
-            r.lookup_latency_us.p50, r.lookup_latency_us.p99
-        )
-    );
-    println!(
-        "  throughput       {:>12}",
-        format!("{} req/s", thousands(r.throughput_rps as u64))
+        "  requests {} · skipped lines {} · lookup p50 {:.1} µs · p99 {:.1} µs · {} req/s",
+        thousands(r.requests),
+        thousands(r.skipped_lines),
+        r.lookup_latency_us.p50,
+        r.lookup_latency_us.p99,
+        thousands(r.throughput_rps as u64)
     );
     if r.tier_errors > 0 {
         println!(
-            "  tier errors      {:>12}   (served as misses)",
+            "  tier errors {} (served as misses)",
             thousands(r.tier_errors)
         );
+    }
+    match summary {
+        Some(table) => print!("{table}"),
+        // Recording is off: the replay's own counts.
+        None => println!(
+            "  hits {} ({:.2}%: L1 {} · L2 {} · L3 {}) · misses {} · cost saved ${:.4} · tokens saved {} · latency saved {}",
+            thousands(r.hits.total()),
+            r.hit_rate * 100.0,
+            thousands(r.hits.l1),
+            thousands(r.hits.l2),
+            thousands(r.hits.l3),
+            thousands(r.misses),
+            r.cost_saved_usd,
+            thousands(r.tokens_saved),
+            human_duration(Duration::from_millis(r.latency_saved_ms))
+        ),
     }
 }
 
@@ -488,7 +484,7 @@ fn print_stats(config: &Config, s: &Stats, disk: Option<strata::tiers::TierUsage
     println!("  tokens saved     {:>12}", thousands(s.tokens_saved));
     println!(
         "  latency saved    {:>12}",
-        replay::human_duration(Duration::from_millis(s.latency_saved_ms))
+        human_duration(Duration::from_millis(s.latency_saved_ms))
     );
     let errors = s.errors;
     println!(
@@ -549,16 +545,4 @@ fn read_json(path: &Path) -> Result<Value> {
         text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     }
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
-}
-
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -413,15 +413,4 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// A duration for humans: `850 ms`, `12.3 s`, `4 min 10 s`, `3 h 20 min`.
-pub fn human_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    match ms {
-        0..1_000 => format!("{ms} ms"),
-        1_000..60_000 => format!("{:.1} s", d.as_secs_f64()),
-        60_000..3_600_000 => format!("{} min {} s", ms / 60_000, (ms / 1000) % 60),
-        _ => format!("{} h {} min", ms / 3_600_000, (ms / 60_000) % 60),
-    }
 }

@@ -204,6 +204,14 @@ impl Normalizer {
         self
     }
 
+    /// The same normalizer (aliases included) under another profile.
+    pub fn with_profile(&self, profile: Profile) -> Normalizer {
+        Normalizer {
+            profile,
+            aliases: self.aliases.clone(),
+        }
+    }
+
     /// The profile in use.
     pub fn profile(&self) -> Profile {
         self.profile

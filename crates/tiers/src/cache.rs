@@ -24,9 +24,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use strata_analytics::{Counters, ErrorKind, Outcome, Pricing, Stats, TierName};
+use strata_analytics::{
+    Analytics, AnalyticsConfig, Counters, ErrorKind, Event, Outcome, Pricing, Stats, TierName,
+};
 use strata_core::{
-    CacheKey, Codec, Cost, Entry, Keyed, ModelSlug, Normalizer, RequestError, Scope, Tokens,
+    CacheKey, Codec, Cost, Entry, Keyed, ModelSlug, Normalizer, Profile, RequestError, Scope,
+    Tokens,
 };
 
 use crate::disk::DiskTier;
@@ -161,6 +164,8 @@ pub struct TieredCacheBuilder {
     epochs: Option<EpochStore>,
     refresh_interval: Duration,
     sweep_interval: Option<Duration>,
+    analytics: Option<AnalyticsConfig>,
+    publish_interval: Duration,
 }
 
 impl TieredCacheBuilder {
@@ -229,6 +234,19 @@ impl TieredCacheBuilder {
         self
     }
 
+    /// How lookups are recorded for reports (`None`: not at all). Recording is on by default.
+    pub fn analytics(mut self, config: Option<AnalyticsConfig>) -> Self {
+        self.analytics = config;
+        self
+    }
+
+    /// How often this node's daily rollups are written to S3 (default one minute; `flush`
+    /// writes them too).
+    pub fn publish_interval(mut self, every: Duration) -> Self {
+        self.publish_interval = every;
+        self
+    }
+
     /// Builds the cache.
     pub fn build(self) -> TieredCache {
         let baseline = self
@@ -247,8 +265,21 @@ impl TieredCacheBuilder {
             }),
             (None, None) => EpochStore::in_memory(),
         };
+        let analytics = self.analytics.map(|config| {
+            let opened = match &self.disk {
+                Some(disk) => Analytics::open(&disk.db(), config),
+                None => Analytics::temporary(config),
+            };
+            opened.map_err(|e| {
+                tracing::error!(error = %e, "cannot open the analytics store; lookups are not recorded");
+            })
+        });
+        let aggressive = (self.normalizer.profile() != Profile::Aggressive)
+            .then(|| self.normalizer.with_profile(Profile::Aggressive));
         let cache = TieredCache {
             inner: Arc::new(Inner {
+                analytics: analytics.and_then(Result::ok),
+                aggressive,
                 epochs: Arc::new(epochs),
                 normalizer: self.normalizer,
                 memory: MemoryTier::new(self.memory_capacity),
@@ -263,6 +294,9 @@ impl TieredCacheBuilder {
         };
         if cache.inner.l3.is_some() {
             crate::invalidate::spawn_refresher(&cache, self.refresh_interval);
+            if cache.inner.analytics.is_some() {
+                crate::reports::spawn_publisher(&cache, self.publish_interval);
+            }
         }
         if let (Some(every), Some(_)) = (self.sweep_interval, &cache.inner.l2) {
             crate::invalidate::spawn_sweeper(&cache, every);
@@ -288,10 +322,16 @@ pub(crate) struct Inner {
     pub(crate) ttl: TtlPolicy,
     pricing: Pricing,
     pub(crate) epochs: Arc<EpochStore>,
+    pub(crate) analytics: Option<Analytics>,
+    /// The `aggressive` profile, to count misses that would have hit under it (`None` when the
+    /// cache uses it already).
+    aggressive: Option<Normalizer>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // Stops the recorder after a last persist, before the disk tier's final flush.
+        drop(self.analytics.take());
         if let Some(disk) = &self.disk {
             let total = self.baseline.merged(&self.counters.snapshot());
             if let Err(e) = disk.save_stats(&total).and_then(|()| disk.flush_blocking()) {
@@ -324,6 +364,8 @@ impl TieredCache {
             epochs: None,
             refresh_interval: Duration::from_secs(5),
             sweep_interval: None,
+            analytics: Some(AnalyticsConfig::default()),
+            publish_interval: Duration::from_secs(60),
         }
     }
 
@@ -389,6 +431,7 @@ impl TieredCache {
     /// [`TieredCache::get`] for a request already keyed.
     pub async fn get_keyed(&self, keyed: &Keyed) -> Option<Lookup> {
         let inner = &self.inner;
+        let started = Instant::now();
         let found = match inner.l1(keyed).await {
             Some(entry) => Some((entry, Outcome::L1)),
             None => {
@@ -405,10 +448,12 @@ impl TieredCache {
         match found {
             Some((entry, outcome)) => {
                 inner.counters.record(outcome, Some(&entry));
+                inner.note(outcome, Some(&entry), keyed, started, None);
                 Some(Lookup { entry, outcome })
             }
             None => {
                 inner.counters.record(Outcome::Miss, None);
+                inner.note(Outcome::Miss, None, keyed, started, None);
                 None
             }
         }
@@ -445,6 +490,7 @@ impl TieredCache {
         E: Send + Sync + 'static,
     {
         let inner = &self.inner;
+        let started = Instant::now();
         let keyed = match self.key(request, scope) {
             Ok(keyed) => keyed,
             Err(err) => {
@@ -457,6 +503,7 @@ impl TieredCache {
                 })?;
                 let entry = Arc::new(inner.build_entry(&keyed, completion, started.elapsed()));
                 inner.counters.record(Outcome::Uncacheable, Some(&entry));
+                inner.note(Outcome::Uncacheable, Some(&entry), &keyed, started, None);
                 return Ok(Lookup {
                     entry,
                     outcome: Outcome::Uncacheable,
@@ -469,7 +516,23 @@ impl TieredCache {
             let completion = executor().await?;
             Ok(inner.build_entry(keyed_ref, completion, started.elapsed()))
         };
-        self.resolve(&keyed, &mut Some(fill)).await
+        let result = self.resolve(&keyed, &mut Some(fill)).await;
+        if inner.analytics.is_some() {
+            let (outcome, entry) = match &result {
+                Ok(lookup) => (lookup.outcome, Some(&lookup.entry)),
+                Err(_) => (Outcome::Miss, None),
+            };
+            // Only a miss pays for a second key: it has just waited for an upstream call.
+            let aggressive = match (outcome, &inner.aggressive) {
+                (Outcome::Miss, Some(normalizer)) => normalizer
+                    .key(request, scope)
+                    .ok()
+                    .map(|k| k.key.id() as u64),
+                _ => None,
+            };
+            inner.note(outcome, entry, &keyed, started, aggressive);
+        }
+        result
     }
 
     /// The typed cache for any serde value (API responses, user records): returns the value
@@ -499,7 +562,13 @@ impl TieredCache {
             Ok(inner.build_entry(keyed_ref, completion, started.elapsed()))
         };
         let mut slot = Some(fill);
-        let lookup = self.resolve(&keyed, &mut slot).await?;
+        let started = Instant::now();
+        let resolved = self.resolve(&keyed, &mut slot).await;
+        match &resolved {
+            Ok(lookup) => inner.note(lookup.outcome, Some(&lookup.entry), &keyed, started, None),
+            Err(_) => inner.note(Outcome::Miss, None, &keyed, started, None),
+        }
+        let lookup = resolved?;
         match lookup.entry.response_as::<T>() {
             Ok(value) => Ok(value),
             Err(e) => {
@@ -534,6 +603,9 @@ impl TieredCache {
     /// uploads the outbox too. If S3 cannot take it, the error says so and the entries stay
     /// queued (durably) for the next drain.
     pub async fn flush(&self) -> Result<(), TierError> {
+        if let Some(analytics) = &self.inner.analytics {
+            analytics.flush()?;
+        }
         if let Some(disk) = &self.inner.disk {
             disk.save_stats(&self.lifetime_stats())?;
         }
@@ -542,6 +614,7 @@ impl TieredCache {
         }
         if let Some(l3) = &self.inner.l3 {
             l3.drain().await?;
+            self.publish_analytics(&[]).await?;
         }
         Ok(())
     }
@@ -573,7 +646,7 @@ impl TieredCache {
                     });
                 }
                 Verdict::Expired => {
-                    inner.counters.record_expired();
+                    inner.expired(&entry);
                     inner.memory.remove_id(id).await;
                 }
                 Verdict::Invalidated => {
@@ -626,6 +699,34 @@ impl TieredCache {
 }
 
 impl Inner {
+    /// Hands a lookup's outcome to the analytics recorder (never blocks).
+    fn note(
+        &self,
+        outcome: Outcome,
+        entry: Option<&Arc<Entry>>,
+        keyed: &Keyed,
+        started: Instant,
+        aggressive: Option<u64>,
+    ) {
+        if let Some(analytics) = &self.analytics {
+            analytics.record(Event::Lookup {
+                outcome,
+                entry: entry.cloned(),
+                model: entry.is_none().then(|| keyed.model.as_str().into()),
+                lookup_us: u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX),
+                aggressive,
+            });
+        }
+    }
+
+    /// Counts an entry found past its expiry, and records its age (for TTL suggestions).
+    fn expired(&self, entry: &Arc<Entry>) {
+        self.counters.record_expired();
+        if let Some(analytics) = &self.analytics {
+            analytics.record(Event::Expired(Arc::clone(entry)));
+        }
+    }
+
     fn verdict(&self, entry: &Entry, keyed: &Keyed) -> Verdict {
         if !entry.answers(keyed) {
             Verdict::Collision
@@ -643,7 +744,7 @@ impl Inner {
         match self.verdict(&entry, keyed) {
             Verdict::Serve => Some(entry),
             Verdict::Expired => {
-                self.counters.record_expired();
+                self.expired(&entry);
                 self.memory.remove_id(keyed.key.id()).await;
                 None
             }
@@ -728,7 +829,7 @@ impl Inner {
                     self.promote_to_l2(&keyed.key, &entry, &bytes).await;
                     return Some((entry, Outcome::L3));
                 }
-                Verdict::Expired => self.counters.record_expired(),
+                Verdict::Expired => self.expired(&Arc::new(entry)),
                 Verdict::Invalidated => {
                     // The objects stay for `gc`; this node stops pointing at them.
                     self.counters.record_invalidated();
@@ -769,7 +870,7 @@ impl Inner {
                 Verdict::Serve => return Some((entry, Outcome::L2)),
                 Verdict::Expired | Verdict::Invalidated => {
                     if entry.is_expired_at(Utc::now()) {
-                        self.counters.record_expired();
+                        self.expired(&entry);
                     } else {
                         self.counters.record_invalidated();
                     }

@@ -165,6 +165,11 @@ impl DiskTier {
         &self.inner.codec
     }
 
+    /// The database itself (analytics keep their rollups in trees of it).
+    pub fn db(&self) -> sled::Db {
+        self.inner.db.clone()
+    }
+
     /// Opens another tree of the same database (the S3 tier keeps its index and outbox there,
     /// so they become durable with the entries they refer to).
     pub fn open_tree(&self, name: &str) -> Result<sled::Tree, TierError> {

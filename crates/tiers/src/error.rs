@@ -28,6 +28,12 @@ pub enum TierError {
     Unavailable(String),
 }
 
+impl From<strata_analytics::AnalyticsError> for TierError {
+    fn from(e: strata_analytics::AnalyticsError) -> Self {
+        TierError::Storage(e.to_string())
+    }
+}
+
 impl From<sled::Error> for TierError {
     fn from(e: sled::Error) -> Self {
         TierError::Storage(e.to_string())

@@ -10,6 +10,8 @@
 //!   graceful degradation (a failing tier is a counted miss, never a failed call).
 //! - [`EpochStore`] and [`invalidate`]: invalidation by selector, key and pattern on every tier
 //!   and every node, `clear`, and garbage collection.
+//! - [`reports`]: cost-savings reports from this node's analytics or every node's (daily
+//!   rollups published to S3), with storage and cold entries that only the tiers know.
 
 pub mod cache;
 pub mod disk;
@@ -17,6 +19,7 @@ pub mod epochs;
 pub mod error;
 pub mod invalidate;
 pub mod memory;
+pub mod reports;
 pub mod s3;
 pub mod tier;
 
@@ -26,6 +29,7 @@ pub use epochs::{EpochStore, SyncReport};
 pub use error::TierError;
 pub use invalidate::{GcReport, Invalidation, Progress};
 pub use memory::MemoryTier;
+pub use reports::{Published, ReportSource};
 pub use s3::{RebuildReport, S3Config, S3Stats, S3Tier, WarmReport};
 pub use strata_analytics::{Outcome, Stats};
 pub use tier::{Tier, TierUsage};

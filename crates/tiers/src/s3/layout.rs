@@ -109,6 +109,28 @@ impl Layout {
         format!("{}{node}.json", self.node_epochs_root())
     }
 
+    /// The folder of every node's analytics: `{prefix}/analytics/`.
+    pub fn analytics_root(&self) -> String {
+        self.join("analytics/")
+    }
+
+    /// A node's rollups of one UTC day: `{prefix}/analytics/{node_id}/{YYYY-MM-DD}.json`.
+    pub fn analytics_path(&self, node: &str, day: NaiveDate) -> String {
+        format!(
+            "{}{node}/{}.json",
+            self.analytics_root(),
+            day.format("%Y-%m-%d")
+        )
+    }
+
+    /// The node and day of an analytics document's path.
+    pub fn parse_analytics_path(&self, path: &str) -> Option<(String, NaiveDate)> {
+        let rest = path.strip_prefix(&self.analytics_root())?;
+        let (node, file) = rest.split_once('/')?;
+        let day = NaiveDate::parse_from_str(file.strip_suffix(".json")?, "%Y-%m-%d").ok()?;
+        Some((node.to_owned(), day))
+    }
+
     /// The folder of pointers and manifests: `{prefix}/cache-index/`.
     pub fn index_root(&self) -> String {
         self.join("cache-index/")

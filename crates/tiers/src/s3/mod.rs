@@ -372,6 +372,15 @@ impl S3Tier {
         }
     }
 
+    /// The entry objects this node's local index knows, and their bytes.
+    pub fn known(&self) -> TierUsage {
+        TierUsage {
+            entries: self.inner.index.len() as u64,
+            bytes: self.inner.index_bytes.load(Relaxed),
+            capacity: None,
+        }
+    }
+
     /// Entries waiting in the outbox.
     pub fn pending(&self) -> usize {
         self.inner.outbox.len()

@@ -1,0 +1,655 @@
+//! Recording lookups off the hot path, into hourly rollups kept in sled.
+//!
+//! A lookup hands an [`Event`] to [`Analytics::record`], which is a `try_send` into a bounded
+//! channel: when the channel is full the event is dropped and counted, and the lookup goes on.
+//! A background thread wakes every `poll_interval`, drains the channel without ever blocking a
+//! sender (it never waits inside `recv`, so a send never has a sleeping receiver to wake), adds
+//! the events into rollups per hour × model × provider, and every `persist_interval` merges them
+//! into sled. Everything that reads ([`Analytics::rows`], [`Analytics::metrics_for_period`], …)
+//! drains and persists first, so it sees every event recorded before the call.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use strata_core::{Entry, Scope};
+
+use crate::counters::Outcome;
+use crate::rollup::{
+    DAILY_VERSION, DailyRollups, HourRow, Rollup, RowKey, age_bucket, nano_to_usd, sortable_be,
+    usd_to_nano,
+};
+use crate::sketch::{HotKey, Sketch};
+
+/// Why analytics could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyticsError {
+    /// The sled store failed.
+    #[error("analytics store: {0}")]
+    Store(#[from] sled::Error),
+    /// A stored document did not parse.
+    #[error("analytics document: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// How recording behaves.
+#[derive(Debug, Clone)]
+pub struct AnalyticsConfig {
+    /// Events the channel holds before new ones are dropped (and counted).
+    pub channel_capacity: usize,
+    /// How often the background thread drains the channel.
+    pub poll_interval: Duration,
+    /// How often drained rollups are merged into sled.
+    pub persist_interval: Duration,
+    /// Counters of the hot-key sketch.
+    pub hot_key_capacity: usize,
+    /// How many recent aggressive-profile keys are remembered to count the misses that would
+    /// have hit under that profile.
+    pub aggressive_window: usize,
+}
+
+impl Default for AnalyticsConfig {
+    fn default() -> Self {
+        AnalyticsConfig {
+            channel_capacity: 16_384,
+            poll_interval: Duration::from_millis(50),
+            persist_interval: Duration::from_secs(1),
+            hot_key_capacity: 256,
+            aggressive_window: 100_000,
+        }
+    }
+}
+
+/// One thing worth recording.
+#[derive(Debug)]
+pub enum Event {
+    /// A lookup ended.
+    Lookup {
+        /// Where the answer came from.
+        outcome: Outcome,
+        /// The entry served (a hit) or stored (a miss); `None` when a plain `get` found nothing.
+        entry: Option<Arc<Entry>>,
+        /// The model, when there is no entry to say it.
+        model: Option<Box<str>>,
+        /// How long the lookup took, in microseconds.
+        lookup_us: u32,
+        /// For a miss: the digest of the request's key under the `aggressive` profile (when the
+        /// cache uses a stricter one), to count misses that would have hit under it.
+        aggressive: Option<u64>,
+    },
+    /// An entry was found past its expiry.
+    Expired(Arc<Entry>),
+    /// An upstream call, through the request metrics API.
+    Request(Box<RequestMetric>),
+}
+
+/// One upstream call, as given to [`Analytics::record_request_metrics`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestMetric {
+    /// The caller's id of the request.
+    pub request_id: String,
+    /// Who served it.
+    pub provider: String,
+    /// How long it took.
+    pub response_time_ms: u64,
+    /// What it cost.
+    pub cost_usd: f64,
+    /// When it was recorded (milliseconds since the Unix epoch).
+    pub at_ms: i64,
+}
+
+/// Upstream calls over a period, per [`Analytics::metrics_for_period`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeriodMetrics {
+    /// The period, in hours back from now.
+    pub hours: u64,
+    /// Calls recorded.
+    pub requests: u64,
+    /// Their total cost.
+    pub cost_usd: f64,
+    /// Mean response time.
+    pub avg_response_time_ms: f64,
+    /// Median response time.
+    pub p50_response_time_ms: u64,
+    /// 95th percentile response time.
+    pub p95_response_time_ms: u64,
+    /// The same per provider, most calls first.
+    pub by_provider: Vec<ProviderMetrics>,
+}
+
+/// Upstream calls of one provider.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProviderMetrics {
+    /// The provider.
+    pub provider: String,
+    /// Calls recorded.
+    pub requests: u64,
+    /// Their total cost.
+    pub cost_usd: f64,
+    /// Mean response time.
+    pub avg_response_time_ms: f64,
+}
+
+const TREE_ROLLUPS: &str = "analytics.hourly";
+const TREE_HIT_IDS: &str = "analytics.hit_ids";
+const TREE_REQUESTS: &str = "analytics.requests";
+const TREE_META: &str = "analytics.meta";
+const META_HOT_KEYS: &[u8] = b"hot_keys";
+const META_DROPPED: &[u8] = b"dropped";
+
+struct Trees {
+    rollups: sled::Tree,
+    hit_ids: sled::Tree,
+    requests: sled::Tree,
+    meta: sled::Tree,
+}
+
+#[derive(Default)]
+struct AggressiveWindow {
+    /// Aggressive-profile digest → the digest of the entry it was seen with.
+    seen: HashMap<u64, u64>,
+}
+
+struct State {
+    pending: HashMap<RowKey, Rollup>,
+    session: BTreeMap<RowKey, Rollup>,
+    sketch: Sketch,
+    new_hit_ids: Vec<u128>,
+    marked: HashSet<u128>,
+    aggressive: AggressiveWindow,
+    requests: Vec<RequestMetric>,
+    dirty_days: BTreeSet<NaiveDate>,
+    request_seq: u64,
+    dropped_stored: u64,
+    last_persist: Instant,
+}
+
+struct Shared {
+    rx: Mutex<Receiver<Event>>,
+    state: Mutex<State>,
+    trees: Trees,
+    dropped: AtomicU64,
+    config: AnalyticsConfig,
+}
+
+/// Recording and reading of analytics for one cache. Dropping it stops the background thread
+/// after a last drain and persist.
+pub struct Analytics {
+    tx: SyncSender<Event>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Analytics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Analytics")
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Analytics {
+    /// Records into the trees `analytics.*` of `db` (the disk tier's database), where rollups
+    /// survive restarts, and starts the background thread.
+    pub fn open(db: &sled::Db, config: AnalyticsConfig) -> Result<Self, AnalyticsError> {
+        let trees = Trees {
+            rollups: db.open_tree(TREE_ROLLUPS)?,
+            hit_ids: db.open_tree(TREE_HIT_IDS)?,
+            requests: db.open_tree(TREE_REQUESTS)?,
+            meta: db.open_tree(TREE_META)?,
+        };
+        let hot_keys: Vec<HotKey> = match trees.meta.get(META_HOT_KEYS)? {
+            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let dropped_stored = match trees.meta.get(META_DROPPED)? {
+            Some(bytes) => <[u8; 8]>::try_from(bytes.as_ref()).map_or(0, u64::from_be_bytes),
+            None => 0,
+        };
+        let (tx, rx) = sync_channel(config.channel_capacity.max(1));
+        let state = State {
+            pending: HashMap::new(),
+            session: BTreeMap::new(),
+            sketch: Sketch::from_keys(config.hot_key_capacity, hot_keys),
+            new_hit_ids: Vec::new(),
+            marked: HashSet::new(),
+            aggressive: AggressiveWindow::default(),
+            requests: Vec::new(),
+            dirty_days: BTreeSet::new(),
+            request_seq: 0,
+            dropped_stored,
+            last_persist: Instant::now(),
+        };
+        let shared = Arc::new(Shared {
+            rx: Mutex::new(rx),
+            state: Mutex::new(state),
+            trees,
+            dropped: AtomicU64::new(0),
+            config,
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let shared = Arc::clone(&shared);
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("strata-analytics".into())
+                .spawn(move || shared.run(&stop))
+                .map_err(|e| AnalyticsError::Store(sled::Error::Io(e)))?
+        };
+        Ok(Analytics {
+            tx,
+            shared,
+            stop,
+            worker: Some(worker),
+        })
+    }
+
+    /// Records into a temporary sled database, gone when the process ends (for a cache with no
+    /// disk tier).
+    pub fn temporary(config: AnalyticsConfig) -> Result<Self, AnalyticsError> {
+        let db = sled::Config::new().temporary(true).open()?;
+        Analytics::open(&db, config)
+    }
+
+    /// Hands an event to the background thread; never blocks. A full channel drops the event
+    /// and counts it ([`Analytics::dropped`]).
+    pub fn record(&self, event: Event) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(event)
+        {
+            self.shared.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Events dropped by this process because the channel was full.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Relaxed)
+    }
+
+    /// Events dropped over the store's lifetime (every process that used it).
+    pub fn dropped_total(&self) -> u64 {
+        lock(&self.shared.state).dropped_stored + self.dropped()
+    }
+
+    /// The seeds' request metrics API: records one upstream call (off the hot path).
+    pub fn record_request_metrics(
+        &self,
+        request_id: &str,
+        provider: &str,
+        response_time_ms: u64,
+        cost_usd: f64,
+    ) {
+        self.record(Event::Request(Box::new(RequestMetric {
+            request_id: request_id.to_owned(),
+            provider: provider.to_owned(),
+            response_time_ms,
+            cost_usd,
+            at_ms: Utc::now().timestamp_millis(),
+        })));
+    }
+
+    /// The seeds' request metrics API: upstream calls recorded over the last `hours` hours.
+    pub fn metrics_for_period(&self, hours: u64) -> Result<PeriodMetrics, AnalyticsError> {
+        self.flush()?;
+        let since_ms = Utc::now().timestamp_millis() - (hours as i64).saturating_mul(3_600_000);
+        let mut times = Vec::new();
+        let mut total_nano = 0;
+        let mut by_provider: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+        for item in self
+            .shared
+            .trees
+            .requests
+            .range(sortable_be(since_ms).to_vec()..)
+        {
+            let (_, value) = item?;
+            let metric: RequestMetric = serde_json::from_slice(&value)?;
+            let cost = usd_to_nano(metric.cost_usd);
+            times.push(metric.response_time_ms);
+            total_nano += cost;
+            let slot = by_provider.entry(metric.provider).or_default();
+            slot.0 += 1;
+            slot.1 += cost;
+            slot.2 += metric.response_time_ms;
+        }
+        times.sort_unstable();
+        let quantile = |q: f64| -> u64 {
+            if times.is_empty() {
+                0
+            } else {
+                let i = ((times.len() - 1) as f64 * q).round() as usize;
+                times[i.min(times.len() - 1)]
+            }
+        };
+        let mean = |sum: u64, n: u64| if n == 0 { 0.0 } else { sum as f64 / n as f64 };
+        let mut providers: Vec<ProviderMetrics> = by_provider
+            .into_iter()
+            .map(|(provider, (n, cost, ms))| ProviderMetrics {
+                provider,
+                requests: n,
+                cost_usd: nano_to_usd(cost),
+                avg_response_time_ms: mean(ms, n),
+            })
+            .collect();
+        providers.sort_by(|a, b| b.requests.cmp(&a.requests));
+        Ok(PeriodMetrics {
+            hours,
+            requests: times.len() as u64,
+            cost_usd: nano_to_usd(total_nano),
+            avg_response_time_ms: mean(times.iter().sum(), times.len() as u64),
+            p50_response_time_ms: quantile(0.5),
+            p95_response_time_ms: quantile(0.95),
+            by_provider: providers,
+        })
+    }
+
+    /// Drains the channel and merges everything recorded so far into sled.
+    pub fn flush(&self) -> Result<(), AnalyticsError> {
+        self.shared.drain_and_persist()
+    }
+
+    /// Stored rows whose hour starts in `[since, until)`, oldest first (after a flush).
+    pub fn rows(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<HourRow>, AnalyticsError> {
+        self.flush()?;
+        let from = since.map_or(i64::MIN, RowKey::hour_of);
+        let to = until.map_or(i64::MAX, |t| {
+            RowKey::hour_of(t - chrono::Duration::nanoseconds(1))
+        });
+        let mut rows = Vec::new();
+        for item in self
+            .shared
+            .trees
+            .rollups
+            .range(sortable_be(from).to_vec()..)
+        {
+            let (key, value) = item?;
+            let Some(key) = RowKey::decode(&key) else {
+                continue;
+            };
+            if key.hour > to {
+                break;
+            }
+            rows.push(HourRow {
+                key,
+                rollup: serde_json::from_slice(&value)?,
+            });
+        }
+        Ok(rows)
+    }
+
+    /// This process's rows (since the cache was opened), oldest first.
+    pub fn session_rows(&self) -> Vec<HourRow> {
+        self.shared.drain();
+        lock(&self.shared.state)
+            .session
+            .iter()
+            .map(|(key, rollup)| HourRow {
+                key: key.clone(),
+                rollup: rollup.clone(),
+            })
+            .collect()
+    }
+
+    /// The `n` hottest keys over the store's lifetime.
+    pub fn hot_keys(&self, n: usize) -> Vec<HotKey> {
+        self.shared.drain();
+        lock(&self.shared.state).sketch.top(n)
+    }
+
+    /// Whether the entry with this digest was ever served as a hit (for cold-entry reports).
+    pub fn was_hit(&self, id: u128) -> Result<bool, AnalyticsError> {
+        if lock(&self.shared.state).marked.contains(&id) {
+            return Ok(true);
+        }
+        Ok(self.shared.trees.hit_ids.contains_key(id.to_be_bytes())?)
+    }
+
+    /// Days with rows recorded since the last call, for publishing daily documents.
+    pub fn take_dirty_days(&self) -> Vec<NaiveDate> {
+        self.shared.drain();
+        std::mem::take(&mut lock(&self.shared.state).dirty_days)
+            .into_iter()
+            .collect()
+    }
+
+    /// Marks a day as changed again (its publication failed and must be retried).
+    pub fn mark_dirty(&self, day: NaiveDate) {
+        lock(&self.shared.state).dirty_days.insert(day);
+    }
+
+    /// This node's document for one UTC day, as published to S3.
+    pub fn daily(&self, node_id: &str, date: NaiveDate) -> Result<DailyRollups, AnalyticsError> {
+        let start = date.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+        let rows = self.rows(Some(start), Some(start + chrono::Duration::days(1)))?;
+        Ok(DailyRollups {
+            version: DAILY_VERSION,
+            node_id: node_id.to_owned(),
+            date,
+            written_at: Utc::now(),
+            rows,
+            hot_keys: self.hot_keys(50),
+            dropped: self.dropped_total(),
+        })
+    }
+}
+
+impl Drop for Analytics {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(worker) = self.worker.take() {
+            worker.thread().unpark();
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Shared {
+    fn run(&self, stop: &AtomicBool) {
+        loop {
+            std::thread::park_timeout(self.config.poll_interval);
+            let stopping = stop.load(Relaxed);
+            self.drain();
+            let due = lock(&self.state).last_persist.elapsed() >= self.config.persist_interval;
+            if due || stopping {
+                if let Err(e) = self.drain_and_persist() {
+                    tracing::warn!(error = %e, "persisting analytics failed; will retry");
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Moves every queued event into the in-memory rollups.
+    fn drain(&self) {
+        let rx = lock(&self.rx);
+        let mut state = lock(&self.state);
+        let now = Utc::now();
+        loop {
+            match rx.try_recv() {
+                Ok(event) => state.apply(event, now, &self.config),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+    }
+
+    fn drain_and_persist(&self) -> Result<(), AnalyticsError> {
+        self.drain();
+        let mut state = lock(&self.state);
+        let trees = &self.trees;
+        for (key, delta) in state.pending.drain() {
+            let encoded = key.encode();
+            let mut total: Rollup = match trees.rollups.get(&encoded)? {
+                Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+                None => Rollup::default(),
+            };
+            total.add(&delta);
+            trees.rollups.insert(encoded, serde_json::to_vec(&total)?)?;
+        }
+        for id in std::mem::take(&mut state.new_hit_ids) {
+            trees.hit_ids.insert(id.to_be_bytes(), &[])?;
+        }
+        let requests = std::mem::take(&mut state.requests);
+        for metric in requests {
+            state.request_seq += 1;
+            let mut key = sortable_be(metric.at_ms).to_vec();
+            key.extend_from_slice(&state.request_seq.to_be_bytes());
+            key.extend_from_slice(&std::process::id().to_be_bytes());
+            trees.requests.insert(key, serde_json::to_vec(&metric)?)?;
+        }
+        let capacity = self.config.hot_key_capacity;
+        let hot = state.sketch.top(capacity);
+        trees
+            .meta
+            .insert(META_HOT_KEYS, serde_json::to_vec(&hot)?)?;
+        let dropped = state.dropped_stored + self.dropped.load(Relaxed);
+        trees.meta.insert(META_DROPPED, &dropped.to_be_bytes())?;
+        state.last_persist = Instant::now();
+        Ok(())
+    }
+}
+
+fn scope_index(scope: &Scope) -> usize {
+    match scope {
+        Scope::Global => 0,
+        Scope::Namespace(_) => 1,
+        Scope::User(_) => 2,
+        Scope::Session(_) => 3,
+    }
+}
+
+fn id_of(entry: &Entry) -> Option<u128> {
+    u128::from_str_radix(&entry.cache_id, 16).ok()
+}
+
+fn age_ms(entry: &Entry, now: DateTime<Utc>) -> u64 {
+    (now - entry.created_at).num_milliseconds().max(0) as u64
+}
+
+impl State {
+    fn row(&mut self, key: RowKey) -> (&mut Rollup, &mut Rollup) {
+        self.dirty_days.insert(key.day());
+        let session = self.session.entry(key.clone()).or_default();
+        let pending = self.pending.entry(key).or_default();
+        (pending, session)
+    }
+
+    fn apply(&mut self, event: Event, now: DateTime<Utc>, config: &AnalyticsConfig) {
+        let hour = RowKey::hour_of(now);
+        match event {
+            Event::Lookup {
+                outcome,
+                entry,
+                model,
+                lookup_us,
+                aggressive,
+            } => {
+                let key = match (&entry, model) {
+                    (Some(e), _) => RowKey {
+                        hour,
+                        model: e.model.clone(),
+                        provider: e.provider.clone(),
+                    },
+                    (None, model) => RowKey {
+                        hour,
+                        model: model.map(String::from).unwrap_or_default(),
+                        provider: String::new(),
+                    },
+                };
+                let would_hit = match (&entry, aggressive) {
+                    (Some(e), Some(digest)) => {
+                        self.aggressive_check(e, digest, config.aggressive_window)
+                    }
+                    _ => false,
+                };
+                if outcome.is_hit() {
+                    if let Some(e) = &entry {
+                        if let Some(id) = id_of(e) {
+                            self.sketch.hit(id, e);
+                            if self.marked.len() > 1 << 20 {
+                                self.marked.clear();
+                            }
+                            if self.marked.insert(id) {
+                                self.new_hit_ids.push(id);
+                            }
+                        }
+                    }
+                }
+                let (pending, session) = self.row(key);
+                for rollup in [pending, session] {
+                    rollup.lookups += 1;
+                    match outcome {
+                        Outcome::L1 => rollup.l1 += 1,
+                        Outcome::L2 => rollup.l2 += 1,
+                        Outcome::L3 => rollup.l3 += 1,
+                        Outcome::Coalesced => rollup.coalesced += 1,
+                        Outcome::Miss => rollup.misses += 1,
+                        Outcome::Uncacheable => rollup.uncacheable += 1,
+                    }
+                    let Some(e) = &entry else { continue };
+                    rollup.scopes[scope_index(&e.scope)] += 1;
+                    let cost = usd_to_nano(e.cost.total);
+                    if outcome.is_hit() {
+                        rollup.cost_saved_nano += cost;
+                        rollup.input_tokens_saved += e.tokens.input;
+                        rollup.output_tokens_saved += e.tokens.output;
+                        rollup.latency_saved_ms += e.latency_ms;
+                        rollup.hit_lookup_us += u64::from(lookup_us);
+                        rollup.hit_ages[age_bucket(age_ms(e, now))] += 1;
+                    } else {
+                        rollup.cost_spent_nano += cost;
+                    }
+                    if would_hit {
+                        rollup.aggressive_would_hit += 1;
+                        rollup.aggressive_would_save_nano += cost;
+                    }
+                }
+            }
+            Event::Expired(e) => {
+                let key = RowKey {
+                    hour,
+                    model: e.model.clone(),
+                    provider: e.provider.clone(),
+                };
+                let bucket = age_bucket(age_ms(&e, now));
+                let (pending, session) = self.row(key);
+                for rollup in [pending, session] {
+                    rollup.expired += 1;
+                    rollup.expired_ages[bucket] += 1;
+                }
+            }
+            Event::Request(metric) => self.requests.push(*metric),
+        }
+    }
+
+    /// Remembers a miss's aggressive-profile digest; returns whether a different entry was seen
+    /// with the same one (so this request would have hit under `aggressive`).
+    fn aggressive_check(&mut self, entry: &Entry, digest: u64, window: usize) -> bool {
+        let Some(own) = id_of(entry) else {
+            return false;
+        };
+        let own = own as u64;
+        if self.aggressive.seen.len() >= window.max(1) {
+            self.aggressive.seen.clear();
+        }
+        match self.aggressive.seen.insert(digest, own) {
+            Some(other) => other != own,
+            None => false,
+        }
+    }
+}
