@@ -360,6 +360,9 @@ fn zipf_replay_with_both_tiers_stays_within_the_memory_budget() -> Result<()> {
 #[path = "support/s3.rs"]
 mod s3_server;
 
+#[path = "cli/report.rs"]
+mod report;
+
 /// A runtime that keeps the in-process S3 server serving while the command runs.
 fn s3_runtime() -> Result<(tokio::runtime::Runtime, s3_server::TestS3)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
