@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -341,7 +341,7 @@ impl Analytics {
                 avg_response_time_ms: mean(ms, n),
             })
             .collect();
-        providers.sort_by(|a, b| b.requests.cmp(&a.requests));
+        providers.sort_by_key(|p| std::cmp::Reverse(p.requests));
         Ok(PeriodMetrics {
             hours,
             requests: times.len() as u64,
@@ -464,10 +464,10 @@ impl Shared {
             let stopping = stop.load(Relaxed);
             self.drain();
             let due = lock(&self.state).last_persist.elapsed() >= self.config.persist_interval;
-            if due || stopping {
-                if let Err(e) = self.drain_and_persist() {
-                    tracing::warn!(error = %e, "persisting analytics failed; will retry");
-                }
+            if (due || stopping)
+                && let Err(e) = self.drain_and_persist()
+            {
+                tracing::warn!(error = %e, "persisting analytics failed; will retry");
             }
             if stopping {
                 return;
@@ -480,11 +480,9 @@ impl Shared {
         let rx = lock(&self.rx);
         let mut state = lock(&self.state);
         let now = Utc::now();
-        loop {
-            match rx.try_recv() {
-                Ok(event) => state.apply(event, now, &self.config),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+        // Empty or disconnected: either way, nothing more to take now.
+        while let Ok(event) = rx.try_recv() {
+            state.apply(event, now, &self.config);
         }
     }
 
@@ -577,17 +575,16 @@ impl State {
                     }
                     _ => false,
                 };
-                if outcome.is_hit() {
-                    if let Some(e) = &entry {
-                        if let Some(id) = id_of(e) {
-                            self.sketch.hit(id, e);
-                            if self.marked.len() > 1 << 20 {
-                                self.marked.clear();
-                            }
-                            if self.marked.insert(id) {
-                                self.new_hit_ids.push(id);
-                            }
-                        }
+                if outcome.is_hit()
+                    && let Some(e) = &entry
+                    && let Some(id) = id_of(e)
+                {
+                    self.sketch.hit(id, e);
+                    if self.marked.len() > 1 << 20 {
+                        self.marked.clear();
+                    }
+                    if self.marked.insert(id) {
+                        self.new_hit_ids.push(id);
                     }
                 }
                 let (pending, session) = self.row(key);
@@ -651,5 +648,123 @@ impl State {
             Some(other) => other != own,
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_core::{Cost, Normalizer, Tokens};
+
+    fn entry(text: &str, cost: f64) -> Arc<Entry> {
+        let request =
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]});
+        let keyed = Normalizer::default()
+            .key(&request, &Scope::Global)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let now = Utc::now();
+        Arc::new(Entry {
+            cache_id: keyed.key.hex(),
+            cache_key: keyed.key.to_string(),
+            request: keyed.canonical,
+            response: serde_json::value::to_raw_value(&1).unwrap_or_else(|e| panic!("{e}")),
+            model: "m".into(),
+            provider: "p".into(),
+            tokens: Tokens {
+                input: 10,
+                output: 5,
+            },
+            cost: Cost {
+                input: 0.0,
+                output: 0.0,
+                total: cost,
+            },
+            latency_ms: 700,
+            created_at: now,
+            expires_at: None,
+            tags: vec![],
+            scope: Scope::Global,
+            hit_count: 0,
+            last_accessed: now,
+            epochs: Default::default(),
+        })
+    }
+
+    fn hit(e: &Arc<Entry>) -> Event {
+        Event::Lookup {
+            outcome: Outcome::L1,
+            entry: Some(Arc::clone(e)),
+            model: None,
+            lookup_us: 9,
+            aggressive: None,
+        }
+    }
+
+    #[test]
+    fn rollups_and_hot_keys_persist_across_reopen() -> Result<(), AnalyticsError> {
+        let dir = tempfile::tempdir().map_err(|e| AnalyticsError::Store(e.into()))?;
+        let e = entry("x", 0.25);
+        {
+            let db = sled::open(dir.path())?;
+            let analytics = Analytics::open(&db, AnalyticsConfig::default())?;
+            for _ in 0..3 {
+                analytics.record(hit(&e));
+            }
+            analytics.record(Event::Expired(Arc::clone(&e)));
+            // Dropping persists what is still queued.
+        }
+        let db = sled::open(dir.path())?;
+        let analytics = Analytics::open(&db, AnalyticsConfig::default())?;
+        let rows = analytics.rows(None, None)?;
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0].rollup;
+        assert_eq!((r.lookups, r.l1, r.expired), (3, 3, 1));
+        assert_eq!(r.cost_saved_nano, 750_000_000);
+        assert_eq!(r.latency_saved_ms, 2_100);
+        assert_eq!(r.hit_ages[0], 3);
+        assert_eq!(analytics.hot_keys(1)[0].hits, 3);
+        assert!(analytics.was_hit(u128::from_str_radix(&e.cache_id, 16).unwrap_or(0))?);
+        assert!(
+            analytics.session_rows().is_empty(),
+            "a new process starts a new session"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_full_channel_drops_and_counts_and_never_blocks() -> Result<(), AnalyticsError> {
+        let config = AnalyticsConfig {
+            channel_capacity: 4,
+            poll_interval: Duration::from_secs(3600),
+            ..AnalyticsConfig::default()
+        };
+        let analytics = Analytics::temporary(config)?;
+        let e = entry("y", 0.0);
+        for _ in 0..10 {
+            analytics.record(hit(&e));
+        }
+        assert_eq!(analytics.dropped(), 6);
+        let rows = analytics.rows(None, None)?;
+        assert_eq!(rows[0].rollup.lookups, 4);
+        assert_eq!(analytics.dropped_total(), 6);
+        Ok(())
+    }
+
+    #[test]
+    fn request_metrics_over_a_period() -> Result<(), AnalyticsError> {
+        let analytics = Analytics::temporary(AnalyticsConfig::default())?;
+        analytics.record_request_metrics("r1", "openai", 100, 0.01);
+        analytics.record_request_metrics("r2", "openai", 300, 0.02);
+        analytics.record_request_metrics("r3", "anthropic", 200, 0.5);
+        let m = analytics.metrics_for_period(24)?;
+        assert_eq!(m.requests, 3);
+        assert!((m.cost_usd - 0.53).abs() < 1e-9);
+        assert!((m.avg_response_time_ms - 200.0).abs() < 1e-9);
+        assert_eq!(m.p50_response_time_ms, 200);
+        assert_eq!(m.by_provider[0].provider, "openai");
+        assert_eq!(m.by_provider[0].requests, 2);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(analytics.metrics_for_period(0)?.requests, 0);
+        Ok(())
     }
 }

@@ -422,44 +422,44 @@ fn suggestions(
             for (a, b) in ages.iter_mut().zip(r.expired_ages) {
                 *a += b;
             }
-            if let Some(suggested) = ttl_covering(&ages) {
-                if longer(suggested, current) {
-                    out.push(Suggestion::Ttl {
-                        model: model.clone(),
-                        hit_rate,
-                        current_ttl_secs: current,
-                        suggested_ttl_secs: suggested,
-                        text: format!(
-                            "{model}: hit rate {:.1}%, and {} lookups found an entry past its \
-                             TTL of {}; 95% of repeats come within {}: a TTL of {} would have \
-                             served them",
-                            hit_rate * 100.0,
-                            r.expired,
-                            human_secs(current),
-                            human_secs(suggested),
-                            human_secs(suggested)
-                        ),
-                    });
-                }
-            }
-        } else if let Some(suggested) = ttl_covering(&r.hit_ages) {
-            if longer(current, suggested.map(|s| s * 4)) {
+            if let Some(suggested) = ttl_covering(&ages)
+                && longer(suggested, current)
+            {
                 out.push(Suggestion::Ttl {
                     model: model.clone(),
                     hit_rate,
                     current_ttl_secs: current,
                     suggested_ttl_secs: suggested,
                     text: format!(
-                        "{model}: hit rate {:.1}%, and 95% of its hits come within {} of the \
-                         entry's creation; a TTL of {} instead of {} keeps them and frees the \
-                         storage of entries nobody asks for again",
+                        "{model}: hit rate {:.1}%, and {} lookups found an entry past its \
+                             TTL of {}; 95% of repeats come within {}: a TTL of {} would have \
+                             served them",
                         hit_rate * 100.0,
+                        r.expired,
+                        human_secs(current),
                         human_secs(suggested),
-                        human_secs(suggested),
-                        human_secs(current)
+                        human_secs(suggested)
                     ),
                 });
             }
+        } else if let Some(suggested) = ttl_covering(&r.hit_ages)
+            && longer(current, suggested.map(|s| s * 4))
+        {
+            out.push(Suggestion::Ttl {
+                model: model.clone(),
+                hit_rate,
+                current_ttl_secs: current,
+                suggested_ttl_secs: suggested,
+                text: format!(
+                    "{model}: hit rate {:.1}%, and 95% of its hits come within {} of the \
+                         entry's creation; a TTL of {} instead of {} keeps them and frees the \
+                         storage of entries nobody asks for again",
+                    hit_rate * 100.0,
+                    human_secs(suggested),
+                    human_secs(suggested),
+                    human_secs(current)
+                ),
+            });
         }
     }
     out

@@ -8,8 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, Utc};
 use strata_analytics::sketch::merge_hot_keys;
 use strata_analytics::{
-    Analytics, ColdEntries, ColdModel, DailyRollups, HourRow, Report, ReportExtras, ReportOptions,
-    TierStorage,
+    Analytics, ColdEntries, ColdModel, DailyRollups, HourRow, PeriodMetrics, Report, ReportExtras,
+    ReportOptions, TierStorage,
 };
 
 use crate::cache::TieredCache;
@@ -47,6 +47,28 @@ impl TieredCache {
     /// The analytics recorder; `None` when recording is off (or its store failed to open).
     pub fn analytics(&self) -> Option<&Analytics> {
         self.inner.analytics.as_ref()
+    }
+
+    /// The seeds' request metrics API: records one upstream call (never blocks; nothing
+    /// happens when recording is off).
+    pub fn record_request_metrics(
+        &self,
+        request_id: &str,
+        provider: &str,
+        response_time_ms: u64,
+        cost_usd: f64,
+    ) {
+        if let Some(analytics) = &self.inner.analytics {
+            analytics.record_request_metrics(request_id, provider, response_time_ms, cost_usd);
+        }
+    }
+
+    /// The seeds' request metrics API: the upstream calls recorded over the last `hours` hours.
+    pub fn metrics_for_period(&self, hours: u64) -> Result<PeriodMetrics, TierError> {
+        match &self.inner.analytics {
+            Some(analytics) => Ok(analytics.metrics_for_period(hours)?),
+            None => Err(TierError::Invalid("analytics recording is off".into())),
+        }
     }
 
     /// Storage used per tier on this node (L3: the objects this node's index knows).
@@ -89,17 +111,17 @@ impl TieredCache {
         let mut by_model: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let mut failed = None;
         disk.sweep(|id, decoded, bytes| {
-            if let Ok(entry) = decoded {
-                if entry.created_at < cutoff {
-                    match analytics.was_hit(id) {
-                        Ok(false) => {
-                            let slot = by_model.entry(entry.model).or_default();
-                            slot.0 += 1;
-                            slot.1 += bytes;
-                        }
-                        Ok(true) => {}
-                        Err(e) => failed = Some(e),
+            if let Ok(entry) = decoded
+                && entry.created_at < cutoff
+            {
+                match analytics.was_hit(id) {
+                    Ok(false) => {
+                        let slot = by_model.entry(entry.model).or_default();
+                        slot.0 += 1;
+                        slot.1 += bytes;
                     }
+                    Ok(true) => {}
+                    Err(e) => failed = Some(e),
                 }
             }
             false
@@ -115,7 +137,7 @@ impl TieredCache {
                 bytes,
             })
             .collect();
-        models.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        models.sort_by_key(|m| std::cmp::Reverse(m.bytes));
         Ok(Some(ColdEntries {
             older_than_secs: older_than.as_secs(),
             entries: models.iter().map(|m| m.entries).sum(),
@@ -189,14 +211,12 @@ impl TieredCache {
             .await;
         let mut docs = Vec::new();
         for (path, bytes) in fetched {
-            match bytes? {
-                Some(bytes) => match serde_json::from_slice::<DailyRollups>(&bytes) {
-                    Ok(doc) => docs.push(doc),
-                    Err(e) => {
-                        tracing::warn!(%path, error = %e, "skipping an unreadable analytics document")
-                    }
-                },
-                None => {}
+            let Some(bytes) = bytes? else { continue };
+            match serde_json::from_slice::<DailyRollups>(&bytes) {
+                Ok(doc) => docs.push(doc),
+                Err(e) => {
+                    tracing::warn!(%path, error = %e, "skipping an unreadable analytics document");
+                }
             }
         }
         docs.sort_by(|a, b| (&a.node_id, a.date).cmp(&(&b.node_id, b.date)));
