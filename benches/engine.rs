@@ -47,7 +47,16 @@ fn filled_cache(
     exchanges: &[Exchange],
     disk: Option<DiskTier>,
 ) -> TieredCache {
-    let mut builder = TieredCache::builder().memory_capacity(256 << 20);
+    fill(rt, exchanges, disk, TieredCache::builder())
+}
+
+fn fill(
+    rt: &tokio::runtime::Runtime,
+    exchanges: &[Exchange],
+    disk: Option<DiskTier>,
+    builder: strata::tiers::TieredCacheBuilder,
+) -> TieredCache {
+    let mut builder = builder.memory_capacity(256 << 20);
     if let Some(disk) = disk {
         builder = builder.disk(disk);
     }
@@ -447,6 +456,15 @@ fn summary() {
             "| L2 hit | {l2:.2} µs | ≤ 15 µs | envelope decode {decode:.2} µs + key {key:.2} µs |"
         );
     }
+    if let (Some(on), Some(off)) = (
+        us("recording", "l1_hit_recorded"),
+        us("recording", "l1_hit_unrecorded"),
+    ) {
+        println!(
+            "| L1 hit with analytics recording | {on:.2} µs ({:+.1}% vs without) | ≤ +5% | without recording {off:.2} µs |",
+            (on / off - 1.0) * 100.0
+        );
+    }
     if let Some(put) = us("tiers", "put_l1_l2") {
         println!("| put (L1 + L2) | {put:.2} µs | ≤ 30 µs | |");
     }
@@ -566,10 +584,47 @@ fn bench_invalidate(c: &mut Criterion) {
 
 const INVALIDATE_ENTRIES: usize = 100_000;
 
+/// The L1 hit with analytics recording on (the default) and off, memory tier only, same run:
+/// what recording adds to the fastest lookup.
+fn bench_recording(c: &mut Criterion) {
+    let exchanges = workload();
+    let requests = requests(&exchanges);
+    let rt = runtime();
+    let recorded = fill(&rt, &exchanges, None, TieredCache::builder());
+    let unrecorded = fill(&rt, &exchanges, None, TieredCache::builder().analytics(None));
+    assert!(recorded.analytics().is_some() && unrecorded.analytics().is_none());
+    let never = || async { Err::<Completion, _>(std::io::Error::other("not a hit")) };
+    let mut group = c.benchmark_group("recording");
+    for (name, cache) in [
+        ("l1_hit_unrecorded", &unrecorded),
+        ("l1_hit_recorded", &recorded),
+    ] {
+        let mut i = 0;
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| {
+                i = (i + 1) % requests.len();
+                let request = &requests[i];
+                async move {
+                    black_box(
+                        cache
+                            .get_or_execute(request, &Scope::Global, never)
+                            .await
+                            .is_ok(),
+                    )
+                }
+            })
+        });
+    }
+    group.finish();
+    if let Some(analytics) = recorded.analytics() {
+        println!("recording: {} lookups dropped (channel full)", analytics.dropped());
+    }
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_key, bench_tiers, bench_s3, bench_invalidate
+    targets = bench_key, bench_tiers, bench_recording, bench_s3, bench_invalidate
 }
 
 fn main() {
