@@ -599,9 +599,9 @@ impl TieredCache {
         Ok(())
     }
 
-    /// Makes every write so far durable and stores the lifetime statistics; with an S3 tier,
-    /// uploads the outbox too. If S3 cannot take it, the error says so and the entries stay
-    /// queued (durably) for the next drain.
+    /// Makes every write so far durable and stores the lifetime statistics and the analytics
+    /// rollups; with an S3 tier, uploads the outbox and this node's daily rollups too. If S3
+    /// cannot take them, the error says so and they stay queued (durably) for the next try.
     pub async fn flush(&self) -> Result<(), TierError> {
         if let Some(analytics) = &self.inner.analytics {
             analytics.flush()?;
