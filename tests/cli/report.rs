@@ -194,6 +194,17 @@ fn the_json_report_of_a_known_workload_is_right_to_the_cent_and_survives_restart
         "{twice}"
     );
 
+    // Cold entries: stored, never hit, older than the threshold (here: any age). Of the five
+    // entries, the spaced variant and b2 were never served.
+    let cold = strata(dir.path())?
+        .args(["report", "--format", "json"])
+        .env("STRATA_ANALYTICS_COLD_AFTER", "0s")
+        .output()?;
+    let cold = json_of(&cold)?;
+    assert_eq!(n(&cold, &["cold", "entries"]), 2, "{cold}");
+    assert!(n(&cold, &["cold", "bytes"]) > 0);
+    assert_eq!(n(&twice, &["cold", "entries"]), 0, "none older than 7 days");
+
     // CSV: a header and one row per group.
     let csv = String::from_utf8(
         run(
