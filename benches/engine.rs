@@ -591,7 +591,12 @@ fn bench_recording(c: &mut Criterion) {
     let requests = requests(&exchanges);
     let rt = runtime();
     let recorded = fill(&rt, &exchanges, None, TieredCache::builder());
-    let unrecorded = fill(&rt, &exchanges, None, TieredCache::builder().analytics(None));
+    let unrecorded = fill(
+        &rt,
+        &exchanges,
+        None,
+        TieredCache::builder().analytics(None),
+    );
     assert!(recorded.analytics().is_some() && unrecorded.analytics().is_none());
     let never = || async { Err::<Completion, _>(std::io::Error::other("not a hit")) };
     let mut group = c.benchmark_group("recording");
@@ -617,7 +622,10 @@ fn bench_recording(c: &mut Criterion) {
     }
     group.finish();
     if let Some(analytics) = recorded.analytics() {
-        println!("recording: {} lookups dropped (channel full)", analytics.dropped());
+        println!(
+            "recording: {} lookups dropped (channel full)",
+            analytics.dropped()
+        );
     }
 }
 

@@ -177,6 +177,21 @@ fn the_json_report_of_a_known_workload_is_right_to_the_cent_and_survives_restart
     assert_eq!(aggressive["misses"], 1, "{aggressive}");
     assert!((usd(&aggressive["cost_usd"]) - 0.0125).abs() < 1e-9);
 
+    // Cold entries: stored, never hit, older than the threshold (here: any age). Of the five
+    // entries, the spaced variant and b2 were never served.
+    let cold = strata(dir.path())?
+        .args(["report", "--format", "json"])
+        .env("STRATA_ANALYTICS_COLD_AFTER", "0s")
+        .output()?;
+    let cold = json_of(&cold)?;
+    assert_eq!(n(&cold, &["cold", "entries"]), 2, "{cold}");
+    assert!(n(&cold, &["cold", "bytes"]) > 0);
+    assert_eq!(
+        n(&report, &["cold", "entries"]),
+        0,
+        "none older than 7 days"
+    );
+
     // A second process replays the same log: the rollups of both add up (and the first one's
     // stayed on disk), every lookup now a hit from L2 or L1.
     run(dir.path(), &["replay", &file])?;
@@ -193,17 +208,6 @@ fn the_json_report_of_a_known_workload_is_right_to_the_cent_and_survives_restart
         (usd(&twice["cost_saved_usd"]) - (0.4406 * 2.0 + 0.2781)).abs() < 1e-9,
         "{twice}"
     );
-
-    // Cold entries: stored, never hit, older than the threshold (here: any age). Of the five
-    // entries, the spaced variant and b2 were never served.
-    let cold = strata(dir.path())?
-        .args(["report", "--format", "json"])
-        .env("STRATA_ANALYTICS_COLD_AFTER", "0s")
-        .output()?;
-    let cold = json_of(&cold)?;
-    assert_eq!(n(&cold, &["cold", "entries"]), 2, "{cold}");
-    assert!(n(&cold, &["cold", "bytes"]) > 0);
-    assert_eq!(n(&twice, &["cold", "entries"]), 0, "none older than 7 days");
 
     // CSV: a header and one row per group.
     let csv = String::from_utf8(
