@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use serde::{Deserialize, Serialize};
 use strata_core::Entry;
 
+use crate::rollup::usd_to_nano;
+
 /// Where a lookup's answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -190,15 +192,6 @@ impl Stats {
     }
 }
 
-/// USD to the integer unit the counters add up (nano-dollars): exact sums, no float drift.
-fn to_nano_usd(usd: f64) -> u64 {
-    if usd.is_finite() && usd > 0.0 {
-        (usd * 1e9).round() as u64
-    } else {
-        0
-    }
-}
-
 impl Counters {
     /// Counts one lookup and, for a hit, what the served entry saved.
     pub fn record(&self, outcome: Outcome, served: Option<&Entry>) {
@@ -213,7 +206,7 @@ impl Counters {
         };
         if let (true, Some(entry)) = (outcome.is_hit(), served) {
             self.cost_saved_nano_usd
-                .fetch_add(to_nano_usd(entry.cost.total), Relaxed);
+                .fetch_add(usd_to_nano(entry.cost.total), Relaxed);
             self.input_tokens_saved
                 .fetch_add(entry.tokens.input, Relaxed);
             self.output_tokens_saved

@@ -368,7 +368,8 @@ fn bar_chart(title: &str, y_desc: &str, bars: &[(String, f64)]) -> Result<String
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(60)
-            .build_cartesian_2d((0u32..n).into_segmented(), 0f64..top)
+            // A segmented `0..k` has k + 1 segments: `0..n - 1` gives one per bar (two for a single bar).
+            .build_cartesian_2d((0u32..(n - 1).max(1)).into_segmented(), 0f64..top)
             .map_err(chart_err)?;
         let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
         chart
