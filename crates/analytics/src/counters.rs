@@ -287,37 +287,10 @@ impl Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strata_core::{Cost, Normalizer, Scope, Tokens};
+    use crate::test_entry;
 
     fn entry(cost: f64, input: u64, output: u64, latency_ms: u64) -> Entry {
-        let request =
-            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
-        let keyed = Normalizer::default()
-            .key(&request, &Scope::Global)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let now = chrono::Utc::now();
-        Entry {
-            cache_id: keyed.key.hex(),
-            cache_key: keyed.key.to_string(),
-            request: keyed.canonical,
-            response: serde_json::value::to_raw_value(&1).unwrap_or_else(|e| panic!("{e}")),
-            model: "m".into(),
-            provider: "p".into(),
-            tokens: Tokens { input, output },
-            cost: Cost {
-                input: 0.0,
-                output: 0.0,
-                total: cost,
-            },
-            latency_ms,
-            created_at: now,
-            expires_at: None,
-            tags: vec![],
-            scope: Scope::Global,
-            hit_count: 0,
-            last_accessed: now,
-            epochs: Default::default(),
-        }
+        test_entry::entry("x", cost, (input, output), latency_ms)
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub mod render;
 pub mod report;
 pub mod rollup;
 pub mod sketch;
+#[cfg(test)]
+mod test_entry;
 
 pub use counters::{Counters, ErrorKind, Hits, Outcome, Stats, TierName};
 pub use pricing::{Price, Pricing, PricingError};

@@ -654,40 +654,10 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strata_core::{Cost, Normalizer, Tokens};
+    use crate::test_entry;
 
     fn entry(text: &str, cost: f64) -> Arc<Entry> {
-        let request =
-            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]});
-        let keyed = Normalizer::default()
-            .key(&request, &Scope::Global)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let now = Utc::now();
-        Arc::new(Entry {
-            cache_id: keyed.key.hex(),
-            cache_key: keyed.key.to_string(),
-            request: keyed.canonical,
-            response: serde_json::value::to_raw_value(&1).unwrap_or_else(|e| panic!("{e}")),
-            model: "m".into(),
-            provider: "p".into(),
-            tokens: Tokens {
-                input: 10,
-                output: 5,
-            },
-            cost: Cost {
-                input: 0.0,
-                output: 0.0,
-                total: cost,
-            },
-            latency_ms: 700,
-            created_at: now,
-            expires_at: None,
-            tags: vec![],
-            scope: Scope::Global,
-            hit_count: 0,
-            last_accessed: now,
-            epochs: Default::default(),
-        })
+        Arc::new(test_entry::entry(text, cost, (10, 5), 700))
     }
 
     fn hit(e: &Arc<Entry>) -> Event {

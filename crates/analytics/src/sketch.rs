@@ -191,34 +191,13 @@ fn last_text(canonical: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_entry;
     use strata_core::{Normalizer, Scope};
 
     fn entry(text: &str) -> (u128, Arc<Entry>) {
-        let request =
-            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]});
-        let keyed = Normalizer::default()
-            .key(&request, &Scope::Global)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let now = chrono::Utc::now();
-        let entry = Entry {
-            cache_id: keyed.key.hex(),
-            cache_key: keyed.key.to_string(),
-            request: keyed.canonical,
-            response: serde_json::value::to_raw_value(&1).unwrap_or_else(|e| panic!("{e}")),
-            model: "m".into(),
-            provider: "p".into(),
-            tokens: Default::default(),
-            cost: Default::default(),
-            latency_ms: 0,
-            created_at: now,
-            expires_at: None,
-            tags: vec![],
-            scope: Scope::Global,
-            hit_count: 0,
-            last_accessed: now,
-            epochs: Default::default(),
-        };
-        (keyed.key.id(), Arc::new(entry))
+        let e = test_entry::entry(text, 0.0, (0, 0), 0);
+        let id = u128::from_str_radix(&e.cache_id, 16).unwrap_or_else(|e| panic!("{e}"));
+        (id, Arc::new(e))
     }
 
     #[test]
