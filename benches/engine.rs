@@ -124,21 +124,7 @@ fn bench_tiers(c: &mut Criterion) {
             async move { black_box(memory.get_id(id).await) }
         })
     });
-    let mut i = 0;
-    group.bench_function("l1_hit", |b| {
-        b.to_async(&rt).iter(|| {
-            i = (i + 1) % requests.len();
-            let (cache, request) = (&cache, &requests[i]);
-            async move {
-                black_box(
-                    cache
-                        .get_or_execute(request, &Scope::Global, never)
-                        .await
-                        .is_ok(),
-                )
-            }
-        })
-    });
+    bench_l1_hit(&mut group, "l1_hit", &rt, &cache, &requests);
     let codec = Codec::default();
     let envelopes: Vec<Vec<u8>> = rt.block_on(async {
         let mut out = Vec::new();
@@ -177,6 +163,32 @@ fn bench_tiers(c: &mut Criterion) {
     group.finish();
     drop(cache);
     let _ = Arc::new(dir);
+}
+
+/// Benches an L1 hit through `get_or_execute` (key included), the requests in rotation.
+fn bench_l1_hit(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    rt: &tokio::runtime::Runtime,
+    cache: &TieredCache,
+    requests: &[Value],
+) {
+    let never = || async { Err::<Completion, _>(std::io::Error::other("not a hit")) };
+    let mut i = 0;
+    group.bench_function(name, |b| {
+        b.to_async(rt).iter(|| {
+            i = (i + 1) % requests.len();
+            let request = &requests[i];
+            async move {
+                black_box(
+                    cache
+                        .get_or_execute(request, &Scope::Global, never)
+                        .await
+                        .is_ok(),
+                )
+            }
+        })
+    });
 }
 
 /// Benches `put` on `cache`, the workload's exchanges in rotation.
@@ -598,27 +610,12 @@ fn bench_recording(c: &mut Criterion) {
         TieredCache::builder().analytics(None),
     );
     assert!(recorded.analytics().is_some() && unrecorded.analytics().is_none());
-    let never = || async { Err::<Completion, _>(std::io::Error::other("not a hit")) };
     let mut group = c.benchmark_group("recording");
     for (name, cache) in [
         ("l1_hit_unrecorded", &unrecorded),
         ("l1_hit_recorded", &recorded),
     ] {
-        let mut i = 0;
-        group.bench_function(name, |b| {
-            b.to_async(&rt).iter(|| {
-                i = (i + 1) % requests.len();
-                let request = &requests[i];
-                async move {
-                    black_box(
-                        cache
-                            .get_or_execute(request, &Scope::Global, never)
-                            .await
-                            .is_ok(),
-                    )
-                }
-            })
-        });
+        bench_l1_hit(&mut group, name, &rt, cache, &requests);
     }
     group.finish();
     if let Some(analytics) = recorded.analytics() {

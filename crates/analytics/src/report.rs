@@ -417,48 +417,48 @@ fn suggestions(
             (Some(a), Some(b)) => a > b,
             _ => false,
         };
-        if r.expired > 0 {
+        let suggestion = if r.expired > 0 {
             let mut ages = r.hit_ages;
             for (a, b) in ages.iter_mut().zip(r.expired_ages) {
                 *a += b;
             }
-            if let Some(suggested) = ttl_covering(&ages)
-                && longer(suggested, current)
-            {
-                out.push(Suggestion::Ttl {
-                    model: model.clone(),
-                    hit_rate,
-                    current_ttl_secs: current,
-                    suggested_ttl_secs: suggested,
-                    text: format!(
-                        "{model}: hit rate {:.1}%, and {} lookups found an entry past its \
-                             TTL of {}; 95% of repeats come within {}: a TTL of {} would have \
-                             served them",
+            ttl_covering(&ages)
+                .filter(|&suggested| longer(suggested, current))
+                .map(|suggested| {
+                    let text = format!(
+                        "{model}: hit rate {:.1}%, and {} lookups found an entry past its TTL of \
+                         {}; 95% of repeats come within {}: a TTL of {} would have served them",
                         hit_rate * 100.0,
                         r.expired,
                         human_secs(current),
                         human_secs(suggested),
                         human_secs(suggested)
-                    ),
-                });
-            }
-        } else if let Some(suggested) = ttl_covering(&r.hit_ages)
-            && longer(current, suggested.map(|s| s * 4))
-        {
+                    );
+                    (suggested, text)
+                })
+        } else {
+            ttl_covering(&r.hit_ages)
+                .filter(|&suggested| longer(current, suggested.map(|s| s * 4)))
+                .map(|suggested| {
+                    let text = format!(
+                        "{model}: hit rate {:.1}%, and 95% of its hits come within {} of the \
+                         entry's creation; a TTL of {} instead of {} keeps them and frees the \
+                         storage of entries nobody asks for again",
+                        hit_rate * 100.0,
+                        human_secs(suggested),
+                        human_secs(suggested),
+                        human_secs(current)
+                    );
+                    (suggested, text)
+                })
+        };
+        if let Some((suggested, text)) = suggestion {
             out.push(Suggestion::Ttl {
                 model: model.clone(),
                 hit_rate,
                 current_ttl_secs: current,
                 suggested_ttl_secs: suggested,
-                text: format!(
-                    "{model}: hit rate {:.1}%, and 95% of its hits come within {} of the \
-                         entry's creation; a TTL of {} instead of {} keeps them and frees the \
-                         storage of entries nobody asks for again",
-                    hit_rate * 100.0,
-                    human_secs(suggested),
-                    human_secs(suggested),
-                    human_secs(current)
-                ),
+                text,
             });
         }
     }
