@@ -17,11 +17,6 @@ use strata::replay::{Exchange, ExchangeLog, parse_exchange};
 use strata::tiers::{DiskConfig, DiskTier, S3Tier, Tier};
 use strata::{Completion, Normalizer, Scope, TieredCache};
 
-/// The allocator the `strata` binary ships with, so the benches measure what it runs.
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn workload() -> Vec<Exchange> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sharegpt-400.jsonl.zst");
     let mut log = ExchangeLog::open(&path).unwrap_or_else(|e| panic!("{e}"));

@@ -215,6 +215,8 @@ pub struct CodecConfig {
     pub compress_above: ByteSize,
     /// zstd level (-7..=22; negative levels trade ratio for speed).
     pub zstd_level: i32,
+    /// Compress with the built-in dictionary.
+    pub dictionary: bool,
 }
 
 /// `[pricing]`.
@@ -379,6 +381,7 @@ impl Config {
             self.codec.compress_above.as_u64() as usize,
             self.codec.zstd_level,
         )
+        .with_dictionary(self.codec.dictionary)
     }
 
     /// The TTL policy.

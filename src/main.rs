@@ -14,13 +14,6 @@ use strata::analytics::render::{human_duration, thousands};
 use strata::replay::{self, ReplayOptions, ReplayReport, ScopeBy};
 use strata::{Completion, Config, Profile, Scope, Stats};
 
-/// mimalloc: glibc's allocator serializes frees of entries made on another thread (the
-/// analytics recorder drops the entries it was handed) behind the allocating thread's arena lock,
-/// and fragments under sled's many small allocations.
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod invalidate_commands;
 mod report_command;
 mod s3_commands;

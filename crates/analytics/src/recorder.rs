@@ -135,6 +135,9 @@ pub struct ProviderMetrics {
     pub avg_response_time_ms: f64,
 }
 
+/// Entries waiting to be freed by a recording thread; past this the recorder frees them itself.
+const RETURN_CAPACITY: usize = 4096;
+
 const TREE_ROLLUPS: &str = "analytics.hourly";
 const TREE_HIT_IDS: &str = "analytics.hit_ids";
 const TREE_REQUESTS: &str = "analytics.requests";
@@ -171,6 +174,8 @@ struct State {
 
 struct Shared {
     rx: Mutex<Receiver<Event>>,
+    /// Entries this thread held last, on their way back to the recording threads.
+    returned: crossbeam_channel::Sender<Arc<Entry>>,
     state: Mutex<State>,
     trees: Trees,
     dropped: AtomicU64,
@@ -181,6 +186,8 @@ struct Shared {
 /// after a last drain and persist.
 pub struct Analytics {
     tx: SyncSender<Event>,
+    /// Entries to free on a recording thread (see [`Shared::drain`]).
+    returned: crossbeam_channel::Receiver<Arc<Entry>>,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     worker: Option<JoinHandle<()>>,
@@ -219,6 +226,7 @@ impl Analytics {
             None => 0,
         };
         let (tx, rx) = sync_channel(config.channel_capacity.max(1));
+        let (returned_tx, returned) = crossbeam_channel::bounded(RETURN_CAPACITY);
         let state = State {
             pending: HashMap::new(),
             session: BTreeMap::new(),
@@ -234,6 +242,7 @@ impl Analytics {
         };
         let shared = Arc::new(Shared {
             rx: Mutex::new(rx),
+            returned: returned_tx,
             state: Mutex::new(state),
             trees,
             dropped: AtomicU64::new(0),
@@ -250,6 +259,7 @@ impl Analytics {
         };
         Ok(Analytics {
             tx,
+            returned,
             shared,
             stop,
             worker: Some(worker),
@@ -269,6 +279,12 @@ impl Analytics {
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(event)
         {
             self.shared.dropped.fetch_add(1, Relaxed);
+        }
+        // At most one entry comes back per event; taking two keeps the queue short.
+        for _ in 0..2 {
+            if self.returned.try_recv().is_err() {
+                break;
+            }
         }
     }
 
@@ -482,7 +498,16 @@ impl Shared {
         let now = Utc::now();
         // Empty or disconnected: either way, nothing more to take now.
         while let Ok(event) = rx.try_recv() {
-            state.apply(event, now, &self.config);
+            if let Some(entry) = state.apply(event, now, &self.config)
+                && Arc::strong_count(&entry) == 1
+            {
+                // The last reference (the tiers let go of the entry meanwhile): send it back
+                // to be freed by the threads that record, which allocated it. glibc frees a
+                // block on the arena of the thread that allocated it, under that arena's lock:
+                // freeing every served entry here made each lookup wait on this thread's frees.
+                // A full return queue: free it here after all.
+                let _ = self.returned.try_send(entry);
+            }
         }
     }
 
@@ -547,7 +572,13 @@ impl State {
         (pending, session)
     }
 
-    fn apply(&mut self, event: Event, now: DateTime<Utc>, config: &AnalyticsConfig) {
+    /// Folds one event into the rollups; hands back the entry it carried, if any.
+    fn apply(
+        &mut self,
+        event: Event,
+        now: DateTime<Utc>,
+        config: &AnalyticsConfig,
+    ) -> Option<Arc<Entry>> {
         let hour = RowKey::hour_of(now);
         match event {
             Event::Lookup {
@@ -616,6 +647,7 @@ impl State {
                         rollup.aggressive_would_save_nano += cost;
                     }
                 }
+                entry
             }
             Event::Expired(e) => {
                 let key = RowKey {
@@ -629,8 +661,12 @@ impl State {
                     rollup.expired += 1;
                     rollup.expired_ages[bucket] += 1;
                 }
+                Some(e)
             }
-            Event::Request(metric) => self.requests.push(*metric),
+            Event::Request(metric) => {
+                self.requests.push(*metric);
+                None
+            }
         }
     }
 
@@ -668,6 +704,32 @@ mod tests {
             lookup_us: 9,
             aggressive: None,
         }
+    }
+
+    #[test]
+    fn entries_the_recorder_held_last_are_freed_by_a_recording_thread() -> Result<(), AnalyticsError>
+    {
+        let analytics = Analytics::temporary(AnalyticsConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..AnalyticsConfig::default()
+        })?;
+        let e = entry("x", 0.25);
+        let watch = Arc::downgrade(&e);
+        analytics.record(hit(&e));
+        drop(e);
+        analytics.flush()?;
+        // Counted, and not freed on the recorder's thread: it waits in the return queue.
+        assert_eq!(analytics.session_rows()[0].rollup.l1, 1);
+        assert!(watch.upgrade().is_some(), "freed by the recorder's thread");
+        analytics.record(Event::Request(Box::new(RequestMetric {
+            request_id: "r".into(),
+            provider: "openai".into(),
+            response_time_ms: 1,
+            cost_usd: 0.0,
+            at_ms: 0,
+        })));
+        assert!(watch.upgrade().is_none(), "the next record frees it");
+        Ok(())
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! true one by at most its `error`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use strata_core::Entry;
@@ -30,8 +29,6 @@ pub struct HotKey {
 #[derive(Debug)]
 struct Slot {
     key: HotKey,
-    /// The entry, until its preview is taken (kept off the lookup path).
-    entry: Option<Arc<Entry>>,
 }
 
 /// A Space-Saving sketch of hits per key.
@@ -58,14 +55,15 @@ impl Sketch {
         let mut sketch = Sketch::new(capacity);
         for key in keys.into_iter().take(sketch.capacity) {
             if let Some(id) = id_of(&key.cache_key) {
-                sketch.slots.insert(id, Slot { key, entry: None });
+                sketch.slots.insert(id, Slot { key });
             }
         }
         sketch
     }
 
-    /// Counts one hit of `entry`.
-    pub fn hit(&mut self, id: u128, entry: &Arc<Entry>) {
+    /// Counts one hit of `entry`. A key counted for the first time gets its preview now: the
+    /// sketch keeps no entry alive (and never frees one, see `recorder`).
+    pub fn hit(&mut self, id: u128, entry: &Entry) {
         if let Some(slot) = self.slots.get_mut(&id) {
             slot.key.hits += 1;
             return;
@@ -88,18 +86,17 @@ impl Sketch {
                 key: HotKey {
                     cache_key: entry.cache_key.clone(),
                     model: entry.model.clone(),
-                    preview: String::new(),
+                    preview: preview(&entry.request),
                     hits: inherited + 1,
                     error: inherited,
                 },
-                entry: Some(Arc::clone(entry)),
             },
         );
     }
 
-    /// The `n` keys with the most hits, most first (previews filled in).
-    pub fn top(&mut self, n: usize) -> Vec<HotKey> {
-        let mut keys: Vec<&mut Slot> = self.slots.values_mut().collect();
+    /// The `n` keys with the most hits, most first.
+    pub fn top(&self, n: usize) -> Vec<HotKey> {
+        let mut keys: Vec<&Slot> = self.slots.values().collect();
         keys.sort_by(|a, b| {
             b.key
                 .hits
@@ -108,12 +105,7 @@ impl Sketch {
         });
         keys.into_iter()
             .take(n)
-            .map(|slot| {
-                if let Some(entry) = slot.entry.take() {
-                    slot.key.preview = preview(&entry.request);
-                }
-                slot.key.clone()
-            })
+            .map(|slot| slot.key.clone())
             .collect()
     }
 
@@ -162,10 +154,18 @@ fn id_of(cache_key: &str) -> Option<u128> {
 /// entries store, `"7:content:"5:hello`), on one line.
 pub fn preview(canonical: &str) -> String {
     let text = last_text(canonical).unwrap_or(canonical);
-    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    let mut out: String = one_line.chars().take(PREVIEW_CHARS).collect();
-    if one_line.chars().count() > PREVIEW_CHARS {
-        out.push('…');
+    // The words joined by single spaces, cut after PREVIEW_CHARS characters.
+    let joined = text
+        .split_whitespace()
+        .enumerate()
+        .flat_map(|(i, word)| (i > 0).then_some(' ').into_iter().chain(word.chars()));
+    let mut out = String::new();
+    for (n, c) in joined.enumerate() {
+        if n == PREVIEW_CHARS {
+            out.push('…');
+            break;
+        }
+        out.push(c);
     }
     out
 }
@@ -192,6 +192,7 @@ fn last_text(canonical: &str) -> Option<&str> {
 mod tests {
     use super::*;
     use crate::test_entry;
+    use std::sync::Arc;
     use strata_core::{Normalizer, Scope};
 
     fn entry(text: &str) -> (u128, Arc<Entry>) {
