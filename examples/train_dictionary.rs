@@ -13,7 +13,7 @@
 //! workload, measure the dictionary on exchanges it was not trained on.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use strata::core::Codec;
@@ -23,7 +23,7 @@ use strata::{Scope, TieredCache};
 /// Size of the dictionary: 16 KiB did as well as 32, 64 or 112 KiB on held-out exchanges.
 const DICTIONARY_BYTES: usize = 16 << 10;
 
-fn lines(path: &PathBuf) -> Result<Vec<(u64, Vec<u8>)>> {
+fn lines(path: &Path) -> Result<Vec<(u64, Vec<u8>)>> {
     let mut log = ExchangeLog::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut out = Vec::new();
     while let Some(line) = log.next_line() {
