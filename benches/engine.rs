@@ -377,7 +377,7 @@ fn bench_s3(c: &mut Criterion) {
         let (plain, cache, e) = (&plain, &cache, &exchanges[at]);
         async move {
             let mut times = [Duration::ZERO; 2];
-            let order = if at % 2 == 0 { [0, 1] } else { [1, 0] };
+            let order = if at.is_multiple_of(2) { [0, 1] } else { [1, 0] };
             for which in order {
                 let target = if which == 0 { plain } else { cache };
                 let started = Instant::now();

@@ -386,6 +386,70 @@ async fn with_s3_refusing_connections_lookups_and_puts_work_and_writes_land_late
     Ok(())
 }
 
+/// The cache queues a reference to its disk copy, not a second copy: evicting that copy from a
+/// full disk tier must hand the envelope to the outbox, and a copy removed as invalid must not
+/// be uploaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_uploads_outlive_disk_eviction_and_invalidated_copies_stay_local() -> Result<()> {
+    let mut server = TestS3::start().await?;
+    if !server.is_local() {
+        return Ok(()); // needs a server it can stop
+    }
+    let dir = TempDir::new()?;
+    let mut disk_config = DiskConfig::new(dir.path());
+    disk_config.capacity = 8 << 10;
+    let disk = DiskTier::open(&disk_config, Codec::default())?;
+    let mut config = server.config();
+    config.breaker_threshold = u32::MAX; // no cool-down to wait out after the restart
+    let s3 = S3Tier::connect(&config, &disk, Codec::default()).await?;
+    let cache = TieredCache::builder()
+        .disk(disk.clone())
+        .s3(s3.clone())
+        .build();
+    server.stop().await?;
+    put_many(
+        &cache,
+        "evicted ",
+        40,
+        &"an answer of some length. ".repeat(12),
+    )
+    .await?;
+    // Eviction runs on the blocking pool; wait for it to bring the tier under its bound.
+    let started = std::time::Instant::now();
+    while disk.usage().bytes > disk_config.capacity && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(disk.evictions() >= 20, "evictions: {}", disk.evictions());
+    assert_eq!(s3.pending(), 40);
+    // One more entry, removed from disk as if found invalid before its upload.
+    cache
+        .put(&request("withdrawn"), &Scope::Global, completion("w"))
+        .await?;
+    let withdrawn = cache.key(&request("withdrawn"), &Scope::Global)?;
+    disk.remove(&withdrawn.key).await?;
+    assert_eq!(s3.pending(), 41);
+
+    server.restart().await?;
+    cache.flush().await?;
+    assert_eq!(s3.pending(), 0);
+    assert_eq!(
+        entry_objects(&server).await?,
+        40,
+        "every evicted entry reached S3"
+    );
+    assert_eq!(s3.stats().dropped, 1, "the withdrawn one was not uploaded");
+    // Each is served from S3 to a node that never had it.
+    let other = TempDir::new()?;
+    let b = node(&server, other.path()).await?;
+    for i in [0, 17, 39] {
+        assert_eq!(
+            outcome(&b.cache, &format!("evicted {i}")).await?,
+            Outcome::L3
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_and_index_rebuild_page_through_more_than_a_thousand_objects() -> Result<()> {
     let server = TestS3::start().await?;

@@ -912,20 +912,29 @@ impl Inner {
                 return;
             }
         };
-        match (&self.disk, &self.l2) {
-            (Some(disk), _) => {
-                if let Err(e) = disk.put_encoded(key, &envelope) {
+        let stored_on_disk = match (&self.disk, &self.l2) {
+            (Some(disk), _) => match disk.put_encoded(key, &envelope) {
+                Ok(()) => l3.stores_beside(disk),
+                Err(e) => {
                     self.tier_failed(TierName::L2, "put", &e);
+                    false
                 }
-            }
+            },
             (None, Some(l2)) => {
                 if let Err(e) = l2.put(key, entry).await {
                     self.tier_failed(l2.name(), "put", &e);
                 }
+                false
             }
-            (None, None) => {}
-        }
-        if let Err(e) = l3.enqueue(key, &envelope) {
+            (None, None) => false,
+        };
+        // The outbox refers to the disk copy rather than holding a second one (s3::outbox).
+        let queued = if stored_on_disk {
+            l3.enqueue_stored(key)
+        } else {
+            l3.enqueue(key, &envelope)
+        };
+        if let Err(e) = queued {
             self.tier_failed(TierName::L3, "enqueue", &e);
         }
     }

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -66,6 +66,8 @@ struct Inner {
     evicting: AtomicBool,
     evictions: AtomicU64,
     moved_aside: Option<PathBuf>,
+    /// The S3 outbox, whose references to copies here eviction must honour.
+    outbox: OnceLock<sled::Tree>,
 }
 
 /// What a [`DiskTier::sweep`] saw and removed.
@@ -134,6 +136,7 @@ impl DiskTier {
             evicting: AtomicBool::new(false),
             evictions: AtomicU64::new(0),
             moved_aside,
+            outbox: OnceLock::new(),
         };
         inner.load_slots()?;
         Ok(DiskTier {
@@ -174,6 +177,22 @@ impl DiskTier {
     /// so they become durable with the entries they refer to).
     pub fn open_tree(&self, name: &str) -> Result<sled::Tree, TierError> {
         Ok(self.inner.db.open_tree(name)?)
+    }
+
+    /// The stored bytes (an envelope) under a digest, unchecked.
+    pub fn raw(&self, digest: &[u8]) -> Result<Option<sled::IVec>, TierError> {
+        Ok(self.inner.entries.get(digest)?)
+    }
+
+    /// Has eviction move the envelope of a copy that `outbox` (the S3 tier's) refers to into
+    /// `outbox` before evicting the copy. Set once; later calls are ignored.
+    pub(crate) fn keep_for_upload(&self, outbox: sled::Tree) {
+        let _ = self.inner.outbox.set(outbox);
+    }
+
+    /// Whether `other` is a handle on the same database.
+    pub fn same_as(&self, other: &DiskTier) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// A fresh, unique number from the database.
@@ -420,11 +439,50 @@ impl Inner {
             if to_free == 0 {
                 break;
             }
-            self.forget(id)?;
-            self.evictions.fetch_add(1, Relaxed);
-            to_free = to_free.saturating_sub(bytes);
+            if self.evict_one(id)? {
+                self.evictions.fetch_add(1, Relaxed);
+                to_free = to_free.saturating_sub(bytes);
+            }
         }
         Ok(())
+    }
+
+    /// Evicts one copy; first, if the S3 outbox refers to it, hands the envelope to the outbox.
+    /// A copy rewritten meanwhile (a new put) stays. Returns whether the copy went.
+    fn evict_one(&self, id: u128) -> Result<bool, TierError> {
+        let key = id.to_be_bytes();
+        let Some(current) = self.entries.get(key)? else {
+            self.forget(id)?;
+            return Ok(false);
+        };
+        if let Some(outbox) = self.outbox.get() {
+            // Re-read after a failed swap: a newer reference replaced the one read.
+            for _ in 0..8 {
+                match outbox.get(key)? {
+                    Some(queued) if crate::s3::outbox::is_reference(&queued) => {
+                        if outbox
+                            .compare_and_swap(key, Some(&queued), Some(&current))?
+                            .is_ok()
+                        {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if self
+            .entries
+            .compare_and_swap(key, Some(&current), None::<&[u8]>)?
+            .is_err()
+        {
+            return Ok(false);
+        }
+        self.access.remove(key)?;
+        if let Some(old) = self.lock_slots().remove(&id) {
+            self.bytes.fetch_sub(old.bytes, Relaxed);
+        }
+        Ok(true)
     }
 }
 

@@ -18,6 +18,7 @@
 pub mod breaker;
 pub mod control;
 pub mod layout;
+pub mod outbox;
 
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
@@ -36,6 +37,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use sled::IVec;
 use strata_analytics::TierName;
 use strata_core::{CacheKey, Codec, Entry};
 use tokio::sync::Notify;
@@ -237,8 +239,13 @@ struct Inner {
     codec: Codec,
     /// digest → u64 LE object size · object path.
     index: sled::Tree,
-    /// digest → envelope waiting for upload.
+    /// digest → what waits for upload: the envelope, or a reference to the disk tier's copy
+    /// ([`outbox`]).
     outbox: sled::Tree,
+    /// The disk tier whose database holds the outbox (and the copies references point to).
+    disk: DiskTier,
+    /// Source of reference sequence numbers.
+    next_reference: AtomicU64,
     /// node id, manifest sequence.
     meta: sled::Tree,
     node_id: String,
@@ -300,6 +307,8 @@ impl S3Tier {
         }
         let index = disk.open_tree("l3-index")?;
         let outbox = disk.open_tree("l3-outbox")?;
+        // The disk tier moves a copy the outbox refers to into it before evicting the copy.
+        disk.keep_for_upload(outbox.clone());
         let meta = disk.open_tree("l3-meta")?;
         let node_id = if config.node_id.is_empty() {
             match meta.get(NODE_ID_KEY)? {
@@ -326,7 +335,9 @@ impl S3Tier {
                 layout: Layout::new(&config.prefix),
                 codec,
                 index,
-                outbox,
+                outbox: outbox.clone(),
+                disk: disk.clone(),
+                next_reference: AtomicU64::new(outbox::first_sequence()),
                 meta,
                 node_id,
                 breaker: Breaker::new(config.breaker_threshold, config.breaker_cool_down),
@@ -428,6 +439,25 @@ impl S3Tier {
         Ok(())
     }
 
+    /// Queues an upload of the copy of `key` that the disk tier this tier was connected with
+    /// holds (just written by the caller): the outbox keeps a reference to it, not a second copy.
+    /// If the disk copy goes before the upload, an eviction moves the envelope into the outbox
+    /// first; a copy removed as invalid, expired or corrupt is not uploaded.
+    pub fn enqueue_stored(&self, key: &CacheKey) -> Result<(), TierError> {
+        let seq = self.inner.next_reference.fetch_add(1, Relaxed);
+        self.inner
+            .outbox
+            .insert(key.digest, &outbox::reference(seq))?;
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Whether `disk` is the disk tier this tier keeps its outbox beside (so that
+    /// [`S3Tier::enqueue_stored`] may refer to its copies).
+    pub fn stores_beside(&self, disk: &DiskTier) -> bool {
+        self.inner.disk.same_as(disk)
+    }
+
     /// Drops a queued upload, if any.
     pub fn dequeue(&self, key: &CacheKey) -> Result<(), TierError> {
         self.inner.outbox.remove(key.digest)?;
@@ -481,12 +511,22 @@ impl S3Tier {
         let mut report = DrainReport::default();
         let mut done = Vec::new();
         let results = futures::stream::iter(batch.into_iter().map(|(k, v)| async move {
-            let outcome = match inner.codec.decode(&v) {
-                Ok(entry) => Some(inner.upload(&entry, v.to_vec()).await),
-                Err(e) => {
-                    tracing::error!(error = %e, "unreadable entry in the S3 outbox; dropping it");
+            let outcome = match inner.envelope_of(&k, &v) {
+                Ok(Some(envelope)) => match inner.codec.decode(&envelope) {
+                    Ok(entry) => Some(inner.upload(&entry, envelope.to_vec()).await),
+                    Err(e) => {
+                        tracing::error!(error = %e, "unreadable entry in the S3 outbox; dropping it");
+                        None
+                    }
+                },
+                Ok(None) => {
+                    tracing::debug!(
+                        "the disk copy a queued upload refers to is gone (invalidated, expired \
+                         or corrupt); dropping the upload"
+                    );
                     None
                 }
+                Err(e) => Some(Err(e)),
             };
             (k, v, outcome)
         }))
@@ -690,8 +730,11 @@ impl S3Tier {
         let mut out = Vec::new();
         for item in self.inner.outbox.iter() {
             let (k, v) = item?;
-            if let Ok(digest) = <[u8; 16]>::try_from(k.as_ref()) {
-                out.push((digest, v.to_vec()));
+            if let (Ok(digest), Some(envelope)) = (
+                <[u8; 16]>::try_from(k.as_ref()),
+                self.inner.envelope_of(&k, &v)?,
+            ) {
+                out.push((digest, envelope.to_vec()));
             }
         }
         Ok(out)
@@ -968,6 +1011,16 @@ impl Inner {
                 self.forget(&key.digest)?;
                 Err(TierError::Corrupt(e))
             }
+        }
+    }
+
+    /// The envelope an outbox value stands for: itself, or the disk copy it refers to (`None`
+    /// when that copy is gone).
+    fn envelope_of(&self, key: &[u8], value: &IVec) -> Result<Option<IVec>, TierError> {
+        if outbox::is_reference(value) {
+            self.disk.raw(key)
+        } else {
+            Ok(Some(value.clone()))
         }
     }
 
