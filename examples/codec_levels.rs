@@ -1,0 +1,109 @@
+//! Compression ratio and encode/decode time of strata's codec at several zstd levels, with and
+//! without the built-in dictionary, on the entries of an exchange log: what to weigh when
+//! choosing `codec.level` and `codec.dictionary`.
+//!
+//! ```text
+//! cargo run --release --example codec_levels -- examples/sharegpt-400.jsonl.zst
+//! ```
+//!
+//! Each time is the median over 15 passes of the per-entry mean over 5 rounds of every entry.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use strata::core::Codec;
+use strata::replay::{ExchangeLog, parse_exchange};
+use strata::{Scope, TieredCache};
+
+const PASSES: usize = 15;
+const ROUNDS: usize = 5;
+
+fn median(mut micros: Vec<f64>) -> f64 {
+    micros.sort_by(f64::total_cmp);
+    micros[micros.len() / 2]
+}
+
+fn main() -> Result<()> {
+    let path = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("examples/sharegpt-400.jsonl.zst"));
+    let mut log =
+        ExchangeLog::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut exchanges = Vec::new();
+    while let Some(line) = log.next_line() {
+        if let Ok((n, bytes)) = line
+            && let Ok(exchange) = parse_exchange(n, bytes)
+        {
+            exchanges.push(exchange);
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let cache = TieredCache::builder().analytics(None).build();
+    let entries = runtime.block_on(async {
+        let mut entries = Vec::new();
+        for e in &exchanges {
+            if let Ok(entry) = cache.put(&e.request, &Scope::Global, e.completion()).await {
+                entries.push(entry);
+            }
+        }
+        entries
+    });
+    anyhow::ensure!(!entries.is_empty(), "no exchanges in {}", path.display());
+    let plain = Codec::new(usize::MAX, 1);
+    let mut raw = 0;
+    for entry in &entries {
+        raw += plain.encode(entry)?.len();
+    }
+    println!(
+        "{} entries, {:.0} bytes each uncompressed",
+        entries.len(),
+        raw as f64 / entries.len() as f64
+    );
+    println!("level  dictionary  ratio  encode µs  decode µs");
+    for (level, dictionary) in [
+        (3, true),
+        (1, true),
+        (1, false),
+        (-1, true),
+        (-1, false),
+        (-3, true),
+        (-5, true),
+        (-7, true),
+    ] {
+        let codec = Codec::new(1024, level).with_dictionary(dictionary);
+        let mut envelopes = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            envelopes.push(codec.encode(entry)?);
+        }
+        let stored: usize = envelopes.iter().map(Vec::len).sum();
+        let per_entry = (ROUNDS * entries.len()) as f64;
+        let (mut encode, mut decode) = (Vec::new(), Vec::new());
+        for _ in 0..PASSES {
+            let started = Instant::now();
+            for _ in 0..ROUNDS {
+                for entry in &entries {
+                    black_box(codec.encode(entry)?);
+                }
+            }
+            encode.push(started.elapsed().as_secs_f64() * 1e6 / per_entry);
+            let started = Instant::now();
+            for _ in 0..ROUNDS {
+                for envelope in &envelopes {
+                    black_box(codec.decode(envelope)?);
+                }
+            }
+            decode.push(started.elapsed().as_secs_f64() * 1e6 / per_entry);
+        }
+        println!(
+            "{level:>5}  {:>10}  {:>5.2}  {:>9.2}  {:>9.2}",
+            if dictionary { "yes" } else { "no" },
+            raw as f64 / stored as f64,
+            median(encode),
+            median(decode)
+        );
+    }
+    Ok(())
+}
