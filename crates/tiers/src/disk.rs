@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use strata_analytics::{Stats, TierName};
@@ -105,7 +105,7 @@ impl DiskTier {
     /// open error (permissions, a lock held by another process) is returned.
     pub fn open(config: &DiskConfig, codec: Codec) -> Result<Self, TierError> {
         let mut moved_aside = None;
-        let db = match open_sled(config) {
+        let db = match open_sled_waiting(config) {
             Ok(db) => db,
             Err(OpenFailure::Corrupt(reason)) => {
                 let aside = aside_path(&config.path);
@@ -116,7 +116,7 @@ impl DiskTier {
                     source,
                 })?;
                 moved_aside = Some(aside);
-                open_sled(config).map_err(|f| TierError::Unavailable(f.to_string()))?
+                open_sled_waiting(config).map_err(|f| TierError::Unavailable(f.to_string()))?
             }
             Err(other) => return Err(TierError::Unavailable(other.to_string())),
         };
@@ -290,14 +290,35 @@ impl DiskTier {
 
 enum OpenFailure {
     Corrupt(String),
+    /// Another handle holds the database's lock: another process, or a handle of this one
+    /// that is still closing (sled writes its last buffers from background threads after the
+    /// `Db` is dropped, and holds the lock until they finish).
+    Locked(String),
     Other(String),
 }
+
+/// How long opening waits for a lock held by a handle that is still closing.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 impl std::fmt::Display for OpenFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             OpenFailure::Corrupt(s) => write!(f, "corrupt: {s}"),
-            OpenFailure::Other(s) => f.write_str(s),
+            OpenFailure::Locked(s) | OpenFailure::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// [`open_sled`], waiting up to [`LOCK_WAIT`] for a lock a closing handle still holds: reopening
+/// a directory right after dropping the cache that used it is then not an error.
+fn open_sled_waiting(config: &DiskConfig) -> Result<sled::Db, OpenFailure> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match open_sled(config) {
+            Err(OpenFailure::Locked(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
         }
     }
 }
@@ -315,6 +336,12 @@ fn open_sled(config: &DiskConfig) -> Result<sled::Db, OpenFailure> {
         ))),
         Ok(Err(e @ (sled::Error::ReportableBug(_) | sled::Error::Unsupported(_)))) => {
             Err(OpenFailure::Corrupt(e.to_string()))
+        }
+        Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
+            Err(OpenFailure::Locked(format!(
+                "cannot open disk tier at {}: another strata process or cache is using it ({e})",
+                config.path.display()
+            )))
         }
         Ok(Err(e)) => Err(OpenFailure::Other(format!(
             "cannot open disk tier at {}: {e}",
@@ -590,7 +617,7 @@ mod tests {
                 matches!(tier.get(&hot_key).await, Ok(Some(_))),
                 "hot entry evicted at {i}"
             );
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(1));
             tier.inner.evict().unwrap_or_else(|e| panic!("{e}"));
             assert!(tier.usage().bytes <= config.capacity, "{:?}", tier.usage());
         }
@@ -621,5 +648,31 @@ mod tests {
         let aside = tier.moved_aside().map(Path::to_path_buf);
         assert!(aside.as_ref().is_some_and(|p| p.exists()), "{aside:?}");
         assert_eq!(tier.usage().entries, 0);
+    }
+
+    #[test]
+    fn opening_waits_for_a_handle_that_is_closing_and_names_one_that_is_not() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let config = DiskConfig::new(dir.path().join("l2"));
+        let (key, e) = entry(1);
+        let first = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+        first
+            .insert_raw(&key, &Codec::default().encode(&e).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Held for the whole wait: opening fails, and says why.
+        let started = Instant::now();
+        let refused = DiskTier::open(&config, Codec::default()).map(|_| ());
+        assert!(started.elapsed() >= LOCK_WAIT);
+        let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("is using it"), "{message}");
+        // Closed while the second open waits: it gets the database, with the entry.
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = first.flush_blocking();
+            drop(first);
+        });
+        let second = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(second.raw(&key.digest).ok().flatten().is_some());
+        let _ = closer.join();
     }
 }
