@@ -51,8 +51,11 @@ fn cache_with_disk(dir: &TempDir) -> Result<TieredCache> {
 }
 
 fn answer(lookup: &strata::Lookup) -> String {
-    lookup
-        .entry
+    answer_of(&lookup.entry)
+}
+
+fn answer_of(entry: &strata::Entry) -> String {
+    entry
         .response_as::<Value>()
         .ok()
         .and_then(|v| {
@@ -306,6 +309,23 @@ async fn a_corrupt_copy_on_disk_is_a_counted_miss_and_is_removed() -> Result<()>
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     assert_eq!(answer(&fresh), "recomputed");
+    // The same through `get_or_execute`, which reads L2 before taking the single-flight slot
+    // and again inside it: the corrupt copy is counted once, removed, and replaced.
+    cache.memory().remove_id(key.id()).await;
+    tier.insert_raw(&key, &bytes)?;
+    let replaced = cache
+        .get_or_execute(&request("fragile"), &Scope::Global, || async {
+            Ok::<_, std::io::Error>(completion("recomputed again"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(replaced.outcome, Outcome::Miss);
+    assert_eq!(answer(&replaced), "recomputed again");
+    assert_eq!(cache.stats().errors.corrupt, 2);
+    assert_eq!(
+        tier.get(&key).await?.map(|e| answer_of(&e)),
+        Some("recomputed again".to_string())
+    );
     Ok(())
 }
 

@@ -663,6 +663,16 @@ impl TieredCache {
                 }
             }
         }
+        // A copy on disk is a local read: it is served without taking the single-flight slot,
+        // which only the slow paths (S3, the executor) need.
+        if let Some(entry) = inner.servable_l2(keyed).await {
+            inner.memory.insert_id(id, Arc::clone(&entry)).await;
+            inner.counters.record(Outcome::L2, Some(&entry));
+            return Ok(Lookup {
+                entry,
+                outcome: Outcome::L2,
+            });
+        }
         let mut led = None;
         let init = inner.load_or_fill(keyed, fill, &mut led);
         let result = inner.memory.cache().try_get_with(id, init).await;
@@ -860,6 +870,25 @@ impl Inner {
         };
         if let Err(e) = result {
             self.tier_failed(TierName::L2, "promote", &e);
+        }
+    }
+
+    /// The L2 copy of `keyed` if it may be served as it is. Anything else (no copy, expired,
+    /// invalidated, a collision, a failing tier) is left to [`Inner::lookup_l2`], which the
+    /// single-flight initializer runs next and which counts it; only a corrupt copy, which the
+    /// read has just removed, is counted here.
+    async fn servable_l2(&self, keyed: &Keyed) -> Option<Arc<Entry>> {
+        let l2 = self.l2.as_ref()?;
+        match l2.get(&keyed.key).await {
+            Ok(Some(entry)) => {
+                matches!(self.verdict(&entry, keyed), Verdict::Serve).then_some(entry)
+            }
+            Ok(None) => None,
+            Err(TierError::Corrupt(_)) => {
+                self.counters.record_error(l2.name(), ErrorKind::Corrupt);
+                None
+            }
+            Err(_) => None,
         }
     }
 
