@@ -1,6 +1,6 @@
 //! Compression ratio and encode/decode time of strata's codec at several zstd levels, with and
 //! without the built-in dictionary, on the entries of an exchange log: what to weigh when
-//! choosing `codec.level` and `codec.dictionary`.
+//! choosing `[codec] zstd_level` and `dictionary`.
 //!
 //! ```text
 //! cargo run --release --example codec_levels -- examples/sharegpt-400.jsonl.zst

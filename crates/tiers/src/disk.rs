@@ -101,8 +101,10 @@ fn id_of(key: &[u8]) -> Option<u128> {
 
 impl DiskTier {
     /// Opens (or creates) the tier in `config.path`. A database that sled reports as corrupt is
-    /// moved aside to `{path}.corrupt-{unix time}` and an empty one takes its place; any other
-    /// open error (permissions, a lock held by another process) is returned.
+    /// moved aside to `{path}.corrupt-{unix time}` and an empty one takes its place. A lock held
+    /// by another handle is waited for, blocking the calling thread, for up to 2 s (a handle of
+    /// this process that is closing releases it within that); past that, and for any other open
+    /// error (permissions), the error is returned.
     pub fn open(config: &DiskConfig, codec: Codec) -> Result<Self, TierError> {
         let mut moved_aside = None;
         let db = match open_sled_waiting(config) {
