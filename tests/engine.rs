@@ -50,6 +50,20 @@ fn cache_with_disk(dir: &TempDir) -> Result<TieredCache> {
     Ok(TieredCache::builder().disk(disk(dir)?).build())
 }
 
+/// `get_or_execute` with an executor that answers `text` at once.
+async fn execute(
+    cache: &TieredCache,
+    request: &Value,
+    scope: &Scope,
+    text: &str,
+) -> Result<strata::Lookup> {
+    let answer = completion(text);
+    cache
+        .get_or_execute(request, scope, || async { Ok::<_, std::io::Error>(answer) })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 fn answer(lookup: &strata::Lookup) -> String {
     answer_of(&lookup.entry)
 }
@@ -125,12 +139,7 @@ async fn an_executor_error_reaches_every_waiter_and_is_not_cached() -> Result<()
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(cache.stats().errors.executor, 1);
     // Not cached: the next call runs its executor.
-    let lookup = cache
-        .get_or_execute(&request("flaky"), &Scope::Global, || async {
-            Ok::<_, std::io::Error>(completion("recovered"))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let lookup = execute(&cache, &request("flaky"), &Scope::Global, "recovered").await?;
     assert_eq!(lookup.outcome, Outcome::Miss);
     assert_eq!(answer(&lookup), "recovered");
     Ok(())
@@ -195,12 +204,7 @@ async fn a_user_scoped_entry_is_never_served_to_another_user() -> Result<()> {
                 .await?
                 .is_none()
         );
-        let for_bob = cache
-            .get_or_execute(&request("my balance?"), &bob, || async {
-                Ok::<_, std::io::Error>(completion("bob: $3"))
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let for_bob = execute(&cache, &request("my balance?"), &bob, "bob: $3").await?;
         assert_eq!(for_bob.outcome, Outcome::Miss);
         assert_eq!(answer(&for_bob), "bob: $3");
     }
@@ -302,23 +306,19 @@ async fn a_corrupt_copy_on_disk_is_a_counted_miss_and_is_removed() -> Result<()>
         None,
         "bad copy kept"
     );
-    let fresh = cache
-        .get_or_execute(&request("fragile"), &Scope::Global, || async {
-            Ok::<_, std::io::Error>(completion("recomputed"))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fresh = execute(&cache, &request("fragile"), &Scope::Global, "recomputed").await?;
     assert_eq!(answer(&fresh), "recomputed");
     // The same through `get_or_execute`, which reads L2 before taking the single-flight slot
     // and again inside it: the corrupt copy is counted once, removed, and replaced.
     cache.memory().remove_id(key.id()).await;
     tier.insert_raw(&key, &bytes)?;
-    let replaced = cache
-        .get_or_execute(&request("fragile"), &Scope::Global, || async {
-            Ok::<_, std::io::Error>(completion("recomputed again"))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let replaced = execute(
+        &cache,
+        &request("fragile"),
+        &Scope::Global,
+        "recomputed again",
+    )
+    .await?;
     assert_eq!(replaced.outcome, Outcome::Miss);
     assert_eq!(answer(&replaced), "recomputed again");
     assert_eq!(cache.stats().errors.corrupt, 2);
@@ -368,12 +368,13 @@ async fn a_digest_collision_is_never_served() -> Result<()> {
             .is_none()
     );
     assert_eq!(cache.stats().errors.collisions, 1);
-    let a = cache
-        .get_or_execute(&request("question A"), &Scope::Global, || async {
-            Ok::<_, std::io::Error>(completion("answer to A"))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let a = execute(
+        &cache,
+        &request("question A"),
+        &Scope::Global,
+        "answer to A",
+    )
+    .await?;
     assert_eq!(answer(&a), "answer to A");
     Ok(())
 }
@@ -433,12 +434,13 @@ async fn a_failing_disk_tier_degrades_to_counted_misses() -> Result<()> {
         .l2(faulty.clone())
         .build();
     for i in 0..5 {
-        let lookup = cache
-            .get_or_execute(&request(&format!("q{i}")), &Scope::Global, || async {
-                Ok::<_, std::io::Error>(completion("works anyway"))
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let lookup = execute(
+            &cache,
+            &request(&format!("q{i}")),
+            &Scope::Global,
+            "works anyway",
+        )
+        .await?;
         assert_eq!(answer(&lookup), "works anyway");
     }
     assert!(cache.stats().errors.l2 >= 5, "{:?}", cache.stats().errors);
