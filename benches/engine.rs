@@ -286,6 +286,23 @@ mod s3_server;
 /// Entries per measured outbox drain.
 const DRAIN_BATCH: usize = 256;
 
+/// The in-process S3 server, on a runtime (two threads) of its own, as a server in another
+/// process would have. On the bench's runtime its request handling would queue behind the
+/// caller's tasks and the drainer's, and the ratios would measure that scheduling rather than
+/// the tier. The runtime is returned to be dropped after the server.
+fn s3_server_on_its_own_threads() -> (tokio::runtime::Runtime, s3_server::TestS3) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("s3-server")
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let server = rt
+        .block_on(s3_server::TestS3::start())
+        .unwrap_or_else(|e| panic!("{e}"));
+    (rt, server)
+}
+
 /// L3 against s3s-fs served in-process on loopback, each measure next to a raw GetObject of the
 /// same objects from the same server, and put with S3 next to put without.
 fn bench_s3(c: &mut Criterion) {
@@ -296,9 +313,7 @@ fn bench_s3(c: &mut Criterion) {
         .unwrap_or_else(|e| panic!("{e}"));
     let exchanges = workload();
     let requests = requests(&exchanges);
-    let server = rt
-        .block_on(s3_server::TestS3::start())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (_server_rt, server) = s3_server_on_its_own_threads();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let open = |name: &str| {
         DiskTier::open(&DiskConfig::new(dir.path().join(name)), Codec::default())
@@ -675,9 +690,7 @@ fn bench_invalidate(c: &mut Criterion) {
         })
     });
 
-    let server = rt
-        .block_on(s3_server::TestS3::start())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (_server_rt, server) = s3_server_on_its_own_threads();
     let s3_disk = DiskTier::open(&DiskConfig::new(dir.path().join("s3")), Codec::default())
         .unwrap_or_else(|e| panic!("{e}"));
     let s3 = rt
