@@ -413,6 +413,9 @@ fn bench_s3(c: &mut Criterion) {
         }
     };
     let mut group = c.benchmark_group("s3");
+    // Longer than the other groups: a step here shares two cores with the drainer's uploads
+    // and the server, whose bursts make its samples spread more widely.
+    group.measurement_time(Duration::from_secs(10));
     let mut next = 0;
     for (step, name) in ["raw_get_object_floor", "l3_fetch", "l3_hit"]
         .into_iter()
