@@ -2,6 +2,9 @@
 //! port, with SigV4 authentication. With `STRATA_TEST_S3_ENDPOINT`, `STRATA_TEST_S3_BUCKET`,
 //! `STRATA_TEST_S3_ACCESS_KEY`, `STRATA_TEST_S3_SECRET_KEY` and `STRATA_TEST_S3_REGION` set, the
 //! same tests run against that server instead (MinIO, Garage, AWS), each under its own prefix.
+//! An external server on plain HTTP is reached through a TCP relay on a loopback port, which
+//! tests stop and restart to take the server away and bring it back, as they do the in-process
+//! one.
 
 #![allow(dead_code)]
 
@@ -16,7 +19,7 @@ use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 use strata::tiers::S3Config;
 use tempfile::TempDir;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
 const ACCESS_KEY: &str = "strata-test";
@@ -24,7 +27,8 @@ const SECRET_KEY: &str = "strata-test-secret";
 
 static PREFIXES: AtomicU64 = AtomicU64::new(0);
 
-/// An S3 server for one test: in-process (stoppable, restartable on the same port) or external.
+/// An S3 server for one test: in-process, or external; stoppable and restartable on the same
+/// port unless it is external over HTTPS.
 pub struct TestS3 {
     /// Endpoint URL.
     pub endpoint: String,
@@ -38,13 +42,21 @@ pub struct TestS3 {
     pub secret_key: String,
     /// A prefix no other test uses.
     pub prefix: String,
-    local: Option<Local>,
+    front: Option<Front>,
 }
 
-struct Local {
-    root: TempDir,
+/// The loopback port the tests talk to, and what answers on it.
+struct Front {
     addr: SocketAddr,
+    backend: Backend,
     accept: Option<JoinHandle<()>>,
+}
+
+enum Backend {
+    /// s3s-fs in this process, storing under this directory.
+    InProcess(TempDir),
+    /// A relay to an external server at this `host:port`.
+    Relay(String),
 }
 
 impl TestS3 {
@@ -57,15 +69,38 @@ impl TestS3 {
         );
         if let Ok(endpoint) = std::env::var("STRATA_TEST_S3_ENDPOINT") {
             let var = |name: &str| std::env::var(name).with_context(|| format!("{name} not set"));
-            return Ok(TestS3 {
-                endpoint,
+            let mut s3 = TestS3 {
+                endpoint: endpoint.clone(),
                 bucket: var("STRATA_TEST_S3_BUCKET")?,
                 region: var("STRATA_TEST_S3_REGION").unwrap_or_else(|_| "us-east-1".into()),
                 access_key: var("STRATA_TEST_S3_ACCESS_KEY")?,
                 secret_key: var("STRATA_TEST_S3_SECRET_KEY")?,
                 prefix: format!("strata-test/{unique}"),
-                local: None,
-            });
+                front: None,
+            };
+            // Plain HTTP can be relayed byte for byte (SigV4 signs the Host header the client
+            // sends, which reaches the server unchanged); HTTPS cannot, so such a server cannot
+            // be stopped.
+            if let Some(upstream) = endpoint
+                .strip_prefix("http://")
+                .map(|rest| rest.split('/').next().unwrap_or(rest))
+            {
+                let upstream = if upstream.contains(':') {
+                    upstream.to_string()
+                } else {
+                    format!("{upstream}:80")
+                };
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                s3.endpoint = format!("http://{addr}");
+                s3.front = Some(Front {
+                    addr,
+                    backend: Backend::Relay(upstream),
+                    accept: None,
+                });
+                s3.serve(listener)?;
+            }
+            return Ok(s3);
         }
         // s3s-fs keeps every object's attributes as files in one directory; on tmpfs (when the
         // machine has one) the server's own file work stops dominating what the tests measure.
@@ -86,9 +121,9 @@ impl TestS3 {
             access_key: ACCESS_KEY.into(),
             secret_key: SECRET_KEY.into(),
             prefix: format!("strata/{unique}"),
-            local: Some(Local {
-                root,
+            front: Some(Front {
                 addr,
+                backend: Backend::InProcess(root),
                 accept: None,
             }),
         };
@@ -96,45 +131,68 @@ impl TestS3 {
         Ok(s3)
     }
 
-    /// Whether this is the in-process server (which tests may stop and restart).
+    /// Whether this is the in-process server.
     pub fn is_local(&self) -> bool {
-        self.local.is_some()
+        matches!(
+            self.front,
+            Some(Front {
+                backend: Backend::InProcess(_),
+                ..
+            })
+        )
+    }
+
+    /// Whether tests can take this server away and bring it back ([`TestS3::stop`],
+    /// [`TestS3::restart`]): the in-process one, or an external one over plain HTTP.
+    pub fn can_stop(&self) -> bool {
+        self.front.is_some()
     }
 
     fn serve(&mut self, listener: TcpListener) -> Result<()> {
-        let local = self.local.as_mut().context("not an in-process server")?;
-        let fs = s3s_fs::FileSystem::new(local.root.path())
-            .map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
-        let mut builder = S3ServiceBuilder::new(fs);
-        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        let service = builder.build();
-        local.accept = Some(tokio::spawn(async move {
-            // Dropping this set (when the task is aborted) aborts every open connection.
-            let mut connections = JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((socket, _)) = accepted else { continue };
-                        // Without it, every response waits ~40 ms on a delayed ACK.
-                        let _ = socket.set_nodelay(true);
-                        let service = service.clone();
-                        connections.spawn(async move {
-                            let _ = ConnBuilder::new(TokioExecutor::new())
-                                .serve_connection(TokioIo::new(socket), service)
-                                .await;
-                        });
+        let front = self
+            .front
+            .as_mut()
+            .context("an external server over HTTPS")?;
+        front.accept = Some(match &front.backend {
+            Backend::InProcess(root) => {
+                let fs = s3s_fs::FileSystem::new(root.path())
+                    .map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
+                let mut builder = S3ServiceBuilder::new(fs);
+                builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+                let service = builder.build();
+                accept_loop(listener, move |socket| {
+                    let service = service.clone();
+                    async move {
+                        let _ = ConnBuilder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(socket), service)
+                            .await;
                     }
-                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                }
+                })
             }
-        }));
+            Backend::Relay(upstream) => {
+                let upstream = upstream.clone();
+                accept_loop(listener, move |mut socket| {
+                    let upstream = upstream.clone();
+                    async move {
+                        if let Ok(mut server) = TcpStream::connect(&upstream).await {
+                            let _ = server.set_nodelay(true);
+                            let _ = tokio::io::copy_bidirectional(&mut socket, &mut server).await;
+                        }
+                    }
+                })
+            }
+        });
         Ok(())
     }
 
-    /// Stops the in-process server: the port refuses connections until [`TestS3::restart`].
+    /// Stops the server: the port refuses connections until [`TestS3::restart`]. Connections
+    /// open at the time are cut.
     pub async fn stop(&mut self) -> Result<()> {
-        let local = self.local.as_mut().context("not an in-process server")?;
-        if let Some(task) = local.accept.take() {
+        let front = self
+            .front
+            .as_mut()
+            .context("an external server over HTTPS")?;
+        if let Some(task) = front.accept.take() {
             task.abort();
             let _ = task.await;
         }
@@ -144,9 +202,9 @@ impl TestS3 {
     /// Serves again on the same port, with the same stored objects.
     pub async fn restart(&mut self) -> Result<()> {
         let addr = self
-            .local
+            .front
             .as_ref()
-            .context("not an in-process server")?
+            .context("an external server over HTTPS")?
             .addr;
         let mut last = None;
         for _ in 0..50 {
@@ -157,6 +215,32 @@ impl TestS3 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(last.map_or_else(|| anyhow::anyhow!("cannot bind"), Into::into))
+    }
+
+    /// Whether the server refuses a PutObject whose condition fails: `If-None-Match: *` on a
+    /// key that exists, and `If-Match` with an ETag the object does not have. s3s-fs, AWS S3
+    /// and MinIO do; Garage 2.5 ignores both headers on PutObject. strata uses them where they
+    /// work and does not depend on them.
+    pub async fn refuses_failed_conditions(&self) -> Result<bool> {
+        let client = self.client().await;
+        let key = format!("{}/probe/conditional-put", self.prefix);
+        let put = || {
+            client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .body(aws_sdk_s3::primitives::ByteStream::from_static(b"probe"))
+        };
+        put().send().await?;
+        let absent = refused(put().if_none_match("*").send().await)?;
+        let stale = refused(put().if_match("\"stale\"").send().await)?;
+        client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await?;
+        Ok(absent && stale)
     }
 
     /// Settings for an S3 tier on this server, under this test's prefix.
@@ -232,5 +316,45 @@ impl TestS3 {
             ak = self.access_key,
             sk = self.secret_key,
         )
+    }
+}
+
+/// Accepts connections on `listener` until the task is aborted, handling each with `handle`.
+/// Dropping the set of connections (when the task is aborted) cuts every open one.
+fn accept_loop<F, Fut>(listener: TcpListener, handle: F) -> JoinHandle<()>
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((socket, _)) = accepted else { continue };
+                    // Without it, every response waits ~40 ms on a delayed ACK.
+                    let _ = socket.set_nodelay(true);
+                    connections.spawn(handle(socket));
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+    })
+}
+
+/// Whether a conditional PutObject was refused (412, or 409 as AWS answers a race): `Ok(false)`
+/// if it went through, an error for any other failure.
+fn refused<T, E>(
+    result: Result<T, aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>>,
+) -> Result<bool>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match result {
+        Ok(_) => Ok(false),
+        Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
+            Some(412 | 409) => Ok(true),
+            _ => Err(anyhow::Error::new(e)),
+        },
     }
 }
