@@ -85,7 +85,12 @@ impl TestS3 {
                 .strip_prefix("http://")
                 .map(|rest| rest.split('/').next().unwrap_or(rest))
             {
-                let upstream = if upstream.contains(':') {
+                // `host:port`, `[v6]:port`; a bare host or `[v6]` gets HTTP's port.
+                let has_port = match upstream.rsplit_once(']') {
+                    Some((_, after)) => after.starts_with(':'),
+                    None => upstream.contains(':'),
+                };
+                let upstream = if has_port {
                     upstream.to_string()
                 } else {
                     format!("{upstream}:80")
