@@ -116,6 +116,44 @@ fn a_second_replay_in_a_new_process_is_served_from_disk() -> Result<()> {
     Ok(())
 }
 
+/// A disk that fills up mid-run (here: a file-size limit, which fails sled's writes with
+/// `EFBIG` as a full disk fails them with `ENOSPC`) costs the cache its L2 copies, never the
+/// caller's answers; the next process opens the same directory and serves what was written.
+#[test]
+fn a_full_disk_costs_l2_copies_not_answers_and_the_directory_still_opens() -> Result<()> {
+    let dir = TempDir::new()?;
+    let strata_bin = assert_cmd::cargo::cargo_bin("strata");
+    // 256 KiB of file for a run whose 400 entries need about 800 KiB; SIGXFSZ ignored, so the
+    // write fails instead of killing the process.
+    let output = std::process::Command::new("bash")
+        .args(["-c", r#"trap "" XFSZ; ulimit -f 256; exec "$0" "$@""#])
+        .arg(&strata_bin)
+        .arg("replay")
+        .arg(example())
+        .args(["--limit", "400", "--json"])
+        .current_dir(dir.path())
+        .env_remove("STRATA_CONFIG")
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let full = json_of(&output)?;
+    assert_eq!(n(&full, &["requests"]), 400);
+    assert_eq!(n(&full, &["misses"]), 400, "{full}");
+    assert!(n(&full, &["tier_errors"]) > 0, "no write failed: {full}");
+    assert_adds_up(&full);
+
+    let after = replay(dir.path(), &["--limit", "400"], &[])?;
+    let from_disk = n(&after, &["hits", "l2"]);
+    assert!(from_disk > 0 && from_disk < 400, "{after}");
+    assert_eq!(n(&after, &["misses"]), 400 - from_disk, "{after}");
+    assert_eq!(n(&after, &["tier_errors"]), 0, "{after}");
+    assert_adds_up(&after);
+    Ok(())
+}
+
 #[test]
 fn user_scoped_replay_keeps_users_apart() -> Result<()> {
     let dir = TempDir::new()?;
