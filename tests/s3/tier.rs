@@ -10,7 +10,7 @@ use strata::tiers::{DiskConfig, DiskTier, S3Tier, Tier};
 use strata::{Completion, Outcome, Scope, TieredCache};
 use tempfile::TempDir;
 
-use crate::s3_server::TestS3;
+use crate::s3_server::{Fault, TestS3};
 
 fn request(text: &str) -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]})
@@ -383,6 +383,80 @@ async fn with_s3_refusing_connections_lookups_and_puts_work_and_writes_land_late
     cache.flush().await?;
     assert_eq!(s3.pending(), 0);
     assert_eq!(entry_objects(&server).await?, 31);
+    Ok(())
+}
+
+/// S3 that hangs (accepts connections, never answers) and then answers 503: lookups end in
+/// misses once the configured timeout passes, puts are stored locally and queued, every failure
+/// is counted, and when S3 answers again the queue drains and lookups reach L3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_s3_hanging_or_answering_503_lookups_and_puts_work_and_writes_land_later() -> Result<()>
+{
+    let mut server = TestS3::start().await?;
+    if !server.can_stop() {
+        return Ok(()); // needs a server it can take over: an external one over HTTPS cannot be
+    }
+    let dir_a = TempDir::new()?;
+    let a = node(&server, dir_a.path()).await?;
+    a.cache
+        .put(&request("shared"), &Scope::Global, completion("from A"))
+        .await?;
+    a.cache.flush().await?;
+
+    let dir_b = TempDir::new()?;
+    let mut config = server.config();
+    config.operation_timeout = Duration::from_millis(300);
+    config.breaker_threshold = u32::MAX; // every lookup goes to S3 and has to give up by itself
+    let b = node_with(&config, dir_b.path()).await?;
+    // A bound on the whole phase, far above its timeouts, so that a hang fails the test.
+    let phase = |what: &'static str| {
+        move |e: tokio::time::error::Elapsed| anyhow::anyhow!("{what} still running: {e}")
+    };
+    for (fault, name) in [(Fault::Stall, "hang"), (Fault::Status(503), "503")] {
+        server.misbehave(fault).await?;
+        tokio::time::timeout(Duration::from_secs(30), async {
+            for i in 0..3 {
+                let text = format!("{name}-{i}");
+                let lookup = b
+                    .cache
+                    .get_or_execute(&request(&text), &Scope::Global, || async {
+                        Ok::<_, std::io::Error>(completion("executed"))
+                    })
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                ensure!(
+                    lookup.outcome == Outcome::Miss,
+                    "{text}: {:?}",
+                    lookup.outcome
+                );
+            }
+            ensure!(
+                b.cache.flush().await.is_err(),
+                "flush says S3 did not take the writes"
+            );
+            Ok(())
+        })
+        .await
+        .map_err(phase("lookups against a failing S3"))??;
+    }
+    // Each lookup's pointer GET failed, and each answer waits in the outbox.
+    ensure!(
+        b.cache.stats().errors.l3 >= 6,
+        "{:?}",
+        b.cache.stats().errors
+    );
+    ensure!(b.s3.pending() == 6, "{} queued", b.s3.pending());
+
+    server.restart().await?;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        b.cache.flush().await?;
+        ensure!(b.s3.pending() == 0);
+        ensure!(entry_objects(&server).await? == 7, "A's one and B's six");
+        ensure!(outcome(&b.cache, "shared").await? == Outcome::L3);
+        Ok(())
+    })
+    .await
+    .map_err(phase("the drain after S3 came back"))??;
     Ok(())
 }
 

@@ -59,6 +59,14 @@ enum Backend {
     Relay(String),
 }
 
+/// How [`TestS3::misbehave`] has the server's port answer.
+pub enum Fault {
+    /// Accept connections and never answer: a server that hangs.
+    Stall,
+    /// Answer every request with this HTTP status and an S3 error document (503: overloaded).
+    Status(u16),
+}
+
 impl TestS3 {
     /// Starts the in-process server, or uses the external one the environment names.
     pub async fn start() -> Result<TestS3> {
@@ -206,6 +214,50 @@ impl TestS3 {
 
     /// Serves again on the same port, with the same stored objects.
     pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await?;
+        let listener = self.rebind().await?;
+        self.serve(listener)
+    }
+
+    /// Keeps the port open but has it misbehave, until [`TestS3::restart`] serves again.
+    pub async fn misbehave(&mut self, fault: Fault) -> Result<()> {
+        self.stop().await?;
+        let listener = self.rebind().await?;
+        let front = self
+            .front
+            .as_mut()
+            .context("an external server over HTTPS")?;
+        front.accept = Some(match fault {
+            Fault::Stall => accept_loop(listener, |socket| async move {
+                let _held = socket;
+                std::future::pending::<()>().await
+            }),
+            Fault::Status(code) => accept_loop(listener, move |socket| async move {
+                let status = hyper::StatusCode::from_u16(code)
+                    .unwrap_or(hyper::StatusCode::SERVICE_UNAVAILABLE);
+                let service = hyper::service::service_fn(move |_request| async move {
+                    let body = format!(
+                        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code>\
+                         <Message>injected by the test</Message></Error>",
+                        status
+                            .canonical_reason()
+                            .unwrap_or("Error")
+                            .replace(' ', "")
+                    );
+                    let mut response = hyper::Response::new(body);
+                    *response.status_mut() = status;
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = ConnBuilder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
+            }),
+        });
+        Ok(())
+    }
+
+    /// A listener on this server's port again (the old one may take a moment to let it go).
+    async fn rebind(&self) -> Result<TcpListener> {
         let addr = self
             .front
             .as_ref()
@@ -214,7 +266,7 @@ impl TestS3 {
         let mut last = None;
         for _ in 0..50 {
             match TcpListener::bind(addr).await {
-                Ok(listener) => return self.serve(listener),
+                Ok(listener) => return Ok(listener),
                 Err(e) => last = Some(e),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
