@@ -118,7 +118,8 @@ fn a_second_replay_in_a_new_process_is_served_from_disk() -> Result<()> {
 
 /// A disk that fills up mid-run (here: a file-size limit, which fails sled's writes with
 /// `EFBIG` as a full disk fails them with `ENOSPC`) costs the cache its L2 copies, never the
-/// caller's answers; the next process opens the same directory and serves what was written.
+/// caller's answers; the failures are counted and warned about without flooding the terminal,
+/// and the next process opens the same directory and serves what was written.
 #[test]
 fn a_full_disk_costs_l2_copies_not_answers_and_the_directory_still_opens() -> Result<()> {
     let dir = TempDir::new()?;
@@ -144,6 +145,13 @@ fn a_full_disk_costs_l2_copies_not_answers_and_the_directory_still_opens() -> Re
     assert_eq!(n(&full, &["misses"]), 400, "{full}");
     assert!(n(&full, &["tier_errors"]) > 0, "no write failed: {full}");
     assert_adds_up(&full);
+    // Said, not shouted: one warning per tier and interval, however many writes failed.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let warnings = stderr.matches("cache tier failed").count();
+    assert!(
+        (1..=3).contains(&warnings),
+        "{warnings} warnings:\n{stderr}"
+    );
 
     let after = replay(dir.path(), &["--limit", "400"], &[])?;
     let from_disk = n(&after, &["hits", "l2"]);

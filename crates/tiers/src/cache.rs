@@ -37,6 +37,7 @@ use crate::epochs::EpochStore;
 use crate::error::TierError;
 use crate::memory::MemoryTier;
 use crate::s3::S3Tier;
+use crate::throttle::Throttle;
 use crate::tier::{Tier, TierUsage};
 
 /// How long entries live: a default and per-model overrides (keyed by normalized model name).
@@ -290,6 +291,7 @@ impl TieredCacheBuilder {
                 baseline,
                 ttl: self.ttl,
                 pricing: self.pricing,
+                warnings: Default::default(),
             }),
         };
         if cache.inner.l3.is_some() {
@@ -326,6 +328,8 @@ pub(crate) struct Inner {
     /// The `aggressive` profile, to count misses that would have hit under it (`None` when the
     /// cache uses it already).
     aggressive: Option<Normalizer>,
+    /// Warnings about failing tiers, L1 to L3, one per interval each.
+    warnings: [Throttle; 3],
 }
 
 impl Drop for Inner {
@@ -989,8 +993,23 @@ impl Inner {
     }
 
     pub(crate) fn tier_failed(&self, tier: TierName, op: &str, error: &TierError) {
-        tracing::warn!(?tier, op, %error, "cache tier failed; treating as a miss");
         self.counters.record_error(tier, ErrorKind::Io);
+        let index = match tier {
+            TierName::L1 => 0,
+            TierName::L2 => 1,
+            TierName::L3 => 2,
+        };
+        match self.warnings[index].admit() {
+            Some(0) => tracing::warn!(?tier, op, %error, "cache tier failed; treating as a miss"),
+            Some(held) => tracing::warn!(
+                ?tier,
+                op,
+                %error,
+                "cache tier failed; treating as a miss ({held} more failures of this tier since \
+                 the last warning, logged at debug level)"
+            ),
+            None => tracing::debug!(?tier, op, %error, "cache tier failed; treating as a miss"),
+        }
     }
 
     fn build_entry(&self, keyed: &Keyed, completion: Completion, measured: Duration) -> Entry {

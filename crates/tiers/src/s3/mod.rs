@@ -257,6 +257,8 @@ struct Inner {
     index_bytes: AtomicU64,
     uploaded: AtomicU64,
     upload_failures: AtomicU64,
+    /// Warnings about failed uploads, one per interval.
+    upload_warnings: crate::throttle::Throttle,
     dropped: AtomicU64,
 }
 
@@ -347,6 +349,7 @@ impl S3Tier {
                 index_bytes: AtomicU64::new(index_bytes),
                 uploaded: AtomicU64::new(0),
                 upload_failures: AtomicU64::new(0),
+                upload_warnings: Default::default(),
                 dropped: AtomicU64::new(0),
             }),
         })
@@ -537,7 +540,19 @@ impl S3Tier {
             match outcome {
                 Some(Ok(pointer)) => done.push((k, v, pointer)),
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "S3 upload failed; the entry stays queued");
+                    match inner.upload_warnings.admit() {
+                        Some(0) => {
+                            tracing::warn!(error = %e, "S3 upload failed; the entry stays queued");
+                        }
+                        Some(held) => tracing::warn!(
+                            error = %e,
+                            "S3 upload failed; the entry stays queued ({held} more failed \
+                             uploads since the last warning, logged at debug level)"
+                        ),
+                        None => {
+                            tracing::debug!(error = %e, "S3 upload failed; the entry stays queued");
+                        }
+                    }
                     inner.upload_failures.fetch_add(1, Relaxed);
                     report.failed += 1;
                 }
