@@ -405,7 +405,9 @@ async fn with_s3_hanging_or_answering_503_lookups_and_puts_work_and_writes_land_
 
     let dir_b = TempDir::new()?;
     let mut config = server.config();
-    config.operation_timeout = Duration::from_millis(300);
+    // Short enough to keep the test quick, long enough for a healthy loopback call on a busy
+    // machine (the test suite runs in parallel on two cores).
+    config.operation_timeout = Duration::from_secs(1);
     config.breaker_threshold = u32::MAX; // every lookup goes to S3 and has to give up by itself
     let b = node_with(&config, dir_b.path()).await?;
     // A bound on the whole phase, far above its timeouts, so that a hang fails the test.
@@ -449,6 +451,7 @@ async fn with_s3_hanging_or_answering_503_lookups_and_puts_work_and_writes_land_
 
     server.restart().await?;
     tokio::time::timeout(Duration::from_secs(30), async {
+        // The drainer may be in its backoff; flush drains now.
         b.cache.flush().await?;
         ensure!(b.s3.pending() == 0);
         ensure!(entry_objects(&server).await? == 7, "A's one and B's six");
