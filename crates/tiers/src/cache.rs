@@ -37,7 +37,7 @@ use crate::epochs::EpochStore;
 use crate::error::TierError;
 use crate::memory::MemoryTier;
 use crate::s3::S3Tier;
-use crate::throttle::Throttle;
+use crate::throttle::{Throttle, throttled};
 use crate::tier::{Tier, TierUsage};
 
 /// How long entries live: a default and per-model overrides (keyed by normalized model name).
@@ -999,17 +999,13 @@ impl Inner {
             TierName::L2 => 1,
             TierName::L3 => 2,
         };
-        match self.warnings[index].admit() {
-            Some(0) => tracing::warn!(?tier, op, %error, "cache tier failed; treating as a miss"),
-            Some(held) => tracing::warn!(
-                ?tier,
-                op,
-                %error,
-                "cache tier failed; treating as a miss ({held} more failures of this tier since \
-                 the last warning, logged at debug level)"
-            ),
-            None => tracing::debug!(?tier, op, %error, "cache tier failed; treating as a miss"),
-        }
+        throttled!(
+            self.warnings[index],
+            ?tier,
+            op,
+            %error,
+            "cache tier failed; treating as a miss"
+        );
     }
 
     fn build_entry(&self, keyed: &Keyed, completion: Completion, measured: Duration) -> Entry {

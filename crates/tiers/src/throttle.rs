@@ -54,6 +54,20 @@ impl Default for Throttle {
     }
 }
 
+/// Logs an event at warn level when `$throttle` admits it, with the failures held back since
+/// the last warning as the field `failures_since_last_warning`, and at debug level otherwise.
+/// The fields come first, as in `tracing::warn!`.
+macro_rules! throttled {
+    ($throttle:expr, $($fields:tt)+) => {
+        match $throttle.admit() {
+            Some(0) => tracing::warn!($($fields)+),
+            Some(held) => tracing::warn!(failures_since_last_warning = held, $($fields)+),
+            None => tracing::debug!($($fields)+),
+        }
+    };
+}
+pub(crate) use throttled;
+
 #[cfg(test)]
 mod tests {
     use super::*;

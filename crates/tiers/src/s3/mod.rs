@@ -540,19 +540,11 @@ impl S3Tier {
             match outcome {
                 Some(Ok(pointer)) => done.push((k, v, pointer)),
                 Some(Err(e)) => {
-                    match inner.upload_warnings.admit() {
-                        Some(0) => {
-                            tracing::warn!(error = %e, "S3 upload failed; the entry stays queued");
-                        }
-                        Some(held) => tracing::warn!(
-                            error = %e,
-                            "S3 upload failed; the entry stays queued ({held} more failed \
-                             uploads since the last warning, logged at debug level)"
-                        ),
-                        None => {
-                            tracing::debug!(error = %e, "S3 upload failed; the entry stays queued");
-                        }
-                    }
+                    crate::throttle::throttled!(
+                        inner.upload_warnings,
+                        error = %e,
+                        "S3 upload failed; the entry stays queued"
+                    );
                     inner.upload_failures.fetch_add(1, Relaxed);
                     report.failed += 1;
                 }
