@@ -35,13 +35,17 @@ fn replay(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Value> {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let output = cmd.output()?;
+    succeeded_json(&cmd.output()?)
+}
+
+/// The JSON a successful run printed; a failed run fails the test with its stderr.
+fn succeeded_json(output: &Output) -> Result<Value> {
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    json_of(&output)
+    json_of(output)
 }
 
 fn n(report: &Value, path: &[&str]) -> u64 {
@@ -135,12 +139,7 @@ fn a_full_disk_costs_l2_copies_not_answers_and_the_directory_still_opens() -> Re
         .current_dir(dir.path())
         .env_remove("STRATA_CONFIG")
         .output()?;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let full = json_of(&output)?;
+    let full = succeeded_json(&output)?;
     assert_eq!(n(&full, &["requests"]), 400);
     assert_eq!(n(&full, &["misses"]), 400, "{full}");
     assert!(n(&full, &["tier_errors"]) > 0, "no write failed: {full}");
@@ -363,12 +362,7 @@ fn memory_tier_and_process_stay_bounded_over_20000_distinct_entries() -> Result<
         .env("STRATA_MEMORY_CAPACITY", "32MiB")
         .env("STRATA_DISK_ENABLED", "false")
         .output()?;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report = json_of(&output)?;
+    let report = succeeded_json(&output)?;
     assert_eq!(n(&report, &["requests"]), 20_000);
     assert_eq!(n(&report, &["misses"]), 20_000);
     let bound = 32u64 << 20;

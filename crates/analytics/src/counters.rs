@@ -48,6 +48,17 @@ pub enum TierName {
     L3,
 }
 
+impl TierName {
+    /// The tier's position, L1 to L3 as 0 to 2, for per-tier arrays.
+    pub fn index(self) -> usize {
+        match self {
+            TierName::L1 => 0,
+            TierName::L2 => 1,
+            TierName::L3 => 2,
+        }
+    }
+}
+
 /// What went wrong in a tier; each kind is counted and the lookup goes on as a miss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -218,11 +229,7 @@ impl Counters {
     /// Counts a tier error.
     pub fn record_error(&self, tier: TierName, kind: ErrorKind) {
         let slot = match kind {
-            ErrorKind::Io => match tier {
-                TierName::L1 => &self.tier_errors[0],
-                TierName::L2 => &self.tier_errors[1],
-                TierName::L3 => &self.tier_errors[2],
-            },
+            ErrorKind::Io => &self.tier_errors[tier.index()],
             ErrorKind::Corrupt => &self.corrupt,
             ErrorKind::Collision => &self.collisions,
         };

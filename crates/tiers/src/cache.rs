@@ -994,13 +994,8 @@ impl Inner {
 
     pub(crate) fn tier_failed(&self, tier: TierName, op: &str, error: &TierError) {
         self.counters.record_error(tier, ErrorKind::Io);
-        let index = match tier {
-            TierName::L1 => 0,
-            TierName::L2 => 1,
-            TierName::L3 => 2,
-        };
         throttled!(
-            self.warnings[index],
+            self.warnings[tier.index()],
             ?tier,
             op,
             %error,
