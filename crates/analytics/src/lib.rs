@@ -12,6 +12,8 @@
 //!   hot and cold keys, storage and suggestions.
 //! - [`render`]: the report as a terminal table, JSON, CSV or one self-contained HTML page.
 //! - [`pricing`]: list prices per model ([`Pricing`]), used when a caller gives no cost.
+//! - [`throttle`]: [`Throttle`] and [`throttled!`], one warning per interval for a failure that
+//!   repeats (a failing tier, S3 uploads, persisting the rollups).
 //!
 //! Savings are counted per hit as what the original call cost, as recorded in the entry that was
 //! served: never as `(hits - 1) × cost` or any other estimate.
@@ -25,6 +27,7 @@ pub mod rollup;
 pub mod sketch;
 #[cfg(test)]
 mod test_entry;
+pub mod throttle;
 
 pub use counters::{Counters, ErrorKind, Hits, Outcome, Stats, TierName};
 pub use pricing::{Price, Pricing, PricingError};
@@ -38,3 +41,8 @@ pub use report::{
 };
 pub use rollup::{DailyRollups, HourRow, Rollup, RowKey};
 pub use sketch::{HotKey, Sketch};
+pub use throttle::{Throttle, WARN_EVERY};
+
+/// What [`throttled!`] expands to, for crates that use it without depending on `tracing`.
+#[doc(hidden)]
+pub use tracing as __tracing;

@@ -8,7 +8,7 @@
 //! into sled. Everything that reads ([`Analytics::rows`], [`Analytics::metrics_for_period`], …)
 //! drains and persists first, so it sees every event recorded before the call.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,6 +25,8 @@ use crate::rollup::{
     usd_to_nano,
 };
 use crate::sketch::{HotKey, Sketch};
+use crate::throttle::Throttle;
+use crate::throttled;
 
 /// Why analytics could not be stored or read.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +139,9 @@ pub struct ProviderMetrics {
 
 /// Entries waiting to be freed by a recording thread; past this the recorder frees them itself.
 const RETURN_CAPACITY: usize = 4096;
+/// Request metrics kept in memory while the store fails (about 100 bytes each); beyond this
+/// the oldest are dropped and counted ([`Analytics::dropped_total`]).
+pub const MAX_PENDING_REQUESTS: usize = 65_536;
 
 const TREE_ROLLUPS: &str = "analytics.hourly";
 const TREE_HIT_IDS: &str = "analytics.hit_ids";
@@ -165,7 +170,8 @@ struct State {
     new_hit_ids: Vec<u128>,
     marked: HashSet<u128>,
     aggressive: AggressiveWindow,
-    requests: Vec<RequestMetric>,
+    /// Request metrics waiting to be written, oldest first; at most [`MAX_PENDING_REQUESTS`].
+    requests: VecDeque<RequestMetric>,
     dirty_days: BTreeSet<NaiveDate>,
     request_seq: u64,
     dropped_stored: u64,
@@ -180,6 +186,11 @@ struct Shared {
     trees: Trees,
     dropped: AtomicU64,
     config: AnalyticsConfig,
+    /// Warnings about failed persists: one per [`WARN_EVERY`](crate::WARN_EVERY).
+    persist_warnings: Throttle,
+    /// Writes a persist may still make before they fail (tests inject store failures).
+    #[cfg(test)]
+    writes_left: std::sync::atomic::AtomicI64,
 }
 
 /// Recording and reading of analytics for one cache. Dropping it stops the background thread
@@ -234,7 +245,7 @@ impl Analytics {
             new_hit_ids: Vec::new(),
             marked: HashSet::new(),
             aggressive: AggressiveWindow::default(),
-            requests: Vec::new(),
+            requests: VecDeque::new(),
             dirty_days: BTreeSet::new(),
             request_seq: 0,
             dropped_stored,
@@ -247,6 +258,9 @@ impl Analytics {
             trees,
             dropped: AtomicU64::new(0),
             config,
+            persist_warnings: Throttle::default(),
+            #[cfg(test)]
+            writes_left: std::sync::atomic::AtomicI64::new(i64::MAX),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let worker = {
@@ -293,7 +307,9 @@ impl Analytics {
         self.shared.dropped.load(Relaxed)
     }
 
-    /// Events dropped over the store's lifetime (every process that used it).
+    /// Events dropped over the store's lifetime (every process that used it): those a full
+    /// channel dropped, and request metrics beyond [`MAX_PENDING_REQUESTS`] waiting for a store
+    /// that fails.
     pub fn dropped_total(&self) -> u64 {
         lock(&self.shared.state).dropped_stored + self.dropped()
     }
@@ -483,7 +499,15 @@ impl Shared {
             if (due || stopping)
                 && let Err(e) = self.drain_and_persist()
             {
-                tracing::warn!(error = %e, "persisting analytics failed; will retry");
+                if stopping {
+                    tracing::warn!(error = %e, "persisting analytics at close failed");
+                } else {
+                    throttled!(
+                        self.persist_warnings,
+                        error = %e,
+                        "persisting analytics failed; will retry"
+                    );
+                }
             }
             if stopping {
                 return;
@@ -511,38 +535,69 @@ impl Shared {
         }
     }
 
+    /// Drains the channel and writes what is pending into the trees. Each rollup, hit id and
+    /// request metric leaves the pending state once it is written, so a store that fails
+    /// part-way (a full disk) keeps the rest for the next attempt and adds nothing twice. A
+    /// failed attempt counts as one: the thread retries a persist interval later, not at every
+    /// poll.
     fn drain_and_persist(&self) -> Result<(), AnalyticsError> {
         self.drain();
-        let mut state = lock(&self.state);
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        state.last_persist = Instant::now();
         let trees = &self.trees;
-        for (key, delta) in state.pending.drain() {
+        let keys: Vec<RowKey> = state.pending.keys().cloned().collect();
+        for key in keys {
+            let Some(delta) = state.pending.get(&key) else {
+                continue;
+            };
             let encoded = key.encode();
             let mut total: Rollup = match trees.rollups.get(&encoded)? {
                 Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
                 None => Rollup::default(),
             };
-            total.add(&delta);
-            trees.rollups.insert(encoded, serde_json::to_vec(&total)?)?;
+            total.add(delta);
+            self.insert(&trees.rollups, encoded, serde_json::to_vec(&total)?)?;
+            state.pending.remove(&key);
         }
-        for id in std::mem::take(&mut state.new_hit_ids) {
-            trees.hit_ids.insert(id.to_be_bytes(), &[])?;
+        while let Some(id) = state.new_hit_ids.last() {
+            self.insert(&trees.hit_ids, id.to_be_bytes(), &[])?;
+            state.new_hit_ids.pop();
         }
-        let requests = std::mem::take(&mut state.requests);
-        for metric in requests {
-            state.request_seq += 1;
+        while let Some(metric) = state.requests.front() {
+            let seq = state.request_seq + 1;
             let mut key = sortable_be(metric.at_ms).to_vec();
-            key.extend_from_slice(&state.request_seq.to_be_bytes());
+            key.extend_from_slice(&seq.to_be_bytes());
             key.extend_from_slice(&std::process::id().to_be_bytes());
-            trees.requests.insert(key, serde_json::to_vec(&metric)?)?;
+            self.insert(&trees.requests, key, serde_json::to_vec(metric)?)?;
+            state.request_seq = seq;
+            state.requests.pop_front();
         }
         let capacity = self.config.hot_key_capacity;
         let hot = state.sketch.top(capacity);
-        trees
-            .meta
-            .insert(META_HOT_KEYS, serde_json::to_vec(&hot)?)?;
+        self.insert(&trees.meta, META_HOT_KEYS, serde_json::to_vec(&hot)?)?;
         let dropped = state.dropped_stored + self.dropped.load(Relaxed);
-        trees.meta.insert(META_DROPPED, &dropped.to_be_bytes())?;
-        state.last_persist = Instant::now();
+        self.insert(&trees.meta, META_DROPPED, &dropped.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// One write of a persist.
+    fn insert(
+        &self,
+        tree: &sled::Tree,
+        key: impl AsRef<[u8]>,
+        value: impl Into<sled::IVec>,
+    ) -> Result<(), AnalyticsError> {
+        #[cfg(test)]
+        if self
+            .writes_left
+            .fetch_update(Relaxed, Relaxed, |n| (n > 0).then(|| n - 1))
+            .is_err()
+        {
+            let injected = std::io::Error::other("injected write failure");
+            return Err(AnalyticsError::Store(sled::Error::Io(injected)));
+        }
+        tree.insert(key, value)?;
         Ok(())
     }
 }
@@ -664,7 +719,13 @@ impl State {
                 Some(e)
             }
             Event::Request(metric) => {
-                self.requests.push(*metric);
+                if self.requests.len() >= MAX_PENDING_REQUESTS {
+                    // The store has been failing for a while: keep the newest, count the
+                    // oldest as dropped.
+                    self.requests.pop_front();
+                    self.dropped_stored += 1;
+                }
+                self.requests.push_back(*metric);
                 None
             }
         }
@@ -779,6 +840,87 @@ mod tests {
         let rows = analytics.rows(None, None)?;
         assert_eq!(rows[0].rollup.lookups, 4);
         assert_eq!(analytics.dropped_total(), 6);
+        Ok(())
+    }
+
+    fn metric(id: usize) -> Event {
+        Event::Request(Box::new(RequestMetric {
+            request_id: format!("r{id}"),
+            provider: "openai".into(),
+            response_time_ms: 100,
+            cost_usd: 0.01,
+            at_ms: Utc::now().timestamp_millis(),
+        }))
+    }
+
+    #[test]
+    fn a_persist_that_fails_part_way_loses_nothing_and_adds_nothing_twice()
+    -> Result<(), AnalyticsError> {
+        let analytics = Analytics::temporary(AnalyticsConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..AnalyticsConfig::default()
+        })?;
+        let a = entry("a", 0.25);
+        let mut other = test_entry::entry("b", 0.5, (1, 1), 100);
+        other.provider = "q".into();
+        let b = Arc::new(other);
+        for _ in 0..3 {
+            analytics.record(hit(&a));
+            analytics.record(hit(&b));
+        }
+        for id in 0..4 {
+            analytics.record(metric(id));
+        }
+        // The first rollup is written, then the store fails (a full disk).
+        analytics.shared.writes_left.store(1, Relaxed);
+        assert!(analytics.flush().is_err());
+        assert!(analytics.flush().is_err(), "failing again changes nothing");
+        analytics.shared.writes_left.store(i64::MAX, Relaxed);
+        analytics.flush()?;
+
+        let rows = analytics.rows(None, None)?;
+        assert_eq!(rows.len(), 2);
+        for row in &rows {
+            assert_eq!(
+                (row.rollup.lookups, row.rollup.l1),
+                (3, 3),
+                "{}",
+                row.key.provider
+            );
+        }
+        for e in [&a, &b] {
+            assert!(analytics.was_hit(u128::from_str_radix(&e.cache_id, 16).unwrap_or(0))?);
+        }
+        assert_eq!(analytics.metrics_for_period(24)?.requests, 4);
+        Ok(())
+    }
+
+    #[test]
+    fn request_metrics_waiting_for_a_failing_store_are_bounded_and_counted()
+    -> Result<(), AnalyticsError> {
+        let analytics = Analytics::temporary(AnalyticsConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..AnalyticsConfig::default()
+        })?;
+        analytics.shared.writes_left.store(0, Relaxed);
+        let total = MAX_PENDING_REQUESTS + 1_000;
+        for id in 0..total {
+            analytics.record(metric(id));
+            if id % 8_192 == 0 {
+                // Drained into memory; the persist fails and keeps them.
+                assert!(analytics.flush().is_err());
+            }
+        }
+        assert!(analytics.flush().is_err());
+        assert_eq!(
+            lock(&analytics.shared.state).requests.len(),
+            MAX_PENDING_REQUESTS
+        );
+        assert_eq!(analytics.dropped(), 0, "the channel never filled");
+        assert_eq!(analytics.dropped_total(), 1_000);
+        analytics.shared.writes_left.store(i64::MAX, Relaxed);
+        let m = analytics.metrics_for_period(24)?;
+        assert_eq!(m.requests, MAX_PENDING_REQUESTS as u64);
         Ok(())
     }
 

@@ -37,8 +37,8 @@ use crate::epochs::EpochStore;
 use crate::error::TierError;
 use crate::memory::MemoryTier;
 use crate::s3::S3Tier;
-use crate::throttle::{Throttle, throttled};
 use crate::tier::{Tier, TierUsage};
+use strata_analytics::{Throttle, throttled};
 
 /// How long entries live: a default and per-model overrides (keyed by normalized model name).
 #[derive(Debug, Clone, Default)]

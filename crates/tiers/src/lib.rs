@@ -21,7 +21,6 @@ pub mod invalidate;
 pub mod memory;
 pub mod reports;
 pub mod s3;
-mod throttle;
 pub mod tier;
 
 pub use cache::{Completion, Lookup, TieredCache, TieredCacheBuilder, TtlPolicy};

@@ -258,7 +258,7 @@ struct Inner {
     uploaded: AtomicU64,
     upload_failures: AtomicU64,
     /// Warnings about failed uploads, one per interval.
-    upload_warnings: crate::throttle::Throttle,
+    upload_warnings: strata_analytics::Throttle,
     dropped: AtomicU64,
 }
 
@@ -540,7 +540,7 @@ impl S3Tier {
             match outcome {
                 Some(Ok(pointer)) => done.push((k, v, pointer)),
                 Some(Err(e)) => {
-                    crate::throttle::throttled!(
+                    strata_analytics::throttled!(
                         inner.upload_warnings,
                         error = %e,
                         "S3 upload failed; the entry stays queued"

@@ -1,16 +1,18 @@
-//! Warnings about a failing tier, at most one per interval. A full disk or an S3 outage fails
-//! every call, and a warning per call buries everything else on the terminal; the failures in
-//! between are logged at debug level and counted, and the next warning says how many it stands
-//! for. Every failure is still counted in the cache's statistics.
+//! Warnings about a failure that repeats, at most one per interval. A full disk or an S3 outage
+//! fails every call (every lookup, every upload, every persist of the rollups), and a warning
+//! per call buries everything else on the terminal; the failures in between are logged at debug
+//! level, and the next warning says how many it stands for. Every failure is still counted
+//! where it is counted (the cache's [`Stats`](crate::Stats), the outbox's failures).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// How often one source of failures (a tier, the S3 uploads) is warned about.
-pub(crate) const WARN_EVERY: Duration = Duration::from_secs(10);
+pub const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Lets one warning through per interval and counts the ones held back.
-pub(crate) struct Throttle {
+#[derive(Debug)]
+pub struct Throttle {
     every_ms: u64,
     base: Instant,
     /// Milliseconds after `base` before which no warning goes out.
@@ -20,7 +22,7 @@ pub(crate) struct Throttle {
 
 impl Throttle {
     /// A throttle letting one warning through per `every`.
-    pub(crate) fn new(every: Duration) -> Self {
+    pub fn new(every: Duration) -> Self {
         Throttle {
             every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
             base: Instant::now(),
@@ -31,7 +33,7 @@ impl Throttle {
 
     /// `Some(held)` if this failure is to be warned about, with the number of failures held
     /// back since the last warning; `None` if it is to be held back.
-    pub(crate) fn admit(&self) -> Option<u64> {
+    pub fn admit(&self) -> Option<u64> {
         let now = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
         let next = self.next_ms.load(Relaxed);
         let due = now >= next
@@ -57,16 +59,18 @@ impl Default for Throttle {
 /// Logs an event at warn level when `$throttle` admits it, with the failures held back since
 /// the last warning as the field `failures_since_last_warning`, and at debug level otherwise.
 /// The fields come first, as in `tracing::warn!`.
+#[macro_export]
 macro_rules! throttled {
     ($throttle:expr, $($fields:tt)+) => {
         match $throttle.admit() {
-            Some(0) => tracing::warn!($($fields)+),
-            Some(held) => tracing::warn!(failures_since_last_warning = held, $($fields)+),
-            None => tracing::debug!($($fields)+),
+            Some(0) => $crate::__tracing::warn!($($fields)+),
+            Some(held) => {
+                $crate::__tracing::warn!(failures_since_last_warning = held, $($fields)+)
+            }
+            None => $crate::__tracing::debug!($($fields)+),
         }
     };
 }
-pub(crate) use throttled;
 
 #[cfg(test)]
 mod tests {
