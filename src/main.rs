@@ -209,11 +209,17 @@ impl ScopeArgs {
     }
 }
 
+/// What is logged when `STRATA_LOG` is not set: warnings, but none of sled's own lines. Every
+/// sled failure strata meets is already warned about (throttled) and counted by strata, with sled's
+/// error in it; sled adds a line per tree and per background flush for the same failure (a full
+/// disk printed a dozen identical ones).
+const DEFAULT_LOG_FILTER: &str = "warn,sled=off";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
         .init();
