@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::output::outln;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -90,9 +91,9 @@ fn show(bar: &ProgressBar, p: Progress) {
     }
 }
 
-fn report(done: &Invalidation, json: bool) {
+fn report(done: &Invalidation, json: bool) -> Result<()> {
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "invalidated": done.what,
@@ -100,8 +101,8 @@ fn report(done: &Invalidation, json: bool) {
                 "exact": done.exact,
                 "published": done.published,
             })
-        );
-        return;
+        )?;
+        return Ok(());
     }
     let count = if done.exact {
         format!("{} entries", thousands(done.affected))
@@ -111,12 +112,13 @@ fn report(done: &Invalidation, json: bool) {
             thousands(done.affected)
         )
     };
-    println!("invalidated {}: {count}", done.what);
+    outln!("invalidated {}: {count}", done.what)?;
     if !done.published {
         eprintln!(
             "note: not published to S3 (disabled or unreachable); with S3 the next refresh publishes it"
         );
     }
+    Ok(())
 }
 
 /// `strata invalidate SELECTOR [--json]`.
@@ -141,7 +143,7 @@ pub async fn invalidate(config: &Config, args: &SelectorArgs, json: bool) -> Res
         })
     };
     close(cache).await;
-    report(&done.context("invalidating")?, json);
+    report(&done.context("invalidating")?, json)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -163,12 +165,12 @@ pub async fn clear(config: &Config, yes: bool) -> Result<ExitCode> {
     };
     close(cache).await;
     let done = done.context("clearing")?;
-    println!(
+    outln!(
         "cleared: {} entries removed on this node; every node stops serving the rest within its refresh interval",
         thousands(done.affected)
-    );
+    )?;
     if let Some(gc) = gc {
-        print_gc(&gc.context("deleting the S3 objects")?);
+        print_gc(&gc.context("deleting the S3 objects")?)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -177,23 +179,24 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-fn print_gc(r: &GcReport) {
+fn print_gc(r: &GcReport) -> Result<()> {
     let verb = if r.dry_run { "would free" } else { "freed" };
-    println!(
+    outln!(
         "L2: {verb} {} of {} entries ({})",
         thousands(r.l2_removed),
         thousands(r.l2_seen),
         mib(r.l2_bytes)
-    );
+    )?;
     if r.s3_listed > 0 || r.s3_objects > 0 {
-        println!(
+        outln!(
             "S3: {verb} {} objects ({} dead entries with their metadata and pointers, {}) of {} listed",
             thousands(r.s3_objects),
             thousands(r.s3_entries),
             mib(r.s3_bytes),
             thousands(r.s3_listed)
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// `strata gc [--dry-run] [--json]`.
@@ -211,16 +214,16 @@ pub async fn gc(config: &Config, dry_run: bool, json: bool) -> Result<ExitCode> 
     close(cache).await;
     let r = r.context("garbage collection")?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "dry_run": r.dry_run,
                 "l2": {"seen": r.l2_seen, "removed": r.l2_removed, "bytes": r.l2_bytes},
                 "s3": {"listed": r.s3_listed, "entries": r.s3_entries, "objects": r.s3_objects, "bytes": r.s3_bytes},
             })
-        );
+        )?;
     } else {
-        print_gc(&r);
+        print_gc(&r)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -238,26 +241,26 @@ pub async fn lifecycle(config: &Config, apply: bool) -> Result<ExitCode> {
         .context("the longest TTL is too long for a lifecycle rule")?;
     let (cache, s3) = crate::s3_commands::open(config).await?;
     let rules = s3.lifecycle_rules(days)?;
-    println!(
+    outln!(
         "lifecycle rules for s3://{} (longest TTL {} → {days} days):",
         s3.bucket(),
         humantime::format_duration(longest)
-    );
+    )?;
     for rule in &rules {
         let prefix = rule.filter().and_then(|f| f.prefix()).unwrap_or_default();
-        println!(
+        outln!(
             "  {}: expire objects under {prefix} {days} days after they were written",
             rule.id().unwrap_or_default()
-        );
+        )?;
     }
     if !apply {
-        println!("(dry run: run with --apply to install them)");
+        outln!("(dry run: run with --apply to install them)")?;
         close(cache).await;
         return Ok(ExitCode::SUCCESS);
     }
     let applied = s3.apply_lifecycle(rules).await;
     close(cache).await;
     applied.context("installing the lifecycle rules")?;
-    println!("installed");
+    outln!("installed")?;
     Ok(ExitCode::SUCCESS)
 }

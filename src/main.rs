@@ -15,6 +15,8 @@ use strata::replay::{self, ReplayOptions, ReplayReport, ScopeBy};
 use strata::{Completion, Config, Profile, Scope, Stats};
 
 mod invalidate_commands;
+mod output;
+use output::{out, outln};
 mod report_command;
 mod s3_commands;
 
@@ -280,7 +282,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .await
                 .context("request cannot be cached")?;
             close(cache).await;
-            println!("{}", entry.cache_key);
+            outln!("{}", entry.cache_key)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Invalidate { selector, json } => {
@@ -308,23 +310,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .explain(&read_json(&request)?, &scope.scope())
                 .context("request cannot be keyed")?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&explanation)?);
+                outln!("{}", serde_json::to_string_pretty(&explanation)?)?;
             } else {
-                println!("key      {}", explanation.key);
-                println!("profile  {}", explanation.profile);
-                println!("scope    {}", explanation.scope);
-                println!("model    {}", explanation.model);
-                println!();
+                outln!("key      {}", explanation.key)?;
+                outln!("profile  {}", explanation.profile)?;
+                outln!("scope    {}", explanation.scope)?;
+                outln!("model    {}", explanation.model)?;
+                outln!()?;
                 for field in &explanation.fields {
                     let action = format!("{:?}", field.action).to_lowercase();
-                    println!("  {:<22} {:<12} {}", field.field, action, field.detail);
+                    outln!("  {:<22} {:<12} {}", field.field, action, field.detail)?;
                 }
-                println!();
-                println!(
+                outln!()?;
+                outln!(
                     "canonical request ({} bytes):",
                     explanation.canonical.get().len()
-                );
-                println!("{}", explanation.canonical.get());
+                )?;
+                outln!("{}", explanation.canonical.get())?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -377,9 +379,9 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
         );
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print_replay(config, &args, &report, summary.as_deref());
+        print_replay(config, &args, &report, summary.as_deref())?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -408,35 +410,40 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
-fn print_replay(config: &Config, args: &ReplayArgs, r: &ReplayReport, summary: Option<&str>) {
+fn print_replay(
+    config: &Config,
+    args: &ReplayArgs,
+    r: &ReplayReport,
+    summary: Option<&str>,
+) -> Result<()> {
     let mode = match args.repeat_zipf {
         Some(s) => format!("Zipf({s}) draws"),
         None => "in order".to_string(),
     };
-    println!(
+    outln!(
         "strata replay {} ({mode}, profile {}, scope {})",
         args.file.display(),
         config.normalization.profile,
         args.scope.as_str()
-    );
-    println!(
+    )?;
+    outln!(
         "  requests {} · skipped lines {} · lookup p50 {:.1} µs · p99 {:.1} µs · {} req/s",
         thousands(r.requests),
         thousands(r.skipped_lines),
         r.lookup_latency_us.p50,
         r.lookup_latency_us.p99,
         thousands(r.throughput_rps as u64)
-    );
+    )?;
     if r.tier_errors > 0 {
-        println!(
+        outln!(
             "  tier errors {} (served as misses)",
             thousands(r.tier_errors)
-        );
+        )?;
     }
     match summary {
-        Some(table) => print!("{table}"),
+        Some(table) => out!("{table}")?,
         // Recording is off: the replay's own counts.
-        None => println!(
+        None => outln!(
             "  hits {} ({:.2}%: L1 {} · L2 {} · L3 {}) · misses {} · cost saved ${:.4} · tokens saved {} · latency saved {}",
             thousands(r.hits.total()),
             r.hit_rate * 100.0,
@@ -447,8 +454,9 @@ fn print_replay(config: &Config, args: &ReplayArgs, r: &ReplayReport, summary: O
             r.cost_saved_usd,
             thousands(r.tokens_saved),
             human_duration(Duration::from_millis(r.latency_saved_ms))
-        ),
+        )?,
     }
+    Ok(())
 }
 
 async fn stats_command(config: &Config, json: bool) -> Result<ExitCode> {
@@ -463,51 +471,52 @@ async fn stats_command(config: &Config, json: bool) -> Result<ExitCode> {
             "disk_path": config.disk.enabled.then(|| config.disk.path.clone()),
             "memory_capacity_bytes": memory.capacity,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
     } else {
-        print_stats(config, &stats, disk);
+        print_stats(config, &stats, disk)?;
     }
     close(cache).await;
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_stats(config: &Config, s: &Stats, disk: Option<strata::tiers::TierUsage>) {
-    println!("strata stats (lifetime of {})", config.disk.path.display());
-    println!("  lookups          {:>12}", thousands(s.lookups));
-    println!(
+fn print_stats(config: &Config, s: &Stats, disk: Option<strata::tiers::TierUsage>) -> Result<()> {
+    outln!("strata stats (lifetime of {})", config.disk.path.display())?;
+    outln!("  lookups          {:>12}", thousands(s.lookups))?;
+    outln!(
         "  hits             {:>12}   {:.2}%   L1 {} · L2 {} · L3 {}",
         thousands(s.hits.total()),
         s.hit_rate() * 100.0,
         thousands(s.hits.l1),
         thousands(s.hits.l2),
         thousands(s.hits.l3)
-    );
-    println!("  misses           {:>12}", thousands(s.misses));
-    println!(
+    )?;
+    outln!("  misses           {:>12}", thousands(s.misses))?;
+    outln!(
         "  cost saved       {:>12}",
         format!("${:.4}", s.cost_saved_usd)
-    );
-    println!("  tokens saved     {:>12}", thousands(s.tokens_saved));
-    println!(
+    )?;
+    outln!("  tokens saved     {:>12}", thousands(s.tokens_saved))?;
+    outln!(
         "  latency saved    {:>12}",
         human_duration(Duration::from_millis(s.latency_saved_ms))
-    );
+    )?;
     let errors = s.errors;
-    println!(
+    outln!(
         "  errors           {:>12}   corrupt {} · collisions {} · tier failures {}",
         thousands(errors.corrupt + errors.collisions + errors.l1 + errors.l2 + errors.l3),
         errors.corrupt,
         errors.collisions,
         errors.l1 + errors.l2 + errors.l3
-    );
+    )?;
     if let Some(d) = disk {
-        println!(
+        outln!(
             "  disk tier        {:>12}   entries, {:.1} MiB of {:.0} MiB",
             thousands(d.entries),
             d.bytes as f64 / (1 << 20) as f64,
             d.capacity.unwrap_or(0) as f64 / (1 << 20) as f64
-        );
+        )?;
     }
+    Ok(())
 }
 
 async fn get_command(
@@ -525,9 +534,9 @@ async fn get_command(
     let code = match found {
         Some(lookup) => {
             if entry {
-                println!("{}", serde_json::to_string_pretty(&*lookup.entry)?);
+                outln!("{}", serde_json::to_string_pretty(&*lookup.entry)?)?;
             } else {
-                println!("{}", lookup.response().get());
+                outln!("{}", lookup.response().get())?;
             }
             ExitCode::SUCCESS
         }

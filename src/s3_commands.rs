@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::output::outln;
 use anyhow::{Context, Result, bail};
 use chrono::{NaiveDate, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -131,14 +132,14 @@ pub async fn warm(
     bar.finish_and_clear();
     close(cache).await;
     let report = report.context("warming from S3")?;
-    println!(
+    outln!(
         "warmed {} entries into {} ({} matched, {} expired, {} failed)",
         thousands(report.warmed),
         config.disk.path.display(),
         thousands(report.matched),
         thousands(report.expired),
         thousands(report.failed)
-    );
+    )?;
     Ok(if report.failed > 0 {
         ExitCode::FAILURE
     } else {
@@ -154,13 +155,13 @@ pub async fn rebuild_index(config: &Config) -> Result<ExitCode> {
     bar.finish_and_clear();
     close(cache).await;
     let report = report.context("rebuilding the index")?;
-    println!(
+    outln!(
         "indexed {} entries ({} objects listed); wrote {} missing pointers ({} failed)",
         thousands(report.indexed),
         thousands(report.listed),
         thousands(report.pointers_written),
         thousands(report.failed)
-    );
+    )?;
     Ok(if report.failed > 0 {
         ExitCode::FAILURE
     } else {

@@ -164,6 +164,35 @@ fn a_full_disk_costs_l2_copies_not_answers_and_the_directory_still_opens() -> Re
     Ok(())
 }
 
+/// Output into a pipe nobody reads (`strata … | head -1` once `head` is done) is dropped
+/// quietly: the command does its work, exits 0 and closes the cache cleanly, where `println!`
+/// would have panicked.
+#[test]
+fn a_closed_stdout_loses_the_output_not_the_work() -> Result<()> {
+    let dir = TempDir::new()?;
+    for args in [
+        &["replay", "--limit", "200"][..],
+        &["report", "--format", "html"][..],
+        &["stats"][..],
+    ] {
+        let (reader, writer) = std::io::pipe()?;
+        drop(reader);
+        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"));
+        cmd.current_dir(dir.path()).env_remove("STRATA_CONFIG").args(args);
+        if args[0] == "replay" {
+            cmd.arg(example());
+        }
+        let output = cmd.stdout(writer).output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // The unread replay stored its entries and closed the cache: all 200 are served from disk.
+    let after = replay(dir.path(), &["--limit", "200"], &[])?;
+    assert_eq!(n(&after, &["hits", "l2"]), 200, "{after}");
+    Ok(())
+}
+
 #[test]
 fn user_scoped_replay_keeps_users_apart() -> Result<()> {
     let dir = TempDir::new()?;
