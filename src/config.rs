@@ -325,10 +325,18 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), Error> {
+        const MAX_CHANNEL_CAPACITY: usize = 1 << 24;
         if self.invalidation.refresh_interval < Duration::from_millis(100) {
             return Err(Error::Config(format!(
                 "invalidation.refresh_interval must be at least 100ms, found {}",
                 humantime::format_duration(self.invalidation.refresh_interval)
+            )));
+        }
+        // The channel's buffer is allocated whole when the cache opens.
+        if !(1..=MAX_CHANNEL_CAPACITY).contains(&self.analytics.channel_capacity) {
+            return Err(Error::Config(format!(
+                "analytics.channel_capacity must be between 1 and {MAX_CHANNEL_CAPACITY}, found {}",
+                self.analytics.channel_capacity
             )));
         }
         if !(-7..=22).contains(&self.codec.zstd_level) {

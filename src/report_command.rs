@@ -64,7 +64,10 @@ fn parse_until(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>> {
         return Ok(next.and_utc());
     }
     if let Ok(ago) = humantime::parse_duration(text) {
-        return Ok(now - chrono::Duration::from_std(ago).context("--until: duration too long")?);
+        return chrono::Duration::from_std(ago)
+            .ok()
+            .and_then(|ago| now.checked_sub_signed(ago))
+            .context("--until: duration too long");
     }
     bail!("--until {text}: expected RFC 3339 time, YYYY-MM-DD or a duration such as 2h")
 }
@@ -73,7 +76,12 @@ fn parse_until(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>> {
 fn options(args: &ReportArgs) -> Result<ReportOptions> {
     let now = Utc::now();
     let since = match args.since {
-        Some(d) => Some(now - chrono::Duration::from_std(*d).context("--since: too long")?),
+        Some(d) => Some(
+            chrono::Duration::from_std(*d)
+                .ok()
+                .and_then(|d| now.checked_sub_signed(d))
+                .context("--since: too long")?,
+        ),
         None => None,
     };
     let until = args

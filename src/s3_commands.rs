@@ -120,9 +120,13 @@ pub async fn warm(
     let disk = cache.disk().cloned().context("warm needs the disk tier")?;
     let slug = model.map(|m| ModelSlug::new(&m.to_lowercase()));
     let since = since
-        .map(|d| chrono::Duration::from_std(d).map(|d| Utc::now() - d))
-        .transpose()
-        .context("--since is too long")?;
+        .map(|d| {
+            chrono::Duration::from_std(d)
+                .ok()
+                .and_then(|d| Utc::now().checked_sub_signed(d))
+        })
+        .map(|at| at.context("--since is too long"))
+        .transpose()?;
     let bar = spinner("warming");
     let report = s3
         .warm(&disk, slug.as_ref().map(ModelSlug::as_str), since, |n| {

@@ -178,7 +178,9 @@ fn a_closed_stdout_loses_the_output_not_the_work() -> Result<()> {
         let (reader, writer) = std::io::pipe()?;
         drop(reader);
         let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"));
-        cmd.current_dir(dir.path()).env_remove("STRATA_CONFIG").args(args);
+        cmd.current_dir(dir.path())
+            .env_remove("STRATA_CONFIG")
+            .args(args);
         if args[0] == "replay" {
             cmd.arg(example());
         }
@@ -190,6 +192,49 @@ fn a_closed_stdout_loses_the_output_not_the_work() -> Result<()> {
     // The unread replay stored its entries and closed the cache: all 200 are served from disk.
     let after = replay(dir.path(), &["--limit", "200"], &[])?;
     assert_eq!(n(&after, &["hits", "l2"]), 200, "{after}");
+    Ok(())
+}
+
+/// Durations past what a date can hold are "never" where that is their meaning (a TTL, the age
+/// of cold entries) and a one-line error where they are not (a report's period), never a panic;
+/// a channel too large to allocate is a configuration error that names the key.
+#[test]
+fn absurd_durations_and_sizes_are_never_panics() -> Result<()> {
+    let dir = TempDir::new()?;
+    let forever = [
+        ("STRATA_TTL_DEFAULT", "1000000y"),
+        ("STRATA_ANALYTICS_COLD_AFTER", "1000000y"),
+    ];
+    let first = replay(dir.path(), &["--limit", "50"], &forever)?;
+    assert_eq!(n(&first, &["misses"]), 50, "{first}");
+    let again = replay(dir.path(), &["--limit", "50"], &forever)?;
+    assert_eq!(n(&again, &["misses"]), 0, "never expired: {again}");
+    let mut report = strata(dir.path())?;
+    report.args(["report", "--format", "json"]).envs(forever);
+    succeeded_json(&report.output()?)?;
+
+    let no_panic = |args: &[&str], env: &[(&str, &str)], says: &str| -> Result<()> {
+        let output = strata(dir.path())?
+            .args(args)
+            .envs(env.iter().copied())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        Ok(())
+    };
+    no_panic(&["report", "--since", "1000000y"], &[], "--since: too long")?;
+    no_panic(
+        &["report", "--until", "1000000y"],
+        &[],
+        "--until: duration too long",
+    )?;
+    no_panic(
+        &["stats"],
+        &[("STRATA_ANALYTICS_CHANNEL_CAPACITY", "1000000000000000000")],
+        "analytics.channel_capacity must be between 1 and",
+    )?;
     Ok(())
 }
 

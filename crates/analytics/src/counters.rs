@@ -174,31 +174,38 @@ impl Stats {
     /// The sum of two snapshots (a stored lifetime total plus this process's counts).
     pub fn merged(&self, other: &Stats) -> Stats {
         Stats {
-            lookups: self.lookups + other.lookups,
+            lookups: self.lookups.saturating_add(other.lookups),
             hits: Hits {
-                l1: self.hits.l1 + other.hits.l1,
-                l2: self.hits.l2 + other.hits.l2,
-                l3: self.hits.l3 + other.hits.l3,
-                coalesced: self.hits.coalesced + other.hits.coalesced,
+                l1: self.hits.l1.saturating_add(other.hits.l1),
+                l2: self.hits.l2.saturating_add(other.hits.l2),
+                l3: self.hits.l3.saturating_add(other.hits.l3),
+                coalesced: self.hits.coalesced.saturating_add(other.hits.coalesced),
             },
-            misses: self.misses + other.misses,
-            uncacheable: self.uncacheable + other.uncacheable,
-            expired: self.expired + other.expired,
-            invalidated: self.invalidated + other.invalidated,
+            misses: self.misses.saturating_add(other.misses),
+            uncacheable: self.uncacheable.saturating_add(other.uncacheable),
+            expired: self.expired.saturating_add(other.expired),
+            invalidated: self.invalidated.saturating_add(other.invalidated),
             errors: Errors {
-                l1: self.errors.l1 + other.errors.l1,
-                l2: self.errors.l2 + other.errors.l2,
-                l3: self.errors.l3 + other.errors.l3,
-                corrupt: self.errors.corrupt + other.errors.corrupt,
-                collisions: self.errors.collisions + other.errors.collisions,
-                executor: self.errors.executor + other.errors.executor,
+                l1: self.errors.l1.saturating_add(other.errors.l1),
+                l2: self.errors.l2.saturating_add(other.errors.l2),
+                l3: self.errors.l3.saturating_add(other.errors.l3),
+                corrupt: self.errors.corrupt.saturating_add(other.errors.corrupt),
+                collisions: self
+                    .errors
+                    .collisions
+                    .saturating_add(other.errors.collisions),
+                executor: self.errors.executor.saturating_add(other.errors.executor),
             },
-            puts: self.puts + other.puts,
+            puts: self.puts.saturating_add(other.puts),
             cost_saved_usd: self.cost_saved_usd + other.cost_saved_usd,
-            tokens_saved: self.tokens_saved + other.tokens_saved,
-            input_tokens_saved: self.input_tokens_saved + other.input_tokens_saved,
-            output_tokens_saved: self.output_tokens_saved + other.output_tokens_saved,
-            latency_saved_ms: self.latency_saved_ms + other.latency_saved_ms,
+            tokens_saved: self.tokens_saved.saturating_add(other.tokens_saved),
+            input_tokens_saved: self
+                .input_tokens_saved
+                .saturating_add(other.input_tokens_saved),
+            output_tokens_saved: self
+                .output_tokens_saved
+                .saturating_add(other.output_tokens_saved),
+            latency_saved_ms: self.latency_saved_ms.saturating_add(other.latency_saved_ms),
         }
     }
 }
@@ -283,7 +290,7 @@ impl Counters {
             },
             puts: get(&self.puts),
             cost_saved_usd: get(&self.cost_saved_nano_usd) as f64 / 1e9,
-            tokens_saved: input + output,
+            tokens_saved: input.saturating_add(output),
             input_tokens_saved: input,
             output_tokens_saved: output,
             latency_saved_ms: get(&self.latency_saved_ms),

@@ -688,18 +688,23 @@ impl State {
                     rollup.scopes[scope_index(&e.scope)] += 1;
                     let cost = usd_to_nano(e.cost.total);
                     if outcome.is_hit() {
-                        rollup.cost_saved_nano += cost;
-                        rollup.input_tokens_saved += e.tokens.input;
-                        rollup.output_tokens_saved += e.tokens.output;
-                        rollup.latency_saved_ms += e.latency_ms;
-                        rollup.hit_lookup_us += u64::from(lookup_us);
+                        rollup.cost_saved_nano = rollup.cost_saved_nano.saturating_add(cost);
+                        rollup.input_tokens_saved =
+                            rollup.input_tokens_saved.saturating_add(e.tokens.input);
+                        rollup.output_tokens_saved =
+                            rollup.output_tokens_saved.saturating_add(e.tokens.output);
+                        rollup.latency_saved_ms =
+                            rollup.latency_saved_ms.saturating_add(e.latency_ms);
+                        rollup.hit_lookup_us =
+                            rollup.hit_lookup_us.saturating_add(u64::from(lookup_us));
                         rollup.hit_ages[age_bucket(age_ms(e, now))] += 1;
                     } else {
-                        rollup.cost_spent_nano += cost;
+                        rollup.cost_spent_nano = rollup.cost_spent_nano.saturating_add(cost);
                     }
                     if would_hit {
                         rollup.aggressive_would_hit += 1;
-                        rollup.aggressive_would_save_nano += cost;
+                        rollup.aggressive_would_save_nano =
+                            rollup.aggressive_would_save_nano.saturating_add(cost);
                     }
                 }
                 entry
@@ -806,7 +811,18 @@ mod tests {
             analytics.record(Event::Expired(Arc::clone(&e)));
             // Dropping persists what is still queued.
         }
-        let db = sled::open(dir.path())?;
+        // sled's background threads hold the directory's lock for a moment after the drop
+        // (longer on a loaded machine); the disk tier waits for it the same way.
+        let started = Instant::now();
+        let db = loop {
+            match sled::open(dir.path()) {
+                Ok(db) => break db,
+                Err(_) if started.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let analytics = Analytics::open(&db, AnalyticsConfig::default())?;
         let rows = analytics.rows(None, None)?;
         assert_eq!(rows.len(), 1);

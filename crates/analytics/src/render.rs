@@ -192,10 +192,13 @@ pub fn table(report: &Report, width: u16) -> String {
             .set_width(width)
             .set_header(vec!["hot key", "hits", "model", "request"]);
         for key in &report.hot_keys {
-            let short = key
-                .cache_key
-                .rsplit_once('_')
-                .map_or(key.cache_key.as_str(), |(_, hex)| &hex[..hex.len().min(12)]);
+            let short =
+                key.cache_key
+                    .rsplit_once('_')
+                    .map_or(key.cache_key.as_str(), |(_, hex)| {
+                        // Other nodes' documents are read as given: cut on a character boundary.
+                        hex.char_indices().nth(12).map_or(hex, |(at, _)| &hex[..at])
+                    });
             hot.add_row(vec![
                 short.to_owned(),
                 thousands(key.hits),

@@ -348,7 +348,10 @@ impl Report {
 }
 
 fn row_end(row: &HourRow) -> DateTime<Utc> {
-    row.key.start() + chrono::Duration::hours(1)
+    row.key
+        .start()
+        .checked_add_signed(chrono::Duration::hours(1))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// The smallest age bound (seconds) covering 95% of `ages`; `None` when the oldest bucket
@@ -527,6 +530,44 @@ mod tests {
         );
         assert_eq!(recent.totals.requests, 10);
         assert!((recent.totals.cost_saved_usd - 1.5).abs() < 1e-9);
+    }
+
+    /// Rows and hot keys from other nodes' documents are read as given: counts at the top of
+    /// the range, the last hour a date can hold and a key that is not hex neither panic nor wrap.
+    #[test]
+    fn rows_and_hot_keys_from_other_nodes_at_the_edges() {
+        let h = RowKey::hour_of(Utc::now());
+        let huge = |r: &mut Rollup| {
+            r.lookups = u64::MAX;
+            r.l1 = u64::MAX;
+            r.cost_saved_nano = u64::MAX;
+        };
+        let rows = vec![
+            row(h, "a", huge),
+            row(h, "a", huge),
+            row(i64::MAX, "b", huge),
+        ];
+        let extras = ReportExtras {
+            hot_keys: vec![HotKey {
+                cache_key: "gpt-4o_aéééééééééééé".into(),
+                model: "gpt-4o".into(),
+                preview: "hi".into(),
+                hits: 3,
+                error: 0,
+            }],
+            ..ReportExtras::default()
+        };
+        let report = Report::build(
+            &rows,
+            &ReportOptions {
+                top: 10,
+                ..Default::default()
+            },
+            extras,
+        );
+        assert_eq!(report.totals.requests, u64::MAX, "saturated, not wrapped");
+        let table = crate::render::table(&report, 100);
+        assert!(table.contains("aéééééééééé"), "{table}");
     }
 
     #[test]

@@ -70,38 +70,50 @@ pub struct Rollup {
 }
 
 impl Rollup {
-    /// Adds `other` into `self`.
+    /// Adds `other` into `self`, field by field, saturating at `u64::MAX` (rows from other
+    /// nodes' documents and counts from entries are taken as given).
     pub fn add(&mut self, other: &Rollup) {
-        self.lookups += other.lookups;
-        self.l1 += other.l1;
-        self.l2 += other.l2;
-        self.l3 += other.l3;
-        self.coalesced += other.coalesced;
-        self.misses += other.misses;
-        self.uncacheable += other.uncacheable;
-        self.expired += other.expired;
-        self.cost_saved_nano += other.cost_saved_nano;
-        self.input_tokens_saved += other.input_tokens_saved;
-        self.output_tokens_saved += other.output_tokens_saved;
-        self.latency_saved_ms += other.latency_saved_ms;
-        self.cost_spent_nano += other.cost_spent_nano;
-        self.hit_lookup_us += other.hit_lookup_us;
+        self.lookups = self.lookups.saturating_add(other.lookups);
+        self.l1 = self.l1.saturating_add(other.l1);
+        self.l2 = self.l2.saturating_add(other.l2);
+        self.l3 = self.l3.saturating_add(other.l3);
+        self.coalesced = self.coalesced.saturating_add(other.coalesced);
+        self.misses = self.misses.saturating_add(other.misses);
+        self.uncacheable = self.uncacheable.saturating_add(other.uncacheable);
+        self.expired = self.expired.saturating_add(other.expired);
+        self.cost_saved_nano = self.cost_saved_nano.saturating_add(other.cost_saved_nano);
+        self.input_tokens_saved = self
+            .input_tokens_saved
+            .saturating_add(other.input_tokens_saved);
+        self.output_tokens_saved = self
+            .output_tokens_saved
+            .saturating_add(other.output_tokens_saved);
+        self.latency_saved_ms = self.latency_saved_ms.saturating_add(other.latency_saved_ms);
+        self.cost_spent_nano = self.cost_spent_nano.saturating_add(other.cost_spent_nano);
+        self.hit_lookup_us = self.hit_lookup_us.saturating_add(other.hit_lookup_us);
         for (a, b) in self.scopes.iter_mut().zip(other.scopes) {
-            *a += b;
+            *a = a.saturating_add(b);
         }
-        self.aggressive_would_hit += other.aggressive_would_hit;
-        self.aggressive_would_save_nano += other.aggressive_would_save_nano;
+        self.aggressive_would_hit = self
+            .aggressive_would_hit
+            .saturating_add(other.aggressive_would_hit);
+        self.aggressive_would_save_nano = self
+            .aggressive_would_save_nano
+            .saturating_add(other.aggressive_would_save_nano);
         for (a, b) in self.hit_ages.iter_mut().zip(other.hit_ages) {
-            *a += b;
+            *a = a.saturating_add(b);
         }
         for (a, b) in self.expired_ages.iter_mut().zip(other.expired_ages) {
-            *a += b;
+            *a = a.saturating_add(b);
         }
     }
 
     /// All hits (every tier and coalesced lookups).
     pub fn hits(&self) -> u64 {
-        self.l1 + self.l2 + self.l3 + self.coalesced
+        self.l1
+            .saturating_add(self.l2)
+            .saturating_add(self.l3)
+            .saturating_add(self.coalesced)
     }
 }
 
@@ -124,8 +136,9 @@ impl RowKey {
 
     /// When this row's hour starts.
     pub fn start(&self) -> DateTime<Utc> {
-        Utc.timestamp_opt(self.hour * 3600, 0)
-            .single()
+        self.hour
+            .checked_mul(3600)
+            .and_then(|secs| Utc.timestamp_opt(secs, 0).single())
             .unwrap_or_default()
     }
 

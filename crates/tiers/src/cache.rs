@@ -1038,9 +1038,10 @@ impl Inner {
             cost,
             latency_ms: completion.latency_ms.unwrap_or(measured.as_millis() as u64),
             created_at: now,
+            // A TTL past what a date can hold (`1000000y`) is "never".
             expires_at: ttl
                 .and_then(|t| chrono::Duration::from_std(t).ok())
-                .map(|t| now + t),
+                .and_then(|t| now.checked_add_signed(t)),
             tags: completion.tags,
             scope: keyed.scope.clone(),
             hit_count: 0,

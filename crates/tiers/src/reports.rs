@@ -107,7 +107,11 @@ impl TieredCache {
             return Ok(None);
         };
         analytics.flush()?;
-        let cutoff = Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
+        // Older than any date (`cold_after = "1000000y"`): nothing is cold.
+        let cutoff = chrono::Duration::from_std(older_than)
+            .ok()
+            .and_then(|d| Utc::now().checked_sub_signed(d))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let mut by_model: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let mut failed = None;
         disk.sweep(|id, decoded, bytes| {

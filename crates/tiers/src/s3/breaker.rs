@@ -63,7 +63,8 @@ impl Breaker {
         if failures >= self.threshold {
             // Stay one failure away from opening again once the cool-down is over.
             self.failures.store(self.threshold - 1, Relaxed);
-            let until = self.now_us() + self.cool_down.as_micros() as u64;
+            let cool_down = u64::try_from(self.cool_down.as_micros()).unwrap_or(u64::MAX);
+            let until = self.now_us().saturating_add(cool_down);
             self.open_until_us.store(until.max(1), Relaxed);
             self.opened.fetch_add(1, Relaxed);
             tracing::warn!(

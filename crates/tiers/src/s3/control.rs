@@ -151,7 +151,8 @@ impl S3Tier {
                     "S3 did not delete an object"
                 );
             }
-            deleted += (chunk.len() - failed) as u64;
+            // A server may list more errors than keys were sent.
+            deleted += chunk.len().saturating_sub(failed) as u64;
             progress(deleted);
         }
         Ok(deleted)
