@@ -325,7 +325,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), Error> {
-        const MAX_CHANNEL_CAPACITY: usize = 1 << 24;
+        const MAX_CHANNEL_CAPACITY: usize = 1 << 20;
         if self.invalidation.refresh_interval < Duration::from_millis(100) {
             return Err(Error::Config(format!(
                 "invalidation.refresh_interval must be at least 100ms, found {}",

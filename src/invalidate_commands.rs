@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::output::outln;
+use crate::output::{errln, outln};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -114,7 +114,7 @@ fn report(done: &Invalidation, json: bool) -> Result<()> {
     };
     outln!("invalidated {}: {count}", done.what)?;
     if !done.published {
-        eprintln!(
+        errln!(
             "note: not published to S3 (disabled or unreachable); with S3 the next refresh publishes it"
         );
     }
@@ -206,7 +206,7 @@ pub async fn gc(config: &Config, dry_run: bool, json: bool) -> Result<ExitCode> 
     if cache.l3().is_some()
         && let Err(e) = cache.refresh_epochs().await
     {
-        eprintln!("strata: warning: cannot read the shared epochs: {e}");
+        errln!("strata: warning: cannot read the shared epochs: {e}");
     }
     let bar = bar(if dry_run { "gc (dry run)" } else { "gc" });
     let r = cache.gc(dry_run, |p| show(&bar, p)).await;

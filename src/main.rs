@@ -16,7 +16,7 @@ use strata::{Completion, Config, Profile, Scope, Stats};
 
 mod invalidate_commands;
 mod output;
-use output::{out, outln};
+use output::{errln, out, outln};
 mod report_command;
 mod s3_commands;
 
@@ -232,14 +232,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("strata: cannot start the async runtime: {e}");
+            errln!("strata: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("strata: {e:#}");
+            errln!("strata: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -365,7 +365,7 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
         .flatten();
     close(cache).await;
     for skipped in &report.skipped {
-        eprintln!(
+        errln!(
             "strata: skipped line {} of {}: {}",
             skipped.line,
             args.file.display(),
@@ -373,7 +373,7 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
         );
     }
     if report.skipped_lines > report.skipped.len() as u64 {
-        eprintln!(
+        errln!(
             "strata: … and {} more skipped lines",
             report.skipped_lines - report.skipped.len() as u64
         );
@@ -391,7 +391,7 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
 async fn close(cache: strata::TieredCache) {
     let pending = cache.l3().map(|l3| l3.pending()).unwrap_or(0);
     if let Err(e) = cache.close().await {
-        eprintln!("strata: warning: {e}");
+        errln!("strata: warning: {e}");
     } else if pending > 0 {
         tracing::debug!(pending, "outbox drained");
     }
@@ -463,6 +463,7 @@ async fn stats_command(config: &Config, json: bool) -> Result<ExitCode> {
     let cache = config.open_cache().await?;
     let stats = cache.lifetime_stats();
     let (memory, disk) = cache.usage();
+    close(cache).await;
     if json {
         let out = serde_json::json!({
             "lifetime": stats,
@@ -475,7 +476,6 @@ async fn stats_command(config: &Config, json: bool) -> Result<ExitCode> {
     } else {
         print_stats(config, &stats, disk)?;
     }
-    close(cache).await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -531,23 +531,23 @@ async fn get_command(
         .get(&request, scope)
         .await
         .context("request cannot be keyed")?;
-    let code = match found {
-        Some(lookup) => {
-            if entry {
-                outln!("{}", serde_json::to_string_pretty(&*lookup.entry)?)?;
-            } else {
-                outln!("{}", lookup.response().get())?;
-            }
-            ExitCode::SUCCESS
+    let text = match &found {
+        Some(lookup) if entry => Some(serde_json::to_string_pretty(&*lookup.entry)?),
+        Some(lookup) => Some(lookup.response().get().to_owned()),
+        None => None,
+    };
+    let key = cache.key(&request, scope)?;
+    close(cache).await;
+    match text {
+        Some(text) => {
+            outln!("{text}")?;
+            Ok(ExitCode::SUCCESS)
         }
         None => {
-            let key = cache.key(&request, scope)?;
-            eprintln!("strata: miss: no entry for {}", key.key);
-            ExitCode::from(1)
+            errln!("strata: miss: no entry for {}", key.key);
+            Ok(ExitCode::from(1))
         }
-    };
-    close(cache).await;
-    Ok(code)
+    }
 }
 
 fn read_json(path: &Path) -> Result<Value> {

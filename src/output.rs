@@ -1,7 +1,8 @@
-//! Standard output that never panics. `println!` panics when standard output is gone
+//! Standard output and error that never panic. `println!` panics when standard output is gone
 //! (`strata report --format html | head -1`); here a closed pipe discards the rest of the output
 //! quietly, so the command's work still finishes and the cache closes cleanly, and any other
-//! write error is returned to the caller.
+//! write error is returned to the caller. `eprintln!` likewise panics when standard error is
+//! gone (`strata … 2>&1 | head -1`); `errln!` drops what cannot be written.
 
 use std::fmt::Arguments;
 use std::io::{ErrorKind, Write};
@@ -31,4 +32,12 @@ macro_rules! outln {
     };
 }
 
-pub(crate) use {out, outln};
+/// `eprintln!` that never panics: with standard error gone there is nowhere to say more.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+pub(crate) use {errln, out, outln};

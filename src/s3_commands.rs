@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::output::outln;
+use crate::output::{errln, outln};
 use anyhow::{Context, Result, bail};
 use chrono::{NaiveDate, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -99,7 +99,7 @@ pub async fn ls(
         bail!("writing the listing: {e}");
     }
     if !json {
-        eprintln!(
+        errln!(
             "{} entries, {:.1} MiB ({} objects listed under s3://{}/{prefix})",
             thousands(entries),
             bytes as f64 / (1 << 20) as f64,

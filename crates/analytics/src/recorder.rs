@@ -140,8 +140,11 @@ pub struct ProviderMetrics {
 /// Entries waiting to be freed by a recording thread; past this the recorder frees them itself.
 const RETURN_CAPACITY: usize = 4096;
 /// Request metrics kept in memory while the store fails (about 100 bytes each); beyond this
-/// the oldest are dropped and counted ([`Analytics::dropped_total`]).
+/// the oldest are dropped and counted ([`Analytics::request_metrics_dropped`]).
 pub const MAX_PENDING_REQUESTS: usize = 65_536;
+/// Digests of served entries kept in memory while the store fails; beyond this a hit is not
+/// noted (its entry may then be reported cold).
+const MAX_PENDING_HIT_IDS: usize = 1 << 20;
 
 const TREE_ROLLUPS: &str = "analytics.hourly";
 const TREE_HIT_IDS: &str = "analytics.hit_ids";
@@ -172,6 +175,8 @@ struct State {
     aggressive: AggressiveWindow,
     /// Request metrics waiting to be written, oldest first; at most [`MAX_PENDING_REQUESTS`].
     requests: VecDeque<RequestMetric>,
+    /// Request metrics dropped past that bound.
+    requests_dropped: u64,
     dirty_days: BTreeSet<NaiveDate>,
     request_seq: u64,
     dropped_stored: u64,
@@ -246,6 +251,7 @@ impl Analytics {
             marked: HashSet::new(),
             aggressive: AggressiveWindow::default(),
             requests: VecDeque::new(),
+            requests_dropped: 0,
             dirty_days: BTreeSet::new(),
             request_seq: 0,
             dropped_stored,
@@ -307,11 +313,15 @@ impl Analytics {
         self.shared.dropped.load(Relaxed)
     }
 
-    /// Events dropped over the store's lifetime (every process that used it): those a full
-    /// channel dropped, and request metrics beyond [`MAX_PENDING_REQUESTS`] waiting for a store
-    /// that fails.
+    /// Events dropped over the store's lifetime (every process that used it).
     pub fn dropped_total(&self) -> u64 {
         lock(&self.shared.state).dropped_stored + self.dropped()
+    }
+
+    /// Request metrics this process dropped because more than [`MAX_PENDING_REQUESTS`] were
+    /// waiting for a store that failed.
+    pub fn request_metrics_dropped(&self) -> u64 {
+        lock(&self.shared.state).requests_dropped
     }
 
     /// The seeds' request metrics API: records one upstream call (off the hot path).
@@ -536,10 +546,13 @@ impl Shared {
     }
 
     /// Drains the channel and writes what is pending into the trees. Each rollup, hit id and
-    /// request metric leaves the pending state once it is written, so a store that fails
-    /// part-way (a full disk) keeps the rest for the next attempt and adds nothing twice. A
-    /// failed attempt counts as one: the thread retries a persist interval later, not at every
-    /// poll.
+    /// request metric leaves the pending state once sled has taken it, so a write that fails
+    /// part-way keeps the rest for the next attempt and adds nothing twice. A failed attempt
+    /// counts as one: the thread retries a persist interval later, not at every poll.
+    ///
+    /// sled 0.34 keeps its first I/O error (a full disk) for the rest of the process: from then
+    /// on every attempt fails, what is pending stays in memory (bounded) and is lost at close,
+    /// with a warning, as are writes sled had taken but not yet flushed.
     fn drain_and_persist(&self) -> Result<(), AnalyticsError> {
         self.drain();
         let mut guard = lock(&self.state);
@@ -669,7 +682,7 @@ impl State {
                     if self.marked.len() > 1 << 20 {
                         self.marked.clear();
                     }
-                    if self.marked.insert(id) {
+                    if self.new_hit_ids.len() < MAX_PENDING_HIT_IDS && self.marked.insert(id) {
                         self.new_hit_ids.push(id);
                     }
                 }
@@ -728,7 +741,7 @@ impl State {
                     // The store has been failing for a while: keep the newest, count the
                     // oldest as dropped.
                     self.requests.pop_front();
-                    self.dropped_stored += 1;
+                    self.requests_dropped += 1;
                 }
                 self.requests.push_back(*metric);
                 None
@@ -872,42 +885,48 @@ mod tests {
     #[test]
     fn a_persist_that_fails_part_way_loses_nothing_and_adds_nothing_twice()
     -> Result<(), AnalyticsError> {
-        let analytics = Analytics::temporary(AnalyticsConfig {
-            poll_interval: Duration::from_secs(3600),
-            ..AnalyticsConfig::default()
-        })?;
         let a = entry("a", 0.25);
         let mut other = test_entry::entry("b", 0.5, (1, 1), 100);
         other.provider = "q".into();
         let b = Arc::new(other);
-        for _ in 0..3 {
-            analytics.record(hit(&a));
-            analytics.record(hit(&b));
-        }
-        for id in 0..4 {
-            analytics.record(metric(id));
-        }
-        // The first rollup is written, then the store fails (a full disk).
-        analytics.shared.writes_left.store(1, Relaxed);
-        assert!(analytics.flush().is_err());
-        assert!(analytics.flush().is_err(), "failing again changes nothing");
-        analytics.shared.writes_left.store(i64::MAX, Relaxed);
-        analytics.flush()?;
+        // A persist here makes 10 writes: 2 rollups, 2 hit ids, 4 request metrics, 2 of meta.
+        // Let the store fail after each number of them in turn (a full disk that clears).
+        for fail_after in 0..10 {
+            let analytics = Analytics::temporary(AnalyticsConfig {
+                poll_interval: Duration::from_secs(3600),
+                ..AnalyticsConfig::default()
+            })?;
+            for _ in 0..3 {
+                analytics.record(hit(&a));
+                analytics.record(hit(&b));
+            }
+            for id in 0..4 {
+                analytics.record(metric(id));
+            }
+            analytics.shared.writes_left.store(fail_after, Relaxed);
+            assert!(analytics.flush().is_err(), "after {fail_after} writes");
+            assert!(analytics.flush().is_err(), "failing again changes nothing");
+            analytics.shared.writes_left.store(i64::MAX, Relaxed);
+            analytics.flush()?;
 
-        let rows = analytics.rows(None, None)?;
-        assert_eq!(rows.len(), 2);
-        for row in &rows {
-            assert_eq!(
-                (row.rollup.lookups, row.rollup.l1),
-                (3, 3),
-                "{}",
-                row.key.provider
-            );
+            let rows = analytics.rows(None, None)?;
+            assert_eq!(rows.len(), 2, "after {fail_after} writes");
+            for row in &rows {
+                let counts = (row.rollup.lookups, row.rollup.l1);
+                assert_eq!(counts, (3, 3), "after {fail_after} writes");
+            }
+            for e in [&a, &b] {
+                let id = u128::from_str_radix(&e.cache_id, 16).unwrap_or(0);
+                let stored = analytics
+                    .shared
+                    .trees
+                    .hit_ids
+                    .contains_key(id.to_be_bytes())?;
+                assert!(stored, "after {fail_after} writes");
+            }
+            let metrics = analytics.metrics_for_period(24)?.requests;
+            assert_eq!(metrics, 4, "after {fail_after} writes");
         }
-        for e in [&a, &b] {
-            assert!(analytics.was_hit(u128::from_str_radix(&e.cache_id, 16).unwrap_or(0))?);
-        }
-        assert_eq!(analytics.metrics_for_period(24)?.requests, 4);
         Ok(())
     }
 
@@ -932,8 +951,8 @@ mod tests {
             lock(&analytics.shared.state).requests.len(),
             MAX_PENDING_REQUESTS
         );
-        assert_eq!(analytics.dropped(), 0, "the channel never filled");
-        assert_eq!(analytics.dropped_total(), 1_000);
+        assert_eq!(analytics.request_metrics_dropped(), 1_000);
+        assert_eq!(analytics.dropped_total(), 0, "the channel never filled");
         analytics.shared.writes_left.store(i64::MAX, Relaxed);
         let m = analytics.metrics_for_period(24)?;
         assert_eq!(m.requests, MAX_PENDING_REQUESTS as u64);

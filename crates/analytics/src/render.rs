@@ -108,7 +108,13 @@ pub fn headline(t: &Summary) -> String {
         out,
         "  requests {} · hits {} ({:.2}%: L1 {} · L2 {} · L3 {}{}) · misses {}",
         thousands(t.requests),
-        thousands(t.hits.l1 + t.hits.l2 + t.hits.l3 + t.hits.coalesced),
+        thousands(
+            t.hits
+                .l1
+                .saturating_add(t.hits.l2)
+                .saturating_add(t.hits.l3)
+                .saturating_add(t.hits.coalesced),
+        ),
         t.hit_rate * 100.0,
         thousands(t.hits.l1),
         thousands(t.hits.l2),
@@ -118,7 +124,7 @@ pub fn headline(t: &Summary) -> String {
         } else {
             String::new()
         },
-        thousands(t.misses + t.uncacheable),
+        thousands(t.misses.saturating_add(t.uncacheable)),
     );
     let _ = writeln!(
         out,
@@ -150,10 +156,10 @@ pub fn groups_table(groups: &[Summary], label: &str, width: u16) -> String {
             },
             thousands(g.requests),
             format!("{:.1}", g.hit_rate * 100.0),
-            thousands(g.hits.l1 + g.hits.coalesced),
+            thousands(g.hits.l1.saturating_add(g.hits.coalesced)),
             thousands(g.hits.l2),
             thousands(g.hits.l3),
-            thousands(g.misses + g.uncacheable),
+            thousands(g.misses.saturating_add(g.uncacheable)),
             usd(g.cost_saved_usd),
             thousands(g.tokens_saved),
             short_duration(Duration::from_millis(g.latency_saved_ms)),
@@ -484,7 +490,7 @@ td.text {{ text-align: left; }}
         l2 = thousands(t.hits.l2),
         l3 = thousands(t.hits.l3),
         co = thousands(t.hits.coalesced),
-        misses = thousands(t.misses + t.uncacheable),
+        misses = thousands(t.misses.saturating_add(t.uncacheable)),
     );
     for (id, svg) in [
         ("hit-rate", hit_rate),
@@ -501,10 +507,10 @@ td.text {{ text-align: left; }}
             escape(&m.group),
             thousands(m.requests),
             m.hit_rate * 100.0,
-            thousands(m.hits.l1 + m.hits.coalesced),
+            thousands(m.hits.l1.saturating_add(m.hits.coalesced)),
             thousands(m.hits.l2),
             thousands(m.hits.l3),
-            thousands(m.misses + m.uncacheable),
+            thousands(m.misses.saturating_add(m.uncacheable)),
             usd(m.cost_saved_usd),
             thousands(m.tokens_saved),
             human_duration(Duration::from_millis(m.latency_saved_ms)),

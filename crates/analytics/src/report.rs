@@ -111,7 +111,7 @@ impl Summary {
             expired: r.expired,
             cost_saved_usd: nano_to_usd(r.cost_saved_nano),
             cost_spent_usd: nano_to_usd(r.cost_spent_nano),
-            tokens_saved: r.input_tokens_saved + r.output_tokens_saved,
+            tokens_saved: r.input_tokens_saved.saturating_add(r.output_tokens_saved),
             input_tokens_saved: r.input_tokens_saved,
             output_tokens_saved: r.output_tokens_saved,
             latency_saved_ms: r.latency_saved_ms,
@@ -357,14 +357,14 @@ fn row_end(row: &HourRow) -> DateTime<Utc> {
 /// The smallest age bound (seconds) covering 95% of `ages`; `None` when the oldest bucket
 /// ("older than 30 days") is needed, or there are no ages.
 fn ttl_covering(ages: &[u64]) -> Option<Option<u64>> {
-    let total: u64 = ages.iter().sum();
+    let total = ages.iter().fold(0u64, |sum, &n| sum.saturating_add(n));
     if total == 0 {
         return None;
     }
     let need = (total as f64 * 0.95).ceil() as u64;
     let mut seen = 0;
     for (i, n) in ages.iter().enumerate() {
-        seen += n;
+        seen = n.saturating_add(seen);
         if seen >= need {
             return Some(AGE_BUCKETS_SECS.get(i).copied());
         }
@@ -423,7 +423,7 @@ fn suggestions(
         let suggestion = if r.expired > 0 {
             let mut ages = r.hit_ages;
             for (a, b) in ages.iter_mut().zip(r.expired_ages) {
-                *a += b;
+                *a = a.saturating_add(b);
             }
             ttl_covering(&ages)
                 .filter(|&suggested| longer(suggested, current))
@@ -540,12 +540,23 @@ mod tests {
         let huge = |r: &mut Rollup| {
             r.lookups = u64::MAX;
             r.l1 = u64::MAX;
+            r.l2 = u64::MAX;
+            r.coalesced = u64::MAX;
+            r.misses = u64::MAX;
+            r.uncacheable = u64::MAX;
+            r.expired = u64::MAX;
+            r.hit_ages = [u64::MAX; crate::rollup::AGE_BUCKETS];
+            r.expired_ages = [u64::MAX; crate::rollup::AGE_BUCKETS];
             r.cost_saved_nano = u64::MAX;
+            r.input_tokens_saved = u64::MAX;
+            r.output_tokens_saved = u64::MAX;
         };
+        let last_hour = DateTime::<Utc>::MAX_UTC.timestamp() / 3600;
         let rows = vec![
             row(h, "a", huge),
             row(h, "a", huge),
-            row(i64::MAX, "b", huge),
+            row(last_hour, "b", huge),
+            row(i64::MAX, "c", huge),
         ];
         let extras = ReportExtras {
             hot_keys: vec![HotKey {
@@ -568,6 +579,9 @@ mod tests {
         assert_eq!(report.totals.requests, u64::MAX, "saturated, not wrapped");
         let table = crate::render::table(&report, 100);
         assert!(table.contains("aéééééééééé"), "{table}");
+        for rendered in [crate::render::json(&report), crate::render::html(&report)] {
+            assert!(rendered.is_ok_and(|text| !text.is_empty()));
+        }
     }
 
     #[test]

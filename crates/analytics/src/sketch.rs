@@ -126,8 +126,8 @@ pub fn merge_hot_keys(lists: impl IntoIterator<Item = Vec<HotKey>>, n: usize) ->
     for key in lists.into_iter().flatten() {
         match by_key.get_mut(&key.cache_key) {
             Some(have) => {
-                have.hits += key.hits;
-                have.error += key.error;
+                have.hits = have.hits.saturating_add(key.hits);
+                have.error = have.error.saturating_add(key.error);
             }
             None => {
                 by_key.insert(key.cache_key.clone(), key);

@@ -266,7 +266,9 @@ impl TieredCache {
                 }
             }
             extras.nodes = latest.keys().map(|n| (*n).to_owned()).collect();
-            extras.dropped_events = latest.values().map(|d| d.dropped).sum();
+            extras.dropped_events = latest
+                .values()
+                .fold(0u64, |sum, d| sum.saturating_add(d.dropped));
             extras.hot_keys = merge_hot_keys(
                 latest.values().map(|d| d.hot_keys.clone()),
                 options.top.max(1),

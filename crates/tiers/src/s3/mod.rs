@@ -835,7 +835,10 @@ impl S3Tier {
     ) -> Result<WarmReport, TierError> {
         let inner = &self.inner;
         let prefix = inner.layout.listing_prefix(slug, None);
-        let since_hour = since.map(|t| t - chrono::Duration::hours(1));
+        let since_hour = since.map(|t| {
+            t.checked_sub_signed(chrono::Duration::hours(1))
+                .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        });
         let mut matched = Vec::new();
         self.list_pages(&prefix, |page| {
             matched.extend(page.into_iter().filter_map(|o| {
