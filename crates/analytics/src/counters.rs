@@ -106,9 +106,12 @@ pub struct Hits {
 }
 
 impl Hits {
-    /// All hits.
+    /// All hits, saturating at `u64::MAX`.
     pub fn total(&self) -> u64 {
-        self.l1 + self.l2 + self.l3 + self.coalesced
+        self.l1
+            .saturating_add(self.l2)
+            .saturating_add(self.l3)
+            .saturating_add(self.coalesced)
     }
 }
 

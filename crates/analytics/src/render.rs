@@ -108,13 +108,7 @@ pub fn headline(t: &Summary) -> String {
         out,
         "  requests {} · hits {} ({:.2}%: L1 {} · L2 {} · L3 {}{}) · misses {}",
         thousands(t.requests),
-        thousands(
-            t.hits
-                .l1
-                .saturating_add(t.hits.l2)
-                .saturating_add(t.hits.l3)
-                .saturating_add(t.hits.coalesced),
-        ),
+        thousands(t.hits.total()),
         t.hit_rate * 100.0,
         thousands(t.hits.l1),
         thousands(t.hits.l2),

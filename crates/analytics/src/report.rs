@@ -7,7 +7,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::rollup::{AGE_BUCKETS_SECS, HourRow, Rollup, nano_to_usd};
+use crate::rollup::{AGE_BUCKETS_SECS, HourRow, Rollup, add_each, nano_to_usd};
 use crate::sketch::HotKey;
 
 /// How the report's groups (table rows, CSV rows) are formed.
@@ -52,6 +52,16 @@ pub struct TierHits {
     pub l3: u64,
     /// Shared with an identical in-flight lookup.
     pub coalesced: u64,
+}
+
+impl TierHits {
+    /// All hits (every tier and coalesced lookups), saturating at `u64::MAX`.
+    pub fn total(&self) -> u64 {
+        self.l1
+            .saturating_add(self.l2)
+            .saturating_add(self.l3)
+            .saturating_add(self.coalesced)
+    }
 }
 
 /// What a set of lookups did and saved: the report's totals and each of its groups.
@@ -422,9 +432,7 @@ fn suggestions(
         };
         let suggestion = if r.expired > 0 {
             let mut ages = r.hit_ages;
-            for (a, b) in ages.iter_mut().zip(r.expired_ages) {
-                *a = a.saturating_add(b);
-            }
+            add_each(&mut ages, &r.expired_ages);
             ttl_covering(&ages)
                 .filter(|&suggested| longer(suggested, current))
                 .map(|suggested| {

@@ -91,21 +91,15 @@ impl Rollup {
         self.latency_saved_ms = self.latency_saved_ms.saturating_add(other.latency_saved_ms);
         self.cost_spent_nano = self.cost_spent_nano.saturating_add(other.cost_spent_nano);
         self.hit_lookup_us = self.hit_lookup_us.saturating_add(other.hit_lookup_us);
-        for (a, b) in self.scopes.iter_mut().zip(other.scopes) {
-            *a = a.saturating_add(b);
-        }
+        add_each(&mut self.scopes, &other.scopes);
         self.aggressive_would_hit = self
             .aggressive_would_hit
             .saturating_add(other.aggressive_would_hit);
         self.aggressive_would_save_nano = self
             .aggressive_would_save_nano
             .saturating_add(other.aggressive_would_save_nano);
-        for (a, b) in self.hit_ages.iter_mut().zip(other.hit_ages) {
-            *a = a.saturating_add(b);
-        }
-        for (a, b) in self.expired_ages.iter_mut().zip(other.expired_ages) {
-            *a = a.saturating_add(b);
-        }
+        add_each(&mut self.hit_ages, &other.hit_ages);
+        add_each(&mut self.expired_ages, &other.expired_ages);
     }
 
     /// All hits (every tier and coalesced lookups).
@@ -114,6 +108,13 @@ impl Rollup {
             .saturating_add(self.l2)
             .saturating_add(self.l3)
             .saturating_add(self.coalesced)
+    }
+}
+
+/// Adds `other` into `into` element by element, saturating at `u64::MAX`.
+pub(crate) fn add_each(into: &mut [u64], other: &[u64]) {
+    for (a, b) in into.iter_mut().zip(other) {
+        *a = a.saturating_add(*b);
     }
 }
 
