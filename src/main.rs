@@ -531,20 +531,20 @@ async fn get_command(
         .get(&request, scope)
         .await
         .context("request cannot be keyed")?;
-    let text = match &found {
-        Some(lookup) if entry => Some(serde_json::to_string_pretty(&*lookup.entry)?),
-        Some(lookup) => Some(lookup.response().get().to_owned()),
-        None => None,
+    // What to say, worked out before the cache closes; said after.
+    let said = match &found {
+        Some(lookup) if entry => Ok(serde_json::to_string_pretty(&*lookup.entry)?),
+        Some(lookup) => Ok(lookup.response().get().to_owned()),
+        None => Err(cache.key(&request, scope)?.key),
     };
-    let key = cache.key(&request, scope)?;
     close(cache).await;
-    match text {
-        Some(text) => {
+    match said {
+        Ok(text) => {
             outln!("{text}")?;
             Ok(ExitCode::SUCCESS)
         }
-        None => {
-            errln!("strata: miss: no entry for {}", key.key);
+        Err(key) => {
+            errln!("strata: miss: no entry for {key}");
             Ok(ExitCode::from(1))
         }
     }
