@@ -173,12 +173,37 @@ pub struct Explanation {
 enum Place {
     /// Anything without special rules: canonical JSON only.
     Plain,
-    /// A string that is message text (or holds text parts).
-    Text,
+    /// A string that is message text (or holds text parts), and which ends of the message's
+    /// text it holds.
+    Text(Ends),
     /// An array of messages (or Responses-API input items).
     Messages,
     /// One message object.
     Message,
+}
+
+/// Which ends of a message's text a string holds: a plain string holds both, the parts of a list
+/// only the start of the first part and the end of the last. Only those are trimmed, so the
+/// whitespace where two parts meet (`"sun "`, `"flower"`) stays in the key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Ends {
+    start: bool,
+    end: bool,
+}
+
+impl Ends {
+    const BOTH: Ends = Ends {
+        start: true,
+        end: true,
+    };
+
+    /// The ends that item `i` of `len` parts holds.
+    fn of_part(self, i: usize, len: usize) -> Ends {
+        Ends {
+            start: self.start && i == 0,
+            end: self.end && i + 1 == len,
+        }
+    }
 }
 
 impl Normalizer {
@@ -342,7 +367,7 @@ impl Normalizer {
                 };
                 format!("{n} message(s), order kept; {text_rule}; {roles}")
             }
-            Place::Text => text_rule.to_string(),
+            Place::Text(_) => text_rule.to_string(),
             _ if name == "tools" || name == "functions" => {
                 let n = value.as_array().map_or(1, Vec::len);
                 format!("{n} tool definition(s), canonical JSON")
@@ -389,7 +414,10 @@ impl Normalizer {
         }
         let rounded = match (name, value) {
             ("temperature" | "top_p", Value::Number(n)) if relaxed => {
-                n.as_f64().map(|x| (x * 100.0).round() / 100.0)
+                // A value too large to round (out of range anyway) is kept as it is.
+                n.as_f64()
+                    .map(|x| (x * 100.0).round() / 100.0)
+                    .filter(|x| x.is_finite())
             }
             _ => None,
         };
@@ -413,21 +441,22 @@ impl Normalizer {
             Value::Bool(false) => out.push("false"),
             Value::Number(n) => write_number(out, n),
             Value::String(s) => match place {
+                Place::Text(ends) => self.write_text(out, s, ends),
                 // A bare string `input` (Responses API) is the message text.
-                Place::Text | Place::Messages => self.write_text(out, s),
+                Place::Messages => self.write_text(out, s, Ends::BOTH),
                 _ => write_str(out, s),
             },
             Value::Array(items) => {
-                let inner = match place {
-                    Place::Messages => Place::Message,
-                    Place::Text => Place::Text,
-                    _ => Place::Plain,
-                };
                 out.push_byte(b'[');
                 for (i, item) in items.iter().enumerate() {
                     if i > 0 {
                         out.push_byte(b',');
                     }
+                    let inner = match place {
+                        Place::Messages => Place::Message,
+                        Place::Text(ends) => Place::Text(ends.of_part(i, items.len())),
+                        _ => Place::Plain,
+                    };
                     self.write_value(out, item, inner, depth + 1);
                 }
                 out.push_byte(b']');
@@ -457,8 +486,8 @@ impl Normalizer {
             write_str(out, name);
             out.push_byte(b':');
             let inner = match (place, name.as_str()) {
-                (Place::Message, "content") => Place::Text,
-                (Place::Text, "text") => Place::Text,
+                (Place::Message, "content") => Place::Text(Ends::BOTH),
+                (Place::Text(ends), "text") => Place::Text(ends),
                 (Place::Message, "role") if self.profile != Profile::Strict => {
                     if let Value::String(role) = value {
                         let role = role.trim();
@@ -478,17 +507,31 @@ impl Normalizer {
         out.push_byte(b'}');
     }
 
-    fn write_text(&self, out: &mut KeyWriter, text: &str) {
+    /// Writes message text: trimmed at the `ends` of the message it holds (standard), with its
+    /// inner whitespace also collapsed to one space and lowercased (aggressive).
+    fn write_text(&self, out: &mut KeyWriter, text: &str, ends: Ends) {
+        let trimmed = match (ends.start, ends.end) {
+            (true, true) => text.trim(),
+            (true, false) => text.trim_start(),
+            (false, true) => text.trim_end(),
+            (false, false) => text,
+        };
         match self.profile {
             Profile::Strict => write_str(out, text),
-            Profile::Standard => write_str(out, text.trim()),
+            Profile::Standard => write_str(out, trimmed),
             Profile::Aggressive => {
-                let mut collapsed = String::with_capacity(text.len());
-                for word in text.split_whitespace() {
-                    if !collapsed.is_empty() {
+                // Whitespace left at an inner end becomes one space, like inner whitespace.
+                let lead = trimmed.starts_with(char::is_whitespace);
+                let trail = trimmed.ends_with(char::is_whitespace);
+                let mut collapsed = String::with_capacity(trimmed.len());
+                for word in trimmed.split_whitespace() {
+                    if lead || !collapsed.is_empty() {
                         collapsed.push(' ');
                     }
                     collapsed.extend(word.chars().flat_map(char::to_lowercase));
+                }
+                if trail {
+                    collapsed.push(' ');
                 }
                 write_str(out, &collapsed);
             }
@@ -541,7 +584,7 @@ enum TopLevel {
 fn place_of(top_level_field: &str) -> Place {
     match top_level_field {
         "messages" | "input" => Place::Messages,
-        f if TEXT_FIELDS.contains(&f) => Place::Text,
+        f if TEXT_FIELDS.contains(&f) => Place::Text(Ends::BOTH),
         _ => Place::Plain,
     }
 }
@@ -555,7 +598,9 @@ fn validate(request: &Value) -> Result<&Map<String, Value>, RequestError> {
             });
         }
     };
-    match (map.get("messages"), map.get("input"), map.get("prompt")) {
+    // `null` is the same as absent, here as in the key.
+    let field = |name: &str| map.get(name).filter(|value| !value.is_null());
+    match (field("messages"), field("input"), field("prompt")) {
         (Some(Value::Array(messages)), _, _) => {
             for (i, message) in messages.iter().enumerate() {
                 let Value::Object(m) = message else {
@@ -659,8 +704,12 @@ fn write_number(out: &mut KeyWriter, n: &serde_json::Number) {
     } else if let Some(i) = n.as_i64() {
         out.push(ints.format(i));
     } else if let Some(f) = n.as_f64() {
-        if f.fract() == 0.0 && f.abs() < 9.0e15 {
+        // Whole floats in the range of the integers serde_json parses, written as those integers
+        // (`1e16` as `10000000000000000`); `u64::MAX as f64` is 2^64 itself, one past the range.
+        if f.fract() == 0.0 && f >= i64::MIN as f64 && f < 0.0 {
             out.push(ints.format(f as i64));
+        } else if f.fract() == 0.0 && (0.0..u64::MAX as f64).contains(&f) {
+            out.push(ints.format(f as u64));
         } else {
             // Shortest form that reads back to the same f64; parsed JSON numbers are finite.
             out.push(ryu::Buffer::new().format_finite(f));
@@ -869,6 +918,86 @@ mod tests {
     }
 
     #[test]
+    fn text_is_trimmed_at_the_ends_of_a_message_not_between_its_parts() {
+        let parts = |texts: &[&str]| {
+            let parts: Vec<Value> = texts
+                .iter()
+                .map(|t| json!({"type": "text", "text": t}))
+                .collect();
+            json!({"model": "m", "system": parts.clone(),
+                   "messages": [{"role": "user", "content": parts}]})
+        };
+        // "sun flower" and "sunflower" are different questions, in every profile.
+        let spaced = parts(&["One word or two? sun ", "flower"]);
+        let joined = parts(&["One word or two? sun", "flower"]);
+        for profile in [Profile::Strict, Profile::Standard, Profile::Aggressive] {
+            assert_ne!(key(profile, &spaced), key(profile, &joined), "{profile}");
+        }
+        // The message's own ends are trimmed, as for a plain string.
+        let padded = parts(&["  One word or two? sun ", "flower \n"]);
+        assert_eq!(
+            key(Profile::Standard, &padded),
+            key(Profile::Standard, &spaced)
+        );
+        assert_ne!(key(Profile::Strict, &padded), key(Profile::Strict, &spaced));
+        // Aggressive collapses the whitespace between parts as it does inside one.
+        let wide = parts(&["one WORD or two?  sun\t ", "  flower"]);
+        let one = parts(&["One word or two? sun ", " flower"]);
+        assert_eq!(
+            key(Profile::Aggressive, &wide),
+            key(Profile::Aggressive, &one)
+        );
+        assert_eq!(
+            canonical(Profile::Aggressive, &wide),
+            canonical(Profile::Aggressive, &one)
+        );
+        let blank = parts(&["a", " \n ", "b"]);
+        assert!(canonical(Profile::Aggressive, &blank).contains(r#""text":" ""#));
+    }
+
+    #[test]
+    fn whole_numbers_have_one_form_up_to_two_to_the_64() {
+        let with = |seed: Value| json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": seed});
+        let same = [
+            (json!(1e16), json!(10_000_000_000_000_000_u64)),
+            (json!(9.5e15), json!(9_500_000_000_000_000_u64)),
+            (json!(-9.5e15), json!(-9_500_000_000_000_000_i64)),
+            (json!(1.8e19), json!(18_000_000_000_000_000_000_u64)),
+        ];
+        for (float, int) in same {
+            for profile in [Profile::Strict, Profile::Standard] {
+                assert_eq!(
+                    canonical(profile, &with(float.clone())),
+                    canonical(profile, &with(int.clone())),
+                    "{float} {int}"
+                );
+            }
+        }
+        // 2^64 and beyond are no integers serde_json reads: they keep their float form.
+        assert!(canonical(Profile::Strict, &with(json!(1.8446744073709552e19))).contains("e19"));
+    }
+
+    #[test]
+    fn an_out_of_range_temperature_is_kept_not_turned_into_null() {
+        let with = |t: f64| json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": t});
+        assert_ne!(
+            key(Profile::Standard, &with(1e307)),
+            key(Profile::Standard, &with(1e308))
+        );
+        assert!(!canonical(Profile::Standard, &with(1e308)).contains("null"));
+    }
+
+    #[test]
+    fn null_shape_fields_are_absent_ones() {
+        let a = json!({"model": "m", "messages": null, "input": "x"});
+        let b = json!({"model": "m", "input": "x"});
+        assert_eq!(key(Profile::Standard, &a), key(Profile::Standard, &b));
+        let c = json!({"model": "m", "input": null, "prompt": "x"});
+        let d = json!({"model": "m", "prompt": "x"});
+        assert_eq!(key(Profile::Strict, &c), key(Profile::Strict, &d));
+    }
+
+    #[test]
     fn message_order_and_unknown_fields_matter() {
         let m1 = json!({"role": "user", "content": "a"});
         let m2 = json!({"role": "user", "content": "b"});
@@ -895,6 +1024,8 @@ mod tests {
             json!({"model": "m", "messages": ["hi"]}),
             json!({"model": "m", "messages": [{"content": "hi"}]}),
             json!({"model": "m", "input": 5}),
+            json!({"model": "m", "prompt": null}),
+            json!({"model": "m", "messages": null, "input": null}),
         ];
         for case in cases {
             assert!(n.key(&case, &Scope::Global).is_err(), "{case}");
