@@ -559,5 +559,7 @@ fn read_json(path: &Path) -> Result<Value> {
     } else {
         text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     }
-    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+    // Editors on Windows save JSON with a byte-order mark, which RFC 8259 lets readers ignore.
+    let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    serde_json::from_str(body).with_context(|| format!("{} is not valid JSON", path.display()))
 }

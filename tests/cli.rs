@@ -420,6 +420,17 @@ fn put_get_and_explain_from_the_command_line() -> Result<()> {
     };
     assert_eq!(action("user"), Some(Value::from("dropped")));
     assert_eq!(action("messages"), Some(Value::from("transformed")));
+
+    // The same request saved with a byte-order mark is the same request.
+    let with_bom = dir.path().join("request-bom.json");
+    let mut bytes = "\u{feff}".as_bytes().to_vec();
+    bytes.extend(std::fs::read(&request)?);
+    std::fs::write(&with_bom, bytes)?;
+    let explained = strata(dir.path())?
+        .args(["explain", "--json", "--request"])
+        .arg(&with_bom)
+        .output()?;
+    assert_eq!(json_of(&explained)?["key"], key.as_str());
     Ok(())
 }
 
