@@ -334,7 +334,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
-    if !args.file.is_file() {
+    if args.file.is_dir() {
+        bail!(
+            "{}: is a directory, not an exchange log",
+            args.file.display()
+        );
+    }
+    if args.file != Path::new("-") && !args.file.is_file() {
         bail!("{}: no such file", args.file.display());
     }
     if let Some(s) = args.repeat_zipf

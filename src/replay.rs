@@ -1,6 +1,6 @@
 //! Replaying an exchange log through the cache: what would caching have saved on this traffic?
 //!
-//! The log is JSON Lines (plain, or zstd-compressed when the name ends in `.zst`), one exchange
+//! The log is JSON Lines (plain, or zstd-compressed, told by its first bytes), one exchange
 //! per line: `request`, `response`, `provider`, `latency_ms`, and optionally `user`, `session`,
 //! `tags` and `cost_usd`. The executor "calls the LLM" by returning the logged response. Lines
 //! are split on `\n` only: message texts may hold U+2028 and other separators.
@@ -192,31 +192,49 @@ pub struct ExchangeLog {
     lines: Box<dyn BufRead>,
     line: u64,
     buf: Vec<u8>,
+    /// A read failed: the rest of the log cannot be read (a truncated or corrupt stream
+    /// fails the same way at every later read).
+    failed: bool,
 }
 
+/// The first bytes of a zstd frame.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
 impl ExchangeLog {
-    /// Opens a log; a name ending in `.zst` is decompressed on the fly.
+    /// Opens a log, `-` for standard input; zstd-compressed logs (by their first bytes) are
+    /// decompressed on the fly.
     pub fn open(path: &Path) -> Result<Self, Error> {
         let io = |source| Error::Io {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
-        let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "zst") {
-            Box::new(zstd::stream::read::Decoder::new(file).map_err(io)?)
+        let source: Box<dyn Read> = if path == Path::new("-") {
+            Box::new(std::io::stdin())
         } else {
-            Box::new(file)
+            Box::new(File::open(path).map_err(io)?)
+        };
+        let mut raw = BufReader::with_capacity(1 << 16, source);
+        let lines: Box<dyn BufRead> = if raw.fill_buf().map_err(io)?.starts_with(&ZSTD_MAGIC) {
+            let decoder = zstd::stream::read::Decoder::with_buffer(raw).map_err(io)?;
+            Box::new(BufReader::with_capacity(1 << 16, decoder))
+        } else {
+            Box::new(raw)
         };
         Ok(ExchangeLog {
-            lines: Box::new(BufReader::with_capacity(1 << 16, reader)),
+            lines,
             line: 0,
             buf: Vec::with_capacity(1 << 14),
+            failed: false,
         })
     }
 
-    /// The next non-blank line as raw bytes, with its 1-based number; `None` at the end.
+    /// The next non-blank line as raw bytes, with its 1-based number; `None` at the end. After
+    /// a read error (reported once, as a skipped line), the end.
     pub fn next_line(&mut self) -> Option<Result<(u64, &[u8]), SkippedLine>> {
         loop {
+            if self.failed {
+                return None;
+            }
             self.buf.clear();
             self.line += 1;
             match self.lines.read_until(b'\n', &mut self.buf) {
@@ -228,9 +246,12 @@ impl ExchangeLog {
                     return Some(Ok((self.line, &self.buf)));
                 }
                 Err(e) => {
+                    self.failed = true;
                     return Some(Err(SkippedLine {
                         line: self.line,
-                        reason: format!("read error: {e}"),
+                        reason: format!(
+                            "read error, the log ends here (truncated or corrupt?): {e}"
+                        ),
                     }));
                 }
             }
@@ -240,9 +261,16 @@ impl ExchangeLog {
 
 /// Parses one line of a log.
 pub fn parse_exchange(line: u64, bytes: &[u8]) -> Result<Exchange, SkippedLine> {
-    serde_json::from_slice(bytes).map_err(|e| SkippedLine {
-        line,
-        reason: format!("not an exchange: {e}"),
+    serde_json::from_slice(bytes).map_err(|e| {
+        // serde_json places the error at "line 1" of the one line it was given.
+        let message = e.to_string();
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(m, _)| m);
+        SkippedLine {
+            line,
+            reason: format!("not an exchange: {message} (column {})", e.column()),
+        }
     })
 }
 

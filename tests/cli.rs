@@ -317,6 +317,41 @@ fn malformed_lines_are_skipped_and_reported_by_number() -> Result<()> {
 }
 
 #[test]
+fn a_truncated_log_ends_where_it_breaks_and_standard_input_is_a_log() -> Result<()> {
+    let dir = TempDir::new()?;
+    let compressed = std::fs::read(example())?;
+    // Cut inside the stream, under a name that does not say zstd: the first bytes do.
+    let cut = dir.path().join("cut.jsonl");
+    std::fs::write(&cut, &compressed[..compressed.len() / 3])?;
+    let output = strata(dir.path())?
+        .args(["replay", "--json"])
+        .arg(&cut)
+        .timeout(std::time::Duration::from_secs(120))
+        .output()?;
+    let report = succeeded_json(&output)?;
+    assert_eq!(n(&report, &["skipped_lines"]), 1, "{report}");
+    let requests = n(&report, &["requests"]);
+    assert!(requests > 0 && requests < 400, "{report}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("skipped line {} ", requests + 1))
+            && stderr.contains("read error"),
+        "{stderr}"
+    );
+
+    let piped = strata(dir.path())?
+        .args(["replay", "-", "--json", "--limit", "50"])
+        .write_stdin(compressed)
+        .timeout(std::time::Duration::from_secs(120))
+        .output()?;
+    let report = succeeded_json(&piped)?;
+    assert_eq!(n(&report, &["requests"]), 50);
+    assert_eq!(n(&report, &["skipped_lines"]), 0);
+    assert_adds_up(&report);
+    Ok(())
+}
+
+#[test]
 fn a_missing_file_or_a_bad_config_fails_with_one_line() -> Result<()> {
     let dir = TempDir::new()?;
     let check = |output: Output, expect: &str| {
