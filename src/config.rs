@@ -240,7 +240,8 @@ fn ttl_out<S: serde::Serializer>(ttl: &Option<Duration>, s: S) -> Result<S::Ok, 
     }
 }
 
-fn parse_ttl(text: &str) -> Result<Option<Duration>, String> {
+/// Parses a TTL as configuration writes it: a duration (`90s`, `12h`, `7d`) or `never` (`None`).
+pub fn parse_ttl(text: &str) -> Result<Option<Duration>, String> {
     match text.trim() {
         "never" => Ok(None),
         other => humantime::parse_duration(other).map(Some).map_err(|e| {

@@ -68,7 +68,7 @@ enum Command {
         #[arg(long, default_value = "")]
         provider: String,
         /// What it cost in USD (priced from usage when absent).
-        #[arg(long)]
+        #[arg(long, value_parser = usd)]
         cost_usd: Option<f64>,
         /// How long it took.
         #[arg(long)]
@@ -76,8 +76,8 @@ enum Command {
         /// A label (repeatable).
         #[arg(long = "tag")]
         tags: Vec<String>,
-        /// TTL of this entry (`90s`, `12h`, `7d`).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// TTL of this entry (`90s`, `12h`, `7d`, `never`); the configured TTL when absent.
+        #[arg(long, value_parser = ttl)]
         ttl: Option<Duration>,
         #[command(flatten)]
         scope: ScopeArgs,
@@ -554,6 +554,22 @@ async fn get_command(
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// An amount of US dollars: finite and not negative.
+fn usd(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!(
+            "`{text}` is not an amount of USD (a number, 0 or more)"
+        )),
+    }
+}
+
+/// A TTL as the configuration writes it; `never` is a TTL no date can reach, which the cache
+/// stores as no expiry.
+fn ttl(text: &str) -> Result<Duration, String> {
+    Ok(strata::config::parse_ttl(text)?.unwrap_or(Duration::MAX))
 }
 
 fn read_json(path: &Path) -> Result<Value> {

@@ -252,6 +252,32 @@ fn absurd_durations_and_sizes_are_never_panics() -> Result<()> {
         &[("STRATA_ANALYTICS_CHANNEL_CAPACITY", "1000000000000000000")],
         "analytics.channel_capacity must be between 1 and",
     )?;
+
+    // A cost that is no amount of money is refused before anything is stored; `never` is a TTL.
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let request = examples.join("request.json");
+    let request = request.to_str().context("path")?;
+    let response = examples.join("response.json");
+    let response = response.to_str().context("path")?;
+    let put = ["put", "--request", request, "--response", response];
+    for cost in ["NaN", "inf", "-5"] {
+        let flag = format!("--cost-usd={cost}");
+        let args = [&put[..], &[flag.as_str()]].concat();
+        no_panic(&args, &[], "is not an amount of USD")?;
+    }
+    let args = [&put[..], &["--ttl", "never", "--cost-usd", "0.5"]].concat();
+    let stored = strata(dir.path())?.args(&args).output()?;
+    assert!(
+        stored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stored.stderr)
+    );
+    let entry = strata(dir.path())?
+        .args(["get", "--entry", "--request", request])
+        .output()?;
+    let entry = succeeded_json(&entry)?;
+    assert_eq!(entry["expires_at"], Value::Null, "{entry}");
+    assert_eq!(entry["cost"]["total"], 0.5, "{entry}");
     Ok(())
 }
 

@@ -168,6 +168,34 @@ async fn put_drop_reopen_is_an_l2_hit_then_an_l1_hit() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_cost_that_is_no_amount_is_priced_and_the_entry_reads_back() -> Result<()> {
+    let dir = TempDir::new()?;
+    for (i, cost) in [f64::NAN, f64::INFINITY, -1.0].into_iter().enumerate() {
+        let asked = request(&format!("costless {i}"));
+        {
+            let cache = TieredCache::builder()
+                .disk(disk(&dir)?)
+                .pricing(strata::Pricing::embedded()?)
+                .build();
+            let stored = cache
+                .put(&asked, &Scope::Global, completion("priced").cost_usd(cost))
+                .await?;
+            // gpt-4o-mini's list price for 20 + 10 tokens, not the given value.
+            assert!(
+                stored.cost.total > 0.0 && stored.cost.total < 1e-4,
+                "{cost}: {:?}",
+                stored.cost
+            );
+        }
+        let cache = cache_with_disk(&dir)?;
+        let found = cache.get(&asked, &Scope::Global).await?;
+        assert_eq!(found.map(|l| l.outcome), Some(Outcome::L2), "{cost}");
+        assert_eq!(cache.stats().errors.corrupt, 0);
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn lifetime_stats_survive_a_restart() -> Result<()> {
     let dir = TempDir::new()?;
     {

@@ -226,13 +226,10 @@ impl Counters {
             Outcome::Uncacheable => self.uncacheable.fetch_add(1, Relaxed),
         };
         if let (true, Some(entry)) = (outcome.is_hit(), served) {
-            self.cost_saved_nano_usd
-                .fetch_add(usd_to_nano(entry.cost.total), Relaxed);
-            self.input_tokens_saved
-                .fetch_add(entry.tokens.input, Relaxed);
-            self.output_tokens_saved
-                .fetch_add(entry.tokens.output, Relaxed);
-            self.latency_saved_ms.fetch_add(entry.latency_ms, Relaxed);
+            add_saturating(&self.cost_saved_nano_usd, usd_to_nano(entry.cost.total));
+            add_saturating(&self.input_tokens_saved, entry.tokens.input);
+            add_saturating(&self.output_tokens_saved, entry.tokens.output);
+            add_saturating(&self.latency_saved_ms, entry.latency_ms);
         }
     }
 
@@ -301,6 +298,16 @@ impl Counters {
     }
 }
 
+/// Adds `n` to `counter`, stopping at `u64::MAX` instead of wrapping around: costs, tokens and
+/// latencies come from callers and logs, and a sum that wrapped would read as a small saving.
+fn add_saturating(counter: &AtomicU64, n: u64) {
+    if n == 0 {
+        return;
+    }
+    // The closure always returns `Some`: the update cannot be refused.
+    let _ = counter.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(n)));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,5 +337,19 @@ mod tests {
         let twice = stats.merged(&stats);
         assert_eq!(twice.hits.l1, 4);
         assert!((twice.cost_saved_usd - 0.0562).abs() < 1e-12);
+    }
+
+    #[test]
+    fn absurd_savings_saturate_instead_of_wrapping() {
+        let counters = Counters::default();
+        let huge = entry(1e308, u64::MAX, u64::MAX, u64::MAX);
+        for _ in 0..3 {
+            counters.record(Outcome::L1, Some(&huge));
+        }
+        let stats = counters.snapshot();
+        assert_eq!(stats.input_tokens_saved, u64::MAX);
+        assert_eq!(stats.tokens_saved, u64::MAX);
+        assert_eq!(stats.latency_saved_ms, u64::MAX);
+        assert_eq!(stats.cost_saved_usd, u64::MAX as f64 / 1e9);
     }
 }

@@ -14,9 +14,9 @@
 //!    ([`EpochStore`]); a copy they no longer admit is dropped from that tier and the lookup
 //!    goes on below. Invalidation, pruning and garbage collection live in [`crate::invalidate`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -65,13 +65,15 @@ pub struct Completion {
     pub provider: String,
     /// Token counts; read from the response's `usage` when `None`.
     pub tokens: Option<Tokens>,
-    /// What the call cost in USD; priced from `config/pricing.toml` when `None`.
+    /// What the call cost in USD; priced from `config/pricing.toml` when `None` (or not a
+    /// finite, non-negative amount).
     pub cost_usd: Option<f64>,
     /// How long the call took; measured around the executor when `None`.
     pub latency_ms: Option<u64>,
     /// Labels stored with the entry.
     pub tags: Vec<String>,
-    /// TTL of this entry, overriding the policy.
+    /// TTL of this entry, overriding the policy; one longer than a date can hold
+    /// (`Duration::MAX`) never expires.
     pub ttl: Option<Duration>,
 }
 
@@ -292,6 +294,7 @@ impl TieredCacheBuilder {
                 ttl: self.ttl,
                 pricing: self.pricing,
                 warnings: Default::default(),
+                unpriced: Mutex::default(),
             }),
         };
         if cache.inner.l3.is_some() {
@@ -330,6 +333,8 @@ pub(crate) struct Inner {
     aggressive: Option<Normalizer>,
     /// Warnings about failing tiers, L1 to L3, one per interval each.
     warnings: [Throttle; 3],
+    /// Models already warned about for having no price.
+    unpriced: Mutex<HashSet<String>>,
 }
 
 impl Drop for Inner {
@@ -992,6 +997,24 @@ impl Inner {
         }
     }
 
+    /// Says once per model that its answers are counted as saving nothing: an unpriced model
+    /// otherwise looks like a free one in every report.
+    fn warn_unpriced(&self, model: &str) {
+        if model == KV_MODEL {
+            return;
+        }
+        let first = match self.unpriced.lock() {
+            Ok(mut seen) => seen.insert(model.to_string()),
+            Err(_) => false,
+        };
+        if first {
+            tracing::warn!(
+                model,
+                "no price for this model in the price table and no cost given: its hits count as saving $0 (add it to pricing.toml)"
+            );
+        }
+    }
+
     pub(crate) fn tier_failed(&self, tier: TierName, op: &str, error: &TierError) {
         self.counters.record_error(tier, ErrorKind::Io);
         throttled!(
@@ -1008,7 +1031,9 @@ impl Inner {
             .tokens
             .unwrap_or_else(|| Tokens::from_response(&completion.response));
         let priced = self.pricing.cost(&keyed.model, tokens);
-        let cost = match (completion.cost_usd, priced) {
+        // A cost that is no amount of money (NaN, infinite, negative) is unknown: priced instead.
+        let given = completion.cost_usd.filter(|c| c.is_finite() && *c >= 0.0);
+        let cost = match (given, priced) {
             (Some(total), Some(p)) if p.total > 0.0 => Cost {
                 input: total * p.input / p.total,
                 output: total * p.output / p.total,
@@ -1020,7 +1045,10 @@ impl Inner {
                 total,
             },
             (None, Some(p)) => p,
-            (None, None) => Cost::default(),
+            (None, None) => {
+                self.warn_unpriced(&keyed.model);
+                Cost::default()
+            }
         };
         // Milliseconds, as every stored copy keeps it: the entry handed back equals the one
         // read back later.
