@@ -37,8 +37,9 @@ struct PricingFile {
     models: BTreeMap<String, Price>,
 }
 
-/// Prices by model name (lowercase). A dated or suffixed model name (`gpt-4o-2024-08-06`) takes
-/// the price of its longest listed prefix (`gpt-4o`).
+/// Prices by model name (lowercase). A dated or versioned model name (`gpt-4o-2024-08-06`,
+/// `claude-sonnet-4-5@20250929`, `…-latest`) takes the price of its longest listed prefix
+/// (`gpt-4o`); another model that merely starts like a listed one (`gpt-4o-mini`) does not.
 #[derive(Debug, Clone, Default)]
 pub struct Pricing {
     models: BTreeMap<String, Price>,
@@ -73,7 +74,8 @@ impl Pricing {
         self.source.as_deref()
     }
 
-    /// The price of `model`, by exact name or longest listed prefix.
+    /// The price of `model`, by exact name or by the longest listed name it extends with a
+    /// date or version suffix.
     pub fn price(&self, model: &str) -> Option<Price> {
         let model = model.to_lowercase();
         if let Some(price) = self.models.get(&model) {
@@ -81,7 +83,11 @@ impl Pricing {
         }
         self.models
             .iter()
-            .filter(|(name, _)| model.starts_with(name.as_str()))
+            .filter(|(name, _)| {
+                model
+                    .strip_prefix(name.as_str())
+                    .is_some_and(is_version_suffix)
+            })
             .max_by_key(|(name, _)| name.len())
             .map(|(_, price)| *price)
     }
@@ -101,6 +107,18 @@ impl Pricing {
     /// The listed models.
     pub fn models(&self) -> impl Iterator<Item = (&str, &Price)> {
         self.models.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+/// What a provider appends to a model's name for a snapshot of it: `-2024-08-06`, `-20250929`,
+/// `@20250929`, `:1`, `-latest`.
+fn is_version_suffix(rest: &str) -> bool {
+    let mut chars = rest.chars();
+    match chars.next() {
+        Some('-' | '@' | ':') => {
+            rest[1..] == *"latest" || chars.next().is_some_and(|c| c.is_ascii_digit())
+        }
+        _ => false,
     }
 }
 
@@ -141,6 +159,29 @@ mod tests {
         let mini = pricing.price("gpt-4o-mini-2024-07-18").map(|p| p.input);
         assert_eq!(mini, Some(0.15));
         assert!(pricing.price("unknown-model").is_none());
+        // Snapshots take their model's price; another model that starts alike does not.
+        let gpt4o = Pricing::from_toml("[models]\n\"gpt-4o\" = { input = 2.5, output = 10.0 }\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        for snapshot in [
+            "gpt-4o-20240806",
+            "gpt-4o@2024-08-06",
+            "gpt-4o:1",
+            "gpt-4o-latest",
+        ] {
+            assert_eq!(
+                gpt4o.price(snapshot).map(|p| p.input),
+                Some(2.5),
+                "{snapshot}"
+            );
+        }
+        for other in [
+            "gpt-4o-mini",
+            "gpt-4o-mini-2024-07-18",
+            "gpt-4oo",
+            "gpt-4o-",
+        ] {
+            assert!(gpt4o.price(other).is_none(), "{other}");
+        }
         assert!(Pricing::from_toml("[models]\nx = { input = -1.0, output = 1.0 }").is_err());
         assert!(Pricing::from_toml("[models]\nx = { input = 1.0, outptu = 1.0 }").is_err());
     }
