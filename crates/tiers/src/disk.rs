@@ -28,7 +28,7 @@ pub struct DiskConfig {
     /// Bound on the bytes of stored envelopes; past it the least recently used are evicted
     /// down to 90% of the bound.
     pub capacity: u64,
-    /// sled's page cache, in bytes.
+    /// sled's page cache, in bytes; raised to [`MIN_PAGE_CACHE`] when smaller.
     pub cache_capacity: u64,
     /// How often sled writes its log to disk, in milliseconds.
     pub flush_every_ms: u64,
@@ -106,10 +106,10 @@ impl DiskTier {
     /// this process that is closing releases it within that); past that, and for any other open
     /// error (permissions), the error is returned.
     pub fn open(config: &DiskConfig, codec: Codec) -> Result<Self, TierError> {
-        let mut moved_aside = None;
-        let db = match open_sled_waiting(config) {
-            Ok(db) => db,
+        let inner = match open_inner(config, codec) {
+            Ok(inner) => inner,
             Err(OpenFailure::Corrupt(reason)) => {
+                only_a_database_in(&config.path)?;
                 let aside = aside_path(&config.path);
                 tracing::warn!(path = %config.path.display(), aside = %aside.display(), %reason,
                     "disk tier is corrupt; moving it aside and starting empty");
@@ -117,30 +117,13 @@ impl DiskTier {
                     context: format!("moving corrupt {} aside", config.path.display()),
                     source,
                 })?;
-                moved_aside = Some(aside);
-                open_sled_waiting(config).map_err(|f| TierError::Unavailable(f.to_string()))?
+                let mut inner =
+                    open_inner(config, codec).map_err(|f| TierError::Unavailable(f.to_string()))?;
+                inner.moved_aside = Some(aside);
+                inner
             }
             Err(other) => return Err(TierError::Unavailable(other.to_string())),
         };
-        let entries = db.open_tree("entries")?;
-        let access = db.open_tree("access")?;
-        let meta = db.open_tree("meta")?;
-        let inner = Inner {
-            db,
-            entries,
-            access,
-            meta,
-            codec,
-            capacity: config.capacity,
-            slots: Mutex::new(HashMap::new()),
-            dirty: Mutex::new(Vec::new()),
-            bytes: AtomicU64::new(0),
-            evicting: AtomicBool::new(false),
-            evictions: AtomicU64::new(0),
-            moved_aside,
-            outbox: OnceLock::new(),
-        };
-        inner.load_slots()?;
         Ok(DiskTier {
             inner: Arc::new(inner),
         })
@@ -325,32 +308,100 @@ fn open_sled_waiting(config: &DiskConfig) -> Result<sled::Db, OpenFailure> {
     }
 }
 
+/// The smallest page cache sled is given: with a few hundred bytes it panics while opening.
+pub const MIN_PAGE_CACHE: u64 = 1 << 20;
+
 fn open_sled(config: &DiskConfig) -> Result<sled::Db, OpenFailure> {
     let sled_config = sled::Config::new()
         .path(&config.path)
-        .cache_capacity(config.cache_capacity)
+        .cache_capacity(config.cache_capacity.max(MIN_PAGE_CACHE))
         .flush_every_ms(Some(config.flush_every_ms.max(1)));
     // sled 0.34 can panic on some damaged files instead of returning an error.
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || sled_config.open())) {
         Ok(Ok(db)) => Ok(db),
-        Ok(Err(sled::Error::Corruption { at, .. })) => Err(OpenFailure::Corrupt(format!(
-            "sled reports corruption at {at:?}"
-        ))),
-        Ok(Err(e @ (sled::Error::ReportableBug(_) | sled::Error::Unsupported(_)))) => {
-            Err(OpenFailure::Corrupt(e.to_string()))
-        }
-        Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
-            Err(OpenFailure::Locked(format!(
-                "cannot open disk tier at {}: another strata process or cache is using it ({e})",
-                config.path.display()
-            )))
-        }
-        Ok(Err(e)) => Err(OpenFailure::Other(format!(
-            "cannot open disk tier at {}: {e}",
-            config.path.display()
-        ))),
+        Ok(Err(e)) => Err(classify(config, e)),
         Err(_) => Err(OpenFailure::Corrupt("sled panicked while opening".into())),
     }
+}
+
+/// Opens the database, then its trees, and reads the sizes and last uses eviction needs: the
+/// first full read of the entries, where damage that sled's recovery let through shows up.
+/// Failures at any of these steps are classified alike.
+fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
+    let db = open_sled_waiting(config)?;
+    let load = || -> Result<Inner, sled::Error> {
+        let inner = Inner {
+            entries: db.open_tree("entries")?,
+            access: db.open_tree("access")?,
+            meta: db.open_tree("meta")?,
+            db: db.clone(),
+            codec,
+            capacity: config.capacity,
+            slots: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(Vec::new()),
+            bytes: AtomicU64::new(0),
+            evicting: AtomicBool::new(false),
+            evictions: AtomicU64::new(0),
+            moved_aside: None,
+            outbox: OnceLock::new(),
+        };
+        inner.load_slots()?;
+        Ok(inner)
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
+        Ok(Ok(inner)) => Ok(inner),
+        Ok(Err(e)) => Err(classify(config, e)),
+        Err(_) => Err(OpenFailure::Corrupt(
+            "sled panicked while reading the entries".into(),
+        )),
+    }
+}
+
+/// What an error of sled's while opening means for the directory.
+fn classify(config: &DiskConfig, error: sled::Error) -> OpenFailure {
+    match error {
+        sled::Error::Corruption { at, .. } => {
+            OpenFailure::Corrupt(format!("sled reports corruption at {at:?}"))
+        }
+        e @ (sled::Error::ReportableBug(_) | sled::Error::Unsupported(_)) => {
+            OpenFailure::Corrupt(e.to_string())
+        }
+        // A value's file under `blobs/` is gone.
+        sled::Error::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            OpenFailure::Corrupt(format!("a file of the database is missing ({e})"))
+        }
+        sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
+            OpenFailure::Locked(format!(
+                "cannot open disk tier at {}: another strata process or cache is using it ({e})",
+                config.path.display()
+            ))
+        }
+        e => OpenFailure::Other(format!(
+            "cannot open disk tier at {}: {e}",
+            config.path.display()
+        )),
+    }
+}
+
+/// Refuses to move `path` aside unless it holds only what sled writes (`conf`, `db`, `blobs/`,
+/// `snap.*`): a disk path pointed at a directory of other files by mistake is left alone.
+fn only_a_database_in(path: &Path) -> Result<(), TierError> {
+    let io = |source| TierError::Io {
+        context: format!("reading {}", path.display()),
+        source,
+    };
+    for item in std::fs::read_dir(path).map_err(io)? {
+        let name = item.map_err(io)?.file_name();
+        let name = name.to_string_lossy();
+        if !matches!(name.as_ref(), "conf" | "db" | "blobs") && !name.starts_with("snap.") {
+            return Err(TierError::Unavailable(format!(
+                "{} cannot be opened as a disk tier and holds `{name}`, which sled did not \
+                 write: leaving it as it is (point disk.path at a directory of its own)",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn aside_path(path: &Path) -> PathBuf {
@@ -366,7 +417,7 @@ impl Inner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn load_slots(&self) -> Result<(), TierError> {
+    fn load_slots(&self) -> Result<(), sled::Error> {
         let mut slots = self.lock_slots();
         let mut total = 0;
         for item in self.entries.iter() {
@@ -650,6 +701,72 @@ mod tests {
         let aside = tier.moved_aside().map(Path::to_path_buf);
         assert!(aside.as_ref().is_some_and(|p| p.exists()), "{aside:?}");
         assert_eq!(tier.usage().entries, 0);
+    }
+
+    #[test]
+    fn damage_found_while_reading_the_entries_moves_the_directory_aside_too() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let config = DiskConfig::new(dir.path().join("l2"));
+        // Large values live in files of their own under `blobs/`; after a few reopens, sled's
+        // snapshot refers to them.
+        for i in 0..3 {
+            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+            let (key, _) = entry(i);
+            tier.insert_raw(&key, &vec![i as u8; 400 << 10])
+                .unwrap_or_else(|e| panic!("{e}"));
+            tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
+        }
+        // The oldest blob (they are numbered in writing order), which the snapshot covers.
+        let oldest = std::fs::read_dir(config.path.join("blobs"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .filter_map(|item| item.ok().map(|i| i.path()))
+            .min_by_key(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str()?.parse::<u64>().ok())
+                    .unwrap_or(u64::MAX)
+            });
+        let Some(oldest) = oldest else {
+            panic!("no blob written")
+        };
+        std::fs::remove_file(&oldest).unwrap_or_else(|e| panic!("{e}"));
+        let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(tier.moved_aside().is_some_and(Path::exists));
+        assert_eq!(tier.usage().entries, 0);
+    }
+
+    #[test]
+    fn a_directory_of_other_files_is_never_moved_aside() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("project");
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(path.join("conf"), b"[server]\nport = 80\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(path.join("notes.txt"), b"mine").unwrap_or_else(|e| panic!("{e}"));
+        let refused = DiskTier::open(&DiskConfig::new(&path), Codec::default()).map(|_| ());
+        let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("leaving it as it is"), "{message}");
+        assert!(path.join("notes.txt").exists());
+        let siblings = std::fs::read_dir(dir.path())
+            .map(Iterator::count)
+            .unwrap_or(0);
+        assert_eq!(siblings, 1, "something was moved next to it");
+    }
+
+    #[test]
+    fn a_tiny_page_cache_opens_the_same_database() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let mut config = DiskConfig::new(dir.path().join("l2"));
+        let (key, e) = entry(1);
+        {
+            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+            tier.insert_raw(&key, &Codec::default().encode(&e).unwrap_or_default())
+                .unwrap_or_else(|e| panic!("{e}"));
+            tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
+        }
+        config.cache_capacity = 100;
+        let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(tier.moved_aside().is_none());
+        assert!(tier.raw(&key.digest).ok().flatten().is_some());
     }
 
     #[test]
