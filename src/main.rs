@@ -4,6 +4,8 @@
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -224,6 +226,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -233,16 +236,41 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             errln!("strata: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_ERROR);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             errln!("strata: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// The exit code of a command that failed (as for clap's usage errors); 1 is `get`'s miss.
+const EXIT_ERROR: u8 = 2;
+
+/// The exit code of a replay stopped by Ctrl-C (128 + SIGINT), after it reported what ran.
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Sets `stop` at the first Ctrl-C, so a replay can finish the request in flight, save and
+/// report; a second Ctrl-C ends the process at once.
+fn stop_on_ctrl_c() -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let watcher = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            flag.store(true, Ordering::Relaxed);
+            errln!(
+                "strata: interrupted: saving and reporting what ran (Ctrl-C again to quit at once)"
+            );
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(i32::from(EXIT_INTERRUPTED));
+            }
+        }
+    });
+    (stop, watcher)
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -348,12 +376,14 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
     {
         bail!("--repeat-zipf must be a positive number, found {s}");
     }
+    let (stop, watcher) = stop_on_ctrl_c();
     let cache = config.open_cache().await?;
     let options = ReplayOptions {
         limit: args.limit,
         repeat_zipf: args.repeat_zipf,
         scope: args.scope,
         seed: args.seed,
+        stop: Some(stop),
     };
     let bar = progress_bar();
     let report = replay::replay(&cache, &args.file, &options, |done, total| {
@@ -388,6 +418,14 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
         print_replay(config, &args, &report, summary.as_deref())?;
+    }
+    watcher.abort();
+    if report.interrupted {
+        errln!(
+            "strata: replay interrupted after {} requests",
+            thousands(report.requests)
+        );
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
     }
     Ok(ExitCode::SUCCESS)
 }

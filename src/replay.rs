@@ -10,6 +10,8 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use rand::SeedableRng;
@@ -122,6 +124,17 @@ pub struct ReplayOptions {
     pub scope: ScopeBy,
     /// Seed of the Zipf draw.
     pub seed: u64,
+    /// Set (from a Ctrl-C handler) to end the replay after the request in flight; the report
+    /// then covers what ran and says it was interrupted.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl ReplayOptions {
+    fn stopped(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
 }
 
 /// A line that was skipped, and why.
@@ -183,6 +196,8 @@ pub struct ReplayReport {
     pub peak_rss_bytes: Option<u64>,
     /// Tier errors met (corrupt copies, failures), all served as misses.
     pub tier_errors: u64,
+    /// Whether the replay was stopped before its end ([`ReplayOptions::stop`]).
+    pub interrupted: bool,
 }
 
 const SKIPPED_KEPT: usize = 20;
@@ -291,6 +306,9 @@ pub async fn replay(
                 if limit.is_some_and(|l| run.requests >= l) {
                     break;
                 }
+                if options.stopped() {
+                    return Ok(run.finish(true));
+                }
                 match line.and_then(|(n, bytes)| parse_exchange(n, bytes)) {
                     Ok(exchange) => run.one(&exchange, options.scope).await,
                     Err(skipped) => run.skip(skipped),
@@ -302,19 +320,25 @@ pub async fn replay(
             // Keep raw lines, not parsed trees: a log is several times smaller as text.
             let mut lines: Vec<Box<[u8]>> = Vec::new();
             while let Some(line) = log.next_line() {
+                if options.stopped() {
+                    return Ok(run.finish(true));
+                }
                 match line.and_then(|(n, bytes)| parse_exchange(n, bytes).map(|_| bytes)) {
                     Ok(bytes) => lines.push(bytes.into()),
                     Err(skipped) => run.skip(skipped),
                 }
             }
             if lines.is_empty() {
-                return Ok(run.finish());
+                return Ok(run.finish(false));
             }
             let zipf = Zipf::new(lines.len() as f64, s)
                 .map_err(|e| Error::Config(format!("--repeat-zipf {s}: {e}")))?;
             let mut rng = StdRng::seed_from_u64(options.seed);
             let total = options.limit.unwrap_or(lines.len()) as u64;
             for _ in 0..total {
+                if options.stopped() {
+                    return Ok(run.finish(true));
+                }
                 let rank = zipf.sample(&mut rng) as usize;
                 let index = rank.clamp(1, lines.len()) - 1;
                 // Every kept line parsed once already.
@@ -325,7 +349,7 @@ pub async fn replay(
             }
         }
     }
-    Ok(run.finish())
+    Ok(run.finish(false))
 }
 
 struct Run<'a> {
@@ -379,7 +403,7 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn finish(mut self) -> ReplayReport {
+    fn finish(mut self, interrupted: bool) -> ReplayReport {
         let elapsed = self.started.elapsed();
         self.latency_ns.sort_unstable();
         let stats = self.cache.stats();
@@ -422,6 +446,7 @@ impl<'a> Run<'a> {
             memory_capacity_bytes: self.cache.memory().capacity(),
             peak_rss_bytes: peak_rss_bytes(),
             tier_errors: tier_errors(&stats) - tier_errors(&self.before),
+            interrupted,
         }
     }
 }

@@ -153,6 +153,8 @@ fn a_full_disk_costs_l2_copies_not_answers_and_the_directory_still_opens() -> Re
     );
     // sled's own lines repeat the same failure once per tree; strata's warnings carry it.
     assert!(!stderr.contains("sled::"), "sled's own lines:\n{stderr}");
+    // Standard error is a pipe here: no terminal colours in it.
+    assert!(!stderr.contains('\u{1b}'), "escape codes:\n{stderr}");
 
     let after = replay(dir.path(), &["--limit", "400"], &[])?;
     let from_disk = n(&after, &["hits", "l2"]);
@@ -377,12 +379,57 @@ fn a_truncated_log_ends_where_it_breaks_and_standard_input_is_a_log() -> Result<
     Ok(())
 }
 
+/// Ctrl-C in the middle of a long replay: the request in flight finishes, the counters are
+/// saved (`stats` agrees with the report) and the report covers what ran.
+#[test]
+fn ctrl_c_stops_a_replay_that_still_saves_and_reports() -> Result<()> {
+    let dir = TempDir::new()?;
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"))
+        .current_dir(dir.path())
+        .env_remove("STRATA_CONFIG")
+        .arg("replay")
+        .arg(example())
+        .args(["--repeat-zipf", "0.5", "--limit", "100000000", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // The handler is installed before the cache opens, and the cache has opened once its
+    // database is on disk; then let some requests run.
+    let started = std::time::Instant::now();
+    while !dir.path().join(".strata/db").exists() {
+        anyhow::ensure!(
+            started.elapsed().as_secs() < 60,
+            "the replay never opened its cache"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let signalled = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(signalled.success());
+    let output = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("replay interrupted after"), "{stderr}");
+    let report = json_of(&output)?;
+    assert_eq!(report["interrupted"], true);
+    let requests = n(&report, &["requests"]);
+    assert!(requests > 0 && requests < 100_000_000, "{report}");
+    assert_adds_up(&report);
+
+    let stats = strata(dir.path())?.args(["stats", "--json"]).output()?;
+    let stats = succeeded_json(&stats)?;
+    assert_eq!(n(&stats, &["lifetime", "lookups"]), requests, "{stats}");
+    Ok(())
+}
+
 #[test]
 fn a_missing_file_or_a_bad_config_fails_with_one_line() -> Result<()> {
     let dir = TempDir::new()?;
     let check = |output: Output, expect: &str| {
-        assert!(!output.status.success());
         let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(stderr.contains(expect), "{stderr} lacks {expect}");
     };
