@@ -146,7 +146,7 @@ pub fn groups_table(groups: &[Summary], label: &str, width: u16) -> String {
             if g.group.is_empty() {
                 "(none)".to_owned()
             } else {
-                g.group.clone()
+                printable(&g.group)
             },
             thousands(g.requests),
             format!("{:.1}", g.hit_rate * 100.0),
@@ -173,7 +173,7 @@ pub fn table(report: &Report, width: u16) -> String {
     let nodes = if report.nodes.is_empty() {
         "this node".to_owned()
     } else {
-        format!("nodes {}", report.nodes.join(", "))
+        format!("nodes {}", printable(&report.nodes.join(", ")))
     };
     let _ = writeln!(out, "strata report · {} · {nodes}", period(report));
     out.push_str(&headline(&report.totals));
@@ -202,8 +202,8 @@ pub fn table(report: &Report, width: u16) -> String {
             hot.add_row(vec![
                 short.to_owned(),
                 thousands(key.hits),
-                key.model.clone(),
-                key.preview.clone(),
+                printable(&key.model),
+                printable(&key.preview),
             ]);
         }
         if let Some(column) = hot.column_mut(1) {
@@ -241,7 +241,7 @@ pub fn table(report: &Report, width: u16) -> String {
         let text = match suggestion {
             Suggestion::AggressiveProfile { text, .. } | Suggestion::Ttl { text, .. } => text,
         };
-        let _ = writeln!(out, "  suggestion: {text}");
+        let _ = writeln!(out, "  suggestion: {}", printable(text));
     }
     if report.dropped_events > 0 {
         let _ = writeln!(
@@ -251,6 +251,23 @@ pub fn table(report: &Report, width: u16) -> String {
         );
     }
     out
+}
+
+/// `text` with control characters written as escapes (`\u{1b}`): model names, previews and node
+/// ids come from requests and from other nodes' documents, and a terminal would act on them.
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// The report as pretty JSON.

@@ -565,12 +565,14 @@ mod tests {
             row(h, "a", huge),
             row(last_hour, "b", huge),
             row(i64::MAX, "c", huge),
+            // A model name that would clear the screen.
+            row(h, "d\u{1b}[2J", huge),
         ];
         let extras = ReportExtras {
             hot_keys: vec![HotKey {
                 cache_key: "gpt-4o_aéééééééééééé".into(),
                 model: "gpt-4o".into(),
-                preview: "hi".into(),
+                preview: "hi\u{7}".into(),
                 hits: 3,
                 error: 0,
             }],
@@ -587,6 +589,14 @@ mod tests {
         assert_eq!(report.totals.requests, u64::MAX, "saturated, not wrapped");
         let table = crate::render::table(&report, 100);
         assert!(table.contains("aéééééééééé"), "{table}");
+        assert!(
+            !table.chars().any(|c| c.is_control() && c != '\n'),
+            "{table}"
+        );
+        assert!(
+            table.contains("d\\u{1b}[") && table.contains("hi\\u{7}"),
+            "{table}"
+        );
         for rendered in [crate::render::json(&report), crate::render::html(&report)] {
             assert!(rendered.is_ok_and(|text| !text.is_empty()));
         }
