@@ -228,8 +228,26 @@ pub struct PricingConfig {
     pub file: PathBuf,
 }
 
+/// A TTL as written: text, or a bare number, which an environment variable such as
+/// `STRATA_TTL_DEFAULT=0` is read as.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TtlText {
+    Text(String),
+    Number(u64),
+}
+
+impl TtlText {
+    fn into_text(self) -> String {
+        match self {
+            TtlText::Text(text) => text,
+            TtlText::Number(n) => n.to_string(),
+        }
+    }
+}
+
 fn ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text = String::deserialize(d)?;
+    let text = TtlText::deserialize(d)?.into_text();
     parse_ttl(&text).map_err(serde::de::Error::custom)
 }
 
@@ -257,9 +275,9 @@ mod per_model {
     pub fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<BTreeMap<String, Duration>, D::Error> {
-        let raw = BTreeMap::<String, String>::deserialize(d)?;
+        let raw = BTreeMap::<String, TtlText>::deserialize(d)?;
         raw.into_iter()
-            .map(|(model, text)| match parse_ttl(&text) {
+            .map(|(model, text)| match parse_ttl(&text.into_text()) {
                 Ok(Some(ttl)) => Ok((model.to_lowercase(), ttl)),
                 Ok(None) => Ok((model.to_lowercase(), Duration::from_secs(u64::MAX / 4))),
                 Err(e) => Err(serde::de::Error::custom(format!("ttl of `{model}`: {e}"))),
@@ -409,7 +427,9 @@ impl Config {
         let text = std::fs::read_to_string(&self.pricing.file).map_err(|e| {
             Error::Config(format!("pricing.file {}: {e}", self.pricing.file.display()))
         })?;
-        Ok(Pricing::from_toml(&text)?)
+        Pricing::from_toml(&text).map_err(|e| {
+            Error::Config(format!("pricing.file {}: {e}", self.pricing.file.display()))
+        })
     }
 
     /// The disk tier's settings.

@@ -21,9 +21,10 @@ pub struct Price {
 /// Why a price table could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum PricingError {
-    /// Not valid TOML, or not a price table.
+    /// Not valid TOML, or not a price table. (The parser's message, not the error as a
+    /// source: it would be printed twice in a chain.)
     #[error("pricing table: {0}")]
-    Parse(#[from] toml::de::Error),
+    Parse(String),
     /// A price is negative or not a number.
     #[error("pricing table: price of `{0}` must be a non-negative number")]
     BadPrice(String),
@@ -54,7 +55,16 @@ impl Pricing {
 
     /// Reads a table in the format of `config/pricing.toml`.
     pub fn from_toml(text: &str) -> Result<Self, PricingError> {
-        let file: PricingFile = toml::from_str(text)?;
+        let file: PricingFile = toml::from_str(text).map_err(|e| {
+            // One line, placed: the parser's own text draws the line over several.
+            let place = e.span().map_or(String::new(), |span| {
+                let before = &text.as_bytes()[..span.start.min(text.len())];
+                let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+                let column = before.iter().rev().take_while(|b| **b != b'\n').count() + 1;
+                format!(" at line {line}, column {column}")
+            });
+            PricingError::Parse(format!("{}{place}", e.message().trim_end()))
+        })?;
         let mut models = BTreeMap::new();
         for (name, price) in file.models {
             let valid = |x: f64| x.is_finite() && x >= 0.0;
@@ -184,5 +194,11 @@ mod tests {
         }
         assert!(Pricing::from_toml("[models]\nx = { input = -1.0, output = 1.0 }").is_err());
         assert!(Pricing::from_toml("[models]\nx = { input = 1.0, outptu = 1.0 }").is_err());
+        let message = Pricing::from_toml("[models]\nx = { input = \"a\", output = 1.0 }")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(message.contains("at line 2, column 15"), "{message}");
     }
 }
