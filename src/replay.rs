@@ -212,6 +212,9 @@ pub struct ExchangeLog {
     failed: bool,
 }
 
+/// The UTF-8 byte-order mark.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// The first bytes of a zstd frame.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
@@ -255,6 +258,10 @@ impl ExchangeLog {
             match self.lines.read_until(b'\n', &mut self.buf) {
                 Ok(0) => return None,
                 Ok(_) => {
+                    // A byte-order mark (editors on Windows write one) is not part of the JSON.
+                    if self.line == 1 && self.buf.starts_with(UTF8_BOM) {
+                        self.buf.drain(..UTF8_BOM.len());
+                    }
                     if self.buf.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
@@ -307,7 +314,7 @@ pub async fn replay(
                     break;
                 }
                 if options.stopped() {
-                    return Ok(run.finish(true));
+                    return Ok(run.finish(true).await);
                 }
                 match line.and_then(|(n, bytes)| parse_exchange(n, bytes)) {
                     Ok(exchange) => run.one(&exchange, options.scope).await,
@@ -321,7 +328,7 @@ pub async fn replay(
             let mut lines: Vec<Box<[u8]>> = Vec::new();
             while let Some(line) = log.next_line() {
                 if options.stopped() {
-                    return Ok(run.finish(true));
+                    return Ok(run.finish(true).await);
                 }
                 match line.and_then(|(n, bytes)| parse_exchange(n, bytes).map(|_| bytes)) {
                     Ok(bytes) => lines.push(bytes.into()),
@@ -329,7 +336,7 @@ pub async fn replay(
                 }
             }
             if lines.is_empty() {
-                return Ok(run.finish(false));
+                return Ok(run.finish(false).await);
             }
             let zipf = Zipf::new(lines.len() as f64, s)
                 .map_err(|e| Error::Config(format!("--repeat-zipf {s}: {e}")))?;
@@ -337,7 +344,7 @@ pub async fn replay(
             let total = options.limit.unwrap_or(lines.len()) as u64;
             for _ in 0..total {
                 if options.stopped() {
-                    return Ok(run.finish(true));
+                    return Ok(run.finish(true).await);
                 }
                 let rank = zipf.sample(&mut rng) as usize;
                 let index = rank.clamp(1, lines.len()) - 1;
@@ -349,7 +356,7 @@ pub async fn replay(
             }
         }
     }
-    Ok(run.finish(false))
+    Ok(run.finish(false).await)
 }
 
 struct Run<'a> {
@@ -403,8 +410,11 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn finish(mut self, interrupted: bool) -> ReplayReport {
+    async fn finish(mut self, interrupted: bool) -> ReplayReport {
         let elapsed = self.started.elapsed();
+        // moka weighs inserts in batches: a short replay may not have seen any weighed yet.
+        self.cache.memory().run_pending_tasks().await;
+        self.memory_peak = self.memory_peak.max(self.cache.memory().weighted_size());
         self.latency_ns.sort_unstable();
         let stats = self.cache.stats();
         let hits = Hits {

@@ -323,6 +323,7 @@ fn malformed_lines_are_skipped_and_reported_by_number() -> Result<()> {
     let lines: Vec<&[u8]> = good.split(|b| *b == b'\n').take(3).collect();
     let log = dir.path().join("mixed.jsonl");
     let mut file = std::fs::File::create(&log)?;
+    file.write_all("\u{feff}".as_bytes())?; // a byte-order mark is not a malformed line
     file.write_all(lines[0])?;
     file.write_all(b"\n{\"request\": not json\n")?;
     file.write_all(lines[1])?;
@@ -375,6 +376,7 @@ fn a_truncated_log_ends_where_it_breaks_and_standard_input_is_a_log() -> Result<
     let report = succeeded_json(&piped)?;
     assert_eq!(n(&report, &["requests"]), 50);
     assert_eq!(n(&report, &["skipped_lines"]), 0);
+    assert!(n(&report, &["memory_peak_bytes"]) > 0, "{report}");
     assert_adds_up(&report);
     Ok(())
 }
@@ -471,6 +473,27 @@ fn a_missing_file_or_a_bad_config_fails_with_one_line() -> Result<()> {
             .args(["--config", "absent.toml", "stats"])
             .output()?,
         "absent.toml",
+    );
+    std::fs::write(
+        dir.path().join("prices.toml"),
+        "[models]\nx = { input = \"a\", output = 1.0 }\n",
+    )?;
+    check(
+        strata(dir.path())?
+            .args(["stats"])
+            .env("STRATA_PRICING_FILE", "prices.toml")
+            .output()?,
+        "pricing.file prices.toml: pricing table: invalid type: string \"a\", expected f64 at line 2",
+    );
+    // A bare number from the environment is read as the same text in a file would be.
+    let zero = strata(dir.path())?
+        .args(["stats"])
+        .env("STRATA_TTL_DEFAULT", "0")
+        .output()?;
+    assert!(
+        zero.status.success(),
+        "{}",
+        String::from_utf8_lossy(&zero.stderr)
     );
     Ok(())
 }
