@@ -426,6 +426,39 @@ fn ctrl_c_stops_a_replay_that_still_saves_and_reports() -> Result<()> {
     Ok(())
 }
 
+/// A replay killed outright (`kill -9`, a crash) keeps the lifetime counters it had saved a
+/// second or so before: `stats` does not start again from zero.
+#[test]
+fn a_killed_replay_keeps_its_counters_up_to_the_last_second() -> Result<()> {
+    let dir = TempDir::new()?;
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"))
+        .current_dir(dir.path())
+        .env_remove("STRATA_CONFIG")
+        .arg("replay")
+        .arg(example())
+        .args(["--repeat-zipf", "0.5", "--limit", "100000000", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let started = std::time::Instant::now();
+    while !dir.path().join(".strata/db").exists() {
+        anyhow::ensure!(
+            started.elapsed().as_secs() < 60,
+            "the replay never opened its cache"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Two saves, and sled's log written after them (every 500 ms).
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    child.kill()?;
+    child.wait()?;
+
+    let stats = strata(dir.path())?.args(["stats", "--json"]).output()?;
+    let stats = succeeded_json(&stats)?;
+    assert!(n(&stats, &["lifetime", "lookups"]) > 0, "{stats}");
+    Ok(())
+}
+
 #[test]
 fn a_missing_file_or_a_bad_config_fails_with_one_line() -> Result<()> {
     let dir = TempDir::new()?;

@@ -306,8 +306,40 @@ impl TieredCacheBuilder {
         if let (Some(every), Some(_)) = (self.sweep_interval, &cache.inner.l2) {
             crate::invalidate::spawn_sweeper(&cache, every);
         }
+        if cache.inner.disk.is_some() {
+            spawn_stats_saver(&cache);
+        }
         cache
     }
+}
+
+/// How often the lifetime statistics are written while lookups change them.
+const STATS_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Writes the lifetime statistics into the disk tier every [`STATS_SAVE_INTERVAL`] while they
+/// change, as close and drop do: a process that is killed (`kill -9`, a crash) loses at most the
+/// last interval of them, like the rest of what sled had not written yet.
+fn spawn_stats_saver(cache: &TieredCache) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let weak = Arc::downgrade(&cache.inner);
+    runtime.spawn(async move {
+        let mut saved = Stats::default();
+        loop {
+            tokio::time::sleep(STATS_SAVE_INTERVAL).await;
+            let Some(inner) = weak.upgrade() else { return };
+            let now = inner.counters.snapshot();
+            if now != saved
+                && let Some(disk) = &inner.disk
+            {
+                match disk.save_stats(&inner.baseline.merged(&now)) {
+                    Ok(()) => saved = now,
+                    Err(e) => inner.tier_failed(TierName::L2, "save statistics", &e),
+                }
+            }
+        }
+    });
 }
 
 /// The tiered cache: memory, then disk, then the executor. Cheap to clone.
