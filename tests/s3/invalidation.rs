@@ -334,6 +334,36 @@ async fn another_nodes_model_invalidation_reaches_l1_and_l2_within_the_refresh_i
     Ok(())
 }
 
+/// A node that was not running when another invalidated learns of it before it serves anything
+/// from its disk: its first lookups wait for the first refresh of the epochs, however long the
+/// refresh interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_opened_after_another_invalidated_never_serves_its_old_copy() -> Result<()> {
+    let server = TestS3::start().await?;
+    let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
+    let long = Duration::from_secs(3600);
+    let gone = item("y1", "gpt-4o");
+    let kept = item("y2", "gpt-4o-mini");
+    let a = open_node(&server.config(), dir_a.path(), long, true).await?;
+    gone.put(&a).await?;
+    kept.put(&a).await?;
+    a.close().await?;
+
+    let b = open_node(&server.config(), dir_b.path(), long, true).await?;
+    let done = b.invalidate(&Selector::Model("gpt-4o".into())).await?;
+    ensure!(done.published, "B could not publish");
+    b.close().await?;
+
+    let a = open_node(&server.config(), dir_a.path(), long, true).await?;
+    ensure!(
+        gone.found(&a).await?.is_none(),
+        "A served from its disk what B had invalidated while A was closed"
+    );
+    ensure!(kept.found(&a).await? == Some(Outcome::L2));
+    a.close().await?;
+    Ok(())
+}
+
 /// Two nodes bump different epochs at the same moment, five times over: no bump is lost.
 async fn concurrent_bumps(conditional: bool) -> Result<()> {
     let server = TestS3::start().await?;

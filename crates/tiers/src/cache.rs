@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -279,6 +280,8 @@ impl TieredCacheBuilder {
         });
         let aggressive = (self.normalizer.profile() != Profile::Aggressive)
             .then(|| self.normalizer.with_profile(Profile::Aggressive));
+        // Without S3 there is no one else's invalidation to learn.
+        let (epochs_known_tx, epochs_known) = tokio::sync::watch::channel(self.l3.is_none());
         let cache = TieredCache {
             inner: Arc::new(Inner {
                 analytics: analytics.and_then(Result::ok),
@@ -295,10 +298,12 @@ impl TieredCacheBuilder {
                 pricing: self.pricing,
                 warnings: Default::default(),
                 unpriced: Mutex::default(),
+                epochs_known,
+                stop_waiting_for_epochs: AtomicBool::new(false),
             }),
         };
         if cache.inner.l3.is_some() {
-            crate::invalidate::spawn_refresher(&cache, self.refresh_interval);
+            crate::invalidate::spawn_refresher(&cache, self.refresh_interval, epochs_known_tx);
             if cache.inner.analytics.is_some() {
                 crate::reports::spawn_publisher(&cache, self.publish_interval);
             }
@@ -367,7 +372,15 @@ pub(crate) struct Inner {
     warnings: [Throttle; 3],
     /// Models already warned about for having no price.
     unpriced: Mutex<HashSet<String>>,
+    /// Whether the first refresh of the invalidation epochs from S3 since open has been tried.
+    epochs_known: tokio::sync::watch::Receiver<bool>,
+    /// Set when that refresh took longer than [`FIRST_REFRESH_WAIT`]: lookups stop waiting.
+    stop_waiting_for_epochs: AtomicBool,
 }
+
+/// How long a lookup below L1 waits for the first refresh of the epochs (which S3's own
+/// timeouts bound, normally well within this).
+const FIRST_REFRESH_WAIT: Duration = Duration::from_secs(10);
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -860,8 +873,26 @@ impl Inner {
         })
     }
 
+    /// Waits until the epochs have been refreshed from S3 once since open (tried, whatever the
+    /// outcome; bounded by [`FIRST_REFRESH_WAIT`]). Until then a copy on disk or in S3 may be one
+    /// that another node invalidated while this process was not running: a process that served
+    /// from its disk at once would serve it.
+    pub(crate) async fn epochs_known(&self) {
+        if *self.epochs_known.borrow() || self.stop_waiting_for_epochs.load(Relaxed) {
+            return;
+        }
+        let mut known = self.epochs_known.clone();
+        let waited = tokio::time::timeout(FIRST_REFRESH_WAIT, known.wait_for(|k| *k)).await;
+        if waited.is_err() && !self.stop_waiting_for_epochs.swap(true, Relaxed) {
+            tracing::warn!(
+                "the invalidation epochs could not be fetched from S3 in time; serving with the ones this node knows"
+            );
+        }
+    }
+
     /// L2, then L3: the first copy that answers the request. An L3 hit is promoted into L2.
     async fn lookup_below(&self, keyed: &Keyed) -> Option<(Arc<Entry>, Outcome)> {
+        self.epochs_known().await;
         if let Some(found) = self.lookup_l2(keyed).await {
             return Some(found);
         }
@@ -920,6 +951,7 @@ impl Inner {
     /// read has just removed, is counted here.
     async fn servable_l2(&self, keyed: &Keyed) -> Option<Arc<Entry>> {
         let l2 = self.l2.as_ref()?;
+        self.epochs_known().await;
         match l2.get(&keyed.key).await {
             Ok(Some(entry)) => {
                 matches!(self.verdict(&entry, keyed), Verdict::Serve).then_some(entry)

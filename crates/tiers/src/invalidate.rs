@@ -468,11 +468,16 @@ async fn blocking<R: Send + 'static>(
 }
 
 /// Refreshes the epochs from the bucket every `every`, while the cache lives.
-pub(crate) fn spawn_refresher(cache: &TieredCache, every: Duration) {
+pub(crate) fn spawn_refresher(
+    cache: &TieredCache,
+    every: Duration,
+    known: tokio::sync::watch::Sender<bool>,
+) {
     let weak = Arc::downgrade(&cache.inner);
     let every = every.max(Duration::from_millis(100));
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         tracing::warn!("no async runtime: epochs are refreshed only by refresh_epochs()");
+        known.send_replace(true);
         return;
     };
     runtime.spawn(async move {
@@ -480,6 +485,8 @@ pub(crate) fn spawn_refresher(cache: &TieredCache, every: Duration) {
             let Some(inner) = weak.upgrade() else { return };
             refresh_once(&inner).await;
             drop(inner);
+            // Lookups below L1 wait for the first attempt (`Inner::epochs_known`).
+            known.send_replace(true);
             tokio::time::sleep(every).await;
         }
     });
