@@ -253,6 +253,11 @@ pub async fn lifecycle(config: &Config, apply: bool) -> Result<ExitCode> {
             rule.id().unwrap_or_default()
         )?;
     }
+    // The configuration is all this command knows; an entry can carry a TTL of its own.
+    outln!(
+        "  note: entries stored with a longer TTL of their own (`put --ttl`, `Completion::ttl`) \
+         are deleted from S3 too when the rule fires"
+    )?;
     if !apply {
         outln!("(dry run: run with --apply to install them)")?;
         close(cache).await;

@@ -127,21 +127,33 @@ pub async fn warm(
         })
         .map(|at| at.context("--since is too long"))
         .transpose()?;
+    // What other nodes invalidated since this one last looked is not warmed.
+    if let Err(e) = cache.refresh_epochs().await {
+        errln!(
+            "strata: warning: invalidations from other nodes unknown ({e}); warming with this node's"
+        );
+    }
+    let epochs = cache.epochs();
     let bar = spinner("warming");
     let report = s3
-        .warm(&disk, slug.as_ref().map(ModelSlug::as_str), since, |n| {
-            bar.set_position(n)
-        })
+        .warm(
+            &disk,
+            slug.as_ref().map(ModelSlug::as_str),
+            since,
+            |entry| epochs.admits(entry),
+            |n| bar.set_position(n),
+        )
         .await;
     bar.finish_and_clear();
     close(cache).await;
     let report = report.context("warming from S3")?;
     outln!(
-        "warmed {} entries into {} ({} matched, {} expired, {} failed)",
+        "warmed {} entries into {} ({} matched, {} expired, {} invalidated, {} failed)",
         thousands(report.warmed),
         config.disk.path.display(),
         thousands(report.matched),
         thousands(report.expired),
+        thousands(report.invalidated),
         thousands(report.failed)
     )?;
     Ok(if report.failed > 0 {

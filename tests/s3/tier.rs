@@ -588,14 +588,37 @@ async fn warm_pulls_a_models_entries_into_l2() -> Result<()> {
     a.cache.flush().await?;
 
     let b = node(&server, dir_b.path()).await?;
+    let all = |_: &strata::Entry| true;
     let report =
-        b.s3.warm(&b.disk, Some("gpt-4o-mini"), None, |_| {})
+        b.s3.warm(&b.disk, Some("gpt-4o-mini"), None, all, |_| {})
             .await?;
     assert_eq!((report.matched, report.warmed, report.failed), (6, 6, 0));
     assert_eq!(b.disk.usage().entries, 6);
     assert_eq!(outcome(&b.cache, "w4").await?, Outcome::L2);
     let since_future = chrono::Utc::now() + chrono::Duration::hours(2);
-    let none = b.s3.warm(&b.disk, None, Some(since_future), |_| {}).await?;
+    let none =
+        b.s3.warm(&b.disk, None, Some(since_future), all, |_| {})
+            .await?;
     assert_eq!(none.matched, 0);
+    // Written in this hour, but before `since`: not a match.
+    let since_now = chrono::Utc::now();
+    let none =
+        b.s3.warm(&b.disk, None, Some(since_now), all, |_| {})
+            .await?;
+    assert_eq!((none.matched, none.warmed), (0, 0), "{none:?}");
+    // What another node invalidated is not warmed.
+    a.cache
+        .invalidate(&strata::core::Selector::Model("claude-3-5-haiku".into()))
+        .await?;
+    b.cache.refresh_epochs().await?;
+    let epochs = b.cache.epochs();
+    let report =
+        b.s3.warm(&b.disk, None, None, |e| epochs.admits(e), |_| {})
+            .await?;
+    assert_eq!(
+        (report.matched, report.warmed, report.invalidated),
+        (7, 6, 1),
+        "{report:?}"
+    );
     Ok(())
 }

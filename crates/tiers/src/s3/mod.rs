@@ -213,8 +213,19 @@ pub struct WarmReport {
     pub warmed: u64,
     /// Entries skipped because they have expired.
     pub expired: u64,
+    /// Entries skipped because they were invalidated.
+    pub invalidated: u64,
     /// Objects that could not be read or were corrupt.
     pub failed: u64,
+}
+
+/// What [`S3Tier::warm`] did with one object.
+enum Warmed {
+    Stored,
+    Expired,
+    Invalidated,
+    /// Listed in the hour of `since` but created before it: not a match after all.
+    Older,
 }
 
 /// Counters of the S3 tier since open.
@@ -823,14 +834,16 @@ impl S3Tier {
         Ok(report)
     }
 
-    /// Pulls entries from S3 into the disk tier: those of model `slug` (or all), written in or
-    /// after the hour of `since` (or ever). Each object is checked (envelope checksum) before it
-    /// is stored; expired ones are skipped. `progress` is called with each entry handled.
+    /// Pulls entries from S3 into the disk tier: those of model `slug` (or all), created at or
+    /// after `since` (or ever). Each object is checked (envelope checksum) before it is stored;
+    /// expired ones, and those `admits` (the epochs in force) refuses, are skipped. `progress` is
+    /// called with each entry handled.
     pub async fn warm(
         &self,
         disk: &DiskTier,
         slug: Option<&str>,
         since: Option<DateTime<Utc>>,
+        admits: impl Fn(&Entry) -> bool,
         progress: impl Fn(u64),
     ) -> Result<WarmReport, TierError> {
         let inner = &self.inner;
@@ -854,25 +867,34 @@ impl S3Tier {
         };
         let now = Utc::now();
         let handled = AtomicU64::new(0);
-        let (handled, progress) = (&handled, &progress);
+        let (handled, progress, admits) = (&handled, &progress, &admits);
         let results = self
             .for_each_concurrent(matched, |(parsed, object)| async move {
                 progress(handled.fetch_add(1, Relaxed) + 1);
                 let key = parsed.key()?;
                 let bytes = inner.get_bytes(&object.key).await.ok()??;
                 let entry = inner.codec.decode(&bytes).ok()?;
+                // The folders tell the hour; the entry, the moment.
+                if since.is_some_and(|t| entry.created_at < t) {
+                    return Some(Warmed::Older);
+                }
                 if entry.is_expired_at(now) {
-                    return Some(false);
+                    return Some(Warmed::Expired);
+                }
+                if !admits(&entry) {
+                    return Some(Warmed::Invalidated);
                 }
                 disk.put_encoded(&key, &bytes).ok()?;
                 inner.remember(&key.digest, &object.key, object.size).ok()?;
-                Some(true)
+                Some(Warmed::Stored)
             })
             .await;
         for result in results {
             match result {
-                Some(true) => report.warmed += 1,
-                Some(false) => report.expired += 1,
+                Some(Warmed::Stored) => report.warmed += 1,
+                Some(Warmed::Expired) => report.expired += 1,
+                Some(Warmed::Invalidated) => report.invalidated += 1,
+                Some(Warmed::Older) => report.matched -= 1,
                 None => report.failed += 1,
             }
         }
