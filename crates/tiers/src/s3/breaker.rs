@@ -56,7 +56,8 @@ impl Breaker {
 
     /// Records a call that failed (no answer, timeout, 5xx).
     pub fn failure(&self) {
-        if self.threshold == 0 {
+        // Calls already in flight when it opened fail too: they do not open it again.
+        if self.threshold == 0 || !self.allows() {
             return;
         }
         let failures = self.failures.fetch_add(1, Relaxed) + 1;
@@ -102,5 +103,20 @@ mod tests {
         b.success();
         b.failure();
         assert!(b.allows(), "a success resets the count");
+    }
+
+    #[test]
+    fn calls_failing_while_it_is_open_do_not_open_it_again() {
+        let b = Breaker::new(2, Duration::from_secs(60));
+        b.failure();
+        b.failure();
+        assert!(!b.allows());
+        let until = b.remaining();
+        // Eight uploads that were in flight when it opened fail now.
+        for _ in 0..8 {
+            b.failure();
+        }
+        assert_eq!(b.times_opened(), 1);
+        assert!(b.remaining() <= until);
     }
 }
