@@ -622,3 +622,66 @@ async fn warm_pulls_a_models_entries_into_l2() -> Result<()> {
     );
     Ok(())
 }
+
+/// A bucket that does not exist answers every GET with a 404, as a missing object does; it is
+/// a failure to count and warn about, not a run of quiet misses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_bucket_is_a_counted_failure_not_a_quiet_miss() -> Result<()> {
+    use aws_sdk_s3::error::ProvideErrorMetadata;
+    let server = TestS3::start().await?;
+    let dir = TempDir::new()?;
+    let mut config = server.config();
+    config.bucket = format!("{}-that-does-not-exist", config.bucket);
+    let n = node_with(&config, dir.path()).await?;
+    let found = n.cache.get(&request("anything"), &Scope::Global).await?;
+    assert!(found.is_none());
+    assert!(
+        n.cache.stats().errors.l3 > 0,
+        "{:?}",
+        n.cache.stats().errors
+    );
+    // Where the server names the bucket in a GET's answer (AWS, MinIO, Garage; s3s-fs answers
+    // NoSuchKey), a fetch says so rather than finding nothing.
+    let raw = server
+        .client()
+        .await
+        .get_object()
+        .bucket(&config.bucket)
+        .key("anything")
+        .send()
+        .await;
+    if raw.as_ref().err().and_then(|e| e.code()) == Some("NoSuchBucket") {
+        let keyed = n.cache.key(&request("anything"), &Scope::Global)?;
+        let fetched = n.s3.fetch(&keyed.key).await.map(|found| found.is_some());
+        assert!(
+            fetched
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("NoSuchBucket")),
+            "{fetched:?}"
+        );
+    }
+    Ok(())
+}
+
+/// An S3 failure is told in a few words (the root cause of a call without an answer, or the
+/// server's code), not the kilobyte of the SDK's whole error chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_said_in_a_few_words() -> Result<()> {
+    let server = TestS3::start().await?;
+    let dir = TempDir::new()?;
+    let free = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = free.local_addr()?.port();
+    drop(free);
+    let mut config = server.config();
+    config.endpoint = Some(format!("http://127.0.0.1:{port}"));
+    config.max_attempts = 1;
+    let n = node_with(&config, dir.path()).await?;
+    let keyed = n.cache.key(&request("anything"), &Scope::Global)?;
+    let message = match n.s3.fetch(&keyed.key).await {
+        Err(e) => e.to_string(),
+        Ok(found) => anyhow::bail!("a fetch from nowhere answered {:?}", found.is_some()),
+    };
+    assert!(message.contains("no answer"), "{message}");
+    assert!(message.len() < 300, "{} bytes: {message}", message.len());
+    Ok(())
+}

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
@@ -217,6 +218,33 @@ pub struct WarmReport {
     pub invalidated: u64,
     /// Objects that could not be read or were corrupt.
     pub failed: u64,
+}
+
+/// An SDK error in a few words: the server's code and message, or the root cause of a call that
+/// got no answer (`Connection refused`, a timeout). The whole chain, with the raw response, is
+/// about a kilobyte: it goes to the debug log.
+fn brief<E>(e: &SdkError<E, HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match e {
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            match (e.code(), e.message()) {
+                (Some(code), Some(message)) => format!("{code}: {message} (HTTP {status})"),
+                (Some(code), None) => format!("{code} (HTTP {status})"),
+                _ => format!("HTTP {status}"),
+            }
+        }
+        SdkError::TimeoutError(_) => "timed out".to_string(),
+        _ => {
+            let mut cause: &dyn std::error::Error = e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            format!("no answer: {cause}")
+        }
+    }
 }
 
 /// What [`S3Tier::warm`] did with one object.
@@ -908,11 +936,11 @@ impl S3Tier {
 }
 
 impl Inner {
-    fn failed<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    fn failed<E: ProvideErrorMetadata + std::error::Error + 'static>(
         &self,
         op: &str,
         path: &str,
-        e: &SdkError<E, R>,
+        e: &SdkError<E, HttpResponse>,
     ) -> TierError {
         // A server that answered with a 4xx is reachable: only transport errors, timeouts and
         // 5xx count towards the breaker.
@@ -927,7 +955,8 @@ impl Inner {
         } else {
             self.breaker.success();
         }
-        TierError::Storage(format!("S3 {op} {path}: {}", DisplayErrorContext(e)))
+        tracing::debug!(op, path, error = %DisplayErrorContext(e), "S3 call failed");
+        TierError::Storage(format!("S3 {op} {path}: {}", brief(e)))
     }
 
     async fn get_bytes(&self, path: &str) -> Result<Option<Vec<u8>>, TierError> {
@@ -963,7 +992,9 @@ impl Inner {
             Err(e) => {
                 let status = e.raw_response().map(|r| r.status().as_u16());
                 let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key());
-                if missing || status == Some(404) {
+                // A 404 for the bucket is a misconfiguration to report, not a missing object.
+                let no_bucket = e.code() == Some("NoSuchBucket");
+                if !no_bucket && (missing || status == Some(404)) {
                     self.breaker.success();
                     return Ok(None);
                 }
