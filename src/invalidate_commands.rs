@@ -153,6 +153,7 @@ pub async fn clear(config: &Config, yes: bool) -> Result<ExitCode> {
         bail!("clear invalidates every entry on every node; run it again with --yes to confirm");
     }
     let cache = config.open_cache().await?;
+    let has_s3 = cache.l3().is_some();
     let done = cache.clear().await;
     let gc = match (&done, cache.l3()) {
         (Ok(_), Some(_)) => {
@@ -165,8 +166,15 @@ pub async fn clear(config: &Config, yes: bool) -> Result<ExitCode> {
     };
     close(cache).await;
     let done = done.context("clearing")?;
+    let others = match (has_s3, done.published) {
+        (false, _) => "without S3 there are no other nodes",
+        (true, true) => "every node stops serving the rest within its refresh interval",
+        (true, false) => {
+            "S3 did not take it (unreachable?): other nodes learn of it once this node reaches S3"
+        }
+    };
     outln!(
-        "cleared: {} entries removed on this node; every node stops serving the rest within its refresh interval",
+        "cleared: {} entries removed on this node; {others}",
         thousands(done.affected)
     )?;
     if let Some(gc) = gc {

@@ -54,7 +54,6 @@ pub async fn ls(
     let prefix = layout.listing_prefix(slug.as_ref().map(ModelSlug::as_str), date);
     let bar = spinner("listing");
     let (mut entries, mut bytes) = (0u64, 0u64);
-    let mut out = std::io::stdout().lock();
     let mut failed = None;
     let listed = s3
         .list_pages(&prefix, |page| {
@@ -86,7 +85,8 @@ pub async fn ls(
                         object.key
                     )
                 };
-                if let Err(e) = std::io::Write::write_all(&mut out, (line + "\n").as_bytes()) {
+                // A closed pipe (`strata ls | head`) ends the output, not the command.
+                if let Err(e) = outln!("{line}") {
                     failed.get_or_insert(e);
                 }
             }

@@ -729,6 +729,20 @@ fn a_second_node_with_its_own_disk_is_served_from_l3() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&listing.stderr)
     );
+    // Into a pipe nobody reads (`strata ls | head -1`): the listing ends, the command succeeds.
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let unread = std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"))
+        .current_dir(node_b.path())
+        .env_remove("STRATA_CONFIG")
+        .args(["--config", &config_b, "ls"])
+        .stdout(writer)
+        .output()?;
+    assert!(
+        unread.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unread.stderr)
+    );
     let lines = String::from_utf8(listing.stdout)?;
     let listed: Vec<Value> = lines
         .lines()
@@ -917,6 +931,11 @@ fn invalidate_by_key_and_tag_and_clear_without_s3() -> Result<()> {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
     let cleared = strata(dir.path())?.args(["clear", "--yes"]).output()?;
     assert!(cleared.status.success());
+    let said = String::from_utf8_lossy(&cleared.stdout);
+    assert!(
+        said.contains("without S3 there are no other nodes"),
+        "{said}"
+    );
     assert!(!served(Some("ann"))?);
 
     let two = strata(dir.path())?
