@@ -7,7 +7,7 @@ use md5::{Digest, Md5};
 
 /// Version of the key derivation. Bumping it makes every existing entry unreachable, which is the
 /// point: keys derived by different rules must never meet.
-pub const KEY_FORMAT_VERSION: u8 = 2;
+pub const KEY_FORMAT_VERSION: u8 = 3;
 
 /// Longest model slug kept in a display key.
 const SLUG_MAX: usize = 40;

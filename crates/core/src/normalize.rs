@@ -182,9 +182,10 @@ enum Place {
     Message,
 }
 
-/// Which ends of a message's text a string holds: a plain string holds both, the parts of a list
-/// only the start of the first part and the end of the last. Only those are trimmed, so the
-/// whitespace where two parts meet (`"sun "`, `"flower"`) stays in the key.
+/// Which ends of a message's text a string holds: a plain string holds both, the text parts of a
+/// list only the start of the first and the end of the last (images and other parts are not
+/// text). Only those are trimmed, so the whitespace where two text parts meet (`"sun "`,
+/// `"flower"`) stays in the key.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Ends {
     start: bool,
@@ -197,11 +198,23 @@ impl Ends {
         end: true,
     };
 
-    /// The ends that item `i` of `len` parts holds.
-    fn of_part(self, i: usize, len: usize) -> Ends {
+    /// The positions of the first and the last text part of `parts`.
+    fn text_span(parts: &[Value]) -> (Option<usize>, Option<usize>) {
+        let is_text = |part: &Value| match part {
+            Value::String(_) => true,
+            part => part.get("text").is_some_and(Value::is_string),
+        };
+        (
+            parts.iter().position(is_text),
+            parts.iter().rposition(is_text),
+        )
+    }
+
+    /// The ends that part `i` holds, in a list whose text parts span `span`.
+    fn of_part(self, i: usize, span: (Option<usize>, Option<usize>)) -> Ends {
         Ends {
-            start: self.start && i == 0,
-            end: self.end && i + 1 == len,
+            start: self.start && span.0 == Some(i),
+            end: self.end && span.1 == Some(i),
         }
     }
 }
@@ -447,6 +460,10 @@ impl Normalizer {
                 _ => write_str(out, s),
             },
             Value::Array(items) => {
+                let span = match place {
+                    Place::Text(_) => Ends::text_span(items),
+                    _ => (None, None),
+                };
                 out.push_byte(b'[');
                 for (i, item) in items.iter().enumerate() {
                     if i > 0 {
@@ -454,7 +471,7 @@ impl Normalizer {
                     }
                     let inner = match place {
                         Place::Messages => Place::Message,
-                        Place::Text(ends) => Place::Text(ends.of_part(i, items.len())),
+                        Place::Text(ends) => Place::Text(ends.of_part(i, span)),
                         _ => Place::Plain,
                     };
                     self.write_value(out, item, inner, depth + 1);
@@ -953,6 +970,16 @@ mod tests {
         );
         let blank = parts(&["a", " \n ", "b"]);
         assert!(canonical(Profile::Aggressive, &blank).contains(r#""text":" ""#));
+        // An image is not text: the text before it still ends the message's text.
+        let image = json!({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}});
+        let with_image = |text: &str| {
+            json!({"model": "m", "messages": [{"role": "user",
+                   "content": [{"type": "text", "text": text}, image.clone()]}]})
+        };
+        assert_eq!(
+            key(Profile::Standard, &with_image("Describe this: ")),
+            key(Profile::Standard, &with_image("Describe this:"))
+        );
     }
 
     #[test]
