@@ -355,6 +355,14 @@ async fn a_node_opened_after_another_invalidated_never_serves_its_old_copy() -> 
     b.close().await?;
 
     let a = open_node(&server.config(), dir_a.path(), long, true).await?;
+    // A put first: its entry must record B's invalidation, or learning of it refuses the entry.
+    let fresh = item("y3", "gpt-4o");
+    fresh.put(&a).await?;
+    a.refresh_epochs().await?;
+    ensure!(
+        fresh.found(&a).await? == Some(Outcome::L1),
+        "an answer stored after B's invalidation was refused"
+    );
     ensure!(
         gone.found(&a).await?.is_none(),
         "A served from its disk what B had invalidated while A was closed"

@@ -300,6 +300,7 @@ impl TieredCacheBuilder {
                 unpriced: Mutex::default(),
                 epochs_known,
                 stop_waiting_for_epochs: AtomicBool::new(false),
+                opened: Instant::now(),
             }),
         };
         if cache.inner.l3.is_some() {
@@ -376,7 +377,12 @@ pub(crate) struct Inner {
     epochs_known: tokio::sync::watch::Receiver<bool>,
     /// Set when that refresh took longer than [`FIRST_REFRESH_WAIT`]: lookups stop waiting.
     stop_waiting_for_epochs: AtomicBool,
+    /// When the cache was built: the wait for the first refresh ends [`FIRST_REFRESH_WAIT`] later.
+    opened: Instant,
 }
+
+/// How many unpriced models are warned about, each once, per process.
+const MAX_UNPRICED_WARNINGS: usize = 256;
 
 /// How long a lookup below L1 waits for the first refresh of the epochs (which S3's own
 /// timeouts bound, normally well within this).
@@ -521,6 +527,9 @@ impl TieredCache {
         completion: Completion,
     ) -> Result<Arc<Entry>, RequestError> {
         let keyed = self.key(request, scope)?;
+        // The entry records the epochs in force: those of other nodes too, or a refresh learning
+        // of an older invalidation would refuse it as soon as it is stored.
+        self.inner.epochs_known().await;
         let entry = Arc::new(self.inner.build_entry(&keyed, completion, Duration::ZERO));
         self.inner.store(&keyed.key, &entry).await;
         Ok(entry)
@@ -882,7 +891,9 @@ impl Inner {
             return;
         }
         let mut known = self.epochs_known.clone();
-        let waited = tokio::time::timeout(FIRST_REFRESH_WAIT, known.wait_for(|k| *k)).await;
+        // One deadline for every lookup, counted from open.
+        let left = FIRST_REFRESH_WAIT.saturating_sub(self.opened.elapsed());
+        let waited = tokio::time::timeout(left, known.wait_for(|k| *k)).await;
         if waited.is_err() && !self.stop_waiting_for_epochs.swap(true, Relaxed) {
             tracing::warn!(
                 "the invalidation epochs could not be fetched from S3 in time; serving with the ones this node knows"
@@ -1067,9 +1078,10 @@ impl Inner {
         if model == KV_MODEL {
             return;
         }
+        // Model names come from callers: remember (and warn about) a bounded number of them.
         let first = match self.unpriced.lock() {
-            Ok(mut seen) => seen.insert(model.to_string()),
-            Err(_) => false,
+            Ok(mut seen) if seen.len() < MAX_UNPRICED_WARNINGS => seen.insert(model.to_string()),
+            _ => false,
         };
         if first {
             tracing::warn!(

@@ -172,6 +172,17 @@ impl EpochStore {
     /// anything this node knows, writes the union back (compare-and-swap on the ETag, retried
     /// on conflict), and refreshes this node's own copy.
     pub async fn sync(&self, s3: &S3Tier) -> Result<SyncReport, TierError> {
+        self.sync_then(s3, || {}).await
+    }
+
+    /// [`EpochStore::sync`], calling `learnt` as soon as every copy has been read and merged,
+    /// before the writes: from then on this node refuses what the bucket says is invalidated.
+    pub async fn sync_then(
+        &self,
+        s3: &S3Tier,
+        learnt: impl FnOnce(),
+    ) -> Result<SyncReport, TierError> {
+        let mut learnt = Some(learnt);
         let mut state = self.sync.lock().await;
         let mut report = SyncReport::default();
         let own = s3.layout().node_epochs_path(s3.node_id());
@@ -187,6 +198,9 @@ impl EpochStore {
         for _ in 0..CAS_ATTEMPTS {
             let (shared, etag) = s3.read_epochs().await?.unwrap_or_default();
             report.learnt |= self.absorb(&shared)?;
+            if let Some(learnt) = learnt.take() {
+                learnt();
+            }
             let local = self.snapshot();
             if shared.covers(&local) {
                 break;

@@ -483,18 +483,22 @@ pub(crate) fn spawn_refresher(
     runtime.spawn(async move {
         loop {
             let Some(inner) = weak.upgrade() else { return };
-            refresh_once(&inner).await;
+            // Lookups below L1 wait for the first attempt (`Inner::epochs_known`): released once
+            // every copy is read and merged, or once the attempt failed.
+            refresh_once(&inner, || {
+                known.send_replace(true);
+            })
+            .await;
             drop(inner);
-            // Lookups below L1 wait for the first attempt (`Inner::epochs_known`).
             known.send_replace(true);
             tokio::time::sleep(every).await;
         }
     });
 }
 
-async fn refresh_once(inner: &Inner) {
+async fn refresh_once(inner: &Inner, learnt: impl FnOnce()) {
     let Some(l3) = &inner.l3 else { return };
-    if let Err(e) = inner.epochs.sync(l3).await {
+    if let Err(e) = inner.epochs.sync_then(l3, learnt).await {
         tracing::debug!(error = %e, "refreshing invalidation epochs failed; will retry");
         inner.tier_failed(TierName::L3, "refresh epochs", &e);
     }
