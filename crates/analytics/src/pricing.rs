@@ -38,9 +38,10 @@ struct PricingFile {
     models: BTreeMap<String, Price>,
 }
 
-/// Prices by model name (lowercase). A dated or versioned model name (`gpt-4o-2024-08-06`,
-/// `claude-sonnet-4-5@20250929`, `…-latest`) takes the price of its longest listed prefix
-/// (`gpt-4o`); another model that merely starts like a listed one (`gpt-4o-mini`) does not.
+/// Prices by model name (lowercase). A dated snapshot's name (`gpt-4o-2024-08-06`,
+/// `claude-sonnet-4-5@20250929`, `…-latest`) takes the price of the longest listed name it extends
+/// (`gpt-4o`); another model that merely starts like a listed one (`gpt-4o-mini`,
+/// `claude-opus-4-5` after `claude-opus-4`) does not.
 #[derive(Debug, Clone, Default)]
 pub struct Pricing {
     models: BTreeMap<String, Price>,
@@ -120,15 +121,23 @@ impl Pricing {
     }
 }
 
-/// What a provider appends to a model's name for a snapshot of it: `-2024-08-06`, `-20250929`,
-/// `@20250929`, `:1`, `-latest`.
+/// What a provider appends to a model's name for a dated snapshot of it: `-2024-08-06`,
+/// `-20250929`, `-0613`, `@20250929`, `:0`, `-latest`. Not `-5`, `-mini` or `-32k`: those name
+/// other models (`claude-opus-4-5` is not a snapshot of `claude-opus-4`).
 fn is_version_suffix(rest: &str) -> bool {
-    let mut chars = rest.chars();
-    match chars.next() {
-        Some('-' | '@' | ':') => {
-            rest[1..] == *"latest" || chars.next().is_some_and(|c| c.is_ascii_digit())
-        }
-        _ => false,
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let stamp = |s: &str| {
+        let date: Vec<&str> = s.split('-').collect();
+        let is_date = matches!(date.as_slice(), [y, m, d] if y.len() == 4 && m.len() == 2
+            && d.len() == 2 && date.iter().all(|p| digits(p)));
+        s == "latest" || is_date || (digits(s) && s.len() >= 4)
+    };
+    if let Some(tag) = rest.strip_prefix('-').or_else(|| rest.strip_prefix('@')) {
+        stamp(tag)
+    } else if let Some(tag) = rest.strip_prefix(':') {
+        digits(tag)
+    } else {
+        false
     }
 }
 
@@ -189,6 +198,9 @@ mod tests {
             "gpt-4o-mini-2024-07-18",
             "gpt-4oo",
             "gpt-4o-",
+            "gpt-4o-5",
+            "gpt-4o-32k",
+            "gpt-4o-2024-08",
         ] {
             assert!(gpt4o.price(other).is_none(), "{other}");
         }
