@@ -356,7 +356,8 @@ pub async fn replay(
             }
         }
     }
-    Ok(run.finish(false).await)
+    // A Ctrl-C that also ended the input (`zstdcat log | strata replay -`) still counts.
+    Ok(run.finish(options.stopped()).await)
 }
 
 struct Run<'a> {
