@@ -383,11 +383,11 @@ fn a_truncated_log_ends_where_it_breaks_and_standard_input_is_a_log() -> Result<
 
 /// Ctrl-C in the middle of a long replay: the request in flight finishes, the counters are
 /// saved (`stats` agrees with the report) and the report covers what ran.
-#[test]
-fn ctrl_c_stops_a_replay_that_still_saves_and_reports() -> Result<()> {
-    let dir = TempDir::new()?;
+/// Starts a replay that would run for hours, with its output piped, and returns once it has
+/// opened its cache (its database is on disk): by then its Ctrl-C handler is installed.
+fn long_replay(dir: &Path) -> Result<std::process::Child> {
     let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"))
-        .current_dir(dir.path())
+        .current_dir(dir)
         .env_remove("STRATA_CONFIG")
         .arg("replay")
         .arg(example())
@@ -395,16 +395,22 @@ fn ctrl_c_stops_a_replay_that_still_saves_and_reports() -> Result<()> {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    // The handler is installed before the cache opens, and the cache has opened once its
-    // database is on disk; then let some requests run.
     let started = std::time::Instant::now();
-    while !dir.path().join(".strata/db").exists() {
+    while !dir.join(".strata/db").exists() {
         anyhow::ensure!(
             started.elapsed().as_secs() < 60,
             "the replay never opened its cache"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    Ok(child)
+}
+
+#[test]
+fn ctrl_c_stops_a_replay_that_still_saves_and_reports() -> Result<()> {
+    let dir = TempDir::new()?;
+    let child = long_replay(dir.path())?;
+    // Let some requests run.
     std::thread::sleep(std::time::Duration::from_secs(1));
     let signalled = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -431,23 +437,7 @@ fn ctrl_c_stops_a_replay_that_still_saves_and_reports() -> Result<()> {
 #[test]
 fn a_killed_replay_keeps_its_counters_up_to_the_last_second() -> Result<()> {
     let dir = TempDir::new()?;
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"))
-        .current_dir(dir.path())
-        .env_remove("STRATA_CONFIG")
-        .arg("replay")
-        .arg(example())
-        .args(["--repeat-zipf", "0.5", "--limit", "100000000", "--json"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let started = std::time::Instant::now();
-    while !dir.path().join(".strata/db").exists() {
-        anyhow::ensure!(
-            started.elapsed().as_secs() < 60,
-            "the replay never opened its cache"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut child = long_replay(dir.path())?;
     // Two saves, and sled's log written after them (every 500 ms).
     std::thread::sleep(std::time::Duration::from_millis(3000));
     child.kill()?;
