@@ -9,6 +9,9 @@ use md5::{Digest, Md5};
 /// point: keys derived by different rules must never meet.
 pub const KEY_FORMAT_VERSION: u8 = 3;
 
+/// The profile tag of keys over text that no normalizer profile produced.
+pub const RAW_TEXT_TAG: u8 = 0;
+
 /// Longest model slug kept in a display key.
 const SLUG_MAX: usize = 40;
 
@@ -72,11 +75,12 @@ impl CacheKey {
         out
     }
 
-    /// Derives the key of a canonical request.
+    /// Derives the key of canonical text that no normalizer profile produced (the typed
+    /// cache's `{"kv": key}`).
     pub fn derive(slug: ModelSlug, scope: &Scope, canonical: &str) -> Self {
         let mut writer = KeyWriter::new(canonical.len());
         writer.push(canonical);
-        writer.finish(slug, scope).0
+        writer.finish(slug, scope, RAW_TEXT_TAG).0
     }
 
     /// Parses a display key `{model_slug}_{32 hex}`.
@@ -179,14 +183,20 @@ impl KeyWriter {
         &self.buf
     }
 
-    /// Hashes what is left, then `scope` and the key-format version, and returns the key and the
-    /// canonical text.
-    pub(crate) fn finish(mut self, slug: ModelSlug, scope: &Scope) -> (CacheKey, String) {
+    /// Hashes what is left, then `scope`, the `profile` tag (which normalization produced the
+    /// text: [`crate::Profile::key_tag`], or [`RAW_TEXT_TAG`]) and the key-format version, and
+    /// returns the key and the canonical text.
+    pub(crate) fn finish(
+        mut self,
+        slug: ModelSlug,
+        scope: &Scope,
+        profile: u8,
+    ) -> (CacheKey, String) {
         if let Some(rest) = self.buf.as_bytes().get(self.hashed..) {
             self.hasher.update(rest);
         }
         scope.feed(|bytes| self.hasher.update(bytes));
-        self.hasher.update([KEY_FORMAT_VERSION]);
+        self.hasher.update([profile, KEY_FORMAT_VERSION]);
         let key = CacheKey {
             slug,
             digest: self.hasher.finalize().into(),
@@ -251,7 +261,7 @@ mod tests {
         let mut whole = Md5::new();
         whole.update(&canonical);
         scope.feed(|bytes| whole.update(bytes));
-        whole.update([KEY_FORMAT_VERSION]);
+        whole.update([7, KEY_FORMAT_VERSION]);
         let expected: [u8; 16] = whole.finalize().into();
         for piece in [1, 7, 63, 64, 65, 200, 1000, 3000] {
             let mut writer = KeyWriter::new(16);
@@ -262,7 +272,7 @@ mod tests {
                     writer.push(std::str::from_utf8(chunk).unwrap_or_default());
                 }
             }
-            let (key, text) = writer.finish(ModelSlug::new("m"), &scope);
+            let (key, text) = writer.finish(ModelSlug::new("m"), &scope, 7);
             assert_eq!(key.digest, expected, "pieces of {piece}");
             assert_eq!(text, canonical);
         }

@@ -52,6 +52,15 @@ impl Profile {
             Profile::Aggressive => "aggressive",
         }
     }
+
+    /// The byte that stands for the profile in a key (see [`Normalizer::key`]).
+    pub fn key_tag(self) -> u8 {
+        match self {
+            Profile::Strict => 1,
+            Profile::Standard => 2,
+            Profile::Aggressive => 3,
+        }
+    }
 }
 
 impl fmt::Display for Profile {
@@ -263,11 +272,13 @@ impl Normalizer {
     }
 
     /// Derives the key of a request: canonical bytes, hashed with MD5 as they are written, then
-    /// the scope and the key-format version.
+    /// the scope, the profile and the key-format version. The profile is in the key because
+    /// one canonical text means different requests under different profiles: `aggressive`'s
+    /// `"is x?"` stands for `"Is  X?"` too, which a `strict` reader asking `"is x?"` must not get.
     pub fn key(&self, request: &Value, scope: &Scope) -> Result<Keyed, RequestError> {
         let mut out = KeyWriter::new(4096);
         let model = self.write_canonical(request, &mut out)?;
-        let (key, canonical) = out.finish(ModelSlug::new(&model), scope);
+        let (key, canonical) = out.finish(ModelSlug::new(&model), scope, self.profile.key_tag());
         Ok(Keyed {
             key,
             canonical,
@@ -980,6 +991,25 @@ mod tests {
             key(Profile::Standard, &with_image("Describe this: ")),
             key(Profile::Standard, &with_image("Describe this:"))
         );
+    }
+
+    #[test]
+    fn one_canonical_text_under_two_profiles_is_two_keys() {
+        // Canonical under aggressive, and a request of its own under strict: an answer stored
+        // for "Is  PASSWORD123 ..." (aggressive) must not reach a strict reader of the lowercase.
+        let asked =
+            json!({"model": "m", "messages": [{"role": "user", "content": "is x equal to x?"}]});
+        let shouted =
+            json!({"model": "m", "messages": [{"role": "user", "content": "Is  X equal to x?"}]});
+        assert_eq!(
+            canonical(Profile::Aggressive, &shouted),
+            canonical(Profile::Strict, &asked)
+        );
+        assert_ne!(
+            key(Profile::Aggressive, &shouted),
+            key(Profile::Strict, &asked)
+        );
+        assert_ne!(key(Profile::Standard, &asked), key(Profile::Strict, &asked));
     }
 
     #[test]
