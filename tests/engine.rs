@@ -259,6 +259,11 @@ async fn an_entry_past_its_ttl_is_never_served_from_any_tier() -> Result<()> {
         default: Some(Duration::from_secs(3600)),
         per_model: [("gpt-4o-mini".to_string(), Duration::from_millis(400))].into(),
     };
+    // `strict` keeps a request's own spelling of the model: the policy still applies.
+    assert_eq!(
+        ttl.for_model("GPT-4o-Mini"),
+        Some(Duration::from_millis(400))
+    );
     let build = |dir: &TempDir| -> Result<TieredCache> {
         Ok(TieredCache::builder()
             .disk(disk(dir)?)

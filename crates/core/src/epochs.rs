@@ -176,6 +176,14 @@ impl Epochs {
         cache_id: &str,
         mut f: impl FnMut(Kind, &str) -> bool,
     ) -> bool {
+        // As `bump` stores them: lowercase.
+        let lower;
+        let model = if model.chars().any(char::is_uppercase) {
+            lower = model.to_lowercase();
+            lower.as_str()
+        } else {
+            model
+        };
         if !f(Kind::Model, model) {
             return false;
         }
@@ -295,7 +303,12 @@ impl Epochs {
             Selector::Tag(t) => (Kind::Tag, t),
             Selector::Key(k) => (Kind::Key, k),
         };
-        let slot = self.map_mut(kind).entry(id.clone()).or_insert(0);
+        // Models are matched without regard to case (`strict` keeps a request's `GPT-4O`).
+        let id = match kind {
+            Kind::Model => id.to_lowercase(),
+            _ => id.clone(),
+        };
+        let slot = self.map_mut(kind).entry(id).or_insert(0);
         *slot = next(*slot);
         *slot
     }
@@ -392,6 +405,21 @@ mod tests {
         // A second bump in the same millisecond still moves the epoch.
         epochs.bump(&Selector::Model("gpt-4o".into()), now);
         assert!(!epochs.admits(&new));
+    }
+
+    #[test]
+    fn models_match_without_regard_to_case() {
+        let now = Utc::now();
+        let mut epochs = Epochs::default();
+        // `strict` keeps a request's own spelling of the model.
+        let upper = written(&epochs, entry("GPT-4O", Scope::Global, &[], now));
+        let lower = written(&epochs, entry("gpt-4o", Scope::Global, &[], now));
+        epochs.bump(&Selector::Model("gpt-4o".into()), now);
+        assert!(!epochs.admits(&upper) && !epochs.admits(&lower));
+        let after = written(&epochs, entry("GPT-4O", Scope::Global, &[], now));
+        assert!(epochs.admits(&after));
+        epochs.bump(&Selector::Model("Gpt-4O".into()), now);
+        assert!(!epochs.admits(&after));
     }
 
     #[test]

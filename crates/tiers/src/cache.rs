@@ -53,7 +53,15 @@ pub struct TtlPolicy {
 impl TtlPolicy {
     /// The TTL of `model`.
     pub fn for_model(&self, model: &str) -> Option<Duration> {
-        self.per_model.get(model).copied().or(self.default)
+        // Without regard to case: `strict` keeps a request's `GPT-4O`.
+        let per_model = self.per_model.get(model).or_else(|| {
+            model
+                .chars()
+                .any(char::is_uppercase)
+                .then(|| self.per_model.get(&model.to_lowercase()))
+                .flatten()
+        });
+        per_model.copied().or(self.default)
     }
 }
 
