@@ -66,11 +66,12 @@ impl Exchange {
 
     /// The scope this exchange is looked up in.
     pub fn scope(&self, by: ScopeBy) -> Scope {
-        let or_anonymous = |id: &Option<String>| id.clone().unwrap_or_else(|| "anonymous".into());
-        match by {
-            ScopeBy::Global => Scope::Global,
-            ScopeBy::User => Scope::User(or_anonymous(&self.user)),
-            ScopeBy::Session => Scope::Session(or_anonymous(&self.session)),
+        // An exchange without the id is keyed globally: any stand-in id ("anonymous") could be a
+        // real user's, who would then be served what others asked.
+        match (by, &self.user, &self.session) {
+            (ScopeBy::User, Some(user), _) => Scope::User(user.clone()),
+            (ScopeBy::Session, _, Some(session)) => Scope::Session(session.clone()),
+            _ => Scope::Global,
         }
     }
 }
@@ -82,9 +83,9 @@ pub enum ScopeBy {
     /// Everyone shares entries.
     #[default]
     Global,
-    /// Per the exchange's `user` (`anonymous` when absent).
+    /// Per the exchange's `user` (global when it has none).
     User,
-    /// Per the exchange's `session` (`anonymous` when absent).
+    /// Per the exchange's `session` (global when it has none).
     Session,
 }
 

@@ -292,9 +292,19 @@ fn user_scoped_replay_keeps_users_apart() -> Result<()> {
             r#"{{"request": {{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "hi"}}]}}, "response": {{"usage": {{"prompt_tokens": 1000, "completion_tokens": 1000}}}}, "provider": "openai", "user": "{user}"}}"#
         )
     };
+    // The last line has no user: it must not be served what a user named "anonymous" asked.
+    let no_user = line("x").replace(r#", "user": "x""#, "");
     std::fs::write(
         &log,
-        [line("a"), line("b"), line("a"), line("b")].join("\n"),
+        [
+            line("a"),
+            line("b"),
+            line("a"),
+            line("b"),
+            line("anonymous"),
+            no_user,
+        ]
+        .join("\n"),
     )?;
     let run = |scope: &str| -> Result<Value> {
         let output = strata(dir.path())?
@@ -305,14 +315,14 @@ fn user_scoped_replay_keeps_users_apart() -> Result<()> {
         json_of(&output)
     };
     let by_user = run("user")?;
-    assert_eq!(n(&by_user, &["misses"]), 2);
-    assert_eq!(n(&by_user, &["hits", "l1"]), 2);
+    assert_eq!(n(&by_user, &["misses"]), 4, "{by_user}");
+    assert_eq!(n(&by_user, &["hits", "l1"]), 2, "{by_user}");
     let global = run("global")?;
     assert_eq!(n(&global, &["misses"]), 1);
-    assert_eq!(n(&global, &["hits", "l1"]), 3);
+    assert_eq!(n(&global, &["hits", "l1"]), 5);
     // Priced from usage: 1000 input + 1000 output tokens of gpt-4o-mini at $0.15 / $0.60 per 1M.
     let saved = global["cost_saved_usd"].as_f64().unwrap_or(0.0);
-    assert!((saved - 3.0 * 0.00075).abs() < 1e-12, "{saved}");
+    assert!((saved - 5.0 * 0.00075).abs() < 1e-12, "{saved}");
     Ok(())
 }
 
