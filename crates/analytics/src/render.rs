@@ -190,7 +190,8 @@ pub fn table(report: &Report, width: u16) -> String {
         hot.load_preset(presets::UTF8_BORDERS_ONLY)
             .set_content_arrangement(ContentArrangement::Dynamic)
             .set_width(width)
-            .set_header(vec!["hot key", "hits", "model", "request"]);
+            // The sketch counts since the first record, whatever the period.
+            .set_header(vec!["hot key (all time)", "hits", "model", "request"]);
         for key in &report.hot_keys {
             let short =
                 key.cache_key
@@ -529,7 +530,7 @@ td.text {{ text-align: left; }}
     }
     page.push_str("</table>\n");
     if !report.hot_keys.is_empty() {
-        page.push_str("<h2>Hot keys</h2>\n<table><tr><th>key</th><th>hits</th><th>model</th><th>request</th></tr>\n");
+        page.push_str("<h2>Hot keys (all time, whatever the period)</h2>\n<table><tr><th>key</th><th>hits</th><th>model</th><th>request</th></tr>\n");
         for k in &report.hot_keys {
             let _ = writeln!(
                 page,

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::rollup::{AGE_BUCKETS_SECS, HourRow, Rollup, add_each, nano_to_usd};
@@ -236,9 +236,10 @@ pub struct ReportExtras {
 pub struct Report {
     /// When it was built.
     pub generated_at: DateTime<Utc>,
-    /// Start of the period (`None`: from the first row).
+    /// Start of the period (`None`: from the first row), at the start of its hour: rollups are
+    /// hourly, and the hour a bound falls in is counted whole.
     pub since: Option<DateTime<Utc>>,
-    /// End of the period (`None`: up to now).
+    /// End of the period (`None`: up to now), at the end of its hour.
     pub until: Option<DateTime<Utc>>,
     /// Nodes whose rollups are in (empty: this node only).
     pub nodes: Vec<String>,
@@ -257,7 +258,8 @@ pub struct Report {
     pub by_day: Vec<Summary>,
     /// Per UTC hour, oldest first.
     pub by_hour: Vec<Summary>,
-    /// The hottest keys.
+    /// The hottest keys since the first record (the sketch is not kept per hour): not limited
+    /// to the period.
     pub hot_keys: Vec<HotKey>,
     /// Entries never hit and older than a threshold.
     pub cold: Option<ColdEntries>,
@@ -336,10 +338,17 @@ impl Report {
         let suggestions = suggestions(&totals, &by_model, &extras);
         let mut hot_keys = extras.hot_keys;
         hot_keys.truncate(options.top);
+        // Rollups are hourly: the period covered is the whole hours the bounds fall in.
+        let hour = chrono::TimeDelta::hours(1);
+        let floor = |t: DateTime<Utc>| t.duration_trunc(hour).unwrap_or(t);
+        let ceil = |t: DateTime<Utc>| match floor(t) {
+            start if start == t => t,
+            start => start.checked_add_signed(hour).unwrap_or(t),
+        };
         Report {
             generated_at: Utc::now(),
-            since: options.since,
-            until: options.until,
+            since: options.since.map(floor),
+            until: options.until.map(ceil),
             nodes: extras.nodes,
             totals: Summary::of(String::new(), &totals),
             group_by: options.group_by,
@@ -538,6 +547,39 @@ mod tests {
         );
         assert_eq!(recent.totals.requests, 10);
         assert!((recent.totals.cost_saved_usd - 1.5).abs() < 1e-9);
+    }
+
+    /// The period a report shows is the hours it counts: a bound inside an hour takes it whole.
+    #[test]
+    fn the_period_shown_is_the_whole_hours_counted() {
+        let at = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let h = RowKey::hour_of(at("2026-11-29T20:14:00Z"));
+        let rows = vec![row(h, "m", |r| r.lookups = 7)];
+        let report = Report::build(
+            &rows,
+            &ReportOptions {
+                since: Some(at("2026-11-29T20:14:55Z")),
+                until: Some(at("2026-11-29T20:14:58Z")),
+                ..Default::default()
+            },
+            ReportExtras::default(),
+        );
+        assert_eq!(report.totals.requests, 7);
+        assert_eq!(report.since, Some(at("2026-11-29T20:00:00Z")));
+        assert_eq!(report.until, Some(at("2026-11-29T21:00:00Z")));
+        let exact = Report::build(
+            &rows,
+            &ReportOptions {
+                until: Some(at("2026-11-29T21:00:00Z")),
+                ..Default::default()
+            },
+            ReportExtras::default(),
+        );
+        assert_eq!(exact.until, Some(at("2026-11-29T21:00:00Z")));
     }
 
     /// Rows and hot keys from other nodes' documents are read as given: counts at the top of
