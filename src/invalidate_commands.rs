@@ -47,7 +47,8 @@ pub struct SelectorArgs {
 
 impl SelectorArgs {
     fn selector(&self) -> Option<Selector> {
-        let s = |v: &Option<String>| v.clone();
+        // An empty name selects nothing: it is treated as not given (and refused if alone).
+        let s = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
         if let Some(k) = s(&self.key) {
             return Some(Selector::Key(k));
         }
@@ -130,7 +131,9 @@ pub async fn invalidate(config: &Config, args: &SelectorArgs, json: bool) -> Res
         bar.finish_and_clear();
         done
     } else {
-        let selector = args.selector().context("no selector given")?;
+        let selector = args
+            .selector()
+            .context("no selector given (an empty one selects nothing)")?;
         let estimate = match selector {
             Selector::Key(_) => Ok(0),
             _ => cache.estimate(&selector).await,

@@ -131,9 +131,10 @@ pub async fn run(config: &Config, args: ReportArgs) -> Result<ExitCode> {
     let report = report?;
     let text = rendered(&report, args.format, render::terminal_width())?;
     match &args.out {
-        Some(path) => std::fs::write(path, text)
+        // `-` is standard output, as for every other file argument.
+        Some(path) if path.as_os_str() != "-" => std::fs::write(path, text)
             .with_context(|| format!("writing the report to {}", path.display()))?,
-        None => out!("{text}")?,
+        _ => out!("{text}")?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -938,6 +938,18 @@ fn invalidate_by_key_and_tag_and_clear_without_s3() -> Result<()> {
     );
     assert!(!served(Some("ann"))?);
 
+    let empty = strata(dir.path())?
+        .args(["invalidate", "--model", ""])
+        .output()?;
+    assert_eq!(empty.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("no selector given"));
+    // `--out -` is standard output.
+    let report = strata(dir.path())?
+        .args(["report", "--format", "json", "--out", "-"])
+        .output()?;
+    succeeded_json(&report)?;
+    assert!(!dir.path().join("-").exists());
+
     let two = strata(dir.path())?
         .args(["invalidate", "--model", "a", "--tag", "b"])
         .output()?;

@@ -370,9 +370,10 @@ fn classify(config: &DiskConfig, error: sled::Error) -> OpenFailure {
         sled::Error::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
             OpenFailure::Corrupt(format!("a file of the database is missing ({e})"))
         }
+        // sled's own text ends in the Debug form of the OS error: it adds nothing here.
         sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
             OpenFailure::Locked(format!(
-                "cannot open disk tier at {}: another strata process or cache is using it ({e})",
+                "cannot open disk tier at {}: another strata process or cache is using it",
                 config.path.display()
             ))
         }
