@@ -271,6 +271,17 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
+/// A text cell a spreadsheet will not run: a group (a model or provider name, from requests)
+/// that starts like a formula (`=`, `+`, `-`, `@`, tab, carriage return) gets a leading `'`,
+/// as OWASP advises for CSV meant for spreadsheets.
+fn inert_cell(text: &str) -> String {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_owned()
+    }
+}
+
 /// The report as pretty JSON.
 pub fn json(report: &Report) -> Result<String, RenderError> {
     Ok(serde_json::to_string_pretty(report)?)
@@ -299,7 +310,7 @@ pub fn csv(report: &Report) -> Result<String, RenderError> {
     ])?;
     for g in &report.groups {
         writer.write_record([
-            g.group.clone(),
+            inert_cell(&g.group),
             g.requests.to_string(),
             format!("{:.6}", g.hit_rate),
             g.hits.l1.to_string(),

@@ -607,8 +607,9 @@ mod tests {
             row(h, "a", huge),
             row(last_hour, "b", huge),
             row(i64::MAX, "c", huge),
-            // A model name that would clear the screen.
+            // A model name that would clear the screen, and one a spreadsheet would run.
             row(h, "d\u{1b}[2J", huge),
+            row(h, "=cmd|' /C calc'!A0", huge),
         ];
         let extras = ReportExtras {
             hot_keys: vec![HotKey {
@@ -639,6 +640,9 @@ mod tests {
             table.contains("d\\u{1b}[") && table.contains("hi\\u{7}"),
             "{table}"
         );
+        let csv = crate::render::csv(&report).unwrap_or_default();
+        assert!(csv.contains("'=cmd|"), "{csv}");
+        assert!(!csv.lines().any(|l| l.starts_with('=')), "{csv}");
         for rendered in [crate::render::json(&report), crate::render::html(&report)] {
             assert!(rendered.is_ok_and(|text| !text.is_empty()));
         }
