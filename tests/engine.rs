@@ -167,6 +167,40 @@ async fn put_drop_reopen_is_an_l2_hit_then_an_l1_hit() -> Result<()> {
     Ok(())
 }
 
+/// Entries reach the disk tier behind the caller: a put is served from below L1 at once, a
+/// removal right after a put is not undone by the write landing later, and dropping the cache
+/// lands every queued write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_behind_the_caller_are_seen_at_once_and_land_before_drop() -> Result<()> {
+    let dir = TempDir::new()?;
+    {
+        let cache = cache_with_disk(&dir)?;
+        for i in 0..600 {
+            let text = format!("behind {i}");
+            cache
+                .put(&request(&text), &Scope::Global, completion(&text))
+                .await?;
+        }
+        let seen = cache.key(&request("behind 599"), &Scope::Global)?;
+        cache.memory().remove_id(seen.key.id()).await;
+        let below = cache.get(&request("behind 599"), &Scope::Global).await?;
+        assert_eq!(below.map(|l| l.outcome), Some(Outcome::L2));
+        cache.remove(&request("behind 7"), &Scope::Global).await?;
+    }
+    let cache = cache_with_disk(&dir)?;
+    for i in 0..600 {
+        let text = format!("behind {i}");
+        let found = cache.get(&request(&text), &Scope::Global).await?;
+        if i == 7 {
+            assert!(found.is_none(), "a removed entry came back");
+        } else {
+            let found = found.ok_or_else(|| anyhow::anyhow!("{text} was not written"))?;
+            assert_eq!((found.outcome, answer(&found)), (Outcome::L2, text));
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_cost_that_is_no_amount_is_priced_and_the_entry_reads_back() -> Result<()> {
     let dir = TempDir::new()?;
@@ -341,6 +375,9 @@ async fn a_corrupt_copy_on_disk_is_a_counted_miss_and_is_removed() -> Result<()>
     );
     let fresh = execute(&cache, &request("fragile"), &Scope::Global, "recomputed").await?;
     assert_eq!(answer(&fresh), "recomputed");
+    // Writes below L1 happen behind the caller; flushing lands them before the tier is
+    // written to directly.
+    cache.flush().await?;
     // The same through `get_or_execute`, which reads L2 before taking the single-flight slot
     // and again inside it: the corrupt copy is counted once, removed, and replaced.
     cache.memory().remove_id(key.id()).await;
@@ -355,6 +392,7 @@ async fn a_corrupt_copy_on_disk_is_a_counted_miss_and_is_removed() -> Result<()>
     assert_eq!(replaced.outcome, Outcome::Miss);
     assert_eq!(answer(&replaced), "recomputed again");
     assert_eq!(cache.stats().errors.corrupt, 2);
+    cache.flush().await?;
     assert_eq!(
         tier.get(&key).await?.map(|e| answer_of(&e)),
         Some("recomputed again".to_string())

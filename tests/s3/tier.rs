@@ -288,6 +288,8 @@ async fn outbox_entries_from_before_a_crash_reach_s3_after_reopen() -> Result<()
                     )
                     .await?;
             }
+            // Entries reach the outbox behind the caller; a crash before that loses them.
+            a.cache.settle().await;
             anyhow::Ok(a)
         })?;
         assert_eq!(a.s3.pending(), 20);
@@ -491,6 +493,7 @@ async fn queued_uploads_outlive_disk_eviction_and_invalidated_copies_stay_local(
         &"an answer of some length. ".repeat(12),
     )
     .await?;
+    cache.settle().await;
     // Eviction runs on the blocking pool; wait for it to bring the tier under its bound.
     let started = std::time::Instant::now();
     while disk.usage().bytes > disk_config.capacity && started.elapsed() < Duration::from_secs(10) {
@@ -503,6 +506,7 @@ async fn queued_uploads_outlive_disk_eviction_and_invalidated_copies_stay_local(
         .put(&request("withdrawn"), &Scope::Global, completion("w"))
         .await?;
     let withdrawn = cache.key(&request("withdrawn"), &Scope::Global)?;
+    cache.settle().await;
     disk.remove(&withdrawn.key).await?;
     assert_eq!(s3.pending(), 41);
 

@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use strata_analytics::{
-    Analytics, AnalyticsConfig, Counters, ErrorKind, Event, Outcome, Pricing, Stats, TierName,
+    Analytics, AnalyticsConfig, ErrorKind, Event, Outcome, Pricing, Stats, TierName,
 };
 use strata_core::{
     CacheKey, Codec, Cost, Entry, Keyed, ModelSlug, Normalizer, Profile, RequestError, Scope,
@@ -39,7 +39,7 @@ use crate::error::TierError;
 use crate::memory::MemoryTier;
 use crate::s3::S3Tier;
 use crate::tier::{Tier, TierUsage};
-use strata_analytics::{Throttle, throttled};
+use crate::writer::{Failures, Sink, Writer};
 
 /// How long entries live: a default and per-model overrides (keyed by normalized model name).
 #[derive(Debug, Clone, Default)]
@@ -290,6 +290,22 @@ impl TieredCacheBuilder {
             .then(|| self.normalizer.with_profile(Profile::Aggressive));
         // Without S3 there is no one else's invalidation to learn.
         let (epochs_known_tx, epochs_known) = tokio::sync::watch::channel(self.l3.is_none());
+        let failures = Arc::new(Failures::default());
+        // A custom L2 (not the disk tier) is written on the caller's path, as its trait allows.
+        let writes_behind = match (&self.disk, &self.l2) {
+            (Some(_), _) => true,
+            (None, Some(_)) => false,
+            (None, None) => self.l3.is_some(),
+        };
+        let writer = writes_behind
+            .then(|| {
+                Writer::start(Sink {
+                    disk: self.disk.clone(),
+                    l3: self.l3.clone(),
+                    failures: Arc::clone(&failures),
+                })
+            })
+            .flatten();
         let cache = TieredCache {
             inner: Arc::new(Inner {
                 analytics: analytics.and_then(Result::ok),
@@ -300,11 +316,11 @@ impl TieredCacheBuilder {
                 l2: self.l2,
                 disk: self.disk,
                 l3: self.l3,
-                counters: Counters::default(),
+                failures: Arc::clone(&failures),
+                writer,
                 baseline,
                 ttl: self.ttl,
                 pricing: self.pricing,
-                warnings: Default::default(),
                 unpriced: Mutex::default(),
                 epochs_known,
                 stop_waiting_for_epochs: AtomicBool::new(false),
@@ -343,7 +359,7 @@ fn spawn_stats_saver(cache: &TieredCache) {
         loop {
             tokio::time::sleep(STATS_SAVE_INTERVAL).await;
             let Some(inner) = weak.upgrade() else { return };
-            let now = inner.counters.snapshot();
+            let now = inner.failures.counters.snapshot();
             if now != saved
                 && let Some(disk) = &inner.disk
             {
@@ -368,7 +384,10 @@ pub(crate) struct Inner {
     pub(crate) l2: Option<Arc<dyn Tier>>,
     pub(crate) disk: Option<DiskTier>,
     pub(crate) l3: Option<S3Tier>,
-    pub(crate) counters: Counters,
+    /// The counters, and the throttled warnings about failing tiers (shared with the writer).
+    pub(crate) failures: Arc<Failures>,
+    /// Writes entries below L1 off the caller's path (`None`: a custom L2, written inline).
+    writer: Option<Writer>,
     baseline: Stats,
     pub(crate) ttl: TtlPolicy,
     pricing: Pricing,
@@ -377,8 +396,6 @@ pub(crate) struct Inner {
     /// The `aggressive` profile, to count misses that would have hit under it (`None` when the
     /// cache uses it already).
     aggressive: Option<Normalizer>,
-    /// Warnings about failing tiers, L1 to L3, one per interval each.
-    warnings: [Throttle; 3],
     /// Models already warned about for having no price.
     unpriced: Mutex<HashSet<String>>,
     /// Whether the first refresh of the invalidation epochs from S3 since open has been tried.
@@ -398,10 +415,12 @@ const FIRST_REFRESH_WAIT: Duration = Duration::from_secs(10);
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Stops the recorder after a last persist, before the disk tier's final flush.
+        // Writes what is queued, then stops the recorder after a last persist, before the disk
+        // tier's final flush.
+        drop(self.writer.take());
         drop(self.analytics.take());
         if let Some(disk) = &self.disk {
-            let total = self.baseline.merged(&self.counters.snapshot());
+            let total = self.baseline.merged(&self.failures.counters.snapshot());
             if let Err(e) = disk.save_stats(&total).and_then(|()| disk.flush_blocking()) {
                 tracing::warn!(error = %e, "flushing the disk tier on drop failed");
             }
@@ -469,7 +488,7 @@ impl TieredCache {
 
     /// This process's counters.
     pub fn stats(&self) -> Stats {
-        self.inner.counters.snapshot()
+        self.inner.failures.counters.snapshot()
     }
 
     /// Counters over the cache's whole life: what the disk tier stored at the last close, plus
@@ -515,12 +534,12 @@ impl TieredCache {
         };
         match found {
             Some((entry, outcome)) => {
-                inner.counters.record(outcome, Some(&entry));
+                inner.failures.counters.record(outcome, Some(&entry));
                 inner.note(outcome, Some(&entry), keyed, started, None);
                 Some(Lookup { entry, outcome })
             }
             None => {
-                inner.counters.record(Outcome::Miss, None);
+                inner.failures.counters.record(Outcome::Miss, None);
                 inner.note(Outcome::Miss, None, keyed, started, None);
                 None
             }
@@ -569,11 +588,14 @@ impl TieredCache {
                 let keyed = uncacheable(request, scope);
                 let started = Instant::now();
                 let completion = executor().await.map_err(|e| {
-                    inner.counters.record_executor_error();
+                    inner.failures.counters.record_executor_error();
                     Arc::new(e)
                 })?;
                 let entry = Arc::new(inner.build_entry(&keyed, completion, started.elapsed()));
-                inner.counters.record(Outcome::Uncacheable, Some(&entry));
+                inner
+                    .failures
+                    .counters
+                    .record(Outcome::Uncacheable, Some(&entry));
                 inner.note(Outcome::Uncacheable, Some(&entry), &keyed, started, None);
                 return Ok(Lookup {
                     entry,
@@ -646,6 +668,7 @@ impl TieredCache {
                 // A stored value of another shape (the type changed between releases): drop it
                 // and compute afresh when we still can.
                 inner
+                    .failures
                     .counters
                     .record_error(TierName::L1, ErrorKind::Corrupt);
                 inner.remove(&keyed.key).await;
@@ -674,6 +697,7 @@ impl TieredCache {
     /// rollups; with an S3 tier, uploads the outbox and this node's daily rollups too. If S3
     /// cannot take them, the error says so and they stay queued (durably) for the next try.
     pub async fn flush(&self) -> Result<(), TierError> {
+        self.inner.settle().await;
         if let Some(analytics) = &self.inner.analytics {
             analytics.flush()?;
         }
@@ -688,6 +712,14 @@ impl TieredCache {
             self.publish_analytics(&[]).await?;
         }
         Ok(())
+    }
+
+    /// Waits until every entry stored so far has been written below L1 (to the disk tier and
+    /// the S3 outbox, which writer threads do behind the callers). Lookups see such entries
+    /// before that anyway; this is for reading or changing the tiers directly. Not durable
+    /// until [`TieredCache::flush`].
+    pub async fn settle(&self) {
+        self.inner.settle().await;
     }
 
     /// Flushes, then releases this handle. The database closes when the last clone is dropped.
@@ -710,7 +742,7 @@ impl TieredCache {
         if let Some(entry) = inner.memory.get_id(id).await {
             match inner.verdict(&entry, keyed) {
                 Verdict::Serve => {
-                    inner.counters.record(Outcome::L1, Some(&entry));
+                    inner.failures.counters.record(Outcome::L1, Some(&entry));
                     return Ok(Lookup {
                         entry,
                         outcome: Outcome::L1,
@@ -721,11 +753,12 @@ impl TieredCache {
                     inner.memory.remove_id(id).await;
                 }
                 Verdict::Invalidated => {
-                    inner.counters.record_invalidated();
+                    inner.failures.counters.record_invalidated();
                     inner.memory.remove_id(id).await;
                 }
                 Verdict::Collision => {
                     inner
+                        .failures
                         .counters
                         .record_error(TierName::L1, ErrorKind::Collision);
                     if let Some(fill) = fill.take() {
@@ -738,7 +771,7 @@ impl TieredCache {
         // which only the slow paths (S3, the executor) need.
         if let Some(entry) = inner.servable_l2(keyed).await {
             inner.memory.insert_id(id, Arc::clone(&entry)).await;
-            inner.counters.record(Outcome::L2, Some(&entry));
+            inner.failures.counters.record(Outcome::L2, Some(&entry));
             return Ok(Lookup {
                 entry,
                 outcome: Outcome::L2,
@@ -749,12 +782,15 @@ impl TieredCache {
         let result = inner.memory.cache().try_get_with(id, init).await;
         match (result, led) {
             (Ok(entry), Some(outcome)) => {
-                inner.counters.record(outcome, Some(&entry));
+                inner.failures.counters.record(outcome, Some(&entry));
                 Ok(Lookup { entry, outcome })
             }
             (Ok(entry), None) => match (inner.verdict(&entry, keyed), fill.take()) {
                 (Verdict::Serve, _) | (_, None) => {
-                    inner.counters.record(Outcome::Coalesced, Some(&entry));
+                    inner
+                        .failures
+                        .counters
+                        .record(Outcome::Coalesced, Some(&entry));
                     Ok(Lookup {
                         entry,
                         outcome: Outcome::Coalesced,
@@ -763,6 +799,7 @@ impl TieredCache {
                 // Another lookup with the same digest but a different request filled the slot.
                 (_, Some(fill)) => {
                     inner
+                        .failures
                         .counters
                         .record_error(TierName::L1, ErrorKind::Collision);
                     inner.fill_and_store(keyed, fill).await
@@ -770,9 +807,9 @@ impl TieredCache {
             },
             (Err(e), led) => {
                 if led == Some(Outcome::Miss) {
-                    inner.counters.record_executor_error();
+                    inner.failures.counters.record_executor_error();
                 }
-                inner.counters.record(Outcome::Miss, None);
+                inner.failures.counters.record(Outcome::Miss, None);
                 Err(e)
             }
         }
@@ -802,7 +839,7 @@ impl Inner {
 
     /// Counts an entry found past its expiry, and records its age (for TTL suggestions).
     fn expired(&self, entry: &Arc<Entry>) {
-        self.counters.record_expired();
+        self.failures.counters.record_expired();
         if let Some(analytics) = &self.analytics {
             analytics.record(Event::Expired(Arc::clone(entry)));
         }
@@ -830,12 +867,13 @@ impl Inner {
                 None
             }
             Verdict::Invalidated => {
-                self.counters.record_invalidated();
+                self.failures.counters.record_invalidated();
                 self.memory.remove_id(keyed.key.id()).await;
                 None
             }
             Verdict::Collision => {
-                self.counters
+                self.failures
+                    .counters
                     .record_error(TierName::L1, ErrorKind::Collision);
                 None
             }
@@ -865,7 +903,7 @@ impl Inner {
         };
         let entry = Arc::new(fill().await?);
         self.store_below(&keyed.key, &entry).await;
-        self.counters.record_put();
+        self.failures.counters.record_put();
         Ok(entry)
     }
 
@@ -877,13 +915,13 @@ impl Inner {
         let entry = match fill().await {
             Ok(entry) => Arc::new(entry),
             Err(e) => {
-                self.counters.record_executor_error();
-                self.counters.record(Outcome::Miss, None);
+                self.failures.counters.record_executor_error();
+                self.failures.counters.record(Outcome::Miss, None);
                 return Err(Arc::new(e));
             }
         };
         self.store(&keyed.key, &entry).await;
-        self.counters.record(Outcome::Miss, Some(&entry));
+        self.failures.counters.record(Outcome::Miss, Some(&entry));
         Ok(Lookup {
             entry,
             outcome: Outcome::Miss,
@@ -906,6 +944,26 @@ impl Inner {
             tracing::warn!(
                 "the invalidation epochs could not be fetched from S3 in time; serving with the ones this node knows"
             );
+        }
+    }
+
+    /// The L2 copy of `key`: the one queued for writing if there is one, else the tier's.
+    async fn l2_get(
+        &self,
+        l2: &Arc<dyn Tier>,
+        key: &CacheKey,
+    ) -> Result<Option<Arc<Entry>>, TierError> {
+        if let Some(entry) = self.writer.as_ref().and_then(|w| w.pending(key.id())) {
+            return Ok(Some(entry));
+        }
+        l2.get(key).await
+    }
+
+    /// Waits until every entry queued for writing below L1 has been written: what removes or
+    /// reads the tiers' contents wholesale calls it first.
+    pub(crate) async fn settle(&self) {
+        if let Some(writer) = &self.writer {
+            writer.settle().await;
         }
     }
 
@@ -933,19 +991,22 @@ impl Inner {
                 Verdict::Expired => self.expired(&Arc::new(entry)),
                 Verdict::Invalidated => {
                     // The objects stay for `gc`; this node stops pointing at them.
-                    self.counters.record_invalidated();
+                    self.failures.counters.record_invalidated();
                     if let Err(e) = l3.forget(&keyed.key) {
                         self.tier_failed(TierName::L3, "forget", &e);
                     }
                 }
                 Verdict::Collision => {
-                    self.counters
+                    self.failures
+                        .counters
                         .record_error(TierName::L3, ErrorKind::Collision);
                 }
             },
             Ok(None) => {}
             Err(TierError::Corrupt(_)) => {
-                self.counters.record_error(TierName::L3, ErrorKind::Corrupt);
+                self.failures
+                    .counters
+                    .record_error(TierName::L3, ErrorKind::Corrupt);
             }
             Err(e) => self.tier_failed(TierName::L3, "get", &e),
         }
@@ -971,13 +1032,15 @@ impl Inner {
     async fn servable_l2(&self, keyed: &Keyed) -> Option<Arc<Entry>> {
         let l2 = self.l2.as_ref()?;
         self.epochs_known().await;
-        match l2.get(&keyed.key).await {
+        match self.l2_get(l2, &keyed.key).await {
             Ok(Some(entry)) => {
                 matches!(self.verdict(&entry, keyed), Verdict::Serve).then_some(entry)
             }
             Ok(None) => None,
             Err(TierError::Corrupt(_)) => {
-                self.counters.record_error(l2.name(), ErrorKind::Corrupt);
+                self.failures
+                    .counters
+                    .record_error(l2.name(), ErrorKind::Corrupt);
                 None
             }
             Err(_) => None,
@@ -986,26 +1049,30 @@ impl Inner {
 
     async fn lookup_l2(&self, keyed: &Keyed) -> Option<(Arc<Entry>, Outcome)> {
         let l2 = self.l2.as_ref()?;
-        match l2.get(&keyed.key).await {
+        match self.l2_get(l2, &keyed.key).await {
             Ok(Some(entry)) => match self.verdict(&entry, keyed) {
                 Verdict::Serve => return Some((entry, Outcome::L2)),
                 Verdict::Expired | Verdict::Invalidated => {
                     if entry.is_expired_at(Utc::now()) {
                         self.expired(&entry);
                     } else {
-                        self.counters.record_invalidated();
+                        self.failures.counters.record_invalidated();
                     }
                     if let Err(e) = l2.remove(&keyed.key).await {
                         self.tier_failed(l2.name(), "remove", &e);
                     }
                 }
                 Verdict::Collision => {
-                    self.counters.record_error(l2.name(), ErrorKind::Collision);
+                    self.failures
+                        .counters
+                        .record_error(l2.name(), ErrorKind::Collision);
                 }
             },
             Ok(None) => {}
             Err(TierError::Corrupt(_)) => {
-                self.counters.record_error(l2.name(), ErrorKind::Corrupt);
+                self.failures
+                    .counters
+                    .record_error(l2.name(), ErrorKind::Corrupt);
             }
             Err(e) => self.tier_failed(l2.name(), "get", &e),
         }
@@ -1013,6 +1080,9 @@ impl Inner {
     }
 
     async fn store_below(&self, key: &CacheKey, entry: &Arc<Entry>) {
+        if let Some(writer) = &self.writer {
+            return writer.store(key, entry).await;
+        }
         let Some(l3) = &self.l3 else {
             if let Some(l2) = &self.l2
                 && let Err(e) = l2.put(key, entry).await
@@ -1063,10 +1133,12 @@ impl Inner {
     async fn store(&self, key: &CacheKey, entry: &Arc<Entry>) {
         self.memory.insert_id(key.id(), Arc::clone(entry)).await;
         self.store_below(key, entry).await;
-        self.counters.record_put();
+        self.failures.counters.record_put();
     }
 
     pub(crate) async fn remove(&self, key: &CacheKey) {
+        // A queued write of this key would otherwise land after the removal.
+        self.settle().await;
         self.memory.remove_id(key.id()).await;
         if let Some(l2) = &self.l2
             && let Err(e) = l2.remove(key).await
@@ -1100,14 +1172,7 @@ impl Inner {
     }
 
     pub(crate) fn tier_failed(&self, tier: TierName, op: &str, error: &TierError) {
-        self.counters.record_error(tier, ErrorKind::Io);
-        throttled!(
-            self.warnings[tier.index()],
-            ?tier,
-            op,
-            %error,
-            "cache tier failed; treating as a miss"
-        );
+        self.failures.tier_failed(tier, op, error);
     }
 
     fn build_entry(&self, keyed: &Keyed, completion: Completion, measured: Duration) -> Entry {

@@ -617,12 +617,13 @@ impl Tier for DiskTier {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
     use strata_core::{Normalizer, Scope};
 
-    fn entry(i: usize) -> (CacheKey, Arc<Entry>) {
+    /// A distinct entry per `i`, with a response too long to store uncompressed.
+    pub(crate) fn entry(i: usize) -> (CacheKey, Arc<Entry>) {
         let request = json!({"model": "m", "messages": [{"role": "user", "content": format!("question {i}")}]});
         let keyed = Normalizer::default()
             .key(&request, &Scope::Global)

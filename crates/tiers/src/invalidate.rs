@@ -122,6 +122,8 @@ impl TieredCache {
     /// had one.
     async fn remove_everywhere(&self, key: &CacheKey) -> Result<bool, TierError> {
         let inner = &self.inner;
+        // Queued writes land first: none may bring back what this removes.
+        inner.settle().await;
         let mut found = inner.memory.get_id(key.id()).await.is_some();
         if let Some(disk) = &inner.disk {
             found |= disk.remove_id(key.id())?;
@@ -210,6 +212,8 @@ impl TieredCache {
         mut progress: impl FnMut(Progress),
     ) -> Result<Invalidation, TierError> {
         let inner = &self.inner;
+        // Queued writes land first: none may bring back what this removes.
+        inner.settle().await;
         let matcher = globset::Glob::new(pattern)
             .map_err(|e| TierError::Invalid(format!("pattern `{pattern}`: {e}")))?
             .compile_matcher();
@@ -293,6 +297,8 @@ impl TieredCache {
     /// which the `strata clear` command runs next. Returns how many entries this node held.
     pub async fn clear(&self) -> Result<Invalidation, TierError> {
         let inner = &self.inner;
+        // Queued writes land first: none may bring back what this removes.
+        inner.settle().await;
         inner.epochs.bump(&Selector::All)?;
         inner.epochs.flush().await?;
         let in_memory = inner.memory.cache().entry_count();
@@ -323,6 +329,8 @@ impl TieredCache {
         mut progress: impl FnMut(Progress),
     ) -> Result<GcReport, TierError> {
         let inner = &self.inner;
+        // Queued writes land first: none may bring back what this removes.
+        inner.settle().await;
         let mut report = GcReport {
             dry_run,
             ..GcReport::default()

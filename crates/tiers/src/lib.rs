@@ -22,6 +22,7 @@ pub mod memory;
 pub mod reports;
 pub mod s3;
 pub mod tier;
+mod writer;
 
 pub use cache::{Completion, Lookup, TieredCache, TieredCacheBuilder, TtlPolicy};
 pub use disk::{DiskConfig, DiskTier, Swept};

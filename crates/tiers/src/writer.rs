@@ -1,0 +1,324 @@
+//! Write-behind: entries reach the disk tier (and the S3 outbox) on writer threads, off the
+//! caller's path.
+//!
+//! Encoding an entry (zstd) and inserting it into sled take most of a put; a caller that has
+//! just stored an answer in L1 need not wait for them. [`Writer`] hands each entry to one of a
+//! few writer threads, chosen by key so that writes of one key stay in order, through a bounded
+//! queue: a caller that outruns the threads waits for room, so the queue never holds more than
+//! [`QUEUE_PER_THREAD`] entries per thread and a sustained stream of puts goes at the speed the
+//! writes really take.
+//!
+//! Until its write lands, a queued entry is *pending*: [`Writer::pending`] returns it, and the
+//! lookup path reads it as the L2 copy, so a put is visible below L1 the moment it returns.
+//! [`Writer::settle`] waits for every write queued so far; removal, clearing, garbage collection
+//! and flushing settle first, so a queued write never lands after (and undoes) any of them.
+//! Dropping the writer writes what is queued, then stops the threads.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use strata_analytics::{Counters, ErrorKind, Throttle, TierName, throttled};
+use strata_core::{CacheKey, Codec, Entry};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::disk::DiskTier;
+use crate::error::TierError;
+use crate::s3::S3Tier;
+
+/// Entries queued per writer thread before a put waits for room.
+pub(crate) const QUEUE_PER_THREAD: usize = 256;
+
+/// The most writer threads, whatever the machine's parallelism.
+const MAX_THREADS: usize = 4;
+
+/// Where a failing tier is counted and warned about: shared by the lookup path and the writers.
+#[derive(Default)]
+pub(crate) struct Failures {
+    pub(crate) counters: Counters,
+    /// Warnings about failing tiers, L1 to L3, one per interval each.
+    pub(crate) warnings: [Throttle; 3],
+}
+
+impl Failures {
+    /// Counts a failure of `tier` and warns about it (throttled).
+    pub(crate) fn tier_failed(&self, tier: TierName, op: &str, error: &TierError) {
+        self.counters.record_error(tier, ErrorKind::Io);
+        throttled!(
+            self.warnings[tier.index()],
+            ?tier,
+            op,
+            %error,
+            "cache tier failed; treating as a miss"
+        );
+    }
+}
+
+/// What a put writes below L1: the disk tier, the S3 outbox, or both.
+pub(crate) struct Sink {
+    pub(crate) disk: Option<DiskTier>,
+    pub(crate) l3: Option<S3Tier>,
+    pub(crate) failures: Arc<Failures>,
+}
+
+impl Sink {
+    /// Writes `entry` to the disk tier and queues it for S3; a failure is counted, never
+    /// returned (the entry is in L1 and the caller's work goes on).
+    pub(crate) fn store(&self, key: &CacheKey, entry: &Entry) {
+        let failed = |tier, op, e: &TierError| self.failures.tier_failed(tier, op, e);
+        let codec = self
+            .disk
+            .as_ref()
+            .map_or_else(Codec::default, |d| *d.codec());
+        let envelope = match codec.encode(entry) {
+            Ok(envelope) => envelope,
+            Err(e) => return failed(TierName::L2, "encode", &TierError::Corrupt(e)),
+        };
+        let stored_on_disk = match &self.disk {
+            Some(disk) => match disk.put_encoded(key, &envelope) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed(TierName::L2, "put", &e);
+                    false
+                }
+            },
+            None => false,
+        };
+        let Some(l3) = &self.l3 else { return };
+        // The outbox refers to the disk copy rather than holding a second one (s3::outbox).
+        let queued = match &self.disk {
+            Some(disk) if stored_on_disk && l3.stores_beside(disk) => l3.enqueue_stored(key),
+            _ => l3.enqueue(key, &envelope),
+        };
+        if let Err(e) = queued {
+            failed(TierName::L3, "enqueue", &e);
+        }
+    }
+}
+
+enum Job {
+    Store(CacheKey, Arc<Entry>),
+    /// Answered once every job queued before it is done.
+    Settle(oneshot::Sender<()>),
+    /// Holds the thread until the sender is used or dropped (tests: a write that has not
+    /// landed yet).
+    #[cfg(test)]
+    Hold(std::sync::mpsc::Receiver<()>),
+}
+
+struct Lane {
+    queue: mpsc::Sender<Job>,
+    /// Entries queued and not yet written, by key id.
+    pending: Arc<Mutex<HashMap<u128, Arc<Entry>>>>,
+}
+
+/// The writer threads and their queues.
+pub(crate) struct Writer {
+    lanes: Vec<Lane>,
+    threads: Vec<JoinHandle<()>>,
+    sink: Arc<Sink>,
+}
+
+fn lock(pending: &Mutex<HashMap<u128, Arc<Entry>>>) -> MutexGuard<'_, HashMap<u128, Arc<Entry>>> {
+    // A writer that panicked mid-update leaves a map that is still whole.
+    pending
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Writer {
+    /// Starts the writer threads (one per core, at most [`MAX_THREADS`]). `None` if not even
+    /// one could be started: the caller then writes on its own path.
+    pub(crate) fn start(sink: Sink) -> Option<Writer> {
+        let sink = Arc::new(sink);
+        let wanted = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, MAX_THREADS);
+        let mut lanes = Vec::with_capacity(wanted);
+        let mut threads = Vec::with_capacity(wanted);
+        for n in 0..wanted {
+            let (queue, jobs) = mpsc::channel(QUEUE_PER_THREAD);
+            let pending = Arc::new(Mutex::new(HashMap::new()));
+            let (thread_sink, thread_pending) = (Arc::clone(&sink), Arc::clone(&pending));
+            let spawned = std::thread::Builder::new()
+                .name(format!("strata-writer-{n}"))
+                .spawn(move || run(jobs, &thread_sink, &thread_pending));
+            match spawned {
+                Ok(thread) => {
+                    lanes.push(Lane { queue, pending });
+                    threads.push(thread);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a writer thread");
+                    break;
+                }
+            }
+        }
+        if lanes.is_empty() {
+            return None;
+        }
+        Some(Writer {
+            lanes,
+            threads,
+            sink,
+        })
+    }
+
+    fn lane(&self, id: u128) -> &Lane {
+        // Lanes are never empty (`start`); the key's low bits are uniform.
+        &self.lanes[(id % self.lanes.len() as u128) as usize]
+    }
+
+    /// Queues `entry` for writing below L1, waiting for room when the queue is full.
+    pub(crate) async fn store(&self, key: &CacheKey, entry: &Arc<Entry>) {
+        let lane = self.lane(key.id());
+        lock(&lane.pending).insert(key.id(), Arc::clone(entry));
+        let job = Job::Store(key.clone(), Arc::clone(entry));
+        // The thread is gone (it panicked): write on the caller's path instead.
+        if let Err(mpsc::error::SendError(Job::Store(key, entry))) = lane.queue.send(job).await {
+            self.sink.store(&key, &entry);
+            unpend(&lane.pending, &key, &entry);
+        }
+    }
+
+    /// The entry queued for `id` and not written yet, if any.
+    pub(crate) fn pending(&self, id: u128) -> Option<Arc<Entry>> {
+        lock(&self.lane(id).pending).get(&id).cloned()
+    }
+
+    /// Waits until every write queued before this call has landed.
+    pub(crate) async fn settle(&self) {
+        let mut answers = Vec::with_capacity(self.lanes.len());
+        for lane in &self.lanes {
+            let (done, answer) = oneshot::channel();
+            if lane.queue.send(Job::Settle(done)).await.is_ok() {
+                answers.push(answer);
+            }
+        }
+        for answer in answers {
+            // An error means the thread is gone, and its queue with it.
+            let _ = answer.await;
+        }
+    }
+}
+
+fn unpend(pending: &Mutex<HashMap<u128, Arc<Entry>>>, key: &CacheKey, entry: &Arc<Entry>) {
+    let mut pending = lock(pending);
+    // A later put of the same key may be queued behind this one: leave its entry.
+    if pending
+        .get(&key.id())
+        .is_some_and(|p| Arc::ptr_eq(p, entry))
+    {
+        pending.remove(&key.id());
+    }
+}
+
+fn run(mut jobs: mpsc::Receiver<Job>, sink: &Sink, pending: &Mutex<HashMap<u128, Arc<Entry>>>) {
+    while let Some(job) = jobs.blocking_recv() {
+        match job {
+            Job::Store(key, entry) => {
+                sink.store(&key, &entry);
+                unpend(pending, &key, &entry);
+            }
+            Job::Settle(done) => {
+                let _ = done.send(());
+            }
+            #[cfg(test)]
+            Job::Hold(release) => {
+                let _ = release.recv();
+            }
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queues ends each thread once it has written what they hold.
+        self.lanes.clear();
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a writer thread panicked; entries it held were not written");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::DiskConfig;
+    use crate::disk::tests::entry;
+    use crate::tier::Tier;
+
+    fn writer_with_disk(dir: &tempfile::TempDir) -> (Writer, DiskTier) {
+        let disk = DiskTier::open(&DiskConfig::new(dir.path()), Codec::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sink = Sink {
+            disk: Some(disk.clone()),
+            l3: None,
+            failures: Arc::default(),
+        };
+        let writer = Writer::start(sink).unwrap_or_else(|| panic!("no writer thread"));
+        (writer, disk)
+    }
+
+    impl Writer {
+        /// Holds the thread that writes `id` until the returned sender is dropped.
+        async fn hold(&self, id: u128) -> std::sync::mpsc::Sender<()> {
+            let (release, held) = std::sync::mpsc::channel();
+            let sent = self.lane(id).queue.send(Job::Hold(held)).await;
+            assert!(sent.is_ok(), "writer thread gone");
+            release
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queued_entry_is_pending_until_written_and_the_last_put_of_a_key_wins() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let (writer, disk) = writer_with_disk(&dir);
+        let (key, first) = entry(1);
+        let (_, other) = entry(2);
+        let mut second = (*other).clone();
+        second.request.clone_from(&first.request);
+        let second = Arc::new(second);
+
+        let release = writer.hold(key.id()).await;
+        writer.store(&key, &first).await;
+        writer.store(&key, &second).await;
+        let pending = writer
+            .pending(key.id())
+            .unwrap_or_else(|| panic!("not pending"));
+        assert!(
+            Arc::ptr_eq(&pending, &second),
+            "the later put is the one read"
+        );
+        let on_disk = disk.get(&key).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(on_disk.is_none(), "written while the thread was held");
+
+        drop(release);
+        writer.settle().await;
+        assert!(
+            writer.pending(key.id()).is_none(),
+            "still pending after it landed"
+        );
+        let on_disk = disk.get(&key).await.unwrap_or_else(|e| panic!("{e}"));
+        let on_disk = on_disk.unwrap_or_else(|| panic!("never written"));
+        assert_eq!(on_disk.response.get(), second.response.get());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_writer_writes_everything_queued() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let (writer, disk) = writer_with_disk(&dir);
+        let entries: Vec<_> = (0..1000).map(entry).collect();
+        for (key, e) in &entries {
+            writer.store(key, e).await;
+        }
+        drop(writer);
+        for (key, e) in &entries {
+            let found = disk.get(key).await.unwrap_or_else(|e| panic!("{e}"));
+            let found = found.unwrap_or_else(|| panic!("{key} lost"));
+            assert_eq!(found.response.get(), e.response.get());
+        }
+    }
+}
