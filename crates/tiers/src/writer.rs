@@ -213,19 +213,26 @@ fn unpend(pending: &Mutex<HashMap<u128, Arc<Entry>>>, key: &CacheKey, entry: &Ar
     }
 }
 
+/// Jobs a writer takes off its queue at once: the room freed wakes a waiting caller once for
+/// all of them, not once per entry.
+const BATCH: usize = 64;
+
 fn run(mut jobs: mpsc::Receiver<Job>, sink: &Sink, pending: &Mutex<HashMap<u128, Arc<Entry>>>) {
-    while let Some(job) = jobs.blocking_recv() {
-        match job {
-            Job::Store(key, entry) => {
-                sink.store(&key, &entry);
-                unpend(pending, &key, &entry);
-            }
-            Job::Settle(done) => {
-                let _ = done.send(());
-            }
-            #[cfg(test)]
-            Job::Hold(release) => {
-                let _ = release.recv();
+    let mut batch = Vec::with_capacity(BATCH);
+    while jobs.blocking_recv_many(&mut batch, BATCH) > 0 {
+        for job in batch.drain(..) {
+            match job {
+                Job::Store(key, entry) => {
+                    sink.store(&key, &entry);
+                    unpend(pending, &key, &entry);
+                }
+                Job::Settle(done) => {
+                    let _ = done.send(());
+                }
+                #[cfg(test)]
+                Job::Hold(release) => {
+                    let _ = release.recv();
+                }
             }
         }
     }
