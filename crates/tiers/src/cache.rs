@@ -297,15 +297,14 @@ impl TieredCacheBuilder {
             (None, Some(_)) => false,
             (None, None) => self.l3.is_some(),
         };
-        let writer = writes_behind
-            .then(|| {
-                Writer::start(Sink {
-                    disk: self.disk.clone(),
-                    l3: self.l3.clone(),
-                    failures: Arc::clone(&failures),
-                })
+        let sink = writes_behind.then(|| {
+            Arc::new(Sink {
+                disk: self.disk.clone(),
+                l3: self.l3.clone(),
+                failures: Arc::clone(&failures),
             })
-            .flatten();
+        });
+        let writer = sink.as_ref().and_then(Writer::start);
         let cache = TieredCache {
             inner: Arc::new(Inner {
                 analytics: analytics.and_then(Result::ok),
@@ -317,6 +316,7 @@ impl TieredCacheBuilder {
                 disk: self.disk,
                 l3: self.l3,
                 failures: Arc::clone(&failures),
+                sink,
                 writer,
                 baseline,
                 ttl: self.ttl,
@@ -386,7 +386,10 @@ pub(crate) struct Inner {
     pub(crate) l3: Option<S3Tier>,
     /// The counters, and the throttled warnings about failing tiers (shared with the writer).
     pub(crate) failures: Arc<Failures>,
-    /// Writes entries below L1 off the caller's path (`None`: a custom L2, written inline).
+    /// Writes entries to the disk tier and the S3 outbox (`None`: a custom L2, written
+    /// through its trait).
+    sink: Option<Arc<Sink>>,
+    /// Runs the sink off the caller's path (`None`: no sink, or no thread could start).
     writer: Option<Writer>,
     baseline: Stats,
     pub(crate) ttl: TtlPolicy,
@@ -1083,50 +1086,23 @@ impl Inner {
         if let Some(writer) = &self.writer {
             return writer.store(key, entry).await;
         }
-        let Some(l3) = &self.l3 else {
-            if let Some(l2) = &self.l2
-                && let Err(e) = l2.put(key, entry).await
-            {
-                self.tier_failed(l2.name(), "put", &e);
+        if let Some(sink) = &self.sink {
+            return sink.store(key, entry);
+        }
+        // A custom L2 (not the disk tier), written through its trait.
+        if let Some(l2) = &self.l2
+            && let Err(e) = l2.put(key, entry).await
+        {
+            self.tier_failed(l2.name(), "put", &e);
+        }
+        if let Some(l3) = &self.l3 {
+            let queued = Codec::default()
+                .encode(entry)
+                .map_err(TierError::Corrupt)
+                .and_then(|envelope| l3.enqueue(key, &envelope));
+            if let Err(e) = queued {
+                self.tier_failed(TierName::L3, "enqueue", &e);
             }
-            return;
-        };
-        // With S3, encode once: the same envelope goes to disk and into the outbox.
-        let encoded = match &self.disk {
-            Some(disk) => disk.codec().encode(entry),
-            None => Codec::default().encode(entry),
-        };
-        let envelope = match encoded {
-            Ok(envelope) => envelope,
-            Err(e) => {
-                self.tier_failed(TierName::L2, "encode", &TierError::Corrupt(e));
-                return;
-            }
-        };
-        let stored_on_disk = match (&self.disk, &self.l2) {
-            (Some(disk), _) => match disk.put_encoded(key, &envelope) {
-                Ok(()) => l3.stores_beside(disk),
-                Err(e) => {
-                    self.tier_failed(TierName::L2, "put", &e);
-                    false
-                }
-            },
-            (None, Some(l2)) => {
-                if let Err(e) = l2.put(key, entry).await {
-                    self.tier_failed(l2.name(), "put", &e);
-                }
-                false
-            }
-            (None, None) => false,
-        };
-        // The outbox refers to the disk copy rather than holding a second one (s3::outbox).
-        let queued = if stored_on_disk {
-            l3.enqueue_stored(key)
-        } else {
-            l3.enqueue(key, &envelope)
-        };
-        if let Err(e) = queued {
-            self.tier_failed(TierName::L3, "enqueue", &e);
         }
     }
 

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -64,6 +64,10 @@ struct Inner {
     dirty: Mutex<Vec<u128>>,
     bytes: AtomicU64,
     evicting: AtomicBool,
+    /// Held shared by a put from its insert until what it adds alongside (the S3 outbox's
+    /// reference to the copy) is in place, and exclusively by eviction: eviction never takes a
+    /// copy whose reference is still on its way, which it would not know to hand to the outbox.
+    evicting_excludes: RwLock<()>,
     evictions: AtomicU64,
     moved_aside: Option<PathBuf>,
     /// The S3 outbox, whose references to copies here eviction must honour.
@@ -143,9 +147,28 @@ impl DiskTier {
     /// Stores an envelope already encoded by [`DiskTier::codec`] (and checked, when it came from
     /// elsewhere) under `key`, then evicts if the bound is passed.
     pub fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<(), TierError> {
-        self.inner.store(key.id(), bytes)?;
+        self.put_encoded_and(key, bytes, || ())
+    }
+
+    /// [`DiskTier::put_encoded`], running `also` once the copy is stored and before any
+    /// eviction can take it: where the S3 outbox's reference to the copy is queued.
+    pub fn put_encoded_and<T>(
+        &self,
+        key: &CacheKey,
+        bytes: &[u8],
+        also: impl FnOnce() -> T,
+    ) -> Result<T, TierError> {
+        let done = {
+            let _no_eviction = self
+                .inner
+                .evicting_excludes
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.inner.store(key.id(), bytes)?;
+            also()
+        };
         self.schedule_eviction();
-        Ok(())
+        Ok(done)
     }
 
     /// The codec entries are stored with.
@@ -341,6 +364,7 @@ fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
             dirty: Mutex::new(Vec::new()),
             bytes: AtomicU64::new(0),
             evicting: AtomicBool::new(false),
+            evicting_excludes: RwLock::new(()),
             evictions: AtomicU64::new(0),
             moved_aside: None,
             outbox: OnceLock::new(),
@@ -531,6 +555,10 @@ impl Inner {
     /// Evicts one copy; first, if the S3 outbox refers to it, hands the envelope to the outbox.
     /// A copy rewritten meanwhile (a new put) stays. Returns whether the copy went.
     fn evict_one(&self, id: u128) -> Result<bool, TierError> {
+        let _no_put_midway = self
+            .evicting_excludes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let key = id.to_be_bytes();
         let Some(current) = self.entries.get(key)? else {
             self.forget(id)?;

@@ -74,23 +74,28 @@ impl Sink {
             Ok(envelope) => envelope,
             Err(e) => return failed(TierName::L2, "encode", &TierError::Corrupt(e)),
         };
-        let stored_on_disk = match &self.disk {
-            Some(disk) => match disk.put_encoded(key, &envelope) {
-                Ok(()) => true,
-                Err(e) => {
-                    failed(TierName::L2, "put", &e);
-                    false
+        // The outbox refers to the disk copy rather than holding a second one (s3::outbox); the
+        // reference goes in before an eviction can take the copy.
+        let beside = match (&self.disk, &self.l3) {
+            (Some(disk), Some(l3)) => l3.stores_beside(disk).then_some(l3),
+            _ => None,
+        };
+        let mut queued = false;
+        if let Some(disk) = &self.disk {
+            let enqueue = || beside.map(|l3| l3.enqueue_stored(key));
+            match disk.put_encoded_and(key, &envelope, enqueue) {
+                Ok(Some(Err(e))) => {
+                    failed(TierName::L3, "enqueue", &e);
+                    queued = true;
                 }
-            },
-            None => false,
-        };
-        let Some(l3) = &self.l3 else { return };
-        // The outbox refers to the disk copy rather than holding a second one (s3::outbox).
-        let queued = match &self.disk {
-            Some(disk) if stored_on_disk && l3.stores_beside(disk) => l3.enqueue_stored(key),
-            _ => l3.enqueue(key, &envelope),
-        };
-        if let Err(e) = queued {
+                Ok(reference) => queued = reference.is_some(),
+                Err(e) => failed(TierName::L2, "put", &e),
+            }
+        }
+        if let Some(l3) = &self.l3
+            && !queued
+            && let Err(e) = l3.enqueue(key, &envelope)
+        {
             failed(TierName::L3, "enqueue", &e);
         }
     }
@@ -129,8 +134,7 @@ fn lock(pending: &Mutex<HashMap<u128, Arc<Entry>>>) -> MutexGuard<'_, HashMap<u1
 impl Writer {
     /// Starts the writer threads (one per core, at most [`MAX_THREADS`]). `None` if not even
     /// one could be started: the caller then writes on its own path.
-    pub(crate) fn start(sink: Sink) -> Option<Writer> {
-        let sink = Arc::new(sink);
+    pub(crate) fn start(sink: &Arc<Sink>) -> Option<Writer> {
         let wanted = std::thread::available_parallelism()
             .map_or(1, usize::from)
             .clamp(1, MAX_THREADS);
@@ -139,7 +143,7 @@ impl Writer {
         for n in 0..wanted {
             let (queue, jobs) = mpsc::channel(QUEUE_PER_THREAD);
             let pending = Arc::new(Mutex::new(HashMap::new()));
-            let (thread_sink, thread_pending) = (Arc::clone(&sink), Arc::clone(&pending));
+            let (thread_sink, thread_pending) = (Arc::clone(sink), Arc::clone(&pending));
             let spawned = std::thread::Builder::new()
                 .name(format!("strata-writer-{n}"))
                 .spawn(move || run(jobs, &thread_sink, &thread_pending));
@@ -160,7 +164,7 @@ impl Writer {
         Some(Writer {
             lanes,
             threads,
-            sink,
+            sink: Arc::clone(sink),
         })
     }
 
@@ -265,7 +269,7 @@ mod tests {
             l3: None,
             failures: Arc::default(),
         };
-        let writer = Writer::start(sink).unwrap_or_else(|| panic!("no writer thread"));
+        let writer = Writer::start(&Arc::new(sink)).unwrap_or_else(|| panic!("no writer thread"));
         (writer, disk)
     }
 
