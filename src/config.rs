@@ -297,6 +297,22 @@ mod per_model {
     }
 }
 
+/// A parser's message on one line: the source snippet it draws under a syntax error (`  |`,
+/// `2 | text`, the caret) is left out; the place is in its first line already.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            let gutter = line
+                .trim_start_matches(|c: char| c.is_ascii_digit())
+                .trim_start();
+            !line.is_empty() && !gutter.starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 impl Config {
     /// The embedded default, with `STRATA_*` environment overrides.
     pub fn load_default() -> Result<Config, Error> {
@@ -325,7 +341,7 @@ impl Config {
         let config: Config = figment.extract().map_err(|e| {
             let errors: Vec<String> = e
                 .into_iter()
-                .map(|e| e.to_string().replace("key \"default.", "key \""))
+                .map(|e| one_line(&e.to_string().replace("key \"default.", "key \"")))
                 .collect();
             Error::Config(errors.join("; "))
         })?;

@@ -501,6 +501,17 @@ fn a_missing_file_or_a_bad_config_fails_with_one_line() -> Result<()> {
             .output()?,
         "soon",
     );
+    // A syntax error: the parser's source snippet is left out, its place is kept.
+    std::fs::write(
+        dir.path().join("unclosed.toml"),
+        "[memory]\ncapacity = \"256MiB\n",
+    )?;
+    check(
+        strata(dir.path())?
+            .args(["--config", "unclosed.toml", "stats"])
+            .output()?,
+        "TOML parse error at line 2, column 19: invalid basic string",
+    );
     check(
         strata(dir.path())?
             .args(["--config", "absent.toml", "stats"])
