@@ -516,3 +516,40 @@ async fn gc_after_an_invalidation_deletes_the_objects() -> Result<()> {
     cache.close().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_keeps_objects_written_by_a_newer_format() -> Result<()> {
+    let server = TestS3::start().await?;
+    let dir = TempDir::new()?;
+    let cache = node(&server, dir.path()).await?;
+    item("n1", "gpt-4o").put(&cache).await?;
+    cache.flush().await?;
+    let path = server
+        .keys()
+        .await?
+        .into_iter()
+        .find(|k| k.ends_with(".json.zst"))
+        .ok_or_else(|| anyhow::anyhow!("no entry object"))?;
+    // The same envelope as a later release would label it: a version this one does not know,
+    // with a checksum that matches.
+    let mut bytes = server.object(&path).await?;
+    bytes[4] = 99;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&bytes[..12]);
+    crc.update(&bytes[16..]);
+    bytes[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
+    let s3 = cache.l3().ok_or_else(|| anyhow::anyhow!("no S3 tier"))?;
+    s3.put_object(&path, bytes, "application/octet-stream")
+        .await?;
+    let report = cache.gc(false, |_| {}).await?;
+    ensure!(
+        report.s3_entries == 0 && report.s3_objects == 0,
+        "{report:?}"
+    );
+    ensure!(
+        server.keys().await?.contains(&path),
+        "gc deleted an entry of a newer format"
+    );
+    cache.close().await?;
+    Ok(())
+}

@@ -169,6 +169,8 @@ pub struct TieredCacheBuilder {
     normalizer: Normalizer,
     memory_capacity: u64,
     l2: Option<Arc<dyn Tier>>,
+    /// Whether `l2` is `disk` (not a custom tier set after it).
+    l2_is_disk: bool,
     disk: Option<DiskTier>,
     l3: Option<S3Tier>,
     ttl: TtlPolicy,
@@ -217,13 +219,17 @@ impl TieredCacheBuilder {
     /// A disk tier as L2; lifetime statistics are kept in it.
     pub fn disk(mut self, disk: DiskTier) -> Self {
         self.l2 = Some(Arc::new(disk.clone()));
+        self.l2_is_disk = true;
         self.disk = Some(disk);
         self
     }
 
-    /// Any tier as L2 (a custom store, or a fault-injecting wrapper in tests).
+    /// Any tier as L2 (a custom store, or a fault-injecting wrapper in tests). After
+    /// [`TieredCacheBuilder::disk`], the disk tier keeps the statistics and epochs and this tier
+    /// holds the entries.
     pub fn l2(mut self, tier: Arc<dyn Tier>) -> Self {
         self.l2 = Some(tier);
+        self.l2_is_disk = false;
         self
     }
 
@@ -292,14 +298,13 @@ impl TieredCacheBuilder {
         let (epochs_known_tx, epochs_known) = tokio::sync::watch::channel(self.l3.is_none());
         let failures = Arc::new(Failures::default());
         // A custom L2 (not the disk tier) is written on the caller's path, as its trait allows.
-        let writes_behind = match (&self.disk, &self.l2) {
-            (Some(_), _) => true,
-            (None, Some(_)) => false,
-            (None, None) => self.l3.is_some(),
+        let writes_behind = match &self.l2 {
+            Some(_) => self.l2_is_disk,
+            None => self.l3.is_some(),
         };
         let sink = writes_behind.then(|| {
             Arc::new(Sink {
-                disk: self.disk.clone(),
+                disk: self.disk.clone().filter(|_| self.l2_is_disk),
                 l3: self.l3.clone(),
                 failures: Arc::clone(&failures),
             })
@@ -447,6 +452,7 @@ impl TieredCache {
             normalizer: Normalizer::default(),
             memory_capacity: 256 << 20,
             l2: None,
+            l2_is_disk: false,
             disk: None,
             l3: None,
             ttl: TtlPolicy::default(),
@@ -1017,7 +1023,9 @@ impl Inner {
     }
 
     async fn promote_to_l2(&self, key: &CacheKey, entry: &Arc<Entry>, envelope: &[u8]) {
-        let result = match (&self.disk, &self.l2) {
+        // The disk tier, when it is L2 (not when a custom L2 replaced it).
+        let disk = self.sink.as_ref().and_then(|sink| sink.disk.as_ref());
+        let result = match (disk, &self.l2) {
             // The envelope was just verified: store it as it is, without encoding it again.
             (Some(disk), _) => disk.put_encoded(key, envelope),
             (None, Some(l2)) => l2.put(key, entry).await,
@@ -1115,6 +1123,9 @@ impl Inner {
     pub(crate) async fn remove(&self, key: &CacheKey) {
         // A queued write of this key would otherwise land after the removal.
         self.settle().await;
+        if let Some(writer) = &self.writer {
+            writer.forget(key.id());
+        }
         self.memory.remove_id(key.id()).await;
         if let Some(l2) = &self.l2
             && let Err(e) = l2.remove(key).await

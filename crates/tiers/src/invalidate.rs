@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use strata_analytics::TierName;
-use strata_core::{CacheKey, Entry, Epochs, ModelSlug, Selector};
+use strata_core::{CacheKey, CodecError, Entry, Epochs, ModelSlug, Selector};
 
 use crate::cache::{Inner, TieredCache};
 use crate::epochs::{EpochStore, SyncReport};
@@ -413,6 +413,9 @@ async fn gc_bucket(
             let dead = match l3.get_object(&path).await {
                 Ok(Some(bytes)) => match l3.decode(&bytes) {
                     Ok(e) => Some(e.is_expired_at(now) || !epochs.admits(&e)),
+                    // Written by a newer release of strata (a node upgraded before this one):
+                    // not this node's to judge.
+                    Err(TierError::Corrupt(CodecError::UnknownVersion(_))) => Some(false),
                     Err(_) => Some(true),
                 },
                 Ok(None) => None,

@@ -15,6 +15,7 @@
 //! Dropping the writer writes what is queued, then stops the threads.
 
 use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -108,7 +109,7 @@ enum Job {
     /// Holds the thread until the sender is used or dropped (tests: a write that has not
     /// landed yet).
     #[cfg(test)]
-    Hold(std::sync::mpsc::Receiver<()>),
+    Hold(oneshot::Sender<()>, std::sync::mpsc::Receiver<()>),
 }
 
 struct Lane {
@@ -140,13 +141,21 @@ impl Writer {
             .clamp(1, MAX_THREADS);
         let mut lanes = Vec::with_capacity(wanted);
         let mut threads = Vec::with_capacity(wanted);
+        // The disk tier evicts on the runtime's blocking pool when it finds one: a writer thread
+        // enters the runtime the cache was built in, so that a long eviction pass does not stop
+        // its lane (without one, eviction runs on the thread that writes).
+        let runtime = tokio::runtime::Handle::try_current().ok();
         for n in 0..wanted {
             let (queue, jobs) = mpsc::channel(QUEUE_PER_THREAD);
+            let runtime = runtime.clone();
             let pending = Arc::new(Mutex::new(HashMap::new()));
             let (thread_sink, thread_pending) = (Arc::clone(sink), Arc::clone(&pending));
             let spawned = std::thread::Builder::new()
                 .name(format!("strata-writer-{n}"))
-                .spawn(move || run(jobs, &thread_sink, &thread_pending));
+                .spawn(move || {
+                    let _entered = runtime.as_ref().map(tokio::runtime::Handle::enter);
+                    run(jobs, &thread_sink, &thread_pending);
+                });
             match spawned {
                 Ok(thread) => {
                     lanes.push(Lane { queue, pending });
@@ -174,15 +183,25 @@ impl Writer {
     }
 
     /// Queues `entry` for writing below L1, waiting for room when the queue is full.
+    ///
+    /// Cancel-safe: room is reserved before the entry becomes pending, so a caller dropped
+    /// while it waits leaves nothing pending that no writer will ever write.
     pub(crate) async fn store(&self, key: &CacheKey, entry: &Arc<Entry>) {
         let lane = self.lane(key.id());
-        lock(&lane.pending).insert(key.id(), Arc::clone(entry));
-        let job = Job::Store(key.clone(), Arc::clone(entry));
-        // The thread is gone (it panicked): write on the caller's path instead.
-        if let Err(mpsc::error::SendError(Job::Store(key, entry))) = lane.queue.send(job).await {
-            self.sink.store(&key, &entry);
-            unpend(&lane.pending, &key, &entry);
+        match lane.queue.reserve().await {
+            Ok(room) => {
+                lock(&lane.pending).insert(key.id(), Arc::clone(entry));
+                room.send(Job::Store(key.clone(), Arc::clone(entry)));
+            }
+            // The thread is gone: write on the caller's path instead.
+            Err(_) => self.sink.store(key, entry),
         }
+    }
+
+    /// Forgets a pending entry of `id` (after [`Writer::settle`] there is none, unless a
+    /// writer thread died with it queued).
+    pub(crate) fn forget(&self, id: u128) {
+        lock(&self.lane(id).pending).remove(&id);
     }
 
     /// The entry queued for `id` and not written yet, if any.
@@ -227,14 +246,20 @@ fn run(mut jobs: mpsc::Receiver<Job>, sink: &Sink, pending: &Mutex<HashMap<u128,
         for job in batch.drain(..) {
             match job {
                 Job::Store(key, entry) => {
-                    sink.store(&key, &entry);
+                    // A panic in a tier must not leave the entry pending (served, but never
+                    // written, nor removable) or stop the lane.
+                    let stored = catch_unwind(AssertUnwindSafe(|| sink.store(&key, &entry)));
+                    if stored.is_err() {
+                        tracing::error!(%key, "writing an entry below L1 panicked; it was not written");
+                    }
                     unpend(pending, &key, &entry);
                 }
                 Job::Settle(done) => {
                     let _ = done.send(());
                 }
                 #[cfg(test)]
-                Job::Hold(release) => {
+                Job::Hold(holding, release) => {
+                    let _ = holding.send(());
                     let _ = release.recv();
                 }
             }
@@ -260,6 +285,7 @@ mod tests {
     use crate::disk::DiskConfig;
     use crate::disk::tests::entry;
     use crate::tier::Tier;
+    use std::time::Duration;
 
     fn writer_with_disk(dir: &tempfile::TempDir) -> (Writer, DiskTier) {
         let disk = DiskTier::open(&DiskConfig::new(dir.path()), Codec::default())
@@ -277,8 +303,11 @@ mod tests {
         /// Holds the thread that writes `id` until the returned sender is dropped.
         async fn hold(&self, id: u128) -> std::sync::mpsc::Sender<()> {
             let (release, held) = std::sync::mpsc::channel();
-            let sent = self.lane(id).queue.send(Job::Hold(held)).await;
+            let (holding, taken) = oneshot::channel();
+            let sent = self.lane(id).queue.send(Job::Hold(holding, held)).await;
             assert!(sent.is_ok(), "writer thread gone");
+            // Once the thread holds, the queue is empty behind it.
+            assert!(taken.await.is_ok(), "writer thread gone");
             release
         }
     }
@@ -315,6 +344,38 @@ mod tests {
         let on_disk = disk.get(&key).await.unwrap_or_else(|e| panic!("{e}"));
         let on_disk = on_disk.unwrap_or_else(|| panic!("never written"));
         assert_eq!(on_disk.response.get(), second.response.get());
+    }
+
+    #[tokio::test]
+    async fn a_put_cancelled_while_waiting_for_room_leaves_nothing_pending() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let (writer, _disk) = writer_with_disk(&dir);
+        let (first, _) = entry(0);
+        let lane = |id: u128| std::ptr::from_ref(writer.lane(id));
+        let same_lane: Vec<_> = (1..10_000)
+            .map(entry)
+            .filter(|(key, _)| lane(key.id()) == lane(first.id()))
+            .take(QUEUE_PER_THREAD + 1)
+            .collect();
+        let release = writer.hold(first.id()).await;
+        let Some(((late_key, late), queued)) = same_lane.split_last() else {
+            panic!("no entries");
+        };
+        for (key, e) in queued {
+            writer.store(key, e).await;
+        }
+        // The queue is full: this put waits for room, and its caller gives up.
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), writer.store(late_key, late));
+        assert!(gave_up.await.is_err(), "found room in a full queue");
+        assert!(
+            writer.pending(late_key.id()).is_none(),
+            "a put that was never queued is read as pending"
+        );
+        drop(release);
+        writer.settle().await;
+        for (key, _) in queued {
+            assert!(writer.pending(key.id()).is_none());
+        }
     }
 
     #[tokio::test]
