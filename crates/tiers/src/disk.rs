@@ -280,12 +280,19 @@ impl DiskTier {
         if inner.bytes.load(Relaxed) <= inner.capacity || inner.evicting.swap(true, Relaxed) {
             return;
         }
-        let inner = Arc::clone(inner);
+        /// Clears the flag when the pass ends, and also when it never runs (a runtime shutting
+        /// down drops blocking tasks it has not started): eviction is never left switched off.
+        struct Pass(Arc<Inner>);
+        impl Drop for Pass {
+            fn drop(&mut self) {
+                self.0.evicting.store(false, Relaxed);
+            }
+        }
+        let pass = Pass(Arc::clone(inner));
         let evict = move || {
-            if let Err(e) = inner.evict() {
+            if let Err(e) = pass.0.evict() {
                 tracing::warn!(error = %e, "disk tier eviction failed");
             }
-            inner.evicting.store(false, Relaxed);
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
@@ -709,6 +716,39 @@ pub(crate) mod tests {
             matches!(tier.get(&entry(1).0).await, Ok(None)),
             "oldest entry kept"
         );
+    }
+
+    #[test]
+    fn an_eviction_pass_that_never_runs_does_not_switch_eviction_off() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let mut config = DiskConfig::new(dir.path().join("l2"));
+        config.capacity = 4 << 10;
+        let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+        // A runtime that has shut down drops the blocking tasks it is handed.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let handle = runtime.handle().clone();
+        runtime.shutdown_timeout(Duration::ZERO);
+        let entered = handle.enter();
+        for i in 0..20 {
+            let (key, e) = entry(i);
+            let bytes = Codec::default().encode(&e).unwrap_or_default();
+            tier.put_encoded(&key, &bytes)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        drop(entered);
+        assert!(
+            !tier.inner.evicting.load(Relaxed),
+            "eviction left switched off by a pass that never ran"
+        );
+        // Outside any runtime the next put evicts on its own thread.
+        let (key, e) = entry(20);
+        let bytes = Codec::default().encode(&e).unwrap_or_default();
+        tier.put_encoded(&key, &bytes)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(tier.usage().bytes <= config.capacity, "{:?}", tier.usage());
     }
 
     #[test]
