@@ -280,18 +280,41 @@ impl DiskTier {
         if inner.bytes.load(Relaxed) <= inner.capacity || inner.evicting.swap(true, Relaxed) {
             return;
         }
-        /// Clears the flag when the pass ends, and also when it never runs (a runtime shutting
-        /// down drops blocking tasks it has not started): eviction is never left switched off.
-        struct Pass(Arc<Inner>);
+        /// Holds the flag for one pass and clears it when the pass ends, and also when it never
+        /// runs (a runtime shutting down drops blocking tasks it has not started): eviction is
+        /// never left switched off.
+        struct Pass {
+            inner: Arc<Inner>,
+            holds_flag: bool,
+        }
         impl Drop for Pass {
             fn drop(&mut self) {
-                self.0.evicting.store(false, Relaxed);
+                if self.holds_flag {
+                    self.inner.evicting.store(false, Relaxed);
+                }
             }
         }
-        let pass = Pass(Arc::clone(inner));
+        let pass = Pass {
+            inner: Arc::clone(inner),
+            holds_flag: true,
+        };
         let evict = move || {
-            if let Err(e) = pass.0.evict() {
-                tracing::warn!(error = %e, "disk tier eviction failed");
+            let mut pass = pass;
+            loop {
+                if let Err(e) = pass.inner.evict() {
+                    tracing::warn!(error = %e, "disk tier eviction failed");
+                    return;
+                }
+                pass.inner.evicting.store(false, Relaxed);
+                pass.holds_flag = false;
+                // Puts that found this pass running left their bytes to it: look again, unless
+                // the tier is within its bound or another pass has started.
+                let inner = &pass.inner;
+                if inner.bytes.load(Relaxed) <= inner.capacity || inner.evicting.swap(true, Relaxed)
+                {
+                    return;
+                }
+                pass.holds_flag = true;
             }
         };
         match tokio::runtime::Handle::try_current() {
