@@ -578,6 +578,12 @@ mod tests {
         }
     }
 
+    /// Recomputes an envelope's checksum after a test changed its header.
+    fn reseal(envelope: &mut [u8]) {
+        let crc = checksum(&envelope[..12], &envelope[16..]);
+        envelope[12..16].copy_from_slice(&crc.to_le_bytes());
+    }
+
     fn assert_same(a: &Entry, b: &Entry) {
         assert_eq!(serde_json::to_string(a).ok(), serde_json::to_string(b).ok());
     }
@@ -625,8 +631,7 @@ mod tests {
             .encode(&e)
             .unwrap_or_else(|err| panic!("{err}"));
         plain[5] = FLAG_DICTIONARY;
-        let crc = checksum(&plain[..12], &plain[16..]);
-        plain[12..16].copy_from_slice(&crc.to_le_bytes());
+        reseal(&mut plain);
         assert_eq!(
             Codec::default().decode(&plain).err(),
             Some(CodecError::UnknownFlags(FLAG_DICTIONARY))
@@ -634,8 +639,7 @@ mod tests {
         // A dictionary flag cleared (checksum fixed up): zstd refuses the frame, no panic.
         let mut cleared = with.clone();
         cleared[5] = FLAG_ZSTD;
-        let crc = checksum(&cleared[..12], &cleared[16..]);
-        cleared[12..16].copy_from_slice(&crc.to_le_bytes());
+        reseal(&mut cleared);
         assert!(matches!(
             Codec::default().decode(&cleared),
             Err(CodecError::Zstd(_))
@@ -688,16 +692,14 @@ mod tests {
             .seal(&payload)
             .unwrap_or_else(|err| panic!("{err}"));
         bytes[4] = FORMAT_JSON_METADATA;
-        let crc = checksum(&bytes[..12], &bytes[16..]);
-        bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+        reseal(&mut bytes);
         let back = Codec::default()
             .decode(&bytes)
             .unwrap_or_else(|err| panic!("{err}"));
         assert_same(&e, &back);
         // The same payload read as format 3 is refused, not misread.
         bytes[4] = FORMAT_VERSION;
-        let crc = checksum(&bytes[..12], &bytes[16..]);
-        bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+        reseal(&mut bytes);
         assert!(matches!(
             Codec::default().decode(&bytes),
             Err(CodecError::Json(_))
@@ -753,8 +755,7 @@ mod tests {
         ));
         let mut newer = codec.seal(b"{}").unwrap_or_else(|err| panic!("{err}"));
         newer[4] = 9;
-        let crc = checksum(&newer[..12], &newer[16..]);
-        newer[12..16].copy_from_slice(&crc.to_le_bytes());
+        reseal(&mut newer);
         assert_eq!(
             codec.decode(&newer).err(),
             Some(CodecError::UnknownVersion(9))
