@@ -468,32 +468,35 @@ fn a_missing_file_or_a_bad_config_fails_with_one_line() -> Result<()> {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(stderr.contains(expect), "{stderr} lacks {expect}");
     };
+    // Writes a configuration file, runs `stats` with it and checks the one-line error.
+    let config_fails = |check: &dyn Fn(Output, &str), name: &str, text: &str, expect: &str| {
+        std::fs::write(dir.path().join(name), text)?;
+        check(
+            strata(dir.path())?
+                .args(["--config", name, "stats"])
+                .output()?,
+            expect,
+        );
+        anyhow::Ok(())
+    };
     check(
         strata(dir.path())?
             .args(["replay", "nowhere.jsonl"])
             .output()?,
         "nowhere.jsonl",
     );
-    std::fs::write(
-        dir.path().join("typo.toml"),
+    config_fails(
+        &check,
+        "typo.toml",
         "[memory]\ncapcity = \"1GiB\"\n",
-    )?;
-    check(
-        strata(dir.path())?
-            .args(["--config", "typo.toml", "stats"])
-            .output()?,
         "capcity",
-    );
-    std::fs::write(
-        dir.path().join("bad.toml"),
-        "[memory]\ncapacity = \"lots\"\n",
     )?;
-    check(
-        strata(dir.path())?
-            .args(["--config", "bad.toml", "stats"])
-            .output()?,
+    config_fails(
+        &check,
+        "bad.toml",
+        "[memory]\ncapacity = \"lots\"\n",
         "memory.capacity",
-    );
+    )?;
     check(
         strata(dir.path())?
             .args(["stats"])
@@ -502,16 +505,12 @@ fn a_missing_file_or_a_bad_config_fails_with_one_line() -> Result<()> {
         "soon",
     );
     // A syntax error: the parser's source snippet is left out, its place is kept.
-    std::fs::write(
-        dir.path().join("unclosed.toml"),
+    config_fails(
+        &check,
+        "unclosed.toml",
         "[memory]\ncapacity = \"256MiB\n",
-    )?;
-    check(
-        strata(dir.path())?
-            .args(["--config", "unclosed.toml", "stats"])
-            .output()?,
         "TOML parse error at line 2, column 19: invalid basic string",
-    );
+    )?;
     check(
         strata(dir.path())?
             .args(["--config", "absent.toml", "stats"])
