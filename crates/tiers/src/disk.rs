@@ -209,7 +209,8 @@ impl DiskTier {
     }
 
     /// Walks every stored entry in key order, decoding each, and removes those `remove` says
-    /// to (undecodable copies are passed as errors; removing them is up to `remove` too).
+    /// to (undecodable copies are passed as errors; removing them is up to `remove` too),
+    /// unless a put has replaced the copy since it was read.
     /// Blocking: call it from the blocking pool or a command. `remove` also gets the bytes
     /// the copy holds on disk.
     pub fn sweep(
@@ -222,8 +223,10 @@ impl DiskTier {
             let Some(id) = id_of(&key) else { continue };
             let bytes = (value.len() + 16) as u64;
             swept.seen += 1;
-            if remove(id, self.inner.codec.decode(&value), bytes) {
-                self.inner.forget(id)?;
+            // Only the copy judged goes: one a put has replaced since it was read stays.
+            if remove(id, self.inner.codec.decode(&value), bytes)
+                && self.inner.remove_exact(id, &value)?
+            {
                 swept.removed += 1;
                 swept.bytes += bytes;
             }
@@ -610,9 +613,28 @@ impl Inner {
                 }
             }
         }
+        self.remove_exact_locked(id, &current)
+    }
+
+    /// Removes the copy under `id` if it still holds `current`, with its access time and its
+    /// place in the byte count; a copy a put has written since `current` was read stays.
+    /// Returns whether the copy went.
+    fn remove_exact(&self, id: u128, current: &[u8]) -> Result<bool, TierError> {
+        let _no_put_midway = self
+            .evicting_excludes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.remove_exact_locked(id, current)
+    }
+
+    /// [`Inner::remove_exact`] for a caller that holds `evicting_excludes` for writing: no put
+    /// can land between the swap and the slot's removal (it would leave a stored copy out of
+    /// the byte count and out of eviction's reach).
+    fn remove_exact_locked(&self, id: u128, current: &[u8]) -> Result<bool, TierError> {
+        let key = id.to_be_bytes();
         if self
             .entries
-            .compare_and_swap(key, Some(&current), None::<&[u8]>)?
+            .compare_and_swap(key, Some(current), None::<&[u8]>)?
             .is_err()
         {
             return Ok(false);
@@ -643,7 +665,7 @@ impl Tier for DiskTier {
             }
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "corrupt entry on disk; removing it");
-                self.inner.forget(id)?;
+                self.inner.remove_exact(id, &bytes)?;
                 Err(TierError::Corrupt(e))
             }
         }
@@ -739,6 +761,43 @@ pub(crate) mod tests {
             matches!(tier.get(&entry(1).0).await, Ok(None)),
             "oldest entry kept"
         );
+    }
+
+    #[test]
+    fn a_sweep_leaves_a_copy_written_after_it_judged_the_old_one() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let tier = DiskTier::open(&DiskConfig::new(dir.path().join("l2")), Codec::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (key, old) = entry(0);
+        let codec = Codec::default();
+        let encode = |e: &Entry| codec.encode(e).unwrap_or_else(|e| panic!("{e}"));
+        tier.put_encoded(&key, &encode(&old))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut fresh = (*old).clone();
+        fresh.hit_count = 7;
+        let fresh_bytes = encode(&fresh);
+        // The sweep condemns the copy it read; a put replaces that copy before it is removed.
+        let swept = tier
+            .sweep(|_, decoded, _| {
+                let judged = decoded.unwrap_or_else(|e| panic!("{e}"));
+                tier.put_encoded(&key, &fresh_bytes)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                judged.hit_count == 0
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((swept.seen, swept.removed), (1, 0));
+        let kept = tier.raw(&key.digest).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            kept.as_deref(),
+            Some(fresh_bytes.as_slice()),
+            "the new copy was swept"
+        );
+        assert_eq!(tier.usage().entries, 1);
+        assert_eq!(tier.usage().bytes, fresh_bytes.len() as u64 + 16);
+        // Once nothing replaces it, the judged copy does go.
+        let swept = tier.sweep(|_, _, _| true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(swept.removed, 1);
+        assert_eq!((tier.usage().entries, tier.usage().bytes), (0, 0));
     }
 
     #[test]
