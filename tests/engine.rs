@@ -450,14 +450,27 @@ async fn a_digest_collision_is_never_served() -> Result<()> {
     Ok(())
 }
 
-/// Wraps a tier and fails every call while `failing` is set.
+/// Wraps a tier and fails every call while `failing` is set, or panics in it while `panicking`
+/// is.
 struct FaultyTier {
     inner: DiskTier,
     failing: AtomicBool,
+    panicking: AtomicBool,
 }
 
 impl FaultyTier {
+    fn new(inner: DiskTier, failing: bool, panicking: bool) -> Arc<Self> {
+        Arc::new(FaultyTier {
+            inner,
+            failing: AtomicBool::new(failing),
+            panicking: AtomicBool::new(panicking),
+        })
+    }
+
     fn check(&self) -> Result<(), TierError> {
+        if self.panicking.load(Ordering::SeqCst) {
+            panic!("injected panic in a tier");
+        }
         if self.failing.load(Ordering::SeqCst) {
             Err(TierError::Unavailable("injected fault".into()))
         } else {
@@ -495,10 +508,7 @@ impl Tier for FaultyTier {
 #[tokio::test]
 async fn a_failing_disk_tier_degrades_to_counted_misses() -> Result<()> {
     let dir = TempDir::new()?;
-    let faulty = Arc::new(FaultyTier {
-        inner: disk(&dir)?,
-        failing: AtomicBool::new(true),
-    });
+    let faulty = FaultyTier::new(disk(&dir)?, true, false);
     // A memory tier too small to hold anything, so every lookup goes to L2.
     let cache = TieredCache::builder()
         .memory_capacity(0)
@@ -522,6 +532,41 @@ async fn a_failing_disk_tier_degrades_to_counted_misses() -> Result<()> {
     cache.memory().run_pending_tasks().await;
     let found = cache.get(&request("later"), &Scope::Global).await?;
     assert_eq!(found.as_ref().map(answer).as_deref(), Some("stored"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tier_that_panics_costs_counted_misses_not_the_callers_task() -> Result<()> {
+    let dir = TempDir::new()?;
+    let faulty = FaultyTier::new(disk(&dir)?, false, true);
+    let cache = TieredCache::builder()
+        .memory_capacity(0)
+        .l2(faulty.clone())
+        .build();
+    for i in 0..3 {
+        // The lookup (get), the answer's write (put) and a removal all panic in the tier.
+        let lookup = execute(
+            &cache,
+            &request(&format!("q{i}")),
+            &Scope::Global,
+            "works anyway",
+        )
+        .await?;
+        assert_eq!(lookup.outcome, Outcome::Miss);
+        assert_eq!(answer(&lookup), "works anyway");
+        cache
+            .remove(&request(&format!("q{i}")), &Scope::Global)
+            .await?;
+    }
+    assert!(cache.stats().errors.l2 >= 6, "{:?}", cache.stats().errors);
+    // The tier works again once it stops panicking.
+    faulty.panicking.store(false, Ordering::SeqCst);
+    cache
+        .put(&request("later"), &Scope::Global, completion("stored"))
+        .await?;
+    cache.memory().run_pending_tasks().await;
+    let found = cache.get(&request("later"), &Scope::Global).await?;
+    assert_eq!(found.map(|l| l.outcome), Some(Outcome::L2));
     Ok(())
 }
 

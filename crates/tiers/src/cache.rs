@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -965,7 +966,7 @@ impl Inner {
         if let Some(entry) = self.writer.as_ref().and_then(|w| w.pending(key.id())) {
             return Ok(Some(entry));
         }
-        l2.get(key).await
+        guarded(l2.get(key)).await
     }
 
     /// Waits until every entry queued for writing below L1 has been written: what removes or
@@ -990,7 +991,7 @@ impl Inner {
         if !l3.available() {
             return None;
         }
-        match l3.fetch(&keyed.key).await {
+        match guarded(l3.fetch(&keyed.key)).await {
             Ok(Some((entry, bytes))) => match self.verdict(&entry, keyed) {
                 Verdict::Serve => {
                     let entry = Arc::new(entry);
@@ -1027,8 +1028,9 @@ impl Inner {
         let disk = self.sink.as_ref().and_then(|sink| sink.disk.as_ref());
         let result = match (disk, &self.l2) {
             // The envelope was just verified: store it as it is, without encoding it again.
-            (Some(disk), _) => disk.put_encoded(key, envelope),
-            (None, Some(l2)) => l2.put(key, entry).await,
+            (Some(disk), _) => catch_unwind(AssertUnwindSafe(|| disk.put_encoded(key, envelope)))
+                .unwrap_or_else(|panic| Err(panicked(panic.as_ref()))),
+            (None, Some(l2)) => guarded(l2.put(key, entry)).await,
             (None, None) => Ok(()),
         };
         if let Err(e) = result {
@@ -1069,7 +1071,7 @@ impl Inner {
                     } else {
                         self.failures.counters.record_invalidated();
                     }
-                    if let Err(e) = l2.remove(&keyed.key).await {
+                    if let Err(e) = guarded(l2.remove(&keyed.key)).await {
                         self.tier_failed(l2.name(), "remove", &e);
                     }
                 }
@@ -1099,7 +1101,7 @@ impl Inner {
         }
         // A custom L2 (not the disk tier), written through its trait.
         if let Some(l2) = &self.l2
-            && let Err(e) = l2.put(key, entry).await
+            && let Err(e) = guarded(l2.put(key, entry)).await
         {
             self.tier_failed(l2.name(), "put", &e);
         }
@@ -1128,7 +1130,7 @@ impl Inner {
         }
         self.memory.remove_id(key.id()).await;
         if let Some(l2) = &self.l2
-            && let Err(e) = l2.remove(key).await
+            && let Err(e) = guarded(l2.remove(key)).await
         {
             self.tier_failed(l2.name(), "remove", &e);
         }
@@ -1246,4 +1248,26 @@ fn uncacheable(request: &Value, scope: &Scope) -> Keyed {
         model,
         scope: scope.clone(),
     }
+}
+
+/// Awaits a tier call, turning a panic inside it into a storage error: a tier's bug, or a store
+/// that panics on bytes it cannot read, costs the lookup a counted miss instead of the caller's
+/// task. The tiers keep no state a half-done call could leave inconsistent for the next one:
+/// sled's locks do not poison, and every other lock here recovers from poisoning.
+async fn guarded<T>(call: impl Future<Output = Result<T, TierError>>) -> Result<T, TierError> {
+    use futures::FutureExt;
+    AssertUnwindSafe(call)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(panicked(panic.as_ref())))
+}
+
+/// The error a panic inside a tier becomes.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> TierError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    TierError::Storage(format!("the tier panicked: {message}"))
 }
