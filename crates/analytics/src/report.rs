@@ -7,6 +7,7 @@ use std::str::FromStr;
 use chrono::{DateTime, DurationRound, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::counters::Hits;
 use crate::rollup::{AGE_BUCKETS_SECS, HourRow, Rollup, add_each, nano_to_usd};
 use crate::sketch::HotKey;
 
@@ -41,29 +42,6 @@ impl FromStr for GroupBy {
     }
 }
 
-/// Hits per tier.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TierHits {
-    /// From memory.
-    pub l1: u64,
-    /// From local disk.
-    pub l2: u64,
-    /// From object storage.
-    pub l3: u64,
-    /// Shared with an identical in-flight lookup.
-    pub coalesced: u64,
-}
-
-impl TierHits {
-    /// All hits (every tier and coalesced lookups), saturating at `u64::MAX`.
-    pub fn total(&self) -> u64 {
-        self.l1
-            .saturating_add(self.l2)
-            .saturating_add(self.l3)
-            .saturating_add(self.coalesced)
-    }
-}
-
 /// What a set of lookups did and saved: the report's totals and each of its groups.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -75,7 +53,7 @@ pub struct Summary {
     /// Hits over lookups.
     pub hit_rate: f64,
     /// Hits per tier.
-    pub hits: TierHits,
+    pub hits: Hits,
     /// Lookups that went upstream.
     pub misses: u64,
     /// Requests that could not be keyed.
@@ -110,7 +88,7 @@ impl Summary {
             } else {
                 hits as f64 / r.lookups as f64
             },
-            hits: TierHits {
+            hits: Hits {
                 l1: r.l1,
                 l2: r.l2,
                 l3: r.l3,
