@@ -1002,7 +1002,8 @@ impl Inner {
                 Verdict::Invalidated => {
                     // The objects stay for `gc`; this node stops pointing at them.
                     self.failures.counters.record_invalidated();
-                    if let Err(e) = l3.forget(&keyed.key) {
+                    let forgot = catch_unwind(AssertUnwindSafe(|| l3.forget(&keyed.key)));
+                    if let Err(e) = forgot.unwrap_or_else(|panic| Err(panicked(panic.as_ref()))) {
                         self.tier_failed(TierName::L3, "forget", &e);
                     }
                 }
@@ -1097,7 +1098,7 @@ impl Inner {
             return writer.store(key, entry).await;
         }
         if let Some(sink) = &self.sink {
-            return sink.store(key, entry);
+            return sink.store_guarded(key, entry);
         }
         // A custom L2 (not the disk tier), written through its trait.
         if let Some(l2) = &self.l2
@@ -1109,7 +1110,10 @@ impl Inner {
             let queued = Codec::default()
                 .encode(entry)
                 .map_err(TierError::Corrupt)
-                .and_then(|envelope| l3.enqueue(key, &envelope));
+                .and_then(|envelope| {
+                    catch_unwind(AssertUnwindSafe(|| l3.enqueue(key, &envelope)))
+                        .unwrap_or_else(|panic| Err(panicked(panic.as_ref())))
+                });
             if let Err(e) = queued {
                 self.tier_failed(TierName::L3, "enqueue", &e);
             }
@@ -1135,7 +1139,7 @@ impl Inner {
             self.tier_failed(l2.name(), "remove", &e);
         }
         if let Some(l3) = &self.l3
-            && let Err(e) = l3.remove(key).await
+            && let Err(e) = guarded(l3.remove(key)).await
         {
             self.tier_failed(TierName::L3, "remove", &e);
         }

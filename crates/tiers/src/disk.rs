@@ -141,6 +141,11 @@ impl DiskTier {
     /// Stores raw bytes under `key` as they are, bypassing the codec. For tools and fault tests
     /// (a corrupt copy must be detected on read).
     pub fn insert_raw(&self, key: &CacheKey, bytes: &[u8]) -> Result<(), TierError> {
+        let _no_eviction = self
+            .inner
+            .evicting_excludes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         self.inner.store(key.id(), bytes)
     }
 
@@ -532,7 +537,19 @@ impl Inner {
         }
     }
 
+    /// Removes whatever copy is stored under `id`, with its access time and slot. Holds
+    /// `evicting_excludes` for writing, like [`Inner::remove_exact`]: no put lands between the
+    /// removal and the slot's.
     fn forget(&self, id: u128) -> Result<(), TierError> {
+        let _no_put_midway = self
+            .evicting_excludes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.forget_locked(id)
+    }
+
+    /// [`Inner::forget`] for a caller that holds `evicting_excludes` for writing.
+    fn forget_locked(&self, id: u128) -> Result<(), TierError> {
         self.entries.remove(id.to_be_bytes())?;
         self.access.remove(id.to_be_bytes())?;
         if let Some(old) = self.lock_slots().remove(&id) {
@@ -594,7 +611,7 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner);
         let key = id.to_be_bytes();
         let Some(current) = self.entries.get(key)? else {
-            self.forget(id)?;
+            self.forget_locked(id)?;
             return Ok(false);
         };
         if let Some(outbox) = self.outbox.get() {

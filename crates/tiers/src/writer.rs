@@ -100,6 +100,14 @@ impl Sink {
             failed(TierName::L3, "enqueue", &e);
         }
     }
+
+    /// [`Sink::store`], with a panic in a tier caught and logged: the entry is then not written
+    /// below L1, and the thread that wrote (a writer, or the caller's) goes on.
+    pub(crate) fn store_guarded(&self, key: &CacheKey, entry: &Entry) {
+        if catch_unwind(AssertUnwindSafe(|| self.store(key, entry))).is_err() {
+            tracing::error!(%key, "writing an entry below L1 panicked; it was not written");
+        }
+    }
 }
 
 enum Job {
@@ -194,7 +202,7 @@ impl Writer {
                 room.send(Job::Store(key.clone(), Arc::clone(entry)));
             }
             // The thread is gone: write on the caller's path instead.
-            Err(_) => self.sink.store(key, entry),
+            Err(_) => self.sink.store_guarded(key, entry),
         }
     }
 
@@ -248,10 +256,7 @@ fn run(mut jobs: mpsc::Receiver<Job>, sink: &Sink, pending: &Mutex<HashMap<u128,
                 Job::Store(key, entry) => {
                     // A panic in a tier must not leave the entry pending (served, but never
                     // written, nor removable) or stop the lane.
-                    let stored = catch_unwind(AssertUnwindSafe(|| sink.store(&key, &entry)));
-                    if stored.is_err() {
-                        tracing::error!(%key, "writing an entry below L1 panicked; it was not written");
-                    }
+                    sink.store_guarded(&key, &entry);
                     unpend(pending, &key, &entry);
                 }
                 Job::Settle(done) => {
