@@ -1072,6 +1072,10 @@ impl Inner {
                     } else {
                         self.failures.counters.record_invalidated();
                     }
+                    // Still queued for writing, it would land after the removal below.
+                    if let Some(writer) = &self.writer {
+                        writer.forget_entry(&keyed.key, &entry);
+                    }
                     if let Err(e) = guarded(l2.remove(&keyed.key)).await {
                         self.tier_failed(l2.name(), "remove", &e);
                     }

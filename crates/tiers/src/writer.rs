@@ -212,6 +212,14 @@ impl Writer {
         lock(&self.lane(id).pending).remove(&id);
     }
 
+    /// Drops `entry` from the queue if it is still the one pending for `key` (a lookup refused
+    /// it as expired or invalidated): its writer then skips the key's queued writes, so it
+    /// reaches neither the disk tier nor S3. A later put of the key, pending in its place, is
+    /// left alone.
+    pub(crate) fn forget_entry(&self, key: &CacheKey, entry: &Arc<Entry>) {
+        unpend(&self.lane(key.id()).pending, key, entry);
+    }
+
     /// The entry queued for `id` and not written yet, if any.
     pub(crate) fn pending(&self, id: u128) -> Option<Arc<Entry>> {
         lock(&self.lane(id).pending).get(&id).cloned()
@@ -231,6 +239,11 @@ impl Writer {
             let _ = answer.await;
         }
     }
+}
+
+/// Whether an entry is pending for `key`.
+fn has_pending(pending: &Mutex<HashMap<u128, Arc<Entry>>>, key: &CacheKey) -> bool {
+    lock(pending).contains_key(&key.id())
 }
 
 fn unpend(pending: &Mutex<HashMap<u128, Arc<Entry>>>, key: &CacheKey, entry: &Arc<Entry>) {
@@ -253,12 +266,16 @@ fn run(mut jobs: mpsc::Receiver<Job>, sink: &Sink, pending: &Mutex<HashMap<u128,
     while jobs.blocking_recv_many(&mut batch, BATCH) > 0 {
         for job in batch.drain(..) {
             match job {
-                Job::Store(key, entry) => {
+                // Nothing pending for the key: it was forgotten (removed, or its entry refused
+                // by a lookup while queued), and there is nothing to write. (An entry a later
+                // put replaced is still written, before the later one.)
+                Job::Store(key, entry) if has_pending(pending, &key) => {
                     // A panic in a tier must not leave the entry pending (served, but never
                     // written, nor removable) or stop the lane.
                     sink.store_guarded(&key, &entry);
                     unpend(pending, &key, &entry);
                 }
+                Job::Store(..) => {}
                 Job::Settle(done) => {
                     let _ = done.send(());
                 }
@@ -381,6 +398,28 @@ mod tests {
         for (key, _) in queued {
             assert!(writer.pending(key.id()).is_none());
         }
+    }
+
+    #[tokio::test]
+    async fn an_entry_forgotten_while_queued_is_never_written() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let (writer, disk) = writer_with_disk(&dir);
+        let (key, refused) = entry(1);
+        let (kept_key, kept) = entry(2);
+        let release = writer.hold(key.id()).await;
+        writer.store(&key, &refused).await;
+        writer.store(&kept_key, &kept).await;
+        // Another entry than the pending one changes nothing.
+        writer.forget_entry(&key, &kept);
+        assert!(writer.pending(key.id()).is_some());
+        writer.forget_entry(&key, &refused);
+        assert!(writer.pending(key.id()).is_none());
+        drop(release);
+        writer.settle().await;
+        let on_disk = disk.get(&key).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(on_disk.is_none(), "a forgotten entry was written");
+        let on_disk = disk.get(&kept_key).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(on_disk.is_some(), "the other entry was not written");
     }
 
     #[tokio::test]
