@@ -505,69 +505,46 @@ impl Tier for FaultyTier {
     }
 }
 
-#[tokio::test]
-async fn a_failing_disk_tier_degrades_to_counted_misses() -> Result<()> {
+/// Runs requests through a cache whose only tier below memory fails (or panics) on every call,
+/// then lets the tier work again: every request is answered, every call is a counted L2 error,
+/// and once the tier works a put is served from it.
+async fn degrades_then_recovers(failing: bool, panicking: bool) -> Result<()> {
     let dir = TempDir::new()?;
-    let faulty = FaultyTier::new(disk(&dir)?, true, false);
+    let faulty = FaultyTier::new(disk(&dir)?, failing, panicking);
     // A memory tier too small to hold anything, so every lookup goes to L2.
     let cache = TieredCache::builder()
         .memory_capacity(0)
         .l2(faulty.clone())
         .build();
-    for i in 0..5 {
-        let lookup = execute(
-            &cache,
-            &request(&format!("q{i}")),
-            &Scope::Global,
-            "works anyway",
-        )
-        .await?;
-        assert_eq!(answer(&lookup), "works anyway");
-    }
-    assert!(cache.stats().errors.l2 >= 5, "{:?}", cache.stats().errors);
-    faulty.failing.store(false, Ordering::SeqCst);
-    cache
-        .put(&request("later"), &Scope::Global, completion("stored"))
-        .await?;
-    cache.memory().run_pending_tasks().await;
-    let found = cache.get(&request("later"), &Scope::Global).await?;
-    assert_eq!(found.as_ref().map(answer).as_deref(), Some("stored"));
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_tier_that_panics_costs_counted_misses_not_the_callers_task() -> Result<()> {
-    let dir = TempDir::new()?;
-    let faulty = FaultyTier::new(disk(&dir)?, false, true);
-    let cache = TieredCache::builder()
-        .memory_capacity(0)
-        .l2(faulty.clone())
-        .build();
     for i in 0..3 {
-        // The lookup (get), the answer's write (put) and a removal all panic in the tier.
-        let lookup = execute(
-            &cache,
-            &request(&format!("q{i}")),
-            &Scope::Global,
-            "works anyway",
-        )
-        .await?;
+        // The lookup (get), the answer's write (put) and a removal all meet the fault.
+        let request = request(&format!("q{i}"));
+        let lookup = execute(&cache, &request, &Scope::Global, "works anyway").await?;
         assert_eq!(lookup.outcome, Outcome::Miss);
         assert_eq!(answer(&lookup), "works anyway");
-        cache
-            .remove(&request(&format!("q{i}")), &Scope::Global)
-            .await?;
+        cache.remove(&request, &Scope::Global).await?;
     }
     assert!(cache.stats().errors.l2 >= 6, "{:?}", cache.stats().errors);
-    // The tier works again once it stops panicking.
+    faulty.failing.store(false, Ordering::SeqCst);
     faulty.panicking.store(false, Ordering::SeqCst);
     cache
         .put(&request("later"), &Scope::Global, completion("stored"))
         .await?;
     cache.memory().run_pending_tasks().await;
     let found = cache.get(&request("later"), &Scope::Global).await?;
-    assert_eq!(found.map(|l| l.outcome), Some(Outcome::L2));
+    assert_eq!(found.as_ref().map(|l| l.outcome), Some(Outcome::L2));
+    assert_eq!(found.as_ref().map(answer).as_deref(), Some("stored"));
     Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_disk_tier_degrades_to_counted_misses() -> Result<()> {
+    degrades_then_recovers(true, false).await
+}
+
+#[tokio::test]
+async fn a_tier_that_panics_costs_counted_misses_not_the_callers_task() -> Result<()> {
+    degrades_then_recovers(false, true).await
 }
 
 #[tokio::test]
