@@ -388,6 +388,85 @@ async fn with_s3_refusing_connections_lookups_and_puts_work_and_writes_land_late
     Ok(())
 }
 
+/// Removing and invalidating while S3 refuses connections: the objects stay in the bucket, but
+/// neither this node nor another one serves them once S3 is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removals_made_while_s3_is_down_hold_when_it_returns() -> Result<()> {
+    let mut server = TestS3::start().await?;
+    if !server.can_stop() {
+        return Ok(()); // needs a server it can stop: an external one over HTTPS cannot be
+    }
+    let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
+    let mut config = server.config();
+    config.breaker_cool_down = Duration::from_millis(300);
+    let a = node_with(&config, dir_a.path()).await?;
+    let texts = ["removed", "by key", "by pattern", "kept"];
+    for text in texts {
+        a.cache
+            .put(&request(text), &Scope::Global, completion(text))
+            .await?;
+    }
+    a.cache.flush().await?;
+    assert_eq!(entry_objects(&server).await?, 4);
+
+    server.stop().await?;
+    a.cache.remove(&request("removed"), &Scope::Global).await?;
+    let by_key = a.cache.key(&request("by key"), &Scope::Global)?;
+    let invalidated = a
+        .cache
+        .invalidate(&strata::core::Selector::Key(by_key.key.hex()))
+        .await?;
+    assert!(!invalidated.published, "S3 is down: {invalidated:?}");
+    let by_pattern = a.cache.key(&request("by pattern"), &Scope::Global)?;
+    let pattern = format!("{}*", &by_pattern.key.to_string()[..20]);
+    assert!(
+        a.cache.invalidate_pattern(&pattern, |_| {}).await.is_err(),
+        "S3 cannot be listed"
+    );
+
+    server.restart().await?;
+    tokio::time::sleep(Duration::from_millis(350)).await; // the breaker's cool-down
+    assert_eq!(entry_objects(&server).await?, 4, "nothing was deleted");
+    // The answer a lookup gets when the executor has to run: "fresh".
+    let lookup = |cache: TieredCache, text: &'static str| async move {
+        cache
+            .get_or_execute(&request(text), &Scope::Global, || async {
+                Ok::<_, std::io::Error>(completion("fresh"))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+
+    // Another node, once this one has published its tombstones.
+    a.cache.epochs().sync(&a.s3).await?;
+    let b = node(&server, dir_b.path()).await?;
+    for text in ["removed", "by key", "by pattern"] {
+        assert_eq!(
+            lookup(b.cache.clone(), text).await?.outcome,
+            Outcome::Miss,
+            "{text}"
+        );
+    }
+    assert_eq!(outcome(&b.cache, "kept").await?, Outcome::L3);
+
+    // This node, its S3 tier in reach again (`kept` comes from there) ...
+    let kept = a.cache.key(&request("kept"), &Scope::Global)?;
+    a.cache.memory().remove_id(kept.key.id()).await;
+    a.disk.remove(&kept.key).await?;
+    assert_eq!(outcome(&a.cache, "kept").await?, Outcome::L3);
+    // ... never serves the old answers (B's fresh ones may reach it through S3).
+    for text in ["removed", "by key", "by pattern"] {
+        let served = lookup(a.cache.clone(), text).await?;
+        assert!(
+            served.entry.response.get().contains("fresh"),
+            "{text}: {:?} {}",
+            served.outcome,
+            served.entry.response.get()
+        );
+    }
+    Ok(())
+}
+
 /// S3 that hangs (accepts connections, never answers) and then answers 503: lookups end in
 /// misses once the configured timeout passes, puts are stored locally and queued, every failure
 /// is counted, and when S3 answers again the queue drains and lookups reach L3.

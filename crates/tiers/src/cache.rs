@@ -31,7 +31,7 @@ use strata_analytics::{
 };
 use strata_core::{
     CacheKey, Codec, Cost, Entry, Keyed, ModelSlug, Normalizer, Profile, RequestError, Scope,
-    Tokens,
+    Selector, Tokens,
 };
 
 use crate::disk::DiskTier;
@@ -1146,6 +1146,12 @@ impl Inner {
             && let Err(e) = guarded(l3.remove(key)).await
         {
             self.tier_failed(TierName::L3, "remove", &e);
+            // The object and the pointer other nodes follow may still be in the bucket: a key
+            // tombstone makes every tier refuse them, here now and elsewhere once the epochs
+            // are next published.
+            if let Err(e) = self.epochs.bump(&Selector::Key(key.hex())) {
+                tracing::error!(error = %e, "cannot record the removal's tombstone");
+            }
         }
     }
 

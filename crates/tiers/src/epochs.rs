@@ -119,6 +119,24 @@ impl EpochStore {
             .map(|v| v.unwrap_or(0))
     }
 
+    /// Bumps the epochs of many selectors at once, persisting them in one write (one
+    /// [`EpochStore::bump`] per key of a large pattern would rewrite the whole document each
+    /// time). Returns how many were bumped.
+    pub fn bump_all<'a>(
+        &self,
+        selectors: impl IntoIterator<Item = &'a Selector>,
+    ) -> Result<usize, TierError> {
+        let now = Utc::now();
+        self.update(|epochs| {
+            let bumped = selectors
+                .into_iter()
+                .map(|selector| epochs.bump(selector, now))
+                .count();
+            (bumped > 0).then_some(bumped)
+        })
+        .map(|n| n.unwrap_or(0))
+    }
+
     /// Merges epochs learnt elsewhere. Returns whether anything changed.
     pub fn absorb(&self, other: &Epochs) -> Result<bool, TierError> {
         if self.snapshot().covers(other) {

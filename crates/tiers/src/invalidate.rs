@@ -94,8 +94,11 @@ impl TieredCache {
                         "`{id}` is not a cache key (`model_32hex`) or a cache id (32 hex digits)"
                     ))
                 })?;
-            affected = u64::from(self.remove_everywhere(&key).await?);
+            // The tombstone goes first: should a removal below fail part-way (S3
+            // unreachable), the copies it leaves behind are refused all the same.
             inner.epochs.bump(&Selector::Key(key.hex()))?;
+            inner.epochs.flush().await?;
+            affected = u64::from(self.remove_everywhere(&key).await?);
         } else {
             inner.epochs.bump(&selector)?;
         }
@@ -131,11 +134,19 @@ impl TieredCache {
             found |= matches!(l2.get(key).await, Ok(Some(_)));
         }
         if let Some(l3) = &inner.l3 {
-            found |= l3.known_path(key)?.is_some()
-                || l3
+            let in_s3 = match l3.known_path(key)? {
+                Some(_) => Ok(true),
+                None => l3
                     .get_object(&l3.layout().pointer_path(&key.hex()))
-                    .await?
-                    .is_some();
+                    .await
+                    .map(|pointer| pointer.is_some()),
+            };
+            // S3 out of reach: the key's tombstone covers whatever copy is there, and the
+            // removal below still clears this node's tiers.
+            match in_s3 {
+                Ok(in_s3) => found |= in_s3,
+                Err(e) => inner.tier_failed(TierName::L3, "lookup", &e),
+            }
         }
         inner.remove(key).await;
         Ok(found)
@@ -252,9 +263,17 @@ impl TieredCache {
                     })?;
                 }
             }
+        }
+        // Tombstones for what this node held, before S3 is listed: should the listing or the
+        // deletes fail, those keys are refused all the same, here and (once published)
+        // everywhere.
+        bump_keys(&inner.epochs, &ids)?;
+        inner.epochs.flush().await?;
+        if let Some(l3) = &inner.l3 {
             let layout = l3.layout().clone();
             let mut doomed = Vec::new();
             let mut listed = 0;
+            let mut in_s3 = BTreeSet::new();
             l3.list_pages(&layout.cache_root(), |page| {
                 listed += page.len() as u64;
                 for object in page {
@@ -262,13 +281,18 @@ impl TieredCache {
                         continue;
                     };
                     if matcher.is_match(format!("{}_{}", parsed.0, parsed.1)) {
-                        ids.insert(parsed.1);
+                        in_s3.insert(parsed.1);
                         doomed.push(object.key);
                     }
                 }
                 progress(Progress::Listed(listed));
             })
             .await?;
+            // And for the keys only S3 held, before their objects are deleted.
+            let only_in_s3: BTreeSet<String> = in_s3.difference(&ids).cloned().collect();
+            bump_keys(&inner.epochs, &only_in_s3)?;
+            inner.epochs.flush().await?;
+            ids.extend(only_in_s3);
             for id in &ids {
                 doomed.push(layout.pointer_path(id));
                 if let Some(key) = CacheKey::parse(&format!("x_{id}")) {
@@ -279,10 +303,6 @@ impl TieredCache {
             l3.delete_objects(&doomed, |n| progress(Progress::Deleted(n, total)))
                 .await?;
         }
-        for id in &ids {
-            inner.epochs.bump(&Selector::Key(id.clone()))?;
-        }
-        inner.epochs.flush().await?;
         let published = self.publish().await;
         Ok(Invalidation {
             what: format!("keys matching {pattern}"),
@@ -544,4 +564,10 @@ pub(crate) fn spawn_sweeper(cache: &TieredCache, every: Duration) {
             }
         }
     });
+}
+
+/// Leaves a key tombstone for each id, in one write.
+fn bump_keys(epochs: &EpochStore, ids: &BTreeSet<String>) -> Result<usize, TierError> {
+    let selectors: Vec<Selector> = ids.iter().cloned().map(Selector::Key).collect();
+    epochs.bump_all(&selectors)
 }

@@ -1157,7 +1157,10 @@ impl Tier for S3Tier {
     async fn remove(&self, key: &CacheKey) -> Result<(), TierError> {
         let inner = &self.inner;
         self.dequeue(key)?;
-        let path = match self.known_path(key)? {
+        let known = self.known_path(key)?;
+        // This node stops following its index to the object first, whatever happens below.
+        inner.forget(&key.digest)?;
+        let path = match known {
             Some(path) => Some(path),
             None => {
                 let pointer_path = inner.layout.pointer_path(&key.hex());
@@ -1183,7 +1186,7 @@ impl Tier for S3Tier {
                 .await
                 .map_err(|e| inner.failed("DELETE", &path, &e))?;
         }
-        inner.forget(&key.digest)
+        Ok(())
     }
 
     /// Drains the outbox.
