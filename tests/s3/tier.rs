@@ -467,6 +467,53 @@ async fn removals_made_while_s3_is_down_hold_when_it_returns() -> Result<()> {
     Ok(())
 }
 
+/// An object whose body never ends, or that says it is larger than anything strata writes: the
+/// lookup is a counted miss once the operation timeout has passed (or at once), and the
+/// caller's executor answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_or_oversized_object_is_a_counted_miss() -> Result<()> {
+    let mut server = TestS3::start().await?;
+    if !server.can_stop() {
+        return Ok(()); // needs a server it can stop: an external one over HTTPS cannot be
+    }
+    let dir = TempDir::new()?;
+    let mut config = server.config();
+    config.operation_timeout = Duration::from_millis(500);
+    config.breaker_threshold = 100;
+    let a = node_with(&config, dir.path()).await?;
+    for text in ["endless", "oversized"] {
+        a.cache
+            .put(&request(text), &Scope::Global, completion(text))
+            .await?;
+    }
+    a.cache.flush().await?;
+
+    for (text, fault) in [("endless", None), ("oversized", Some(1u64 << 40))] {
+        let key = a.cache.key(&request(text), &Scope::Global)?;
+        a.cache.memory().remove_id(key.key.id()).await;
+        a.disk.remove(&key.key).await?;
+        server.misbehave(Fault::Trickle(fault)).await?;
+        let errors = a.cache.stats().errors.l3;
+        // Without a bound on reading the body, this lookup would never end: the test fails
+        // after a minute instead of hanging.
+        let lookup = tokio::time::timeout(
+            Duration::from_secs(60),
+            a.cache
+                .get_or_execute(&request(text), &Scope::Global, || async {
+                    Ok::<_, std::io::Error>(completion("fresh"))
+                }),
+        )
+        .await
+        .context("the lookup never ended")?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(lookup.outcome, Outcome::Miss, "{text}");
+        assert!(lookup.entry.response.get().contains("fresh"));
+        assert!(a.cache.stats().errors.l3 > errors, "{text}: counted");
+        server.restart().await?;
+    }
+    Ok(())
+}
+
 /// S3 that hangs (accepts connections, never answers) and then answers 503: lookups end in
 /// misses once the configured timeout passes, puts are stored locally and queued, every failure
 /// is counted, and when S3 answers again the queue drains and lookups reach L3.

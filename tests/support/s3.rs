@@ -65,6 +65,9 @@ pub enum Fault {
     Stall,
     /// Answer every request with this HTTP status and an S3 error document (503: overloaded).
     Status(u16),
+    /// Answer 200 with a body that never ends, one byte every 100 ms (fast enough for the
+    /// SDK's stalled-stream protection), declaring this length, or none (chunked).
+    Trickle(Option<u64>),
 }
 
 impl TestS3 {
@@ -246,6 +249,25 @@ impl TestS3 {
                     );
                     let mut response = hyper::Response::new(body);
                     *response.status_mut() = status;
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = ConnBuilder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
+            }),
+            Fault::Trickle(declared) => accept_loop(listener, move |socket| async move {
+                let service = hyper::service::service_fn(move |_request| async move {
+                    let bytes = futures::stream::unfold((), |()| async {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let frame = hyper::body::Frame::data(bytes::Bytes::from_static(b"x"));
+                        Some((Ok::<_, std::convert::Infallible>(frame), ()))
+                    });
+                    let mut response = hyper::Response::new(http_body_util::StreamBody::new(bytes));
+                    if let Some(length) = declared {
+                        response
+                            .headers_mut()
+                            .insert(hyper::header::CONTENT_LENGTH, length.into());
+                    }
                     Ok::<_, std::convert::Infallible>(response)
                 });
                 let _ = ConnBuilder::new(TokioExecutor::new())

@@ -35,11 +35,12 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::{ByteStream, ByteStreamError};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use sled::IVec;
 use strata_analytics::TierName;
+use strata_core::codec::MAX_PAYLOAD;
 use strata_core::{CacheKey, Codec, Entry};
 use tokio::sync::Notify;
 
@@ -289,6 +290,9 @@ struct Inner {
     meta: sled::Tree,
     node_id: String,
     breaker: Breaker,
+    /// How long reading an object's body may take (the SDK's operation timeout ends when the
+    /// response headers arrive).
+    body_timeout: Duration,
     max_concurrency: usize,
     /// One drain at a time (the background task or a flush).
     draining: tokio::sync::Mutex<()>,
@@ -382,6 +386,7 @@ impl S3Tier {
                 meta,
                 node_id,
                 breaker: Breaker::new(config.breaker_threshold, config.breaker_cool_down),
+                body_timeout: config.operation_timeout,
                 max_concurrency: config.max_concurrency.max(1),
                 draining: tokio::sync::Mutex::new(()),
                 wake: Arc::new(Notify::new()),
@@ -978,14 +983,36 @@ impl Inner {
         {
             Ok(out) => {
                 let etag = out.e_tag().map(str::to_string);
-                match out.body.collect().await {
-                    Ok(data) => {
+                let declared = out.content_length().and_then(|n| u64::try_from(n).ok());
+                if declared.is_some_and(|n| n > MAX_OBJECT) {
+                    // Nothing strata writes is this large: not read at all.
+                    self.breaker.success();
+                    return Err(TierError::Storage(format!(
+                        "S3 GET {path}: {} bytes, more than any object strata writes",
+                        declared.unwrap_or_default()
+                    )));
+                }
+                match tokio::time::timeout(self.body_timeout, read_body(out.body, declared)).await {
+                    Ok(Ok(data)) => {
                         self.breaker.success();
-                        Ok(Some((data.to_vec(), etag)))
+                        Ok(Some((data, etag)))
                     }
-                    Err(e) => {
+                    Ok(Err(BodyError::TooLarge)) => {
+                        self.breaker.success();
+                        Err(TierError::Storage(format!(
+                            "S3 GET {path}: the body runs past {MAX_OBJECT} bytes"
+                        )))
+                    }
+                    Ok(Err(BodyError::Read(e))) => {
                         self.breaker.failure();
                         Err(TierError::Storage(format!("S3 GET {path}: body: {e}")))
+                    }
+                    Err(_) => {
+                        self.breaker.failure();
+                        Err(TierError::Storage(format!(
+                            "S3 GET {path}: the body took longer than {:?}",
+                            self.body_timeout
+                        )))
                     }
                 }
             }
@@ -1201,4 +1228,27 @@ impl Tier for S3Tier {
             capacity: None,
         }
     }
+}
+
+/// The largest object a GET reads: an envelope holds at most [`MAX_PAYLOAD`] bytes of payload
+/// plus its header; pointers, manifests and epochs are far smaller.
+const MAX_OBJECT: u64 = MAX_PAYLOAD as u64 + (1 << 16);
+
+enum BodyError {
+    TooLarge,
+    Read(ByteStreamError),
+}
+
+/// Reads a body chunk by chunk, giving up as soon as it runs past [`MAX_OBJECT`].
+async fn read_body(mut body: ByteStream, declared: Option<u64>) -> Result<Vec<u8>, BodyError> {
+    let capacity = declared.map_or(0, |n| usize::try_from(n).unwrap_or(0));
+    let mut data = Vec::with_capacity(capacity);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(BodyError::Read)?;
+        if (data.len() + chunk.len()) as u64 > MAX_OBJECT {
+            return Err(BodyError::TooLarge);
+        }
+        data.extend_from_slice(&chunk);
+    }
+    Ok(data)
 }
