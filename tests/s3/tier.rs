@@ -514,6 +514,42 @@ async fn an_endless_or_oversized_object_is_a_counted_miss() -> Result<()> {
     Ok(())
 }
 
+/// A proxy in front of S3 refuses one upload for good (413, an HTML page, no S3 error code):
+/// that entry is dropped from the outbox and counted, the rest of the queue goes up, the
+/// breaker stays closed and flush succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_refused_for_good_is_dropped_and_the_rest_go_up() -> Result<()> {
+    let mut server = TestS3::start().await?;
+    if !server.is_local() {
+        return Ok(()); // needs a server whose requests it can refuse one by one
+    }
+    let dir = TempDir::new()?;
+    let a = node(&server, dir.path()).await?;
+    server.misbehave(Fault::RefuseBodiesOver(32 << 10)).await?;
+    // 64 KiB that zstd cannot shrink below the limit.
+    let mut noise = String::new();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while noise.len() < 64 << 10 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.push_str(&format!("{x:016x}"));
+    }
+    a.cache
+        .put(&request("large"), &Scope::Global, completion(&noise))
+        .await?;
+    put_many(&a.cache, "small", 20, "fits").await?;
+    a.cache.flush().await?;
+    assert_eq!(a.s3.pending(), 0);
+    assert_eq!(entry_objects(&server).await?, 20);
+    let stats = a.s3.stats();
+    assert_eq!((stats.uploaded, stats.dropped), (20, 1), "{stats:?}");
+    assert_eq!(stats.breaker_opened, 0);
+    // The refused entry is still served here, from L1.
+    assert_eq!(outcome(&a.cache, "large").await?, Outcome::L1);
+    Ok(())
+}
+
 /// S3 that hangs (accepts connections, never answers) and then answers 503: lookups end in
 /// misses once the configured timeout passes, puts are stored locally and queued, every failure
 /// is counted, and when S3 answers again the queue drains and lookups reach L3.

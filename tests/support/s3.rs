@@ -68,6 +68,9 @@ pub enum Fault {
     /// Answer 200 with a body that never ends, one byte every 100 ms (fast enough for the
     /// SDK's stalled-stream protection), declaring this length, or none (chunked).
     Trickle(Option<u64>),
+    /// Serve as usual (the in-process server only), except that a request whose body is
+    /// larger than this many bytes gets 413 and an HTML page, as from a proxy in front.
+    RefuseBodiesOver(u64),
 }
 
 impl TestS3 {
@@ -171,11 +174,7 @@ impl TestS3 {
             .context("an external server over HTTPS")?;
         front.accept = Some(match &front.backend {
             Backend::InProcess(root) => {
-                let fs = s3s_fs::FileSystem::new(root.path())
-                    .map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
-                let mut builder = S3ServiceBuilder::new(fs);
-                builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-                let service = builder.build();
+                let service = s3s_service(root)?;
                 accept_loop(listener, move |socket| {
                     let service = service.clone();
                     async move {
@@ -255,6 +254,40 @@ impl TestS3 {
                     .serve_connection(TokioIo::new(socket), service)
                     .await;
             }),
+            Fault::RefuseBodiesOver(limit) => {
+                let Backend::InProcess(root) = &front.backend else {
+                    anyhow::bail!("only the in-process server can refuse some bodies");
+                };
+                let service = s3s_service(root)?;
+                accept_loop(listener, move |socket| {
+                    let service = service.clone();
+                    let refusing = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let service = service.clone();
+                            async move {
+                                let length = request
+                                    .headers()
+                                    .get(hyper::header::CONTENT_LENGTH)
+                                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                                if length.is_some_and(|n| n > limit) {
+                                    let page = "<html><body><h1>413 Request Entity Too Large</h1>\
+                                                </body></html>";
+                                    let mut response =
+                                        hyper::Response::new(s3s::Body::from(page.to_string()));
+                                    *response.status_mut() = hyper::StatusCode::PAYLOAD_TOO_LARGE;
+                                    return Ok(response);
+                                }
+                                hyper::service::Service::call(&service, request).await
+                            }
+                        },
+                    );
+                    async move {
+                        let _ = ConnBuilder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(socket), refusing)
+                            .await;
+                    }
+                })
+            }
             Fault::Trickle(declared) => accept_loop(listener, move |socket| async move {
                 let service = hyper::service::service_fn(move |_request| async move {
                     let bytes = futures::stream::unfold((), |()| async {
@@ -400,6 +433,14 @@ impl TestS3 {
 
 /// Accepts connections on `listener` until the task is aborted, handling each with `handle`.
 /// Dropping the set of connections (when the task is aborted) cuts every open one.
+/// s3s-fs over the directory `root`, with the tests' credentials.
+fn s3s_service(root: &TempDir) -> Result<s3s::service::S3Service> {
+    let fs = s3s_fs::FileSystem::new(root.path()).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
+    let mut builder = S3ServiceBuilder::new(fs);
+    builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    Ok(builder.build())
+}
+
 fn accept_loop<F, Fut>(listener: TcpListener, handle: F) -> JoinHandle<()>
 where
     F: Fn(TcpStream) -> Fut + Send + 'static,

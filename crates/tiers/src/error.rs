@@ -26,6 +26,10 @@ pub enum TierError {
     /// The tier cannot be used now (injected fault, open failure, circuit open).
     #[error("tier unavailable: {0}")]
     Unavailable(String),
+    /// The store refused this one request for good (an object too large for it, a path too
+    /// long): trying again cannot succeed.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 impl From<strata_analytics::AnalyticsError> for TierError {

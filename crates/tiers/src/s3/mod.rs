@@ -189,7 +189,8 @@ pub struct DrainReport {
     pub uploaded: u64,
     /// Entries that failed and stay queued.
     pub failed: u64,
-    /// Entries dropped because their bytes were unreadable (counted, logged).
+    /// Entries dropped because their bytes were unreadable, their disk copy was gone, or S3
+    /// refused them for good (too large for it); counted, logged.
     pub dropped: u64,
 }
 
@@ -264,7 +265,7 @@ pub struct S3Stats {
     pub uploaded: u64,
     /// Upload attempts that failed (the entry stayed queued).
     pub upload_failures: u64,
-    /// Outbox items dropped as unreadable.
+    /// Outbox items dropped: unreadable, their disk copy gone, or refused by S3 for good.
     pub dropped: u64,
     /// Entries waiting in the outbox.
     pub pending: u64,
@@ -524,6 +525,11 @@ impl S3Tier {
         loop {
             let report = self.drain_once().await?;
             total += report.uploaded;
+            // A batch with some failures goes on to the next while it gets anything done: a
+            // few failing uploads do not hold back the rest of the queue.
+            if report.uploaded > 0 || report.dropped > 0 {
+                continue;
+            }
             if report.failed > 0 {
                 return Err(TierError::Unavailable(format!(
                     "{} uploads failed; {} entries stay queued",
@@ -531,9 +537,7 @@ impl S3Tier {
                     self.pending()
                 )));
             }
-            if report.uploaded == 0 && report.dropped == 0 {
-                return Ok(total);
-            }
+            return Ok(total);
         }
     }
 
@@ -583,6 +587,17 @@ impl S3Tier {
         for (k, v, outcome) in results {
             match outcome {
                 Some(Ok(pointer)) => done.push((k, v, pointer)),
+                Some(Err(e @ TierError::Refused(_))) => {
+                    // Queued, it would be refused again on every drain: dropped, counted. The
+                    // local copies stay.
+                    tracing::error!(error = %e, "S3 refuses this upload for good; dropping it");
+                    inner.dropped.fetch_add(1, Relaxed);
+                    report.dropped += 1;
+                    inner
+                        .outbox
+                        .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
+                        .ok();
+                }
                 Some(Err(e)) => {
                     strata_analytics::throttled!(
                         inner.upload_warnings,
@@ -947,21 +962,27 @@ impl Inner {
         path: &str,
         e: &SdkError<E, HttpResponse>,
     ) -> TierError {
-        // A server that answered with a 4xx is reachable: only transport errors, timeouts and
-        // 5xx count towards the breaker.
-        let server_fault = match e {
-            SdkError::ServiceError(_) => e.code().is_none_or(|c| {
-                c.contains("Internal") || c.contains("Unavailable") || c == "SlowDown"
-            }),
-            _ => true,
-        };
+        // A server that answered is reachable: only no answer, a timeout, a 5xx, 408 or 429
+        // (whatever error code, if any, the body carries) count towards the breaker.
+        let status = e.raw_response().map(|r| r.status().as_u16());
+        let server_fault = status.is_none_or(|s| s >= 500 || s == 408 || s == 429);
         if server_fault {
             self.breaker.failure();
         } else {
             self.breaker.success();
         }
         tracing::debug!(op, path, error = %DisplayErrorContext(e), "S3 call failed");
-        TierError::Storage(format!("S3 {op} {path}: {}", brief(e)))
+        let message = format!("S3 {op} {path}: {}", brief(e));
+        let refused_for_good = matches!(status, Some(413 | 414))
+            || matches!(
+                e.code(),
+                Some("EntityTooLarge" | "KeyTooLongError" | "MetadataTooLarge")
+            );
+        if refused_for_good {
+            TierError::Refused(message)
+        } else {
+            TierError::Storage(message)
+        }
     }
 
     async fn get_bytes(&self, path: &str) -> Result<Option<Vec<u8>>, TierError> {
