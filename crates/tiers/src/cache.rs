@@ -1013,7 +1013,8 @@ impl Inner {
                         .record_error(TierName::L3, ErrorKind::Collision);
                 }
             },
-            Ok(None) => {}
+            // Skipped, as when `available` said no: not a failure of its own.
+            Ok(None) | Err(TierError::CircuitOpen) => {}
             Err(TierError::Corrupt(_)) => {
                 self.failures
                     .counters

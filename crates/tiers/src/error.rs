@@ -26,6 +26,10 @@ pub enum TierError {
     /// The tier cannot be used now (injected fault, open failure, circuit open).
     #[error("tier unavailable: {0}")]
     Unavailable(String),
+    /// The call was not made: S3's circuit breaker is open, or half-open with its one probe
+    /// call already out.
+    #[error("tier unavailable: S3 circuit breaker is open")]
+    CircuitOpen,
     /// The store refused this one request for good (an object too large for it, a path too
     /// long): trying again cannot succeed.
     #[error("refused: {0}")]

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 /// Counts consecutive failures and opens for `cool_down` once they reach `threshold`.
 ///
-/// After the cool-down one call goes through (half-open): a success closes the breaker, a
-/// failure opens it again at once.
+/// After the cool-down one call goes through (half-open): the first to [`Breaker::acquire`]
+/// re-arms the cool-down for everyone else while it runs. Its success closes the breaker; its
+/// failure leaves it open for that new cool-down; a probe that never reports (its caller gave
+/// up) lets the next call through once the cool-down has passed again.
 #[derive(Debug)]
 pub struct Breaker {
     threshold: u32,
@@ -37,9 +39,27 @@ impl Breaker {
         self.origin.elapsed().as_micros() as u64
     }
 
-    /// Whether a call may go ahead now.
+    /// Whether a call may go ahead now (closed, or half-open with no probe out); takes nothing.
     pub fn allows(&self) -> bool {
         self.now_us() >= self.open_until_us.load(Relaxed)
+    }
+
+    /// Takes the right to make one call now: always when closed; when half-open, only for the
+    /// first caller (the probe), everyone else being refused until it reports.
+    pub fn acquire(&self) -> bool {
+        let until = self.open_until_us.load(Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let now = self.now_us();
+        if now < until {
+            return false;
+        }
+        let cool_down = u64::try_from(self.cool_down.as_micros()).unwrap_or(u64::MAX);
+        let rearmed = now.saturating_add(cool_down).max(1);
+        self.open_until_us
+            .compare_exchange(until, rearmed, Relaxed, Relaxed)
+            .is_ok()
     }
 
     /// How long until calls may go ahead again (zero when closed).
@@ -103,6 +123,35 @@ mod tests {
         b.success();
         b.failure();
         assert!(b.allows(), "a success resets the count");
+    }
+
+    #[test]
+    fn half_open_lets_one_probe_through_until_it_reports() {
+        let b = Breaker::new(1, Duration::from_millis(200));
+        assert!(b.acquire() && b.acquire(), "closed: every call");
+        b.failure();
+        assert!(!b.acquire());
+        std::thread::sleep(Duration::from_millis(210));
+        assert!(b.allows(), "half-open");
+        assert!(b.acquire(), "the probe");
+        assert!(
+            !b.acquire() && !b.allows(),
+            "no second call while the probe is out"
+        );
+        b.failure();
+        assert!(!b.acquire(), "a failed probe leaves it open");
+        std::thread::sleep(Duration::from_millis(210));
+        assert!(b.acquire(), "the next probe");
+        b.success();
+        assert!(b.acquire() && b.acquire(), "a successful probe closes it");
+        b.failure();
+        std::thread::sleep(Duration::from_millis(210));
+        assert!(b.acquire(), "a probe whose caller gave up");
+        std::thread::sleep(Duration::from_millis(210));
+        assert!(
+            b.acquire(),
+            "frees the way once the cool-down has passed again"
+        );
     }
 
     #[test]

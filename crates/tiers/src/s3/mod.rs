@@ -991,8 +991,8 @@ impl Inner {
 
     /// One GET: the object's bytes and its ETag; `None` when it does not exist.
     async fn get_tagged(&self, path: &str) -> Result<Option<(Vec<u8>, Option<String>)>, TierError> {
-        if !self.breaker.allows() {
-            return Err(TierError::Unavailable("S3 circuit breaker is open".into()));
+        if !self.breaker.acquire() {
+            return Err(TierError::CircuitOpen);
         }
         match self
             .client
@@ -1057,8 +1057,8 @@ impl Inner {
         body: Vec<u8>,
         content_type: &str,
     ) -> Result<(), TierError> {
-        if !self.breaker.allows() {
-            return Err(TierError::Unavailable("S3 circuit breaker is open".into()));
+        if !self.breaker.acquire() {
+            return Err(TierError::CircuitOpen);
         }
         match self
             .client
