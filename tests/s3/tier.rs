@@ -550,6 +550,54 @@ async fn an_upload_refused_for_good_is_dropped_and_the_rest_go_up() -> Result<()
     Ok(())
 }
 
+/// A pointer that names another key's object: that object is refused (a counted collision),
+/// never remembered as this key's, and removing this key leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misdirected_pointer_is_refused_and_its_object_is_left_alone() -> Result<()> {
+    let server = TestS3::start().await?;
+    let (dir_a, dir_b, dir_c) = (TempDir::new()?, TempDir::new()?, TempDir::new()?);
+    let a = node(&server, dir_a.path()).await?;
+    put_many(&a.cache, "q", 2, "answer").await?;
+    a.cache.flush().await?;
+    let pointer_of = |id: &str| {
+        format!(
+            "{}/cache-index/by-hash/{}/{id}.json",
+            server.prefix,
+            &id[..2]
+        )
+    };
+    let (q0, q1) = (
+        a.cache.key(&request("q0"), &Scope::Global)?.key,
+        a.cache.key(&request("q1"), &Scope::Global)?.key,
+    );
+    // q0's pointer now says what q1's says.
+    let q1_pointer = server.object(&pointer_of(&q1.hex())).await?;
+    server
+        .client()
+        .await
+        .put_object()
+        .bucket(&server.bucket)
+        .key(pointer_of(&q0.hex()))
+        .body(aws_sdk_s3::primitives::ByteStream::from(q1_pointer))
+        .send()
+        .await?;
+
+    let b = node(&server, dir_b.path()).await?;
+    assert!(b.cache.get(&request("q0"), &Scope::Global).await?.is_none());
+    assert_eq!(
+        b.cache.stats().errors.collisions,
+        1,
+        "{:?}",
+        b.cache.stats()
+    );
+    assert_eq!(b.s3.known_path(&q0)?, None);
+    b.cache.remove(&request("q0"), &Scope::Global).await?;
+    // q1's object is still there, and served.
+    let c = node(&server, dir_c.path()).await?;
+    assert_eq!(outcome(&c.cache, "q1").await?, Outcome::L3);
+    Ok(())
+}
+
 /// S3 that hangs (accepts connections, never answers) and then answers 503: lookups end in
 /// misses once the configured timeout passes, puts are stored locally and queued, every failure
 /// is counted, and when S3 answers again the queue drains and lookups reach L3.

@@ -440,7 +440,8 @@ impl S3Tier {
         }
     }
 
-    /// Entries waiting in the outbox.
+    /// Entries waiting in the outbox. Counts by walking the outbox: for reports, not for hot
+    /// loops.
     pub fn pending(&self) -> usize {
         self.inner.outbox.len()
     }
@@ -673,7 +674,8 @@ impl S3Tier {
                 }
                 let Some(inner) = weak.upgrade() else { return };
                 let tier = S3Tier { inner };
-                if tier.pending() == 0 {
+                // Not `pending()`: sled counts a tree by walking it, on every wake-up.
+                if tier.inner.outbox.is_empty() {
                     continue;
                 }
                 match tier.drain().await {
@@ -698,6 +700,7 @@ impl S3Tier {
     ) -> Result<u64, TierError> {
         let inner = &self.inner;
         let mut token: Option<String> = None;
+        let mut seen = std::collections::HashSet::new();
         let mut total = 0;
         loop {
             let page = inner
@@ -726,9 +729,23 @@ impl S3Tier {
                 .collect();
             total += objects.len() as u64;
             on_page(objects);
+            if page.is_truncated() != Some(true) {
+                return Ok(total);
+            }
+            // A listing cut short is an error, never a quiet end: an invalidation by pattern
+            // would miss the rest.
             match page.next_continuation_token() {
-                Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_string()),
-                _ => return Ok(total),
+                Some(next) if seen.insert(next.to_string()) => token = Some(next.to_string()),
+                Some(_) => {
+                    return Err(TierError::Storage(format!(
+                        "S3 LIST {prefix}: the server repeated a continuation token"
+                    )));
+                }
+                None => {
+                    return Err(TierError::Storage(format!(
+                        "S3 LIST {prefix}: a truncated page without a continuation token"
+                    )));
+                }
             }
         }
     }
@@ -1112,8 +1129,13 @@ impl Inner {
     ) -> Result<(Entry, Vec<u8>), TierError> {
         match self.codec.decode(&bytes) {
             Ok(entry) => {
-                if !indexed {
+                // An object of another key (a misdirected pointer) is never remembered as this
+                // key's: a later removal of this key would delete it. The caller refuses it.
+                let ours = entry.cache_id == key.hex();
+                if ours && !indexed {
                     self.remember(&key.digest, path, bytes.len() as u64)?;
+                } else if !ours && indexed {
+                    self.forget(&key.digest)?;
                 }
                 Ok((entry, bytes))
             }
@@ -1217,6 +1239,13 @@ impl Tier for S3Tier {
                     .await?
                     .and_then(|raw| serde_json::from_slice::<Pointer>(&raw).ok())
                     .map(|p| p.path)
+                    // Only an object of this key: a pointer naming another's is not followed.
+                    .filter(|path| {
+                        inner
+                            .layout
+                            .parse_entry_path(path)
+                            .is_some_and(|parsed| parsed.cache_id == key.hex())
+                    })
             }
         };
         let mut paths = vec![inner.layout.pointer_path(&key.hex())];
