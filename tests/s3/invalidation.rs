@@ -12,7 +12,7 @@ use strata::tiers::{DiskConfig, DiskTier, EpochStore, S3Config, S3Tier};
 use strata::{Completion, Outcome, Scope, TieredCache};
 use tempfile::TempDir;
 
-use crate::s3_server::TestS3;
+use crate::s3_server::{Fault, TestS3};
 
 /// One cached exchange: what it asks, of which model, in which scope, with which tags.
 #[derive(Clone)]
@@ -331,6 +331,42 @@ async fn another_nodes_model_invalidation_reaches_l1_and_l2_within_the_refresh_i
     }
     a.close().await?;
     b.close().await?;
+    Ok(())
+}
+
+/// A store that refuses conditional writes: the shared document cannot be written, but the
+/// node's own copy still carries its bump to the other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_conditional_writes_a_bump_still_reaches_other_nodes() -> Result<()> {
+    let mut server = TestS3::start().await?;
+    if !server.is_local() {
+        return Ok(()); // needs a server whose requests it can refuse one by one
+    }
+    let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
+    let a = node(&server, dir_a.path()).await?;
+    let (gone, kept) = (item("z1", "gpt-4o"), item("z2", "claude-3-5-haiku"));
+    gone.put(&a).await?;
+    kept.put(&a).await?;
+    a.flush().await?;
+
+    server.misbehave(Fault::RefuseConditionalWrites).await?;
+    let done = a.invalidate(&Selector::Model("gpt-4o".into())).await?;
+    ensure!(
+        !done.published,
+        "the shared document cannot have been written"
+    );
+    ensure!(
+        a.refresh_epochs().await.is_err(),
+        "the refused shared write is reported"
+    );
+
+    let b = node(&server, dir_b.path()).await?;
+    b.refresh_epochs().await.ok();
+    ensure!(
+        gone.found(&b).await?.is_none(),
+        "B serves what A invalidated"
+    );
+    ensure!(kept.found(&b).await? == Some(Outcome::L3));
     Ok(())
 }
 

@@ -71,6 +71,9 @@ pub enum Fault {
     /// Serve as usual (the in-process server only), except that a request whose body is
     /// larger than this many bytes gets 413 and an HTML page, as from a proxy in front.
     RefuseBodiesOver(u64),
+    /// Serve as usual (the in-process server only), except that a write with `If-Match` or
+    /// `If-None-Match` gets 501 `NotImplemented`, as from a store without conditional writes.
+    RefuseConditionalWrites,
 }
 
 impl TestS3 {
@@ -256,36 +259,32 @@ impl TestS3 {
             }),
             Fault::RefuseBodiesOver(limit) => {
                 let Backend::InProcess(root) = &front.backend else {
-                    anyhow::bail!("only the in-process server can refuse some bodies");
+                    anyhow::bail!("only the in-process server can refuse some requests");
                 };
-                let service = s3s_service(root)?;
-                accept_loop(listener, move |socket| {
-                    let service = service.clone();
-                    let refusing = hyper::service::service_fn(
-                        move |request: hyper::Request<hyper::body::Incoming>| {
-                            let service = service.clone();
-                            async move {
-                                let length = request
-                                    .headers()
-                                    .get(hyper::header::CONTENT_LENGTH)
-                                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-                                if length.is_some_and(|n| n > limit) {
-                                    let page = "<html><body><h1>413 Request Entity Too Large</h1>\
-                                                </body></html>";
-                                    let mut response =
-                                        hyper::Response::new(s3s::Body::from(page.to_string()));
-                                    *response.status_mut() = hyper::StatusCode::PAYLOAD_TOO_LARGE;
-                                    return Ok(response);
-                                }
-                                hyper::service::Service::call(&service, request).await
-                            }
-                        },
-                    );
-                    async move {
-                        let _ = ConnBuilder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(socket), refusing)
-                            .await;
-                    }
+                serve_refusing(listener, s3s_service(root)?, move |request| {
+                    let length = request
+                        .headers()
+                        .get(hyper::header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                    length.is_some_and(|n| n > limit).then_some((
+                        hyper::StatusCode::PAYLOAD_TOO_LARGE,
+                        "<html><body><h1>413 Request Entity Too Large</h1></body></html>",
+                    ))
+                })
+            }
+            Fault::RefuseConditionalWrites => {
+                let Backend::InProcess(root) = &front.backend else {
+                    anyhow::bail!("only the in-process server can refuse some requests");
+                };
+                serve_refusing(listener, s3s_service(root)?, |request| {
+                    let headers = request.headers();
+                    let conditional = headers.contains_key(hyper::header::IF_MATCH)
+                        || headers.contains_key(hyper::header::IF_NONE_MATCH);
+                    (request.method() == hyper::Method::PUT && conditional).then_some((
+                        hyper::StatusCode::NOT_IMPLEMENTED,
+                        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error>\
+                         <Code>NotImplemented</Code><Message>conditional writes</Message></Error>",
+                    ))
                 })
             }
             Fault::Trickle(declared) => accept_loop(listener, move |socket| async move {
@@ -433,6 +432,38 @@ impl TestS3 {
 
 /// Accepts connections on `listener` until the task is aborted, handling each with `handle`.
 /// Dropping the set of connections (when the task is aborted) cuts every open one.
+/// Serves `service`, except that a request `refuse` has an answer for gets that answer.
+fn serve_refusing(
+    listener: TcpListener,
+    service: s3s::service::S3Service,
+    refuse: impl Fn(&hyper::Request<hyper::body::Incoming>) -> Option<(hyper::StatusCode, &'static str)>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
+) -> JoinHandle<()> {
+    accept_loop(listener, move |socket| {
+        let (service, refuse) = (service.clone(), refuse.clone());
+        let refusing =
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let (service, refused) = (service.clone(), refuse(&request));
+                async move {
+                    if let Some((status, body)) = refused {
+                        let mut response = hyper::Response::new(s3s::Body::from(body.to_string()));
+                        *response.status_mut() = status;
+                        return Ok(response);
+                    }
+                    hyper::service::Service::call(&service, request).await
+                }
+            });
+        async move {
+            let _ = ConnBuilder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(socket), refusing)
+                .await;
+        }
+    })
+}
+
 /// s3s-fs over the directory `root`, with the tests' credentials.
 fn s3s_service(root: &TempDir) -> Result<s3s::service::S3Service> {
     let fs = s3s_fs::FileSystem::new(root.path()).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;

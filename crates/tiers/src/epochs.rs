@@ -213,6 +213,35 @@ impl EpochStore {
             }
             state.seen.insert(object.key, object.etag);
         }
+        // The shared document is a convenience: should it be unreadable or unwritable (a
+        // server that refuses conditional writes, say), this node's own copy still publishes
+        // what it knows, and the error is reported after that.
+        let shared = self.exchange_shared(s3, &mut report, &mut learnt).await;
+        let local = self.snapshot();
+        // Nothing to say until something was invalidated: a node that never saw an epoch
+        // writes no copy.
+        let unchanged = match &state.published_copy {
+            Some(copy) => copy == &*local,
+            None => local.is_empty(),
+        };
+        if !unchanged {
+            s3.write_node_epochs(&local).await?;
+            state.published_copy = Some(Epochs::clone(&local));
+        }
+        if report.learnt {
+            self.flush().await?;
+        }
+        shared.map(|()| report)
+    }
+
+    /// Reads `control/epochs.json`, merges it, and writes the union back if it lacks anything
+    /// this node knows (compare-and-swap on the ETag, retried on conflict).
+    async fn exchange_shared(
+        &self,
+        s3: &S3Tier,
+        report: &mut SyncReport,
+        learnt: &mut Option<impl FnOnce()>,
+    ) -> Result<(), TierError> {
         for _ in 0..CAS_ATTEMPTS {
             let (shared, etag) = s3.read_epochs().await?.unwrap_or_default();
             report.learnt |= self.absorb(&shared)?;
@@ -236,20 +265,6 @@ impl EpochStore {
                 Written::Conflict => report.conflicts += 1,
             }
         }
-        let local = self.snapshot();
-        // Nothing to say until something was invalidated: a node that never saw an epoch
-        // writes no copy.
-        let unchanged = match &state.published_copy {
-            Some(copy) => copy == &*local,
-            None => local.is_empty(),
-        };
-        if !unchanged {
-            s3.write_node_epochs(&local).await?;
-            state.published_copy = Some(Epochs::clone(&local));
-        }
-        if report.learnt {
-            self.flush().await?;
-        }
-        Ok(report)
+        Ok(())
     }
 }
