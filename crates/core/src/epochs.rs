@@ -103,8 +103,11 @@ fn recorded_name(kind: Kind, id: &str) -> String {
 const ALL: &str = "all";
 
 /// The epochs in force: what [`control/epochs.json`](crate) holds and every node keeps.
+///
+/// Fields it does not know (from a newer release) are ignored, not an error: an older node still
+/// applies every bump it understands from that document, and the newer node's own copy keeps
+/// what it alone knows.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Epochs {
     /// The epoch of [`Selector::All`].
     #[serde(default)]
@@ -487,6 +490,13 @@ mod tests {
         assert!(!ab.clone().merge(&ab), "merging again changes nothing");
         let text = serde_json::to_string(&ab).unwrap();
         assert_eq!(serde_json::from_str::<Epochs>(&text).unwrap(), ab);
+    }
+
+    #[test]
+    fn a_document_from_a_newer_release_still_applies_what_this_one_knows() {
+        let text = r#"{"all":0,"not_before_ms":0,"model":{"gpt-4o":7},"provider":{"openai":3}}"#;
+        let epochs: Epochs = serde_json::from_str(text).unwrap();
+        assert_eq!(epochs.model.get("gpt-4o"), Some(&7));
     }
 
     #[test]
