@@ -29,4 +29,10 @@ pub enum RequestError {
     /// The request text is not valid JSON.
     #[error("request is not valid JSON: {0}")]
     Json(String),
+    /// The request nests arrays and objects more deeply than [`crate::normalize::MAX_DEPTH`].
+    #[error("request nests more than {limit} levels deep")]
+    TooDeep {
+        /// The limit.
+        limit: usize,
+    },
 }

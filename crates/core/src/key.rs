@@ -7,7 +7,7 @@ use md5::{Digest, Md5};
 
 /// Version of the key derivation. Bumping it makes every existing entry unreachable, which is the
 /// point: keys derived by different rules must never meet.
-pub const KEY_FORMAT_VERSION: u8 = 3;
+pub const KEY_FORMAT_VERSION: u8 = 4;
 
 /// The profile tag of keys over text that no normalizer profile produced.
 pub const RAW_TEXT_TAG: u8 = 0;
@@ -116,6 +116,8 @@ pub(crate) struct KeyWriter {
     hashed: usize,
     hasher: Md5,
     strings: Strings,
+    /// Set when the request nests too deeply; what was written is then meaningless.
+    pub(crate) too_deep: bool,
 }
 
 /// How the canonical writer writes strings.
@@ -145,6 +147,7 @@ impl KeyWriter {
             hashed: 0,
             hasher: Md5::new(),
             strings,
+            too_deep: false,
         }
     }
 

@@ -84,12 +84,14 @@ impl FromStr for Profile {
 }
 
 /// Top-level fields that do not change the answer; dropped by `standard` and `aggressive`.
+///
+/// `store` is not one of them: a Responses-API answer given with `store: true` has an id that
+/// `previous_response_id` can continue from; one given with `store: false` has not.
 pub const NON_SEMANTIC_FIELDS: &[&str] = &[
     "user",
     "metadata",
     "stream",
     "stream_options",
-    "store",
     "request_id",
     "idempotency_key",
     "timeout",
@@ -128,7 +130,14 @@ impl DefaultValue {
 }
 
 /// Fields whose string value (or text parts) is message text.
-const TEXT_FIELDS: &[&str] = &["system", "instructions", "prompt"];
+///
+/// Not a legacy Completions `prompt`: the model continues from its last character, so a
+/// trailing space or newline changes the answer (and an array of prompts is a batch, not parts).
+const TEXT_FIELDS: &[&str] = &["system", "instructions"];
+
+/// How deeply a request may nest. serde_json's parser stops below 128 levels, so only a `Value`
+/// built in code can go deeper, and the canonical writer recurses once per level.
+pub const MAX_DEPTH: usize = 128;
 
 /// Turns requests into canonical bytes and keys under one [`Profile`] and a table of model aliases.
 #[derive(Debug, Clone, Default)]
@@ -323,6 +332,9 @@ impl Normalizer {
             }
         }
         out.push_byte(b'}');
+        if out.too_deep {
+            return Err(RequestError::TooDeep { limit: MAX_DEPTH });
+        }
         Ok(model)
     }
 
@@ -459,6 +471,10 @@ impl Normalizer {
     }
 
     fn write_value(&self, out: &mut KeyWriter, value: &Value, place: Place, depth: usize) {
+        if depth > MAX_DEPTH {
+            out.too_deep = true;
+            return;
+        }
         match value {
             Value::Null => out.push("null"),
             Value::Bool(true) => out.push("true"),
@@ -901,6 +917,59 @@ mod tests {
             key(Profile::Standard, &variant)
         );
         assert_ne!(key(Profile::Strict, &base), key(Profile::Strict, &variant));
+        // `store` decides whether the answer's id can be continued from: it stays.
+        let mut stored = base.clone();
+        stored["store"] = json!(true);
+        assert_ne!(
+            key(Profile::Standard, &base),
+            key(Profile::Standard, &stored)
+        );
+    }
+
+    #[test]
+    fn a_legacy_prompt_keeps_its_ends() {
+        let a = json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Q: Capital of France?\nA: "});
+        let b = json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Q: Capital of France?\nA:"});
+        for profile in [Profile::Standard, Profile::Aggressive] {
+            assert_ne!(key(profile, &a), key(profile, &b), "{profile:?}");
+        }
+        // `system` and `instructions` are message text, trimmed.
+        let c = json!({"model": "m", "instructions": " be brief ", "input": "hi"});
+        let d = json!({"model": "m", "instructions": "be brief", "input": "hi"});
+        assert_eq!(key(Profile::Standard, &c), key(Profile::Standard, &d));
+    }
+
+    #[test]
+    fn a_request_nested_deeper_than_the_limit_is_an_error_not_a_crash() {
+        let n = Normalizer::default();
+        // As deep as serde_json parses (127 levels: the request object and 126 more).
+        let mut deep = json!("bottom");
+        for _ in 0..MAX_DEPTH - 2 {
+            deep = json!([deep]);
+        }
+        let ok = json!({"model": "m", "input": "hi", "x": deep.clone()});
+        assert!(serde_json::from_str::<Value>(&ok.to_string()).is_ok());
+        assert!(n.key(&ok, &Scope::Global).is_ok());
+        let too_deep = json!({"model": "m", "input": "hi", "x": [[deep]]});
+        assert!(serde_json::from_str::<Value>(&too_deep.to_string()).is_err());
+        assert!(matches!(
+            n.key(&too_deep, &Scope::Global),
+            Err(RequestError::TooDeep { limit: MAX_DEPTH })
+        ));
+        // Far deeper than any stack would take: still an error. (Built by hand: `json!` copies
+        // a value by serializing it, recursively.)
+        let mut abyss = Value::from(0);
+        for _ in 0..200_000 {
+            abyss = Value::Array(vec![abyss]);
+        }
+        let Value::Object(mut request) = json!({"model": "m", "input": "hi"}) else {
+            unreachable!()
+        };
+        request.insert("x".into(), abyss);
+        let abyss = Value::Object(request);
+        assert!(n.key(&abyss, &Scope::Global).is_err());
+        assert!(n.canonical_json(&abyss).is_err());
+        std::mem::forget(abyss); // serde_json drops a `Value` recursively
     }
 
     #[test]
