@@ -566,26 +566,29 @@ async fn gc_keeps_objects_written_by_a_newer_format() -> Result<()> {
         .into_iter()
         .find(|k| k.ends_with(".json.zst"))
         .ok_or_else(|| anyhow::anyhow!("no entry object"))?;
-    // The same envelope as a later release would label it: a version this one does not know,
-    // with a checksum that matches.
-    let mut bytes = server.object(&path).await?;
-    bytes[4] = 99;
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&bytes[..12]);
-    crc.update(&bytes[16..]);
-    bytes[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
+    let original = server.object(&path).await?;
     let s3 = cache.l3().ok_or_else(|| anyhow::anyhow!("no S3 tier"))?;
-    s3.put_object(&path, bytes, "application/octet-stream")
-        .await?;
-    let report = cache.gc(false, |_| {}).await?;
-    ensure!(
-        report.s3_entries == 0 && report.s3_objects == 0,
-        "{report:?}"
-    );
-    ensure!(
-        server.keys().await?.contains(&path),
-        "gc deleted an entry of a newer format"
-    );
+    // The same envelope as a later release could label it, with a checksum that matches: a
+    // version this one does not know, or a flag it does not know.
+    for (at, value) in [(4, 99), (5, 0x80)] {
+        let mut bytes = original.clone();
+        bytes[at] = value;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&bytes[..12]);
+        crc.update(&bytes[16..]);
+        bytes[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
+        s3.put_object(&path, bytes, "application/octet-stream")
+            .await?;
+        let report = cache.gc(false, |_| {}).await?;
+        ensure!(
+            report.s3_entries == 0 && report.s3_objects == 0,
+            "byte {at}: {report:?}"
+        );
+        ensure!(
+            server.keys().await?.contains(&path),
+            "gc deleted an entry of a newer format (byte {at})"
+        );
+    }
     cache.close().await?;
     Ok(())
 }

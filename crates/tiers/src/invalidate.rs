@@ -434,8 +434,10 @@ async fn gc_bucket(
                 Ok(Some(bytes)) => match l3.decode(&bytes) {
                     Ok(e) => Some(e.is_expired_at(now) || !epochs.admits(&e)),
                     // Written by a newer release of strata (a node upgraded before this one):
-                    // not this node's to judge.
-                    Err(TierError::Corrupt(CodecError::UnknownVersion(_))) => Some(false),
+                    // not this node's to judge. The checksum matched, so the bytes are whole.
+                    Err(TierError::Corrupt(
+                        CodecError::UnknownVersion(_) | CodecError::UnknownFlags(_),
+                    )) => Some(false),
                     Err(_) => Some(true),
                 },
                 Ok(None) => None,
