@@ -8,6 +8,7 @@
 //! taking the maximum of each epoch ([`strata_core::Epochs::merge`]), so no bump is lost even
 //! when a conditional write is silently ignored.
 
+use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     BucketLifecycleConfiguration, Delete, ExpirationStatus, LifecycleExpiration, LifecycleRule,
@@ -200,8 +201,18 @@ impl S3Tier {
                 .filter(|r| r.id().is_none_or(|id| !ours.iter().any(|o| o == id)))
                 .cloned()
                 .collect(),
-            // No configuration yet (NoSuchLifecycleConfiguration) or none readable: start empty.
-            Err(_) => Vec::new(),
+            // No configuration yet: start empty.
+            Err(e)
+                if e.code() == Some("NoSuchLifecycleConfiguration")
+                    || e.raw_response().is_some_and(|r| r.status().as_u16() == 404) =>
+            {
+                Vec::new()
+            }
+            // Anything else (no answer, access denied, a 5xx): writing now would replace the
+            // bucket's other rules, which could not be read.
+            Err(e) => {
+                return Err(inner.failed("GetBucketLifecycleConfiguration", &inner.bucket, &e));
+            }
         };
         all.extend(rules);
         let config = BucketLifecycleConfiguration::builder()
