@@ -430,8 +430,6 @@ impl TestS3 {
     }
 }
 
-/// Accepts connections on `listener` until the task is aborted, handling each with `handle`.
-/// Dropping the set of connections (when the task is aborted) cuts every open one.
 /// Serves `service`, except that a request `refuse` has an answer for gets that answer.
 fn serve_refusing(
     listener: TcpListener,
@@ -472,6 +470,8 @@ fn s3s_service(root: &TempDir) -> Result<s3s::service::S3Service> {
     Ok(builder.build())
 }
 
+/// Accepts connections on `listener` until the task is aborted, handling each with `handle`.
+/// Dropping the set of connections (when the task is aborted) cuts every open one.
 fn accept_loop<F, Fut>(listener: TcpListener, handle: F) -> JoinHandle<()>
 where
     F: Fn(TcpStream) -> Fut + Send + 'static,

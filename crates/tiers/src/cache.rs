@@ -1150,7 +1150,11 @@ impl Inner {
             // The object and the pointer other nodes follow may still be in the bucket: a key
             // tombstone makes every tier refuse them, here now and elsewhere once the epochs
             // are next published.
-            if let Err(e) = self.epochs.bump(&Selector::Key(key.hex())) {
+            let tombstone = match self.epochs.bump(&Selector::Key(key.hex())) {
+                Ok(_) => self.epochs.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = tombstone {
                 tracing::error!(error = %e, "cannot record the removal's tombstone");
             }
         }

@@ -28,6 +28,8 @@ pub struct EpochStore {
     tree: Option<sled::Tree>,
     conditional_writes: bool,
     sync: tokio::sync::Mutex<SyncState>,
+    /// Warnings about a shared document that cannot be exchanged, one per interval.
+    shared_warnings: strata_analytics::Throttle,
 }
 
 #[derive(Default)]
@@ -83,6 +85,7 @@ impl EpochStore {
             tree,
             conditional_writes: true,
             sync: tokio::sync::Mutex::new(SyncState::default()),
+            shared_warnings: strata_analytics::Throttle::default(),
         }
     }
 
@@ -213,10 +216,16 @@ impl EpochStore {
             }
             state.seen.insert(object.key, object.etag);
         }
-        // The shared document is a convenience: should it be unreadable or unwritable (a
-        // server that refuses conditional writes, say), this node's own copy still publishes
-        // what it knows, and the error is reported after that.
-        let shared = self.exchange_shared(s3, &mut report, &mut learnt).await;
+        // The shared document is a convenience: every node's own copy, read above, says what
+        // it knows, and this node's is written below. Should the shared one be unreadable or
+        // unwritable (a store that refuses conditional writes, say), the sync still holds.
+        if let Err(e) = self.exchange_shared(s3, &mut report, &mut learnt).await {
+            strata_analytics::throttled!(
+                self.shared_warnings,
+                error = %e,
+                "cannot exchange the shared epochs document; the per-node copies carry the epochs"
+            );
+        }
         let local = self.snapshot();
         // Nothing to say until something was invalidated: a node that never saw an epoch
         // writes no copy.
@@ -231,7 +240,7 @@ impl EpochStore {
         if report.learnt {
             self.flush().await?;
         }
-        shared.map(|()| report)
+        Ok(report)
     }
 
     /// Reads `control/epochs.json`, merges it, and writes the union back if it lacks anything

@@ -23,7 +23,8 @@ pub enum TierError {
     /// The caller asked for something that cannot be done as asked (a bad selector or pattern).
     #[error("invalid: {0}")]
     Invalid(String),
-    /// The tier cannot be used now (injected fault, open failure, circuit open).
+    /// The tier cannot be used now: it failed to open or is misconfigured, a fault was
+    /// injected, or S3 did not take the outbox.
     #[error("tier unavailable: {0}")]
     Unavailable(String),
     /// The call was not made: S3's circuit breaker is open, or half-open with its one probe

@@ -44,6 +44,10 @@ pub(crate) struct Failures {
 impl Failures {
     /// Counts a failure of `tier` and warns about it (throttled).
     pub(crate) fn tier_failed(&self, tier: TierName, op: &str, error: &TierError) {
+        // Skipped by the breaker: the failures that opened it were counted.
+        if matches!(error, TierError::CircuitOpen) {
+            return;
+        }
         self.counters.record_error(tier, ErrorKind::Io);
         throttled!(
             self.warnings[tier.index()],

@@ -127,11 +127,11 @@ mod tests {
 
     #[test]
     fn half_open_lets_one_probe_through_until_it_reports() {
-        let b = Breaker::new(1, Duration::from_millis(200));
+        let b = Breaker::new(1, Duration::from_secs(1));
         assert!(b.acquire() && b.acquire(), "closed: every call");
         b.failure();
         assert!(!b.acquire());
-        std::thread::sleep(Duration::from_millis(210));
+        std::thread::sleep(Duration::from_millis(1050));
         assert!(b.allows(), "half-open");
         assert!(b.acquire(), "the probe");
         assert!(
@@ -140,14 +140,14 @@ mod tests {
         );
         b.failure();
         assert!(!b.acquire(), "a failed probe leaves it open");
-        std::thread::sleep(Duration::from_millis(210));
+        std::thread::sleep(Duration::from_millis(1050));
         assert!(b.acquire(), "the next probe");
         b.success();
         assert!(b.acquire() && b.acquire(), "a successful probe closes it");
         b.failure();
-        std::thread::sleep(Duration::from_millis(210));
+        std::thread::sleep(Duration::from_millis(1050));
         assert!(b.acquire(), "a probe whose caller gave up");
-        std::thread::sleep(Duration::from_millis(210));
+        std::thread::sleep(Duration::from_millis(1050));
         assert!(
             b.acquire(),
             "frees the way once the cool-down has passed again"

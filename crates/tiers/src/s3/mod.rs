@@ -588,6 +588,8 @@ impl S3Tier {
         for (k, v, outcome) in results {
             match outcome {
                 Some(Ok(pointer)) => done.push((k, v, pointer)),
+                // Not attempted: the breaker's probe was out. Stays queued, not a failure.
+                Some(Err(TierError::CircuitOpen)) => report.failed += 1,
                 Some(Err(e @ TierError::Refused(_))) => {
                     // Queued, it would be refused again on every drain: dropped, counted. The
                     // local copies stay.
@@ -979,10 +981,11 @@ impl Inner {
         path: &str,
         e: &SdkError<E, HttpResponse>,
     ) -> TierError {
-        // A server that answered is reachable: only no answer, a timeout, a 5xx, 408 or 429
+        // A server that answered is reachable: only no answer, a timeout, a 5xx but 501, 408 or 429
         // (whatever error code, if any, the body carries) count towards the breaker.
         let status = e.raw_response().map(|r| r.status().as_u16());
-        let server_fault = status.is_none_or(|s| s >= 500 || s == 408 || s == 429);
+        // 501 is a store that does not do what was asked (a conditional write), not a fault.
+        let server_fault = status.is_none_or(|s| (s >= 500 && s != 501) || s == 408 || s == 429);
         if server_fault {
             self.breaker.failure();
         } else {
@@ -1227,10 +1230,7 @@ impl Tier for S3Tier {
     async fn remove(&self, key: &CacheKey) -> Result<(), TierError> {
         let inner = &self.inner;
         self.dequeue(key)?;
-        let known = self.known_path(key)?;
-        // This node stops following its index to the object first, whatever happens below.
-        inner.forget(&key.digest)?;
-        let path = match known {
+        let path = match self.known_path(key)? {
             Some(path) => Some(path),
             None => {
                 let pointer_path = inner.layout.pointer_path(&key.hex());
@@ -1239,20 +1239,23 @@ impl Tier for S3Tier {
                     .await?
                     .and_then(|raw| serde_json::from_slice::<Pointer>(&raw).ok())
                     .map(|p| p.path)
-                    // Only an object of this key: a pointer naming another's is not followed.
-                    .filter(|path| {
-                        inner
-                            .layout
-                            .parse_entry_path(path)
-                            .is_some_and(|parsed| parsed.cache_id == key.hex())
-                    })
             }
         };
-        let mut paths = vec![inner.layout.pointer_path(&key.hex())];
+        // Only an object of this key.
+        let path = path.filter(|path| {
+            inner
+                .layout
+                .parse_entry_path(path)
+                .is_some_and(|parsed| parsed.cache_id == key.hex())
+        });
+        // The object before the pointer, and the index entry last: a removal cut short leaves a
+        // way to the object for the next attempt (and a tombstone, `TieredCache::remove`).
+        let mut paths = Vec::new();
         if let Some(path) = path {
             paths.push(Layout::metadata_path(&path));
             paths.push(path);
         }
+        paths.push(inner.layout.pointer_path(&key.hex()));
         for path in paths {
             inner
                 .client
@@ -1263,7 +1266,7 @@ impl Tier for S3Tier {
                 .await
                 .map_err(|e| inner.failed("DELETE", &path, &e))?;
         }
-        Ok(())
+        inner.forget(&key.digest)
     }
 
     /// Drains the outbox.
@@ -1291,7 +1294,8 @@ enum BodyError {
 
 /// Reads a body chunk by chunk, giving up as soon as it runs past [`MAX_OBJECT`].
 async fn read_body(mut body: ByteStream, declared: Option<u64>) -> Result<Vec<u8>, BodyError> {
-    let capacity = declared.map_or(0, |n| usize::try_from(n).unwrap_or(0));
+    // Room for what the server declares, up to 1 MiB: a declared length is not yet a body.
+    let capacity = declared.map_or(0, |n| usize::try_from(n.min(1 << 20)).unwrap_or(0));
     let mut data = Vec::with_capacity(capacity);
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(BodyError::Read)?;
