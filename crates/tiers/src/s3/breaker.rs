@@ -1,5 +1,6 @@
 //! A circuit breaker: after `threshold` consecutive failures, calls are skipped for a cool-down.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU32;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
@@ -19,6 +20,8 @@ pub struct Breaker {
     failures: AtomicU32,
     /// Microseconds since `origin` until which calls are skipped; 0 when closed.
     open_until_us: AtomicU64,
+    /// Whether a half-open probe is out (its verdict reopens or closes the breaker).
+    probe_out: AtomicBool,
     opened: AtomicU64,
 }
 
@@ -31,6 +34,7 @@ impl Breaker {
             origin: Instant::now(),
             failures: AtomicU32::new(0),
             open_until_us: AtomicU64::new(0),
+            probe_out: AtomicBool::new(false),
             opened: AtomicU64::new(0),
         }
     }
@@ -57,9 +61,14 @@ impl Breaker {
         }
         let cool_down = u64::try_from(self.cool_down.as_micros()).unwrap_or(u64::MAX);
         let rearmed = now.saturating_add(cool_down).max(1);
-        self.open_until_us
+        let probe = self
+            .open_until_us
             .compare_exchange(until, rearmed, Relaxed, Relaxed)
-            .is_ok()
+            .is_ok();
+        if probe {
+            self.probe_out.store(true, Relaxed);
+        }
+        probe
     }
 
     /// How long until calls may go ahead again (zero when closed).
@@ -72,27 +81,37 @@ impl Breaker {
     pub fn success(&self) {
         self.failures.store(0, Relaxed);
         self.open_until_us.store(0, Relaxed);
+        self.probe_out.store(false, Relaxed);
     }
 
     /// Records a call that failed (no answer, timeout, 5xx).
     pub fn failure(&self) {
+        if self.threshold == 0 {
+            return;
+        }
+        // The half-open probe failed: open again, for a cool-down from now.
+        if self.probe_out.swap(false, Relaxed) {
+            self.open("the probe call after the cool-down failed");
+            return;
+        }
         // Calls already in flight when it opened fail too: they do not open it again.
-        if self.threshold == 0 || !self.allows() {
+        if !self.allows() {
             return;
         }
         let failures = self.failures.fetch_add(1, Relaxed) + 1;
         if failures >= self.threshold {
             // Stay one failure away from opening again once the cool-down is over.
             self.failures.store(self.threshold - 1, Relaxed);
-            let cool_down = u64::try_from(self.cool_down.as_micros()).unwrap_or(u64::MAX);
-            let until = self.now_us().saturating_add(cool_down);
-            self.open_until_us.store(until.max(1), Relaxed);
-            self.opened.fetch_add(1, Relaxed);
-            tracing::warn!(
-                cool_down = ?self.cool_down,
-                "S3 failed {failures} times in a row; skipping it for the cool-down"
-            );
+            self.open(&format!("S3 failed {failures} times in a row"));
         }
+    }
+
+    fn open(&self, why: &str) {
+        let cool_down = u64::try_from(self.cool_down.as_micros()).unwrap_or(u64::MAX);
+        let until = self.now_us().saturating_add(cool_down);
+        self.open_until_us.store(until.max(1), Relaxed);
+        self.opened.fetch_add(1, Relaxed);
+        tracing::warn!(cool_down = ?self.cool_down, "{why}; skipping S3 for the cool-down");
     }
 
     /// How many times the breaker has opened.
@@ -140,6 +159,7 @@ mod tests {
         );
         b.failure();
         assert!(!b.acquire(), "a failed probe leaves it open");
+        assert_eq!(b.times_opened(), 2, "and counts as opening it again");
         std::thread::sleep(Duration::from_millis(1050));
         assert!(b.acquire(), "the next probe");
         b.success();
