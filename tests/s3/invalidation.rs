@@ -368,6 +368,38 @@ async fn without_conditional_writes_a_bump_still_reaches_other_nodes() -> Result
     Ok(())
 }
 
+/// An invalidation by pattern whose deletes S3 refuses fails, but the tombstones it wrote are
+/// published all the same: another node stops serving the matched keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_whose_deletes_fail_still_publishes_its_tombstones() -> Result<()> {
+    let mut server = TestS3::start().await?;
+    if !server.is_local() {
+        return Ok(()); // needs a server whose requests it can refuse one by one
+    }
+    let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
+    let mut config = server.config();
+    config.breaker_threshold = 100;
+    let a = open_node(&config, dir_a.path(), Duration::from_secs(3600), true).await?;
+    let (gone, kept) = (item("p1", "gpt-4o"), item("p2", "claude-3-5-haiku"));
+    gone.put(&a).await?;
+    kept.put(&a).await?;
+    a.flush().await?;
+
+    server.misbehave(Fault::RefuseDeletes).await?;
+    ensure!(
+        a.invalidate_pattern("gpt-4o_*", |_| {}).await.is_err(),
+        "the deletes failed"
+    );
+    let b = node(&server, dir_b.path()).await?;
+    b.refresh_epochs().await?;
+    ensure!(
+        gone.found(&b).await?.is_none(),
+        "B serves what A invalidated"
+    );
+    ensure!(kept.found(&b).await? == Some(Outcome::L3));
+    Ok(())
+}
+
 /// A node that was not running when another invalidated learns of it before it serves anything
 /// from its disk: its first lookups wait for the first refresh of the epochs, however long the
 /// refresh interval.

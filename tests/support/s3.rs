@@ -74,6 +74,9 @@ pub enum Fault {
     /// Serve as usual (the in-process server only), except that a write with `If-Match` or
     /// `If-None-Match` gets 501 `NotImplemented`, as from a store without conditional writes.
     RefuseConditionalWrites,
+    /// Serve as usual (the in-process server only), except that DeleteObject and DeleteObjects
+    /// get 503 `ServiceUnavailable`.
+    RefuseDeletes,
 }
 
 impl TestS3 {
@@ -284,6 +287,24 @@ impl TestS3 {
                         hyper::StatusCode::NOT_IMPLEMENTED,
                         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error>\
                          <Code>NotImplemented</Code><Message>conditional writes</Message></Error>",
+                    ))
+                })
+            }
+            Fault::RefuseDeletes => {
+                let Backend::InProcess(root) = &front.backend else {
+                    anyhow::bail!("only the in-process server can refuse some requests");
+                };
+                serve_refusing(listener, s3s_service(root)?, |request| {
+                    let bulk = request
+                        .uri()
+                        .query()
+                        .is_some_and(|q| q.split('&').any(|p| p == "delete" || p == "delete="));
+                    let delete = request.method() == hyper::Method::DELETE
+                        || (request.method() == hyper::Method::POST && bulk);
+                    delete.then_some((
+                        hyper::StatusCode::SERVICE_UNAVAILABLE,
+                        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error>\
+                         <Code>ServiceUnavailable</Code><Message>no deletes</Message></Error>",
                     ))
                 })
             }

@@ -269,41 +269,47 @@ impl TieredCache {
         // everywhere.
         bump_keys(&inner.epochs, &ids)?;
         inner.epochs.flush().await?;
-        if let Some(l3) = &inner.l3 {
-            let layout = l3.layout().clone();
-            let mut doomed = Vec::new();
-            let mut listed = 0;
-            let mut in_s3 = BTreeSet::new();
-            l3.list_pages(&layout.cache_root(), |page| {
-                listed += page.len() as u64;
-                for object in page {
-                    let Some(parsed) = entry_or_metadata(&layout, &object.key) else {
-                        continue;
-                    };
-                    if matcher.is_match(format!("{}_{}", parsed.0, parsed.1)) {
-                        in_s3.insert(parsed.1);
-                        doomed.push(object.key);
+        // Whatever happens in the bucket, the tombstones written so far are published.
+        let in_bucket = async {
+            if let Some(l3) = &inner.l3 {
+                let layout = l3.layout().clone();
+                let mut doomed = Vec::new();
+                let mut listed = 0;
+                let mut in_s3 = BTreeSet::new();
+                l3.list_pages(&layout.cache_root(), |page| {
+                    listed += page.len() as u64;
+                    for object in page {
+                        let Some(parsed) = entry_or_metadata(&layout, &object.key) else {
+                            continue;
+                        };
+                        if matcher.is_match(format!("{}_{}", parsed.0, parsed.1)) {
+                            in_s3.insert(parsed.1);
+                            doomed.push(object.key);
+                        }
+                    }
+                    progress(Progress::Listed(listed));
+                })
+                .await?;
+                // And for the keys only S3 held, before their objects are deleted.
+                let only_in_s3: BTreeSet<String> = in_s3.difference(&ids).cloned().collect();
+                bump_keys(&inner.epochs, &only_in_s3)?;
+                inner.epochs.flush().await?;
+                ids.extend(only_in_s3);
+                for id in &ids {
+                    doomed.push(layout.pointer_path(id));
+                    if let Some(key) = CacheKey::parse(&format!("x_{id}")) {
+                        l3.forget(&key)?;
                     }
                 }
-                progress(Progress::Listed(listed));
-            })
-            .await?;
-            // And for the keys only S3 held, before their objects are deleted.
-            let only_in_s3: BTreeSet<String> = in_s3.difference(&ids).cloned().collect();
-            bump_keys(&inner.epochs, &only_in_s3)?;
-            inner.epochs.flush().await?;
-            ids.extend(only_in_s3);
-            for id in &ids {
-                doomed.push(layout.pointer_path(id));
-                if let Some(key) = CacheKey::parse(&format!("x_{id}")) {
-                    l3.forget(&key)?;
-                }
+                let total = doomed.len() as u64;
+                l3.delete_objects(&doomed, |n| progress(Progress::Deleted(n, total)))
+                    .await?;
             }
-            let total = doomed.len() as u64;
-            l3.delete_objects(&doomed, |n| progress(Progress::Deleted(n, total)))
-                .await?;
+            Ok::<(), TierError>(())
         }
+        .await;
         let published = self.publish().await;
+        in_bucket?;
         Ok(Invalidation {
             what: format!("keys matching {pattern}"),
             affected: ids.len() as u64,
