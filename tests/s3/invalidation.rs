@@ -334,6 +334,36 @@ async fn another_nodes_model_invalidation_reaches_l1_and_l2_within_the_refresh_i
     Ok(())
 }
 
+/// Node A, on a server that will misbehave, holding `gone` (a gpt-4o entry) and `kept` (a
+/// claude one) in S3; it neither refreshes on its own nor lets the breaker open.
+async fn node_with_two_items(server: &TestS3, dir: &Path) -> Result<(TieredCache, Item, Item)> {
+    let mut config = server.config();
+    config.breaker_threshold = 100;
+    let a = open_node(&config, dir, Duration::from_secs(3600), true).await?;
+    let (gone, kept) = (item("p1", "gpt-4o"), item("p2", "claude-3-5-haiku"));
+    gone.put(&a).await?;
+    kept.put(&a).await?;
+    a.flush().await?;
+    Ok((a, gone, kept))
+}
+
+/// A node B opened on `dir` has learnt that `gone` is invalidated, and still serves `kept`.
+async fn another_node_learnt_it(
+    server: &TestS3,
+    dir: &Path,
+    gone: &Item,
+    kept: &Item,
+) -> Result<()> {
+    let b = node(server, dir).await?;
+    b.refresh_epochs().await?;
+    ensure!(
+        gone.found(&b).await?.is_none(),
+        "B serves what A invalidated"
+    );
+    ensure!(kept.found(&b).await? == Some(Outcome::L3));
+    Ok(())
+}
+
 /// A store that refuses conditional writes: the shared document cannot be written, but the
 /// node's own copy carries the bump to the other nodes, so it counts as published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,12 +373,7 @@ async fn without_conditional_writes_a_bump_still_reaches_other_nodes() -> Result
         return Ok(()); // needs a server whose requests it can refuse one by one
     }
     let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
-    let a = node(&server, dir_a.path()).await?;
-    let (gone, kept) = (item("z1", "gpt-4o"), item("z2", "claude-3-5-haiku"));
-    gone.put(&a).await?;
-    kept.put(&a).await?;
-    a.flush().await?;
-
+    let (a, gone, kept) = node_with_two_items(&server, dir_a.path()).await?;
     server.misbehave(Fault::RefuseConditionalWrites).await?;
     let done = a.invalidate(&Selector::Model("gpt-4o".into())).await?;
     ensure!(done.published, "the node copy publishes it");
@@ -357,15 +382,7 @@ async fn without_conditional_writes_a_bump_still_reaches_other_nodes() -> Result
         !sync.published,
         "the shared document was not written: {sync:?}"
     );
-
-    let b = node(&server, dir_b.path()).await?;
-    b.refresh_epochs().await?;
-    ensure!(
-        gone.found(&b).await?.is_none(),
-        "B serves what A invalidated"
-    );
-    ensure!(kept.found(&b).await? == Some(Outcome::L3));
-    Ok(())
+    another_node_learnt_it(&server, dir_b.path(), &gone, &kept).await
 }
 
 /// An invalidation by pattern whose deletes S3 refuses fails, but the tombstones it wrote are
@@ -377,27 +394,13 @@ async fn a_pattern_whose_deletes_fail_still_publishes_its_tombstones() -> Result
         return Ok(()); // needs a server whose requests it can refuse one by one
     }
     let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
-    let mut config = server.config();
-    config.breaker_threshold = 100;
-    let a = open_node(&config, dir_a.path(), Duration::from_secs(3600), true).await?;
-    let (gone, kept) = (item("p1", "gpt-4o"), item("p2", "claude-3-5-haiku"));
-    gone.put(&a).await?;
-    kept.put(&a).await?;
-    a.flush().await?;
-
+    let (a, gone, kept) = node_with_two_items(&server, dir_a.path()).await?;
     server.misbehave(Fault::RefuseDeletes).await?;
     ensure!(
         a.invalidate_pattern("gpt-4o_*", |_| {}).await.is_err(),
         "the deletes failed"
     );
-    let b = node(&server, dir_b.path()).await?;
-    b.refresh_epochs().await?;
-    ensure!(
-        gone.found(&b).await?.is_none(),
-        "B serves what A invalidated"
-    );
-    ensure!(kept.found(&b).await? == Some(Outcome::L3));
-    Ok(())
+    another_node_learnt_it(&server, dir_b.path(), &gone, &kept).await
 }
 
 /// A node that was not running when another invalidated learns of it before it serves anything

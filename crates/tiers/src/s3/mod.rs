@@ -594,12 +594,7 @@ impl S3Tier {
                     // Queued, it would be refused again on every drain: dropped, counted. The
                     // local copies stay.
                     tracing::error!(error = %e, "S3 refuses this upload for good; dropping it");
-                    inner.dropped.fetch_add(1, Relaxed);
-                    report.dropped += 1;
-                    inner
-                        .outbox
-                        .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
-                        .ok();
+                    inner.drop_queued(&k, &v, &mut report)?;
                 }
                 Some(Err(e)) => {
                     strata_analytics::throttled!(
@@ -610,14 +605,7 @@ impl S3Tier {
                     inner.upload_failures.fetch_add(1, Relaxed);
                     report.failed += 1;
                 }
-                None => {
-                    inner.dropped.fetch_add(1, Relaxed);
-                    report.dropped += 1;
-                    inner
-                        .outbox
-                        .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
-                        .ok();
-                }
+                None => inner.drop_queued(&k, &v, &mut report)?,
             }
         }
         if done.is_empty() {
@@ -975,6 +963,22 @@ impl S3Tier {
 }
 
 impl Inner {
+    /// Drops an outbox item that will never be uploaded, unless it was queued again meanwhile
+    /// (a newer answer for the key); counted.
+    fn drop_queued(
+        &self,
+        key: &[u8],
+        value: &IVec,
+        report: &mut DrainReport,
+    ) -> Result<(), TierError> {
+        self.dropped.fetch_add(1, Relaxed);
+        report.dropped += 1;
+        self.outbox
+            .compare_and_swap(key, Some(value), None::<&[u8]>)?
+            .ok();
+        Ok(())
+    }
+
     fn failed<E: ProvideErrorMetadata + std::error::Error + 'static>(
         &self,
         op: &str,
