@@ -607,6 +607,31 @@ async fn a_misdirected_pointer_is_refused_and_its_object_is_left_alone() -> Resu
     Ok(())
 }
 
+/// A proxy whose body limit lets entries through but not a batch's manifest segment: the batch
+/// is done without its segment instead of staying at the head of the outbox for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_refused_for_good_does_not_hold_the_outbox() -> Result<()> {
+    let mut server = TestS3::start().await?;
+    if !server.is_local() {
+        return Ok(()); // needs a server whose requests it can refuse one by one
+    }
+    let dir = TempDir::new()?;
+    let a = node(&server, dir.path()).await?;
+    // An entry's objects are about 1 KB each; 30 pointer lines are about 10 KB.
+    server.misbehave(Fault::RefuseBodiesOver(4 << 10)).await?;
+    put_many(&a.cache, "batch", 30, "fits").await?;
+    a.cache.flush().await?;
+    assert_eq!(a.s3.pending(), 0);
+    assert_eq!(entry_objects(&server).await?, 30);
+    let keys = server.keys().await?;
+    assert!(
+        !keys.iter().any(|k| k.ends_with(".jsonl")),
+        "no manifest segment: {keys:#?}"
+    );
+    assert_eq!(a.s3.stats().uploaded, 30);
+    Ok(())
+}
+
 /// S3 that hangs (accepts connections, never answers) and then answers 503: lookups end in
 /// misses once the configured timeout passes, puts are stored locally and queued, every failure
 /// is counted, and when S3 answers again the queue drains and lookups reach L3.

@@ -618,14 +618,24 @@ impl S3Tier {
             .collect();
         let seq = inner.next_seq()?;
         let manifest = inner.layout.manifest_path(Utc::now(), &inner.node_id, seq);
-        if let Err(e) = inner
+        match inner
             .put_bytes(&manifest, lines.into_bytes(), "application/x-ndjson")
             .await
         {
-            tracing::warn!(error = %e, "writing a manifest segment failed; the batch stays queued");
-            inner.upload_failures.fetch_add(done.len() as u64, Relaxed);
-            report.failed += done.len() as u64;
-            return Ok(report);
+            Ok(()) => {}
+            // Refused again on every retry, it would hold the batch (the head of the outbox)
+            // queued for ever. The entries and their pointers are in S3: the batch is done
+            // without its segment, which nothing reads back.
+            Err(e @ TierError::Refused(_)) => {
+                tracing::error!(error = %e, "S3 refuses this manifest segment for good; going on without it");
+                inner.upload_failures.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "writing a manifest segment failed; the batch stays queued");
+                inner.upload_failures.fetch_add(done.len() as u64, Relaxed);
+                report.failed += done.len() as u64;
+                return Ok(report);
+            }
         }
         for (k, v, _) in done {
             // Only if it was not queued again meanwhile (a newer answer for the same key).
