@@ -4,7 +4,8 @@
 //! same tests run against that server instead (MinIO, Garage, AWS), each under its own prefix.
 //! An external server on plain HTTP is reached through a TCP relay on a loopback port, which
 //! tests stop and restart to take the server away and bring it back, as they do the in-process
-//! one.
+//! one. To refuse some requests and pass the rest ([`Fault::RefuseDeletes`] and the like), the
+//! front parses HTTP and forwards what it lets through, to s3s-fs or to the external server.
 
 #![allow(dead_code)]
 
@@ -13,6 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper_util::client::legacy::Client as LegacyClient;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
@@ -68,13 +72,13 @@ pub enum Fault {
     /// Answer 200 with a body that never ends, one byte every 100 ms (fast enough for the
     /// SDK's stalled-stream protection), declaring this length, or none (chunked).
     Trickle(Option<u64>),
-    /// Serve as usual (the in-process server only), except that a request whose body is
+    /// Serve as usual, except that a request whose body is
     /// larger than this many bytes gets 413 and an HTML page, as from a proxy in front.
     RefuseBodiesOver(u64),
-    /// Serve as usual (the in-process server only), except that a write with `If-Match` or
+    /// Serve as usual, except that a write with `If-Match` or
     /// `If-None-Match` gets 501 `NotImplemented`, as from a store without conditional writes.
     RefuseConditionalWrites,
-    /// Serve as usual (the in-process server only), except that DeleteObject and DeleteObjects
+    /// Serve as usual, except that DeleteObject and DeleteObjects
     /// get 503 `ServiceUnavailable`.
     RefuseDeletes,
 }
@@ -167,8 +171,9 @@ impl TestS3 {
         )
     }
 
-    /// Whether tests can take this server away and bring it back ([`TestS3::stop`],
-    /// [`TestS3::restart`]): the in-process one, or an external one over plain HTTP.
+    /// Whether tests can take this server away, bring it back and make it misbehave
+    /// ([`TestS3::stop`], [`TestS3::restart`], [`TestS3::misbehave`]): the in-process one, or
+    /// an external one over plain HTTP.
     pub fn can_stop(&self) -> bool {
         self.front.is_some()
     }
@@ -261,10 +266,7 @@ impl TestS3 {
                     .await;
             }),
             Fault::RefuseBodiesOver(limit) => {
-                let Backend::InProcess(root) = &front.backend else {
-                    anyhow::bail!("only the in-process server can refuse some requests");
-                };
-                serve_refusing(listener, s3s_service(root)?, move |request| {
+                serve_refusing(listener, PassThrough::to(&front.backend)?, move |request| {
                     let length = request
                         .headers()
                         .get(hyper::header::CONTENT_LENGTH)
@@ -276,10 +278,7 @@ impl TestS3 {
                 })
             }
             Fault::RefuseConditionalWrites => {
-                let Backend::InProcess(root) = &front.backend else {
-                    anyhow::bail!("only the in-process server can refuse some requests");
-                };
-                serve_refusing(listener, s3s_service(root)?, |request| {
+                serve_refusing(listener, PassThrough::to(&front.backend)?, |request| {
                     let headers = request.headers();
                     let conditional = headers.contains_key(hyper::header::IF_MATCH)
                         || headers.contains_key(hyper::header::IF_NONE_MATCH);
@@ -291,10 +290,7 @@ impl TestS3 {
                 })
             }
             Fault::RefuseDeletes => {
-                let Backend::InProcess(root) = &front.backend else {
-                    anyhow::bail!("only the in-process server can refuse some requests");
-                };
-                serve_refusing(listener, s3s_service(root)?, |request| {
+                serve_refusing(listener, PassThrough::to(&front.backend)?, |request| {
                     let bulk = request
                         .uri()
                         .query()
@@ -451,10 +447,74 @@ impl TestS3 {
     }
 }
 
-/// Serves `service`, except that a request `refuse` has an answer for gets that answer.
+/// A response body of any origin: s3s's, the upstream server's, or a refusal's.
+type AnyBody = BoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Where a refusing front sends the requests it lets through.
+#[derive(Clone)]
+enum PassThrough {
+    /// The in-process s3s-fs.
+    S3s(s3s::service::S3Service),
+    /// The external server, over HTTP. Requests keep the Host header the client signed.
+    Upstream {
+        client: Box<LegacyClient<HttpConnector, hyper::body::Incoming>>,
+        upstream: String,
+    },
+}
+
+impl PassThrough {
+    fn to(backend: &Backend) -> Result<PassThrough> {
+        Ok(match backend {
+            Backend::InProcess(root) => PassThrough::S3s(s3s_service(root)?),
+            Backend::Relay(upstream) => PassThrough::Upstream {
+                client: Box::new(LegacyClient::builder(TokioExecutor::new()).build_http()),
+                upstream: upstream.clone(),
+            },
+        })
+    }
+
+    async fn call(
+        &self,
+        request: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<AnyBody> {
+        match self {
+            PassThrough::S3s(service) => {
+                match hyper::service::Service::call(service, request).await {
+                    Ok(response) => response.map(|body| body.map_err(Into::into).boxed()),
+                    Err(e) => answer(hyper::StatusCode::INTERNAL_SERVER_ERROR, format!("{e:?}")),
+                }
+            }
+            PassThrough::Upstream { client, upstream } => {
+                let (mut parts, body) = request.into_parts();
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                match format!("http://{upstream}{path}").parse() {
+                    Ok(uri) => parts.uri = uri,
+                    Err(e) => return answer(hyper::StatusCode::BAD_GATEWAY, e.to_string()),
+                }
+                match client
+                    .request(hyper::Request::from_parts(parts, body))
+                    .await
+                {
+                    Ok(response) => response.map(|body| body.map_err(Into::into).boxed()),
+                    Err(e) => answer(hyper::StatusCode::BAD_GATEWAY, e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+/// A response of `status` with `body`.
+fn answer(status: hyper::StatusCode, body: String) -> hyper::Response<AnyBody> {
+    let body = Full::new(bytes::Bytes::from(body)).map_err(|never| match never {});
+    let mut response = hyper::Response::new(body.boxed());
+    *response.status_mut() = status;
+    response
+}
+
+/// Serves `inner`, except that a request `refuse` has an answer for gets that answer.
 fn serve_refusing(
     listener: TcpListener,
-    service: s3s::service::S3Service,
+    inner: PassThrough,
     refuse: impl Fn(&hyper::Request<hyper::body::Incoming>) -> Option<(hyper::StatusCode, &'static str)>
     + Clone
     + Send
@@ -462,17 +522,15 @@ fn serve_refusing(
     + 'static,
 ) -> JoinHandle<()> {
     accept_loop(listener, move |socket| {
-        let (service, refuse) = (service.clone(), refuse.clone());
+        let (inner, refuse) = (inner.clone(), refuse.clone());
         let refusing =
             hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let (service, refused) = (service.clone(), refuse(&request));
+                let (inner, refused) = (inner.clone(), refuse(&request));
                 async move {
-                    if let Some((status, body)) = refused {
-                        let mut response = hyper::Response::new(s3s::Body::from(body.to_string()));
-                        *response.status_mut() = status;
-                        return Ok(response);
-                    }
-                    hyper::service::Service::call(&service, request).await
+                    Ok::<_, std::convert::Infallible>(match refused {
+                        Some((status, body)) => answer(status, body.to_string()),
+                        None => inner.call(request).await,
+                    })
                 }
             });
         async move {
