@@ -596,11 +596,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The median of column `step` over `rounds`, in microseconds.
-fn step_median<const N: usize>(rounds: &[[Duration; N]], step: usize) -> Option<f64> {
+/// The `q` quantile (0.5: the median) of column `step` over `rounds`, in microseconds.
+fn step_quantile<const N: usize>(rounds: &[[Duration; N]], step: usize, q: f64) -> Option<f64> {
     let mut times: Vec<Duration> = rounds.iter().map(|r| r[step]).collect();
     times.sort_unstable();
-    times.get(times.len() / 2).map(|d| d.as_secs_f64() * 1e6)
+    let at = ((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1));
+    times.get(at).map(|d| d.as_secs_f64() * 1e6)
+}
+
+/// The median of column `step` over `rounds`, in microseconds.
+fn step_median<const N: usize>(rounds: &[[Duration; N]], step: usize) -> Option<f64> {
+    step_quantile(rounds, step, 0.5)
+}
+
+/// "p99 a / b µs" for columns `measure` and `floor` of `rounds`.
+fn p99s<const N: usize>(rounds: &[[Duration; N]], measure: usize, floor: usize) -> String {
+    match (
+        step_quantile(rounds, measure, 0.99),
+        step_quantile(rounds, floor, 0.99),
+    ) {
+        (Some(m), Some(f)) => format!("; p99 {m:.1} against {f:.1} µs"),
+        _ => String::new(),
+    }
 }
 
 /// When this process started: the summary reads only estimates written since.
@@ -651,8 +668,9 @@ fn summary() {
     let l2_hits = lock(&L2_HITS);
     if let Some(l2) = step_median(&l2_hits, 0) {
         rows.push(format!(
-            "| L2 hit, per-operation median of {} lookups | {l2:.2} µs | ≤ 15 µs | |",
-            l2_hits.len()
+            "| L2 hit, per-operation median of {} lookups | {l2:.2} µs | ≤ 15 µs | p99 {:.2} µs |",
+            l2_hits.len(),
+            step_quantile(&l2_hits, 0, 0.99).unwrap_or(f64::NAN)
         ));
     }
     if let (Some(on), Some(off)) = (
@@ -699,18 +717,20 @@ fn summary() {
         step_median(&l3_rounds, 2),
     ) {
         rows.push(format!(
-            "| L3 hit, per-operation median of {} paired rounds | {l3:.1} µs ({:.2}× raw GET) | ≤ 1.2× raw GET | raw GetObject {raw:.1} µs, `fetch` {fetch:.1} µs |",
+            "| L3 hit, per-operation median of {} paired rounds | {l3:.1} µs ({:.2}× raw GET) | ≤ 1.2× raw GET | raw GetObject {raw:.1} µs, `fetch` {fetch:.1} µs{} |",
             l3_rounds.len(),
-            l3 / raw
+            l3 / raw,
+            p99s(&l3_rounds, 2, 0)
         ));
     }
     let put_rounds = lock(&PUT_ROUNDS);
     if let (Some(without), Some(with)) = (step_median(&put_rounds, 0), step_median(&put_rounds, 1))
     {
         rows.push(format!(
-            "| put with S3, per-operation median of {} paired rounds | {with:.2} µs ({:.2}× without) | ≤ 1.1× without | put without S3 {without:.2} µs |",
+            "| put with S3, per-operation median of {} paired rounds | {with:.2} µs ({:.2}× without) | ≤ 1.1× without | put without S3 {without:.2} µs{} |",
             put_rounds.len(),
-            with / without
+            with / without,
+            p99s(&put_rounds, 1, 0)
         ));
     }
     if let Some(local) = us("invalidate", "by_model_over_100k_entries") {
