@@ -8,7 +8,7 @@ use anyhow::Result;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use strata::analytics::TierName;
-use strata::core::{CacheKey, Codec, Entry};
+use strata::core::{CacheKey, Codec, Entry, Selector};
 use strata::tiers::{DiskConfig, DiskTier, Tier, TierError, TierUsage, TtlPolicy};
 use strata::{Completion, Normalizer, Outcome, Scope, TieredCache};
 use tempfile::TempDir;
@@ -563,6 +563,153 @@ async fn a_malformed_request_still_gets_its_answer_uncached() -> Result<()> {
     }
     assert_eq!(cache.stats().uncacheable, 2);
     assert!(cache.get(&bad, &Scope::Global).await.is_err());
+    // A failing call is a lookup too, as a cacheable request's failed miss is.
+    let failed = cache
+        .get_or_execute(&bad, &Scope::Global, || async {
+            Err::<Completion, _>(std::io::Error::other("upstream down"))
+        })
+        .await;
+    assert!(failed.is_err());
+    let stats = cache.stats();
+    assert_eq!((stats.lookups, stats.uncacheable), (3, 3));
+    assert_eq!(stats.errors.executor, 1);
+    Ok(())
+}
+
+/// An invalidation made while the upstream call runs refuses its answer: the callers waiting
+/// on that call get it, no later lookup is served it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_during_the_upstream_call_refuses_its_answer() -> Result<()> {
+    let dir = TempDir::new()?;
+    let cache = cache_with_disk(&dir)?;
+    let by_key = request("asked before the key was invalidated");
+    let key = cache.key(&by_key, &Scope::Global)?.key;
+    for (request, selector) in [
+        (
+            request("asked before the model was invalidated"),
+            Selector::Model("gpt-4o-mini".into()),
+        ),
+        (by_key, Selector::Key(key.hex())),
+    ] {
+        let during = cache.clone();
+        let lookup = cache
+            .get_or_execute(&request, &Scope::Global, || async move {
+                during
+                    .invalidate(&selector)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(completion("from before"))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(lookup.outcome, Outcome::Miss);
+        assert_eq!(answer(&lookup), "from before");
+        cache.settle().await;
+        let again = execute(&cache, &request, &Scope::Global, "after").await?;
+        assert_eq!(again.outcome, Outcome::Miss, "{}", answer(&again));
+        assert_eq!(answer(&again), "after");
+    }
+    Ok(())
+}
+
+/// Concurrent identical misses whose answer is not kept (a TTL of zero) still run the upstream
+/// call once: the waiters get the leader's answer, and nothing counts as a digest collision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_share_an_answer_that_is_not_kept() -> Result<()> {
+    let cache = TieredCache::builder().build();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_execute(&request("not kept"), &Scope::Global, || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, std::io::Error>(completion("once").ttl(Duration::ZERO))
+                })
+                .await
+        }));
+    }
+    for task in tasks {
+        let lookup = task.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(answer(&lookup), "once");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let stats = cache.stats();
+    assert_eq!(stats.errors.collisions, 0, "{:?}", stats.errors);
+    assert_eq!((stats.lookups, stats.misses), (20, 1));
+    Ok(())
+}
+
+/// An L2 tier that can hold a read after taking its copy, until told to go on.
+struct PausingTier {
+    inner: DiskTier,
+    pause: AtomicBool,
+    read: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl Tier for PausingTier {
+    fn name(&self) -> TierName {
+        TierName::L2
+    }
+    async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Entry>>, TierError> {
+        let found = self.inner.get(key).await;
+        if self.pause.load(Ordering::SeqCst) {
+            self.read.notify_one();
+            self.go.notified().await;
+        }
+        found
+    }
+    async fn put(&self, key: &CacheKey, entry: &Arc<Entry>) -> Result<(), TierError> {
+        self.inner.put(key, entry).await
+    }
+    async fn remove(&self, key: &CacheKey) -> Result<(), TierError> {
+        self.inner.remove(key).await
+    }
+    async fn flush(&self) -> Result<(), TierError> {
+        self.inner.flush().await
+    }
+    fn usage(&self) -> TierUsage {
+        self.inner.usage()
+    }
+}
+
+/// A lookup that read the disk copy before a removal and copies it into memory after it does
+/// not bring the removed answer back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_read_before_a_removal_is_not_served_after_it() -> Result<()> {
+    let dir = TempDir::new()?;
+    let tier = Arc::new(PausingTier {
+        inner: disk(&dir)?,
+        pause: AtomicBool::new(false),
+        read: tokio::sync::Notify::new(),
+        go: tokio::sync::Notify::new(),
+    });
+    let cache = TieredCache::builder().l2(tier.clone()).build();
+    let question = request("removed while being read");
+    cache
+        .put(&question, &Scope::Global, completion("removed"))
+        .await?;
+    cache.settle().await;
+    let id = cache.key(&question, &Scope::Global)?.key.id();
+    cache.memory().remove_id(id).await;
+    tier.pause.store(true, Ordering::SeqCst);
+    let reader = {
+        let (cache, question) = (cache.clone(), question.clone());
+        tokio::spawn(async move { cache.get(&question, &Scope::Global).await })
+    };
+    tier.read.notified().await;
+    tier.pause.store(false, Ordering::SeqCst);
+    cache.remove(&question, &Scope::Global).await?;
+    tier.go.notify_one();
+    // The reader asked before the removal: it may have its copy.
+    let _ = reader.await?;
+    let after = execute(&cache, &question, &Scope::Global, "asked again").await?;
+    assert_eq!(after.outcome, Outcome::Miss, "{}", answer(&after));
+    assert_eq!(answer(&after), "asked again");
     Ok(())
 }
 

@@ -597,10 +597,16 @@ impl TieredCache {
                 tracing::debug!(%err, "request cannot be keyed; running it uncached");
                 let keyed = uncacheable(request, scope);
                 let started = Instant::now();
-                let completion = executor().await.map_err(|e| {
-                    inner.failures.counters.record_executor_error();
-                    Arc::new(e)
-                })?;
+                let completion = match executor().await {
+                    Ok(completion) => completion,
+                    Err(e) => {
+                        // Counted as a lookup, as a cacheable request's failed miss is.
+                        inner.failures.counters.record_executor_error();
+                        inner.failures.counters.record(Outcome::Uncacheable, None);
+                        inner.note(Outcome::Uncacheable, None, &keyed, started, None);
+                        return Err(Arc::new(e));
+                    }
+                };
                 let entry = Arc::new(inner.build_entry(&keyed, completion, started.elapsed()));
                 inner
                     .failures
@@ -615,9 +621,14 @@ impl TieredCache {
         };
         let keyed_ref = &keyed;
         let fill = move || async move {
+            // The epochs in force when the call starts: an invalidation made while it runs
+            // must refuse its answer, not be recorded in it.
+            let as_of = inner.epochs.snapshot();
             let started = Instant::now();
             let completion = executor().await?;
-            Ok(inner.build_entry(keyed_ref, completion, started.elapsed()))
+            let mut entry = inner.build_entry(keyed_ref, completion, started.elapsed());
+            entry.epochs = as_of.stamp(&entry);
+            Ok(entry)
         };
         let result = self.resolve(&keyed, &mut Some(fill)).await;
         if inner.analytics.is_some() {
@@ -657,12 +668,16 @@ impl TieredCache {
         let keyed = kv_key(key);
         let keyed_ref = &keyed;
         let fill = move || async move {
+            // As in `get_or_execute`: an invalidation made while `f` runs refuses its value.
+            let as_of = inner.epochs.snapshot();
             let started = Instant::now();
             let value = f().await?;
             let raw = serde_json::value::to_raw_value(&value)?;
             let mut completion = Completion::new(raw).provider(KV_MODEL);
             completion.ttl = ttl;
-            Ok(inner.build_entry(keyed_ref, completion, started.elapsed()))
+            let mut entry = inner.build_entry(keyed_ref, completion, started.elapsed());
+            entry.epochs = as_of.stamp(&entry);
+            Ok(entry)
         };
         let mut slot = Some(fill);
         let started = Instant::now();
@@ -681,7 +696,8 @@ impl TieredCache {
                     .failures
                     .counters
                     .record_error(TierName::L1, ErrorKind::Corrupt);
-                inner.remove(&keyed.key).await;
+                // Not a removal others race with: no tombstone.
+                inner.remove(&keyed.key, false).await;
                 match slot.take() {
                     Some(fill) => {
                         let lookup = inner.fill_and_store(&keyed, fill).await?;
@@ -696,10 +712,11 @@ impl TieredCache {
         }
     }
 
-    /// Removes the entry of a request from every tier.
+    /// Removes the entry of a request from every tier, leaving a key tombstone (as
+    /// `invalidate` of the key does) so that no copy read before the removal is served after it.
     pub async fn remove(&self, request: &Value, scope: &Scope) -> Result<(), RequestError> {
         let keyed = self.key(request, scope)?;
-        self.inner.remove(&keyed.key).await;
+        self.inner.remove(&keyed.key, true).await;
         Ok(())
     }
 
@@ -788,6 +805,7 @@ impl TieredCache {
             });
         }
         let mut led = None;
+        let waited_from = Utc::now().timestamp_millis();
         let init = inner.load_or_fill(keyed, fill, &mut led);
         let result = inner.memory.cache().try_get_with(id, init).await;
         match (result, led) {
@@ -795,26 +813,38 @@ impl TieredCache {
                 inner.failures.counters.record(outcome, Some(&entry));
                 Ok(Lookup { entry, outcome })
             }
-            (Ok(entry), None) => match (inner.verdict(&entry, keyed), fill.take()) {
-                (Verdict::Serve, _) | (_, None) => {
-                    inner
-                        .failures
-                        .counters
-                        .record(Outcome::Coalesced, Some(&entry));
-                    Ok(Lookup {
-                        entry,
-                        outcome: Outcome::Coalesced,
-                    })
+            (Ok(entry), None) => {
+                let verdict = inner.verdict(&entry, keyed);
+                // Made while this call waited for it: the answer to this very request, which the
+                // leading caller got too, though a TTL of zero or an invalidation made during
+                // the upstream call keeps it from being served to anyone later.
+                let shared = entry.created_at.timestamp_millis() >= waited_from
+                    && matches!(verdict, Verdict::Expired | Verdict::Invalidated);
+                match (verdict, fill.take()) {
+                    (Verdict::Serve, _) | (_, None) => inner.coalesced(entry),
+                    (_, Some(_)) if shared => inner.coalesced(entry),
+                    // Another lookup with the same digest but a different request filled the
+                    // slot.
+                    (Verdict::Collision, Some(fill)) => {
+                        inner
+                            .failures
+                            .counters
+                            .record_error(TierName::L1, ErrorKind::Collision);
+                        inner.fill_and_store(keyed, fill).await
+                    }
+                    // An older copy, expired or invalidated since: refused, as in L1.
+                    (Verdict::Expired, Some(fill)) => {
+                        inner.expired(&entry);
+                        inner.memory.remove_id(id).await;
+                        inner.fill_and_store(keyed, fill).await
+                    }
+                    (Verdict::Invalidated, Some(fill)) => {
+                        inner.failures.counters.record_invalidated();
+                        inner.memory.remove_id(id).await;
+                        inner.fill_and_store(keyed, fill).await
+                    }
                 }
-                // Another lookup with the same digest but a different request filled the slot.
-                (_, Some(fill)) => {
-                    inner
-                        .failures
-                        .counters
-                        .record_error(TierName::L1, ErrorKind::Collision);
-                    inner.fill_and_store(keyed, fill).await
-                }
-            },
+            }
             (Err(e), led) => {
                 if led == Some(Outcome::Miss) {
                     inner.failures.counters.record_executor_error();
@@ -827,6 +857,17 @@ impl TieredCache {
 }
 
 impl Inner {
+    /// Serves `entry`, which another caller's lookup produced while this one waited.
+    fn coalesced<E>(&self, entry: Arc<Entry>) -> Result<Lookup, Arc<E>> {
+        self.failures
+            .counters
+            .record(Outcome::Coalesced, Some(&entry));
+        Ok(Lookup {
+            entry,
+            outcome: Outcome::Coalesced,
+        })
+    }
+
     /// Hands a lookup's outcome to the analytics recorder (never blocks).
     fn note(
         &self,
@@ -1131,7 +1172,22 @@ impl Inner {
         self.failures.counters.record_put();
     }
 
-    pub(crate) async fn remove(&self, key: &CacheKey) {
+    /// Removes `key`'s copies from every tier; first, with `tombstone`, bumps the key's epoch
+    /// (a caller that has just bumped it passes false).
+    pub(crate) async fn remove(&self, key: &CacheKey, tombstone: bool) {
+        // A key tombstone first, as `invalidate --key` leaves: a lookup that read a copy before
+        // the removal and writes it back into L1 or L2 after it, or a copy left in the bucket
+        // when S3 refuses the deletes, is refused on every tier, here now and elsewhere once
+        // the epochs are next published.
+        if tombstone {
+            let bumped = match self.epochs.bump(&Selector::Key(key.hex())) {
+                Ok(_) => self.epochs.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = bumped {
+                tracing::error!(error = %e, "cannot record the removal's tombstone");
+            }
+        }
         // A queued write of this key would otherwise land after the removal.
         self.settle().await;
         if let Some(writer) = &self.writer {
@@ -1147,16 +1203,6 @@ impl Inner {
             && let Err(e) = guarded(l3.remove(key)).await
         {
             self.tier_failed(TierName::L3, "remove", &e);
-            // The object and the pointer other nodes follow may still be in the bucket: a key
-            // tombstone makes every tier refuse them, here now and elsewhere once the epochs
-            // are next published.
-            let tombstone = match self.epochs.bump(&Selector::Key(key.hex())) {
-                Ok(_) => self.epochs.flush().await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = tombstone {
-                tracing::error!(error = %e, "cannot record the removal's tombstone");
-            }
         }
     }
 

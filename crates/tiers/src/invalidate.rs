@@ -148,7 +148,8 @@ impl TieredCache {
                 Err(e) => inner.tier_failed(TierName::L3, "lookup", &e),
             }
         }
-        inner.remove(key).await;
+        // The caller has bumped the key's epoch already.
+        inner.remove(key, false).await;
         Ok(found)
     }
 
