@@ -319,6 +319,84 @@ async fn outbox_entries_from_before_a_crash_reach_s3_after_reopen() -> Result<()
     Ok(())
 }
 
+/// Uploads queued by a run with S3 are kept through a later run with S3 off, even when that run
+/// evicts their disk copies: they reach S3 once a run has it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_uploads_outlive_eviction_by_a_run_without_s3() -> Result<()> {
+    let mut server = TestS3::start().await?;
+    if !server.can_stop() {
+        return Ok(()); // needs a server it can stop: an external one over HTTPS cannot be
+    }
+    let first = TempDir::new()?;
+    server.stop().await?;
+    let (config, path) = (server.config(), first.path().to_path_buf());
+    // A run with S3 while it is down, on a runtime of its own that its drainer dies with.
+    std::thread::spawn(move || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let a = runtime.block_on(async {
+            let a = node_with(&config, &path).await?;
+            put_many(&a.cache, "queued ", 5, "q").await?;
+            a.cache.settle().await;
+            anyhow::Ok(a)
+        })?;
+        assert_eq!(a.s3.pending(), 5);
+        a.disk.flush_blocking()?;
+        std::mem::forget(a);
+        drop(runtime);
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the first run panicked"))??;
+
+    // A run with S3 off and a small disk: its own puts evict the queued copies, oldest first.
+    let second = TempDir::new()?;
+    copy_dir(first.path(), second.path())?;
+    let mut disk_config = DiskConfig::new(second.path());
+    disk_config.capacity = 8 << 10;
+    let disk = DiskTier::open(&disk_config, Codec::default())?;
+    let cache = TieredCache::builder().disk(disk.clone()).build();
+    let queued: Vec<_> = (0..5)
+        .map(|i| cache.key(&request(&format!("queued {i}")), &Scope::Global))
+        .collect::<Result<_, _>>()?;
+    put_many(
+        &cache,
+        "later ",
+        40,
+        &"an answer of some length. ".repeat(12),
+    )
+    .await?;
+    cache.settle().await;
+    let started = std::time::Instant::now();
+    while disk.usage().bytes > disk_config.capacity && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for keyed in &queued {
+        ensure!(
+            disk.get(&keyed.key).await?.is_none(),
+            "the queued copy was evicted"
+        );
+    }
+    cache.flush().await?;
+    disk.flush_blocking()?;
+
+    // A run with S3 again: every queued upload goes up.
+    server.restart().await?;
+    let third = TempDir::new()?;
+    copy_dir(second.path(), third.path())?;
+    let c = node(&server, third.path()).await?;
+    assert_eq!(c.s3.pending(), 5);
+    c.cache.flush().await?;
+    assert_eq!(c.s3.pending(), 0);
+    assert_eq!(
+        entry_objects(&server).await?,
+        5,
+        "every queued entry reached S3"
+    );
+    Ok(())
+}
+
 pub(crate) fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     for item in std::fs::read_dir(from)? {
         let item = item?;

@@ -246,11 +246,24 @@ impl DiskTier {
         Ok(was)
     }
 
-    /// Removes every entry. Returns how many there were.
+    /// Removes every entry, and every upload to S3 queued from this disk. Returns how many
+    /// entries there were. Blocks for as long as sled takes to remove them one by one: call it
+    /// off the async workers.
     pub fn clear(&self) -> Result<u64, TierError> {
+        // Under the eviction lock, as every removal: a put lands wholly before the clear (and
+        // goes with it) or wholly after it (and stays, with its queued upload and its place in
+        // the byte count).
+        let _no_put_midway = self
+            .inner
+            .evicting_excludes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let n = self.inner.entries.len() as u64;
         self.inner.entries.clear()?;
         self.inner.access.clear()?;
+        if let Some(outbox) = self.inner.outbox.get() {
+            outbox.clear()?;
+        }
         self.inner.lock_slots().clear();
         self.inner.bytes.store(0, Relaxed);
         Ok(n)
@@ -309,12 +322,20 @@ impl DiskTier {
         let evict = move || {
             let mut pass = pass;
             loop {
-                if let Err(e) = pass.inner.evict() {
-                    tracing::warn!(error = %e, "disk tier eviction failed");
-                    return;
-                }
+                let evicted = match pass.inner.evict() {
+                    Ok(evicted) => evicted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "disk tier eviction failed");
+                        return;
+                    }
+                };
                 pass.inner.evicting.store(false, Relaxed);
                 pass.holds_flag = false;
+                // A pass that found nothing to evict would find nothing again: the next put
+                // starts another.
+                if evicted == 0 {
+                    return;
+                }
                 // Puts that found this pass running left their bytes to it: look again, unless
                 // the tier is within its bound or another pass has started.
                 let inner = &pass.inner;
@@ -385,6 +406,9 @@ fn open_sled(config: &DiskConfig) -> Result<sled::Db, OpenFailure> {
     }
 }
 
+/// The tree the S3 tier keeps its outbox in.
+pub(crate) const OUTBOX_TREE: &str = "l3-outbox";
+
 /// Opens the database, then its trees, and reads the sizes and last uses eviction needs: the
 /// first full read of the entries, where damage that sled's recovery let through shows up.
 /// Failures at any of these steps are classified alike.
@@ -407,6 +431,15 @@ fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
             moved_aside: None,
             outbox: OnceLock::new(),
         };
+        // Uploads queued by an earlier run with S3 refer to copies here: eviction keeps them
+        // for the outbox even while this run has S3 off.
+        if db
+            .tree_names()
+            .iter()
+            .any(|name| name == OUTBOX_TREE.as_bytes())
+        {
+            let _ = inner.outbox.set(db.open_tree(OUTBOX_TREE)?);
+        }
         inner.load_slots()?;
         Ok(inner)
     };
@@ -577,11 +610,12 @@ impl Inner {
     }
 
     /// Removes least recently used entries until the tier holds at most 90% of its bound.
-    fn evict(&self) -> Result<(), TierError> {
+    /// Returns how many went.
+    fn evict(&self) -> Result<u64, TierError> {
         let target = self.capacity / 10 * 9;
         let total = self.bytes.load(Relaxed);
         if total <= self.capacity {
-            return Ok(());
+            return Ok(0);
         }
         let mut by_age: Vec<(u64, u128, u64)> = self
             .lock_slots()
@@ -590,16 +624,18 @@ impl Inner {
             .collect();
         by_age.sort_unstable();
         let mut to_free = total.saturating_sub(target);
+        let mut evicted = 0;
         for (_, id, bytes) in by_age {
             if to_free == 0 {
                 break;
             }
             if self.evict_one(id)? {
                 self.evictions.fetch_add(1, Relaxed);
+                evicted += 1;
                 to_free = to_free.saturating_sub(bytes);
             }
         }
-        Ok(())
+        Ok(evicted)
     }
 
     /// Evicts one copy; first, if the S3 outbox refers to it, hands the envelope to the outbox.
@@ -749,6 +785,54 @@ pub(crate) mod tests {
             epochs: Default::default(),
         };
         (keyed.key, Arc::new(entry))
+    }
+
+    /// Puts racing a clear land wholly before it or wholly after it: afterwards the byte count
+    /// and the slots match what sled holds.
+    #[test]
+    fn puts_during_a_clear_keep_the_byte_count_true() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let tier = DiskTier::open(&DiskConfig::new(dir.path().join("l2")), Codec::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let codec = Codec::default();
+        let envelopes = |range: std::ops::Range<usize>| -> Vec<_> {
+            range
+                .map(|i| {
+                    let (key, e) = entry(i);
+                    (key, codec.encode(&e).unwrap_or_else(|e| panic!("{e}")))
+                })
+                .collect()
+        };
+        // Enough entries that the clear (sled removes them one by one) takes a while.
+        for (key, envelope) in envelopes(0..3000) {
+            tier.put_encoded(&key, &envelope)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let later = envelopes(3000..6000);
+        let started = Arc::new(std::sync::Barrier::new(2));
+        let writer = {
+            let (tier, started) = (tier.clone(), Arc::clone(&started));
+            std::thread::spawn(move || {
+                started.wait();
+                for (key, envelope) in &later {
+                    tier.put_encoded(key, envelope)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+            })
+        };
+        started.wait();
+        tier.clear().unwrap_or_else(|e| panic!("{e}"));
+        writer
+            .join()
+            .unwrap_or_else(|_| panic!("the writer panicked"));
+        let stored: u64 = tier
+            .inner
+            .entries
+            .iter()
+            .map(|item| item.map(|(_, v)| v.len() as u64 + 16).unwrap_or(0))
+            .sum();
+        assert_eq!(tier.usage().bytes, stored);
+        assert_eq!(tier.inner.lock_slots().len(), tier.inner.entries.len());
     }
 
     #[tokio::test]

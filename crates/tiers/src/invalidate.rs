@@ -332,11 +332,12 @@ impl TieredCache {
         inner.memory.cache().invalidate_all();
         let mut affected = in_memory;
         if let Some(disk) = &inner.disk {
-            affected = affected.max(disk.clear()?);
+            // With the entries go the uploads queued from them (copies already counted).
+            let disk = disk.clone();
+            affected = affected.max(blocking(move || disk.clear()).await?);
         }
         if let Some(l3) = &inner.l3 {
-            // Queued uploads are copies of disk entries already counted.
-            l3.clear_local()?;
+            l3.clear_index()?;
         }
         let published = self.publish().await;
         Ok(Invalidation {

@@ -352,7 +352,7 @@ impl S3Tier {
             return Err(TierError::Unavailable("s3.bucket is empty".into()));
         }
         let index = disk.open_tree("l3-index")?;
-        let outbox = disk.open_tree("l3-outbox")?;
+        let outbox = disk.open_tree(crate::disk::OUTBOX_TREE)?;
         // The disk tier moves a copy the outbox refers to into it before evicting the copy.
         disk.keep_for_upload(outbox.clone());
         let meta = disk.open_tree("l3-meta")?;
@@ -798,14 +798,12 @@ impl S3Tier {
         self.inner.forget(&key.digest)
     }
 
-    /// Removes every queued upload and the whole local index (after `clear`). Returns how
-    /// many uploads were dropped.
-    pub fn clear_local(&self) -> Result<u64, TierError> {
-        let dropped = self.inner.outbox.len() as u64;
-        self.inner.outbox.clear()?;
+    /// Removes the whole local index (after `clear`; the queued uploads went with the disk
+    /// tier's entries, in [`DiskTier::clear`]).
+    pub fn clear_index(&self) -> Result<(), TierError> {
         self.inner.index.clear()?;
         self.inner.index_bytes.store(0, Relaxed);
-        Ok(dropped)
+        Ok(())
     }
 
     /// Every queued upload as (digest, envelope), for selecting by pattern.
