@@ -625,11 +625,11 @@ impl Inner {
         by_age.sort_unstable();
         let mut to_free = total.saturating_sub(target);
         let mut evicted = 0;
-        for (_, id, bytes) in by_age {
+        for (last_used_ms, id, bytes) in by_age {
             if to_free == 0 {
                 break;
             }
-            if self.evict_one(id)? {
+            if self.evict_one(id, last_used_ms)? {
                 self.evictions.fetch_add(1, Relaxed);
                 evicted += 1;
                 to_free = to_free.saturating_sub(bytes);
@@ -638,13 +638,21 @@ impl Inner {
         Ok(evicted)
     }
 
-    /// Evicts one copy; first, if the S3 outbox refers to it, hands the envelope to the outbox.
-    /// A copy rewritten meanwhile (a new put) stays. Returns whether the copy went.
-    fn evict_one(&self, id: u128) -> Result<bool, TierError> {
+    /// Evicts one copy, judged least recently used when it was last used at `judged_ms`;
+    /// first, if the S3 outbox refers to it, hands the envelope to the outbox. A copy read or
+    /// rewritten since it was judged (a pass takes a while) stays. Returns whether the copy went.
+    fn evict_one(&self, id: u128, judged_ms: u64) -> Result<bool, TierError> {
         let _no_put_midway = self
             .evicting_excludes
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        if self
+            .lock_slots()
+            .get(&id)
+            .is_some_and(|slot| slot.last_used_ms > judged_ms)
+        {
+            return Ok(false);
+        }
         let key = id.to_be_bytes();
         let Some(current) = self.entries.get(key)? else {
             self.forget_locked(id)?;
@@ -833,6 +841,41 @@ pub(crate) mod tests {
             .sum();
         assert_eq!(tier.usage().bytes, stored);
         assert_eq!(tier.inner.lock_slots().len(), tier.inner.entries.len());
+    }
+
+    /// A pass judges every copy's last use first and evicts afterwards: a copy used in between
+    /// stays.
+    #[tokio::test]
+    async fn a_copy_used_after_an_eviction_pass_judged_it_stays() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let tier = DiskTier::open(&DiskConfig::new(dir.path().join("l2")), Codec::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (key, e) = entry(0);
+        tier.put(&key, &e).await.unwrap_or_else(|e| panic!("{e}"));
+        let judged = tier
+            .inner
+            .lock_slots()
+            .get(&key.id())
+            .map(|s| s.last_used_ms);
+        let judged = judged.unwrap_or_else(|| panic!("no slot"));
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(matches!(tier.get(&key).await, Ok(Some(_))));
+        let evicted = tier.inner.evict_one(key.id(), judged);
+        assert!(
+            !evicted.unwrap_or_else(|e| panic!("{e}")),
+            "a used copy went"
+        );
+        assert!(matches!(tier.get(&key).await, Ok(Some(_))));
+        let judged = tier
+            .inner
+            .lock_slots()
+            .get(&key.id())
+            .map(|s| s.last_used_ms);
+        let evicted = tier.inner.evict_one(key.id(), judged.unwrap_or(0));
+        assert!(
+            evicted.unwrap_or_else(|e| panic!("{e}")),
+            "an unused copy stayed"
+        );
     }
 
     #[tokio::test]
