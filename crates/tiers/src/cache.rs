@@ -1118,7 +1118,12 @@ impl Inner {
                     if let Some(writer) = &self.writer {
                         writer.forget_entry(&keyed.key, &entry);
                     }
-                    if let Err(e) = guarded(l2.remove(&keyed.key)).await {
+                    // Only the copy judged: a put of the same key that landed since stays.
+                    let removed = match self.sink.as_ref().and_then(|s| s.disk.as_ref()) {
+                        Some(disk) => disk.remove_judged(&keyed.key, &entry).map(|_| ()),
+                        None => guarded(l2.remove(&keyed.key)).await,
+                    };
+                    if let Err(e) = removed {
                         self.tier_failed(l2.name(), "remove", &e);
                     }
                 }

@@ -246,6 +246,33 @@ impl DiskTier {
         Ok(was)
     }
 
+    /// Removes the copy under `key` if it is still `judged` (the same answer, made at the same
+    /// time), as a lookup that refused it does: a copy a put has written since stays. A copy
+    /// that no longer decodes goes too. Returns whether a copy went.
+    pub fn remove_judged(&self, key: &CacheKey, judged: &Entry) -> Result<bool, TierError> {
+        let _no_put_midway = self
+            .inner
+            .evicting_excludes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let id = key.id();
+        let Some(current) = self.inner.entries.get(id.to_be_bytes())? else {
+            return Ok(false);
+        };
+        let same = match self.inner.codec.decode(&current) {
+            Ok(stored) => {
+                stored.created_at == judged.created_at
+                    && stored.response.get() == judged.response.get()
+            }
+            Err(_) => true,
+        };
+        if same {
+            self.inner.remove_exact_locked(id, &current)
+        } else {
+            Ok(false)
+        }
+    }
+
     /// Removes every entry, and every upload to S3 queued from this disk. Returns how many
     /// entries there were. Blocks for as long as sled takes to remove them one by one: call it
     /// off the async workers.
@@ -841,6 +868,42 @@ pub(crate) mod tests {
             .sum();
         assert_eq!(tier.usage().bytes, stored);
         assert_eq!(tier.inner.lock_slots().len(), tier.inner.entries.len());
+    }
+
+    /// A lookup that refused a copy removes that copy, not one a put wrote since.
+    #[tokio::test]
+    async fn a_refused_copy_goes_but_a_newer_one_stays() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let tier = DiskTier::open(&DiskConfig::new(dir.path().join("l2")), Codec::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (key, old) = entry(0);
+        tier.put(&key, &old).await.unwrap_or_else(|e| panic!("{e}"));
+        let judged = tier.get(&key).await.ok().flatten();
+        let judged = judged.unwrap_or_else(|| panic!("no copy"));
+        let mut newer = (*old).clone();
+        newer.response =
+            serde_json::value::to_raw_value("a newer answer").unwrap_or_else(|e| panic!("{e}"));
+        tier.put(&key, &Arc::new(newer))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let went = tier.remove_judged(&key, &judged);
+        assert!(
+            !went.unwrap_or_else(|e| panic!("{e}")),
+            "the newer copy went"
+        );
+        let kept = tier.get(&key).await.ok().flatten();
+        assert_eq!(
+            kept.map(|e| e.response.get().to_string()).as_deref(),
+            Some("\"a newer answer\"")
+        );
+        let judged = tier.get(&key).await.ok().flatten();
+        let judged = judged.unwrap_or_else(|| panic!("no copy"));
+        let went = tier.remove_judged(&key, &judged);
+        assert!(
+            went.unwrap_or_else(|e| panic!("{e}")),
+            "the judged copy stayed"
+        );
+        assert!(matches!(tier.get(&key).await, Ok(None)));
     }
 
     /// A pass judges every copy's last use first and evicts afterwards: a copy used in between
