@@ -459,32 +459,16 @@ fn bench_s3(c: &mut Criterion) {
     // and its floor come from the same rounds, and one slow operation is one value of many.
     group.bench_function("l3_round_paired", |b| {
         b.to_async(&rt).iter_custom(|iters| {
-            let (start, count, l3_round) = (next, requests.len(), &l3_round);
+            let (start, count) = (next, requests.len());
             next = (next + iters as usize) % count;
-            async move {
-                let mut rounds = Vec::with_capacity(iters as usize);
-                for n in 0..iters as usize {
-                    rounds.push(l3_round((start + n) % count).await);
-                }
-                let total = rounds.iter().flatten().sum();
-                lock(&L3_ROUNDS).extend(rounds);
-                total
-            }
+            kept_rounds(iters, start, count, &l3_round, &L3_ROUNDS)
         })
     });
     group.bench_function("put_round_paired", |b| {
         b.to_async(&rt).iter_custom(|iters| {
-            let (start, count, put_round) = (next, exchanges.len(), &put_round);
+            let (start, count) = (next, exchanges.len());
             next = (next + iters as usize) % count;
-            async move {
-                let mut rounds = Vec::with_capacity(iters as usize);
-                for n in 0..iters as usize {
-                    rounds.push(put_round((start + n) % count).await);
-                }
-                let total = rounds.iter().flatten().sum();
-                lock(&PUT_ROUNDS).extend(rounds);
-                total
-            }
+            kept_rounds(iters, start, count, &put_round, &PUT_ROUNDS)
         })
     });
     group.finish();
@@ -594,6 +578,28 @@ static PUT_ROUNDS: Mutex<Vec<[Duration; 2]>> = Mutex::new(Vec::new());
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs `iters` rounds, the workload's items in rotation from `start`, and keeps every round's
+/// step times in `kept`. Returns the time of all their steps.
+async fn kept_rounds<const N: usize, F, Fut>(
+    iters: u64,
+    start: usize,
+    count: usize,
+    round: F,
+    kept: &Mutex<Vec<[Duration; N]>>,
+) -> Duration
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = [Duration; N]>,
+{
+    let mut rounds = Vec::with_capacity(iters as usize);
+    for n in 0..iters as usize {
+        rounds.push(round((start + n) % count).await);
+    }
+    let total = rounds.iter().flatten().sum();
+    lock(kept).extend(rounds);
+    total
 }
 
 /// The `q` quantile (0.5: the median) of column `step` over `rounds`, in microseconds.

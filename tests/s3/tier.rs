@@ -262,6 +262,33 @@ async fn a_corrupt_object_in_s3_is_a_counted_miss() -> Result<()> {
     Ok(())
 }
 
+/// A process with S3 (down) in `dir` that puts `{prefix}{i}` for `i < n`, sees them queued in
+/// the outbox, makes the outbox durable as sled's own flush timer would, then "crashes": the
+/// cache is never closed or dropped, and its runtime (its own, so that its background drainer
+/// dies with it) stops.
+fn queue_then_crash(server: &TestS3, dir: &std::path::Path, prefix: &str, n: u64) -> Result<()> {
+    let (config, path, prefix) = (server.config(), dir.to_path_buf(), prefix.to_string());
+    std::thread::spawn(move || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let a = runtime.block_on(async {
+            let a = node_with(&config, &path).await?;
+            put_many(&a.cache, &prefix, n, "x").await?;
+            // Entries reach the outbox behind the caller; a crash before that loses them.
+            a.cache.settle().await;
+            anyhow::Ok(a)
+        })?;
+        assert_eq!(a.s3.pending(), n as usize);
+        a.disk.flush_blocking()?;
+        std::mem::forget(a);
+        drop(runtime);
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the first process panicked"))?
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_entries_from_before_a_crash_reach_s3_after_reopen() -> Result<()> {
     let mut server = TestS3::start().await?;
@@ -271,37 +298,7 @@ async fn outbox_entries_from_before_a_crash_reach_s3_after_reopen() -> Result<()
     let dir = TempDir::new()?;
     // The server is down while the entries are written, so they can only be in the outbox.
     server.stop().await?;
-    let (config, path) = (server.config(), dir.path().to_path_buf());
-    // The first process: its own runtime, so that its background drainer dies with it.
-    std::thread::spawn(move || -> Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let a = runtime.block_on(async {
-            let a = node_with(&config, &path).await?;
-            for i in 0..20 {
-                a.cache
-                    .put(
-                        &request(&format!("crash{i}")),
-                        &Scope::Global,
-                        completion("x"),
-                    )
-                    .await?;
-            }
-            // Entries reach the outbox behind the caller; a crash before that loses them.
-            a.cache.settle().await;
-            anyhow::Ok(a)
-        })?;
-        assert_eq!(a.s3.pending(), 20);
-        // Make the outbox durable as sled's own flush timer would, then "crash": the cache
-        // is never closed or dropped, and its runtime stops.
-        a.disk.flush_blocking()?;
-        std::mem::forget(a);
-        drop(runtime);
-        Ok(())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("first process panicked"))??;
+    queue_then_crash(&server, dir.path(), "crash", 20)?;
     server.restart().await?;
     // sled keeps one process-wide lock per directory: reopen in a copy, as a restarted process
     // would see the directory.
@@ -329,26 +326,7 @@ async fn queued_uploads_outlive_eviction_by_a_run_without_s3() -> Result<()> {
     }
     let first = TempDir::new()?;
     server.stop().await?;
-    let (config, path) = (server.config(), first.path().to_path_buf());
-    // A run with S3 while it is down, on a runtime of its own that its drainer dies with.
-    std::thread::spawn(move || -> Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let a = runtime.block_on(async {
-            let a = node_with(&config, &path).await?;
-            put_many(&a.cache, "queued ", 5, "q").await?;
-            a.cache.settle().await;
-            anyhow::Ok(a)
-        })?;
-        assert_eq!(a.s3.pending(), 5);
-        a.disk.flush_blocking()?;
-        std::mem::forget(a);
-        drop(runtime);
-        Ok(())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the first run panicked"))??;
+    queue_then_crash(&server, first.path(), "queued ", 5)?;
 
     // A run with S3 off and a small disk: its own puts evict the queued copies, oldest first.
     let second = TempDir::new()?;
