@@ -579,18 +579,27 @@ async fn an_endless_or_oversized_object_is_a_counted_miss() -> Result<()> {
     Ok(())
 }
 
+/// A node in a fresh directory, then its server's front made to misbehave with `fault`; `None`
+/// where the front cannot (an external server over HTTPS).
+async fn node_facing(fault: Fault) -> Result<Option<(TestS3, TempDir, Node)>> {
+    let mut server = TestS3::start().await?;
+    if !server.can_stop() {
+        return Ok(None);
+    }
+    let dir = TempDir::new()?;
+    let a = node(&server, dir.path()).await?;
+    server.misbehave(fault).await?;
+    Ok(Some((server, dir, a)))
+}
+
 /// A proxy in front of S3 refuses one upload for good (413, an HTML page, no S3 error code):
 /// that entry is dropped from the outbox and counted, the rest of the queue goes up, the
 /// breaker stays closed and flush succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_refused_for_good_is_dropped_and_the_rest_go_up() -> Result<()> {
-    let mut server = TestS3::start().await?;
-    if !server.can_stop() {
+    let Some((server, _dir, a)) = node_facing(Fault::RefuseBodiesOver(32 << 10)).await? else {
         return Ok(()); // needs a front that can refuse requests one by one (not over HTTPS)
-    }
-    let dir = TempDir::new()?;
-    let a = node(&server, dir.path()).await?;
-    server.misbehave(Fault::RefuseBodiesOver(32 << 10)).await?;
+    };
     // 64 KiB that zstd cannot shrink below the limit.
     let mut noise = String::new();
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -667,14 +676,10 @@ async fn a_misdirected_pointer_is_refused_and_its_object_is_left_alone() -> Resu
 /// is done without its segment instead of staying at the head of the outbox for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_refused_for_good_does_not_hold_the_outbox() -> Result<()> {
-    let mut server = TestS3::start().await?;
-    if !server.can_stop() {
-        return Ok(()); // needs a front that can refuse requests one by one (not over HTTPS)
-    }
-    let dir = TempDir::new()?;
-    let a = node(&server, dir.path()).await?;
     // An entry's objects are about 1 KB each; 30 pointer lines are about 10 KB.
-    server.misbehave(Fault::RefuseBodiesOver(4 << 10)).await?;
+    let Some((server, _dir, a)) = node_facing(Fault::RefuseBodiesOver(4 << 10)).await? else {
+        return Ok(()); // needs a front that can refuse requests one by one (not over HTTPS)
+    };
     put_many(&a.cache, "batch", 30, "fits").await?;
     a.cache.flush().await?;
     assert_eq!(a.s3.pending(), 0);
