@@ -407,7 +407,7 @@ fn sample_entry(request: &Value, text: &str) -> Result<Entry> {
         cache_id: keyed.key.hex(),
         cache_key: keyed.key.to_string(),
         request: keyed.canonical,
-        response: serde_json::value::to_raw_value(&response(text))?,
+        response: serde_json::value::to_raw_value(&response(text))?.into(),
         model: keyed.model,
         provider: "openai".into(),
         tokens: Default::default(),

@@ -228,37 +228,54 @@ async fn a_user_scoped_l3_entry_is_not_served_to_another_user() -> Result<()> {
     Ok(())
 }
 
+/// Two kinds of bad object: a byte flipped in transit or at rest (the checksum fails), and a
+/// well-sealed envelope whose response is not JSON (what a faulty or hostile writer to the shared
+/// bucket could leave). Each is refused, counted as corrupt, and the request is recomputed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_object_in_s3_is_a_counted_miss() -> Result<()> {
     let server = TestS3::start().await?;
     let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
     let a = node(&server, dir_a.path()).await?;
-    let entry = a
-        .cache
-        .put(&request("c"), &Scope::Global, completion("ok"))
-        .await?;
-    a.cache.flush().await?;
-    let keyed = a.cache.key(&request("c"), &Scope::Global)?;
-    let path =
-        a.s3.known_path(&keyed.key)?
-            .context("indexed after upload")?;
-    let mut bytes = server.object(&path).await?;
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x40;
-    a.s3.put_object(&path, bytes, "application/octet-stream")
-        .await?;
+    let codec = Codec::default();
+    let mut stored = Vec::new();
+    for (text, spoil) in [("flipped", false), ("forged", true)] {
+        let entry = a
+            .cache
+            .put(&request(text), &Scope::Global, completion("ok"))
+            .await?;
+        a.cache.flush().await?;
+        let keyed = a.cache.key(&request(text), &Scope::Global)?;
+        let path =
+            a.s3.known_path(&keyed.key)?
+                .context("indexed after upload")?;
+        let mut bytes = server.object(&path).await?;
+        if spoil {
+            let mut payload = codec.open(&bytes)?;
+            let request_len = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            payload[8 + request_len as usize] = b'x';
+            bytes = codec.seal(&payload)?;
+        } else {
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0x40;
+        }
+        a.s3.put_object(&path, bytes, "application/octet-stream")
+            .await?;
+        stored.push((text, entry));
+    }
 
     let b = node(&server, dir_b.path()).await?;
-    let lookup = b
-        .cache
-        .get_or_execute(&request("c"), &Scope::Global, || async {
-            Ok::<_, std::io::Error>(completion("recomputed"))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    assert_eq!(lookup.outcome, Outcome::Miss);
-    assert_ne!(lookup.entry.response.get(), entry.response.get());
-    assert_eq!(b.cache.stats().errors.corrupt, 1);
+    for (n, (text, entry)) in stored.into_iter().enumerate() {
+        let lookup = b
+            .cache
+            .get_or_execute(&request(text), &Scope::Global, || async {
+                Ok::<_, std::io::Error>(completion("recomputed"))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(lookup.outcome, Outcome::Miss, "{text}");
+        assert_ne!(lookup.entry.response.get(), entry.response.get(), "{text}");
+        assert_eq!(b.cache.stats().errors.corrupt, n as u64 + 1, "{text}");
+    }
     Ok(())
 }
 

@@ -14,7 +14,7 @@ pub(crate) fn entry(text: &str, cost: f64, tokens: (u64, u64), latency_ms: u64) 
         cache_id: keyed.key.hex(),
         cache_key: keyed.key.to_string(),
         request: keyed.canonical,
-        response: serde_json::value::to_raw_value(&1).unwrap_or_else(|e| panic!("{e}")),
+        response: strata_core::JsonText::parse("1".into()).unwrap_or_else(|e| panic!("{e}")),
         model: "m".into(),
         provider: "p".into(),
         tokens: Tokens {

@@ -55,11 +55,9 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
-use serde_json::value::RawValue;
-
-use crate::entry::{Cost, Entry, Tokens};
+use crate::entry::{Cost, Entry, JsonText, Tokens};
 use crate::scope::Scope;
+use chrono::{DateTime, Utc};
 
 /// First four bytes of every envelope.
 pub const MAGIC: [u8; 4] = *b"STRA";
@@ -192,8 +190,20 @@ impl Codec {
         self.seal(&payload)
     }
 
-    /// Decodes an envelope into an entry.
+    /// Decodes an envelope into an entry, checking that its response is JSON: for envelopes
+    /// read from storage other nodes write to.
     pub fn decode(&self, bytes: &[u8]) -> Result<Entry, CodecError> {
+        self.decode_checking(bytes, true)
+    }
+
+    /// Decodes an envelope this node wrote (into its own disk tier), whose response was checked
+    /// as JSON before it was written: the checksum vouches for the bytes, and the response is
+    /// not parsed again ([`JsonText`]). Everything else is checked as [`Codec::decode`] does.
+    pub fn decode_local(&self, bytes: &[u8]) -> Result<Entry, CodecError> {
+        self.decode_checking(bytes, false)
+    }
+
+    fn decode_checking(&self, bytes: &[u8], check_response: bool) -> Result<Entry, CodecError> {
         let (version, payload) = self.open_versioned(bytes)?;
         let length = |at: usize| {
             payload
@@ -221,8 +231,12 @@ impl Codec {
             read_metadata(metadata)?
         };
         entry.request = text(request, "request")?;
-        entry.response = RawValue::from_string(text(response, "response")?)
-            .map_err(|e| CodecError::Json(format!("response: {e}")))?;
+        let response = text(response, "response")?;
+        entry.response = if check_response {
+            JsonText::parse(response).map_err(|e| CodecError::Json(format!("response: {e}")))?
+        } else {
+            JsonText::checked_when_written(response)
+        };
         Ok(entry)
     }
 
@@ -435,7 +449,7 @@ fn read_metadata(bytes: &[u8]) -> Result<Entry, CodecError> {
         cache_id,
         cache_key,
         request: String::new(),
-        response: RawValue::NULL.to_owned(),
+        response: JsonText::null(),
         model,
         provider,
         tokens,
@@ -555,7 +569,9 @@ mod tests {
             cache_id: keyed.key.hex(),
             cache_key: keyed.key.to_string(),
             request: keyed.canonical.clone(),
-            response: serde_json::value::to_raw_value(&response).unwrap_or_else(|e| panic!("{e}")),
+            response: serde_json::value::to_raw_value(&response)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .into(),
             model: keyed.model.clone(),
             provider: "openai".into(),
             tokens: Tokens {
@@ -729,6 +745,10 @@ mod tests {
                     let mut bad = bytes.clone();
                     bad[i] ^= flip;
                     assert!(codec.decode(&bad).is_err(), "byte {i} ^ {flip:#x} decoded");
+                    assert!(
+                        codec.decode_local(&bad).is_err(),
+                        "byte {i} ^ {flip:#x} decoded as a local copy"
+                    );
                 }
             }
             for len in 0..bytes.len() {
@@ -736,8 +756,52 @@ mod tests {
                     codec.decode(&bytes[..len]).is_err(),
                     "truncated to {len} decoded"
                 );
+                assert!(
+                    codec.decode_local(&bytes[..len]).is_err(),
+                    "truncated to {len} decoded as a local copy"
+                );
             }
         }
+    }
+
+    #[test]
+    fn only_envelopes_from_elsewhere_have_their_response_parsed_again() {
+        let codec = Codec::default();
+        let e = entry(&"an answer long enough to be compressed. ".repeat(40));
+        let bytes = codec.encode(&e).unwrap_or_else(|err| panic!("{err}"));
+        let local = codec
+            .decode_local(&bytes)
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert_same(&e, &local);
+        assert_eq!(local.response, e.response);
+        // A well-sealed envelope whose response is not JSON: no corruption the checksum can see,
+        // but what a faulty or hostile writer to a shared bucket could leave.
+        let mut payload = codec.open(&bytes).unwrap_or_else(|err| panic!("{err}"));
+        let request_len = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        payload[8 + request_len as usize] = b'x';
+        let forged = codec.seal(&payload).unwrap_or_else(|err| panic!("{err}"));
+        assert!(
+            matches!(codec.decode(&forged), Err(CodecError::Json(m)) if m.starts_with("response")),
+            "a response that is not JSON was decoded"
+        );
+        // This node's own disk is trusted to hold what this node wrote (it checked the JSON).
+        let trusted = codec
+            .decode_local(&forged)
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert!(trusted.response.get().starts_with('x'));
+    }
+
+    #[test]
+    fn json_text_is_checked_and_serializes_as_the_value_itself() {
+        assert!(JsonText::parse("{\"a\": [1, 2]".into()).is_err());
+        assert!(JsonText::parse("".into()).is_err());
+        let text = JsonText::parse("{\"a\": [1, 2]}".into()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(text.get(), "{\"a\": [1, 2]}");
+        assert_eq!(text.to_string(), text.get());
+        let wrapped = serde_json::to_string(&[&text]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(wrapped, "[{\"a\": [1, 2]}]");
+        let back: Vec<JsonText> = serde_json::from_str(&wrapped).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, vec![text]);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The stored entry: one LLM exchange with what it cost.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 use crate::key::Keyed;
@@ -52,8 +53,8 @@ pub struct Entry {
     #[serde(default)]
     pub request: String,
     /// The response, as given.
-    #[serde(default = "null_response")]
-    pub response: Box<RawValue>,
+    #[serde(default = "JsonText::null")]
+    pub response: JsonText,
     /// The normalized model.
     pub model: String,
     /// Who served the original call (`openai`, `anthropic`, …).
@@ -86,8 +87,70 @@ pub struct Entry {
     pub epochs: BTreeMap<String, u64>,
 }
 
-fn null_response() -> Box<RawValue> {
-    RawValue::NULL.to_owned()
+/// One JSON value as text, handed back exactly as it was given.
+///
+/// The text is checked to be JSON where it enters the cache: an executor hands it over as a
+/// [`RawValue`], and [`Codec::decode`](crate::Codec::decode) parses what it reads from storage
+/// other nodes share. A copy read back from this node's own disk is not parsed again
+/// ([`Codec::decode_local`](crate::Codec::decode_local)): its checksum vouches that it is the text
+/// written, and checking it again took a tenth of an L2 hit.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JsonText(Box<str>);
+
+impl JsonText {
+    /// `null`.
+    pub fn null() -> Self {
+        JsonText("null".into())
+    }
+
+    /// Checks that `text` is one JSON value and keeps it as it is.
+    pub fn parse(text: String) -> serde_json::Result<Self> {
+        RawValue::from_string(text).map(JsonText::from)
+    }
+
+    /// Text written as JSON by this node (see the type's documentation); not parsed again.
+    pub(crate) fn checked_when_written(text: String) -> Self {
+        JsonText(text.into_boxed_str())
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Box<RawValue>> for JsonText {
+    fn from(raw: Box<RawValue>) -> Self {
+        JsonText(raw.into())
+    }
+}
+
+impl fmt::Display for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("JsonText")
+            .field(&format_args!("{}", &self.0))
+            .finish()
+    }
+}
+
+/// Written as the JSON value itself (not as a string), as a [`RawValue`] is.
+impl Serialize for JsonText {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(JsonText::from)
+    }
 }
 
 impl Entry {

@@ -366,14 +366,13 @@ impl Epochs {
 mod tests {
     use super::*;
     use crate::entry::{Cost, Tokens};
-    use serde_json::value::RawValue;
 
     fn entry(model: &str, scope: Scope, tags: &[&str], at: DateTime<Utc>) -> Entry {
         Entry {
             cache_id: "0123456789abcdef0123456789abcdef".into(),
             cache_key: format!("{model}_0123456789abcdef0123456789abcdef"),
             request: String::new(),
-            response: RawValue::NULL.to_owned(),
+            response: crate::JsonText::null(),
             model: model.into(),
             provider: "openai".into(),
             tokens: Tokens::default(),

@@ -29,7 +29,7 @@ pub mod normalize;
 pub mod scope;
 
 pub use codec::{Codec, CodecError};
-pub use entry::{Cost, Entry, Tokens};
+pub use entry::{Cost, Entry, JsonText, Tokens};
 pub use epochs::{Epochs, Selector};
 pub use error::RequestError;
 pub use key::{CacheKey, KEY_FORMAT_VERSION, Keyed, ModelSlug};

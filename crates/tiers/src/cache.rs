@@ -30,8 +30,8 @@ use strata_analytics::{
     Analytics, AnalyticsConfig, ErrorKind, Event, Outcome, Pricing, Stats, TierName,
 };
 use strata_core::{
-    CacheKey, Codec, Cost, Entry, Keyed, ModelSlug, Normalizer, Profile, RequestError, Scope,
-    Selector, Tokens,
+    CacheKey, Codec, Cost, Entry, JsonText, Keyed, ModelSlug, Normalizer, Profile, RequestError,
+    Scope, Selector, Tokens,
 };
 
 use crate::disk::DiskTier;
@@ -148,8 +148,8 @@ pub struct Lookup {
 }
 
 impl Lookup {
-    /// The response as raw JSON.
-    pub fn response(&self) -> &RawValue {
+    /// The response as JSON text.
+    pub fn response(&self) -> &JsonText {
         &self.entry.response
     }
 }
@@ -1267,7 +1267,7 @@ impl Inner {
             cache_id: keyed.key.hex(),
             cache_key: keyed.key.to_string(),
             request: keyed.canonical.clone(),
-            response: completion.response,
+            response: completion.response.into(),
             model: keyed.model.clone(),
             provider: completion.provider,
             tokens,

@@ -229,7 +229,7 @@ impl DiskTier {
             let bytes = (value.len() + 16) as u64;
             swept.seen += 1;
             // Only the copy judged goes: one a put has replaced since it was read stays.
-            if remove(id, self.inner.codec.decode(&value), bytes)
+            if remove(id, self.inner.codec.decode_local(&value), bytes)
                 && self.inner.remove_exact(id, &value)?
             {
                 swept.removed += 1;
@@ -259,7 +259,7 @@ impl DiskTier {
         let Some(current) = self.inner.entries.get(id.to_be_bytes())? else {
             return Ok(false);
         };
-        let same = match self.inner.codec.decode(&current) {
+        let same = match self.inner.codec.decode_local(&current) {
             Ok(stored) => {
                 stored.created_at == judged.created_at
                     && stored.response.get() == judged.response.get()
@@ -746,7 +746,7 @@ impl Tier for DiskTier {
         let Some(bytes) = self.inner.entries.get(id.to_be_bytes())? else {
             return Ok(None);
         };
-        match self.inner.codec.decode(&bytes) {
+        match self.inner.codec.decode_local(&bytes) {
             Ok(entry) => {
                 self.inner.touch(id);
                 Ok(Some(Arc::new(entry)))
@@ -805,7 +805,9 @@ pub(crate) mod tests {
             cache_id: keyed.key.hex(),
             cache_key: keyed.key.to_string(),
             request: keyed.canonical,
-            response: serde_json::value::to_raw_value(&text).unwrap_or_else(|e| panic!("{e}")),
+            response: serde_json::value::to_raw_value(&text)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .into(),
             model: "m".into(),
             provider: "p".into(),
             tokens: Default::default(),
@@ -881,8 +883,9 @@ pub(crate) mod tests {
         let judged = tier.get(&key).await.ok().flatten();
         let judged = judged.unwrap_or_else(|| panic!("no copy"));
         let mut newer = (*old).clone();
-        newer.response =
-            serde_json::value::to_raw_value("a newer answer").unwrap_or_else(|e| panic!("{e}"));
+        newer.response = serde_json::value::to_raw_value("a newer answer")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into();
         tier.put(&key, &Arc::new(newer))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
