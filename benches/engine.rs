@@ -154,6 +154,42 @@ fn bench_key(c: &mut Criterion) {
             black_box(normalizer.key(&requests[i], &Scope::Global).map(|k| k.key))
         })
     });
+    // Both again, one request at a time: MD5 of its canonical bytes and its key derivation in
+    // the same round (which goes first alternates), every single time kept for the summary.
+    let mut i = 0;
+    group.bench_function("paired_round", |b| {
+        b.iter_custom(|iters| {
+            let mut rounds = Vec::with_capacity(iters as usize);
+            for _ in 0..iters {
+                i = (i + 1) % requests.len();
+                let md5 = || {
+                    let started = Instant::now();
+                    black_box(Md5::digest(black_box(canonical[i].as_bytes())));
+                    started.elapsed()
+                };
+                let key = || {
+                    let started = Instant::now();
+                    black_box(
+                        normalizer
+                            .key(&requests[i], &Scope::Global)
+                            .map(|k| k.key)
+                            .is_ok(),
+                    );
+                    started.elapsed()
+                };
+                rounds.push(if i % 2 == 0 {
+                    let m = md5();
+                    [m, key()]
+                } else {
+                    let k = key();
+                    [md5(), k]
+                });
+            }
+            let total = rounds.iter().flatten().sum();
+            lock(&KEY_ROUNDS).extend(rounds);
+            total
+        })
+    });
     group.finish();
 }
 
@@ -181,7 +217,7 @@ fn bench_tiers(c: &mut Criterion) {
             async move { black_box(memory.get_id(id).await) }
         })
     });
-    bench_l1_hit(&mut group, "l1_hit", &rt, &cache, &requests);
+    bench_l1_hit(&mut group, "l1_hit", &rt, &cache, &requests, Some(&L1_HITS));
     let codec = Codec::default();
     let envelopes: Vec<Vec<u8>> = rt.block_on(async {
         let mut out = Vec::new();
@@ -225,24 +261,48 @@ fn bench_tiers(c: &mut Criterion) {
             }
         })
     });
-    bench_put(&mut group, "put_l1_l2", &rt, &cache, &exchanges);
+    bench_put(
+        &mut group,
+        "put_l1_l2",
+        &rt,
+        &cache,
+        &exchanges,
+        Some(&PUTS),
+    );
     group.finish();
     drop(cache);
     let _ = Arc::new(dir);
 }
 
-/// Benches an L1 hit through `get_or_execute` (key included), the requests in rotation.
+/// Benches an L1 hit through `get_or_execute` (key included), the requests in rotation; every
+/// lookup's time goes into `kept` when given.
 fn bench_l1_hit(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
     rt: &tokio::runtime::Runtime,
     cache: &TieredCache,
     requests: &[Value],
+    kept: Option<&Mutex<Vec<[Duration; 1]>>>,
 ) {
     let never = || async { Err::<Completion, _>(std::io::Error::other("not a hit")) };
     let mut i = 0;
-    group.bench_function(name, |b| {
-        b.to_async(rt).iter(|| {
+    group.bench_function(name, |b| match kept {
+        Some(kept) => b.to_async(rt).iter_custom(|iters| {
+            let start = i;
+            i = (i + iters as usize) % requests.len();
+            let round = move |at: usize| async move {
+                let started = Instant::now();
+                let hit = cache
+                    .get_or_execute(&requests[at], &Scope::Global, never)
+                    .await
+                    .is_ok();
+                let took = started.elapsed();
+                black_box(hit);
+                [took]
+            };
+            kept_rounds(iters, start, requests.len(), round, kept)
+        }),
+        None => b.to_async(rt).iter(|| {
             i = (i + 1) % requests.len();
             let request = &requests[i];
             async move {
@@ -253,21 +313,37 @@ fn bench_l1_hit(
                         .is_ok(),
                 )
             }
-        })
+        }),
     });
 }
 
-/// Benches `put` on `cache`, the workload's exchanges in rotation.
+/// Benches `put` on `cache`, the workload's exchanges in rotation; every put's time goes into
+/// `kept` when given.
 fn bench_put(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
     rt: &tokio::runtime::Runtime,
     cache: &TieredCache,
     exchanges: &[Exchange],
+    kept: Option<&Mutex<Vec<[Duration; 1]>>>,
 ) {
     let mut i = 0;
-    group.bench_function(name, |b| {
-        b.to_async(rt).iter(|| {
+    group.bench_function(name, |b| match kept {
+        Some(kept) => b.to_async(rt).iter_custom(|iters| {
+            let start = i;
+            i = (i + iters as usize) % exchanges.len();
+            let round = move |at: usize| async move {
+                let e = &exchanges[at];
+                let completion = e.completion();
+                let started = Instant::now();
+                let stored = cache.put(&e.request, &Scope::Global, completion).await;
+                let took = started.elapsed();
+                black_box(stored.is_ok());
+                [took]
+            };
+            kept_rounds(iters, start, exchanges.len(), round, kept)
+        }),
+        None => b.to_async(rt).iter(|| {
             i = (i + 1) % exchanges.len();
             let e = &exchanges[i];
             async move {
@@ -278,7 +354,7 @@ fn bench_put(
                         .is_ok(),
                 )
             }
-        })
+        }),
     });
 }
 
@@ -571,6 +647,12 @@ fn bench_s3(c: &mut Criterion) {
 
 /// Every timed L2 hit: the summary also gives their per-operation median.
 static L2_HITS: Mutex<Vec<[Duration; 1]>> = Mutex::new(Vec::new());
+/// Every timed L1 hit of `tiers/l1_hit`.
+static L1_HITS: Mutex<Vec<[Duration; 1]>> = Mutex::new(Vec::new());
+/// Every timed put of `tiers/put_l1_l2`.
+static PUTS: Mutex<Vec<[Duration; 1]>> = Mutex::new(Vec::new());
+/// Step times of every paired key round: MD5 of the canonical bytes, key derivation.
+static KEY_ROUNDS: Mutex<Vec<[Duration; 2]>> = Mutex::new(Vec::new());
 /// Step times of every paired L3 round: raw GET, `fetch`, L3 hit.
 static L3_ROUNDS: Mutex<Vec<[Duration; 3]>> = Mutex::new(Vec::new());
 /// Step times of every paired put round: without S3, with S3.
@@ -649,6 +731,23 @@ fn median_ns(group: &str, name: &str) -> Option<f64> {
     v["median"]["point_estimate"].as_f64()
 }
 
+/// A summary row: the per-operation median and p99 of the single times in `kept`.
+fn per_operation(
+    rows: &mut Vec<String>,
+    what: &str,
+    operations: &str,
+    kept: &Mutex<Vec<[Duration; 1]>>,
+    target: &str,
+) {
+    let kept = lock(kept);
+    if let (Some(median), Some(p99)) = (step_median(&kept, 0), step_quantile(&kept, 0, 0.99)) {
+        rows.push(format!(
+            "| {what}, per-operation median of {} {operations} | {median:.2} µs | {target} | p99 {p99:.2} µs |",
+            kept.len()
+        ));
+    }
+}
+
 fn summary() {
     let us = |g: &str, n: &str| median_ns(g, n).map(|ns| ns / 1000.0);
     let mut rows: Vec<String> = Vec::new();
@@ -659,26 +758,29 @@ fn summary() {
             key / md5
         ));
     }
+    let key_rounds = lock(&KEY_ROUNDS);
+    if let (Some(md5), Some(key)) = (step_median(&key_rounds, 0), step_median(&key_rounds, 1)) {
+        rows.push(format!(
+            "| key derivation, per-operation medians of {} paired rounds | {key:.2} µs ({:.2}× MD5) | ≤ 1.3× MD5 | MD5 alone {md5:.2} µs{} |",
+            key_rounds.len(),
+            key / md5,
+            p99s(&key_rounds, 1, 0)
+        ));
+    }
     let plus_key = key.map(|k| format!(" + key {k:.2} µs")).unwrap_or_default();
     if let (Some(l1), Some(moka)) = (us("tiers", "l1_hit"), us("tiers", "moka_get_floor")) {
         rows.push(format!(
             "| L1 hit | {l1:.2} µs | ≤ 8 µs | moka get {moka:.2} µs{plus_key} |"
         ));
     }
+    per_operation(&mut rows, "L1 hit", "lookups", &L1_HITS, "≤ 8 µs");
     if let (Some(l2), Some(decode)) = (us("tiers", "l2_hit"), us("tiers", "envelope_decode_floor"))
     {
         rows.push(format!(
             "| L2 hit | {l2:.2} µs | ≤ 15 µs | envelope decode {decode:.2} µs{plus_key} |"
         ));
     }
-    let l2_hits = lock(&L2_HITS);
-    if let Some(l2) = step_median(&l2_hits, 0) {
-        rows.push(format!(
-            "| L2 hit, per-operation median of {} lookups | {l2:.2} µs | ≤ 15 µs | p99 {:.2} µs |",
-            l2_hits.len(),
-            step_quantile(&l2_hits, 0, 0.99).unwrap_or(f64::NAN)
-        ));
-    }
+    per_operation(&mut rows, "L2 hit", "lookups", &L2_HITS, "≤ 15 µs");
     if let (Some(on), Some(off)) = (
         us("recording", "l1_hit_recorded"),
         us("recording", "l1_hit_unrecorded"),
@@ -704,6 +806,7 @@ fn summary() {
     if let Some(put) = us("tiers", "put_l1_l2") {
         rows.push(format!("| put (L1 + L2) | {put:.2} µs | ≤ 30 µs | |"));
     }
+    per_operation(&mut rows, "put (L1 + L2)", "puts", &PUTS, "≤ 30 µs");
     if let (Some(l3), Some(raw)) = (us("s3", "l3_hit"), us("s3", "raw_get_object_floor")) {
         rows.push(format!(
             "| L3 hit | {l3:.1} µs ({:.2}× raw GET) | ≤ 1.2× raw GET | raw GetObject {raw:.1} µs |",
@@ -869,7 +972,7 @@ fn bench_recording(c: &mut Criterion) {
         ("l1_hit_unrecorded", &unrecorded),
         ("l1_hit_recorded", &recorded),
     ] {
-        bench_l1_hit(&mut group, name, &rt, cache, &requests);
+        bench_l1_hit(&mut group, name, &rt, cache, &requests, None);
     }
     group.finish();
     if let Some(analytics) = recorded.analytics() {
