@@ -695,12 +695,26 @@ fn json_type(value: &Value) -> &'static str {
     }
 }
 
+/// Whether serde_json's `Map` keeps its members in byte order of their names: it does unless
+/// some crate in the build turns on serde_json's `preserve_order` feature, which makes it keep
+/// them in insertion order. Asked once of a two-member map.
+fn maps_are_sorted() -> bool {
+    static SORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SORTED.get_or_init(|| {
+        let mut probe = Map::new();
+        probe.insert("b".into(), Value::Null);
+        probe.insert("a".into(), Value::Null);
+        probe.keys().map(String::as_str).eq(["a", "b"])
+    })
+}
+
 /// The members of `map` in byte order of their names, without allocating when already sorted.
 fn sorted(map: &Map<String, Value>) -> Sorted<'_> {
-    let in_order = map
-        .keys()
-        .zip(map.keys().skip(1))
-        .all(|(a, b)| a.as_bytes() < b.as_bytes());
+    let in_order = maps_are_sorted()
+        || map
+            .keys()
+            .zip(map.keys().skip(1))
+            .all(|(a, b)| a.as_bytes() < b.as_bytes());
     if in_order {
         Sorted::InOrder(map)
     } else {
