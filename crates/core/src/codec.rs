@@ -46,8 +46,8 @@
 //! Compressed payloads use a zstd dictionary built into strata ([`DICTIONARY`]), trained on LLM
 //! exchanges in this payload layout: the JSON structure every entry repeats (canonical request
 //! members, response envelope, metadata names) then costs a few bytes instead of its spelling
-//! out in each entry. On the example workload it takes the ratio from 2.3 to 2.6 at a faster
-//! level (see BENCHMARKS.md). Envelopes written without it (flag bit 1 clear) still decode.
+//! out in each entry. On the example workload it takes the ratio at the default level from 1.7
+//! to 2.3 (see BENCHMARKS.md). Envelopes written without it (flag bit 1 clear) still decode.
 //!
 //! The checksum covers the header too, so any single corrupted byte (indeed any burst of up to
 //! 32 bits) is detected. Decoding never panics: every failure is a [`CodecError`].
@@ -58,6 +58,7 @@ use std::collections::BTreeMap;
 use crate::entry::{Cost, Entry, JsonText, Tokens};
 use crate::scope::Scope;
 use chrono::{DateTime, Utc};
+use zstd::zstd_safe::CParameter;
 
 /// First four bytes of every envelope.
 pub const MAGIC: [u8; 4] = *b"STRA";
@@ -138,8 +139,8 @@ pub struct Codec {
 
 /// Payloads longer than this are compressed by default.
 pub const DEFAULT_COMPRESS_ABOVE: usize = 1024;
-/// The default zstd level: a fast one, which the dictionary keeps smaller than level 1 without
-/// it (BENCHMARKS.md).
+/// The default zstd level: a fast one, whose entries decode faster than at any positive level
+/// (BENCHMARKS.md).
 pub const DEFAULT_LEVEL: i32 = -1;
 
 impl Default for Codec {
@@ -147,6 +148,15 @@ impl Default for Codec {
         Codec::new(DEFAULT_COMPRESS_ABOVE, DEFAULT_LEVEL)
     }
 }
+
+/// The shortest match zstd looks for at the fast (negative) levels, which store literals raw:
+/// there a match of 5 or 6 bytes saves a byte or two and costs a sequence to decode. On the
+/// example entries 7 (zstd's default is 5) decodes about a fifth faster for a ratio of 2.3
+/// instead of 2.6 (BENCHMARKS.md, "The codec's fast levels").
+const FAST_MIN_MATCH: u32 = 7;
+/// log2 of the match table's size at the fast levels: 14 instead of zstd's 13 for inputs this
+/// small gets back most of the ratio a minimum match of 7 gives up.
+const FAST_HASH_LOG: u32 = 14;
 
 /// A compression context of one thread, for one level, with or without the dictionary.
 type CompressorSlot = Option<((i32, bool), zstd::bulk::Compressor<'static>)>;
@@ -321,8 +331,19 @@ impl Codec {
             let fresh = !matches!(&*slot, Some((made, _)) if *made == wanted);
             if fresh {
                 let dictionary = if self.dictionary { DICTIONARY } else { &[] };
-                let compressor = zstd::bulk::Compressor::with_dictionary(self.level, dictionary)
-                    .map_err(|e| CodecError::Zstd(e.to_string()))?;
+                let mut compressor =
+                    zstd::bulk::Compressor::with_dictionary(self.level, dictionary)
+                        .map_err(|e| CodecError::Zstd(e.to_string()))?;
+                if self.level < 0 {
+                    for parameter in [
+                        CParameter::MinMatch(FAST_MIN_MATCH),
+                        CParameter::HashLog(FAST_HASH_LOG),
+                    ] {
+                        compressor
+                            .set_parameter(parameter)
+                            .map_err(|e| CodecError::Zstd(e.to_string()))?;
+                    }
+                }
                 *slot = Some((wanted, compressor));
             }
             match slot.as_mut() {
@@ -602,6 +623,29 @@ mod tests {
 
     fn assert_same(a: &Entry, b: &Entry) {
         assert_eq!(serde_json::to_string(a).ok(), serde_json::to_string(b).ok());
+    }
+
+    #[test]
+    fn fast_level_settings_shape_the_frame_and_frames_without_them_still_decode() {
+        let e = entry(&"an answer that repeats itself, more or less. ".repeat(60));
+        let codec = Codec::default();
+        let ours = codec.encode(&e).unwrap_or_else(|err| panic!("{err}"));
+        let payload = codec.open(&ours).unwrap_or_else(|err| panic!("{err}"));
+        // The same payload at the same level, with zstd's own match settings: what the codec
+        // wrote before it asked for longer matches.
+        let theirs = zstd::bulk::Compressor::with_dictionary(DEFAULT_LEVEL, DICTIONARY)
+            .and_then(|mut c| c.compress(&payload))
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert_ne!(
+            ours[HEADER_LEN..],
+            theirs[..],
+            "the fast-level settings changed nothing"
+        );
+        let mut older = ours[..HEADER_LEN].to_vec();
+        older.extend_from_slice(&theirs);
+        reseal(&mut older);
+        let back = codec.decode(&older).unwrap_or_else(|err| panic!("{err}"));
+        assert_same(&e, &back);
     }
 
     #[test]
