@@ -166,7 +166,13 @@ thread_local! {
     /// Decompression contexts: `[without, with]` the dictionary.
     static DECOMPRESSORS: RefCell<[Option<zstd::bulk::Decompressor<'static>>; 2]> =
         const { RefCell::new([None, None]) };
+    /// Where payloads are decompressed before their sections are copied out: a decode then
+    /// allocates only what the entry keeps.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
+
+/// A scratch buffer grown past this by a large payload is given back after use.
+const SCRATCH_KEPT: usize = 1 << 20;
 
 impl Codec {
     /// A codec that compresses payloads longer than `compress_above` bytes at zstd `level`,
@@ -214,7 +220,13 @@ impl Codec {
     }
 
     fn decode_checking(&self, bytes: &[u8], check_response: bool) -> Result<Entry, CodecError> {
-        let (version, payload) = self.open_versioned(bytes)?;
+        self.open_with(bytes, |version, payload| {
+            Self::entry_of(version, payload, check_response)
+        })
+    }
+
+    /// Reads an entry out of a payload (the layout is in the module's documentation).
+    fn entry_of(version: u8, payload: &[u8], check_response: bool) -> Result<Entry, CodecError> {
         let length = |at: usize| {
             payload
                 .get(at..at + 4)
@@ -278,11 +290,16 @@ impl Codec {
 
     /// Checks an envelope and returns its payload, decompressed.
     pub fn open(&self, bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
-        self.open_versioned(bytes).map(|(_, payload)| payload)
+        self.open_with(bytes, |_, payload| Ok(payload.to_vec()))
     }
 
-    /// [`Codec::open`], with the envelope's format version.
-    fn open_versioned(&self, bytes: &[u8]) -> Result<(u8, Vec<u8>), CodecError> {
+    /// Checks an envelope and hands its format version and payload to `read`: the stored bytes
+    /// themselves when they are not compressed, else this thread's scratch buffer.
+    fn open_with<T>(
+        &self,
+        bytes: &[u8],
+        read: impl FnOnce(u8, &[u8]) -> Result<T, CodecError>,
+    ) -> Result<T, CodecError> {
         let Some((header, stored)) = bytes.split_first_chunk::<HEADER_LEN>() else {
             return Err(CodecError::Truncated { len: bytes.len() });
         };
@@ -310,18 +327,30 @@ impl Codec {
         if expected > MAX_PAYLOAD {
             return Err(CodecError::TooLarge(expected));
         }
-        let payload = if flags & FLAG_ZSTD != 0 {
-            decompress(stored, expected, flags & FLAG_DICTIONARY != 0)?
-        } else {
-            stored.to_vec()
+        let length_checked = |payload: &[u8]| {
+            if payload.len() == expected {
+                read(version, payload)
+            } else {
+                Err(CodecError::Length {
+                    expected,
+                    actual: payload.len(),
+                })
+            }
         };
-        if payload.len() != expected {
-            return Err(CodecError::Length {
-                expected,
-                actual: payload.len(),
-            });
+        if flags & FLAG_ZSTD == 0 {
+            return length_checked(stored);
         }
-        Ok((version, payload))
+        SCRATCH.with(|cell| {
+            // Taken out of the cell, so that a `read` that decodes again cannot find it
+            // borrowed; it goes back unless a large payload grew it.
+            let mut scratch = std::mem::take(&mut *cell.borrow_mut());
+            let result = decompress(stored, expected, flags & FLAG_DICTIONARY != 0, &mut scratch)
+                .and_then(|()| length_checked(&scratch));
+            if scratch.capacity() <= SCRATCH_KEPT {
+                *cell.borrow_mut() = scratch;
+            }
+            result
+        })
     }
 
     fn compress(&self, payload: &[u8]) -> Result<Vec<u8>, CodecError> {
@@ -538,7 +567,16 @@ impl Reader<'_> {
     }
 }
 
-fn decompress(stored: &[u8], expected: usize, dictionary: bool) -> Result<Vec<u8>, CodecError> {
+/// Decompresses `stored` into `out` (cleared first, then given room for `expected` bytes; a frame
+/// that holds more is an error).
+fn decompress(
+    stored: &[u8],
+    expected: usize,
+    dictionary: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    out.clear();
+    out.reserve(expected);
     DECOMPRESSORS.with(|cell| {
         let mut slots = cell.borrow_mut();
         let slot = &mut slots[usize::from(dictionary)];
@@ -552,7 +590,8 @@ fn decompress(stored: &[u8], expected: usize, dictionary: bool) -> Result<Vec<u8
         }
         match slot.as_mut() {
             Some(d) => d
-                .decompress(stored, expected)
+                .decompress_to_buffer(stored, out)
+                .map(|_| ())
                 .map_err(|e| CodecError::Zstd(e.to_string())),
             None => Err(CodecError::Zstd("no decompression context".into())),
         }
@@ -646,6 +685,29 @@ mod tests {
         reseal(&mut older);
         let back = codec.decode(&older).unwrap_or_else(|err| panic!("{err}"));
         assert_same(&e, &back);
+    }
+
+    #[test]
+    fn a_length_field_that_disagrees_with_the_frame_is_an_error() {
+        let codec = Codec::default();
+        let e = entry(&"a compressible answer. ".repeat(100));
+        let bytes = codec.encode(&e).unwrap_or_else(|err| panic!("{err}"));
+        let stated = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+        for claimed in [stated - 1, stated + 1, stated * 4, 0] {
+            let mut forged = bytes.clone();
+            forged[8..12].copy_from_slice(&claimed.to_le_bytes());
+            reseal(&mut forged);
+            assert!(
+                matches!(
+                    codec.decode(&forged),
+                    Err(CodecError::Length { .. } | CodecError::Zstd(_))
+                ),
+                "claimed {claimed} of {stated}"
+            );
+            // The buffer the refused frame was decompressed into serves the next decode.
+            let back = codec.decode(&bytes).unwrap_or_else(|err| panic!("{err}"));
+            assert_same(&e, &back);
+        }
     }
 
     #[test]
