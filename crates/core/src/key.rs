@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use crate::error::RequestError;
 use crate::scope::Scope;
 use md5::{Digest, Md5};
 
@@ -118,6 +119,9 @@ pub(crate) struct KeyWriter {
     strings: Strings,
     /// Set when the request nests too deeply; what was written is then meaningless.
     pub(crate) too_deep: bool,
+    /// The first malformed part met while writing (a chat message that is not an object, or
+    /// has no string role); what was written is then meaningless.
+    pub(crate) malformed: Option<RequestError>,
 }
 
 /// How the canonical writer writes strings.
@@ -148,6 +152,7 @@ impl KeyWriter {
             hasher: Md5::new(),
             strings,
             too_deep: false,
+            malformed: None,
         }
     }
 

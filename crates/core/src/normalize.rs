@@ -194,10 +194,18 @@ enum Place {
     /// A string that is message text (or holds text parts), and which ends of the message's
     /// text it holds.
     Text(Ends),
-    /// An array of messages (or Responses-API input items).
-    Messages,
+    /// An array of messages (or Responses-API input items), and whether each must be an object
+    /// with a string `role` (chat `messages`; input items need not have one).
+    Messages(Roles),
     /// One message object.
     Message,
+}
+
+/// Whether the items of a [`Place::Messages`] array must be objects with a string `role`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Roles {
+    Required,
+    Optional,
 }
 
 /// Which ends of a message's text a string holds: a plain string holds both, the text parts of a
@@ -327,11 +335,18 @@ impl Normalizer {
             out.push_byte(b':');
             match action {
                 TopLevel::Model => write_str(out, &model),
-                TopLevel::Rounded(x) => self.write_value(out, &Value::from(x), Place::Plain, 1),
-                _ => self.write_value(out, value, place_of(name), 1),
+                TopLevel::Rounded(x) => {
+                    self.write_value(out, &Value::from(x), Place::Plain, 1);
+                }
+                _ => {
+                    self.write_value(out, value, place_of(name), 1);
+                }
             }
         }
         out.push_byte(b'}');
+        if let Some(malformed) = out.malformed.take() {
+            return Err(malformed);
+        }
         if out.too_deep {
             return Err(RequestError::TooDeep { limit: MAX_DEPTH });
         }
@@ -394,7 +409,7 @@ impl Normalizer {
             Profile::Aggressive => "text trimmed, inner whitespace collapsed, lowercased",
         };
         match place {
-            Place::Messages => {
+            Place::Messages(_) => {
                 let n = value.as_array().map_or(1, Vec::len);
                 let roles = if self.profile == Profile::Strict {
                     "roles as given"
@@ -470,10 +485,12 @@ impl Normalizer {
         }
     }
 
-    fn write_value(&self, out: &mut KeyWriter, value: &Value, place: Place, depth: usize) {
+    /// Writes `value` canonically; returns whether it is a message (`Place::Message`) with a
+    /// string `role`.
+    fn write_value(&self, out: &mut KeyWriter, value: &Value, place: Place, depth: usize) -> bool {
         if depth > MAX_DEPTH {
             out.too_deep = true;
-            return;
+            return false;
         }
         match value {
             Value::Null => out.push("null"),
@@ -483,7 +500,7 @@ impl Normalizer {
             Value::String(s) => match place {
                 Place::Text(ends) => self.write_text(out, s, ends),
                 // A bare string `input` (Responses API) is the message text.
-                Place::Messages => self.write_text(out, s, Ends::BOTH),
+                Place::Messages(_) => self.write_text(out, s, Ends::BOTH),
                 _ => write_str(out, s),
             },
             Value::Array(items) => {
@@ -497,27 +514,33 @@ impl Normalizer {
                         out.push_byte(b',');
                     }
                     let inner = match place {
-                        Place::Messages => Place::Message,
+                        Place::Messages(_) => Place::Message,
                         Place::Text(ends) => Place::Text(ends.of_part(i, span)),
                         _ => Place::Plain,
                     };
-                    self.write_value(out, item, inner, depth + 1);
+                    let has_role = self.write_value(out, item, inner, depth + 1);
+                    if place == Place::Messages(Roles::Required) && !has_role {
+                        malformed_message(out, i, item);
+                    }
                 }
                 out.push_byte(b']');
             }
-            Value::Object(map) => self.write_object(out, map, place, depth),
+            Value::Object(map) => return self.write_object(out, map, place, depth),
         }
+        false
     }
 
+    /// Writes an object canonically; returns whether it is a message with a string `role`.
     fn write_object(
         &self,
         out: &mut KeyWriter,
         map: &Map<String, Value>,
         place: Place,
         depth: usize,
-    ) {
+    ) -> bool {
         out.push_byte(b'{');
         let mut first = true;
+        let mut has_role = false;
         for (name, value) in sorted(map).iter() {
             // In messages (and their parts), `null` members are the same as absent ones.
             if value.is_null() && place != Place::Plain {
@@ -529,6 +552,9 @@ impl Normalizer {
             first = false;
             write_str(out, name);
             out.push_byte(b':');
+            if place == Place::Message && name == "role" {
+                has_role = value.is_string();
+            }
             let inner = match (place, name.as_str()) {
                 (Place::Message, "content") => Place::Text(Ends::BOTH),
                 (Place::Text(ends), "text") => Place::Text(ends),
@@ -549,6 +575,7 @@ impl Normalizer {
             self.write_value(out, value, inner, depth + 1);
         }
         out.push_byte(b'}');
+        has_role
     }
 
     /// Writes message text: trimmed at the `ends` of the message it holds (standard), with its
@@ -627,7 +654,8 @@ enum TopLevel {
 
 fn place_of(top_level_field: &str) -> Place {
     match top_level_field {
-        "messages" | "input" => Place::Messages,
+        "messages" => Place::Messages(Roles::Required),
+        "input" => Place::Messages(Roles::Optional),
         f if TEXT_FIELDS.contains(&f) => Place::Text(Ends::BOTH),
         _ => Place::Plain,
     }
@@ -645,22 +673,8 @@ fn validate(request: &Value) -> Result<&Map<String, Value>, RequestError> {
     // `null` is the same as absent, here as in the key.
     let field = |name: &str| map.get(name).filter(|value| !value.is_null());
     match (field("messages"), field("input"), field("prompt")) {
-        (Some(Value::Array(messages)), _, _) => {
-            for (i, message) in messages.iter().enumerate() {
-                let Value::Object(m) = message else {
-                    return Err(RequestError::WrongType {
-                        field: format!("messages[{i}]"),
-                        expected: "an object",
-                    });
-                };
-                if !matches!(m.get("role"), Some(Value::String(_))) {
-                    return Err(RequestError::WrongType {
-                        field: format!("messages[{i}].role"),
-                        expected: "a string",
-                    });
-                }
-            }
-        }
+        // Each message is checked as it is written (`Roles::Required`): one pass over them.
+        (Some(Value::Array(_)), _, _) => {}
         (Some(_), _, _) => {
             return Err(RequestError::WrongType {
                 field: "messages".into(),
@@ -682,6 +696,25 @@ fn validate(request: &Value) -> Result<&Map<String, Value>, RequestError> {
         }
     }
     Ok(map)
+}
+
+/// Records that chat message `i` is not an object with a string `role` (the first such only).
+#[cold]
+fn malformed_message(out: &mut KeyWriter, i: usize, message: &Value) {
+    if out.malformed.is_none() {
+        out.malformed = Some(RequestError::WrongType {
+            field: if message.is_object() {
+                format!("messages[{i}].role")
+            } else {
+                format!("messages[{i}]")
+            },
+            expected: if message.is_object() {
+                "a string"
+            } else {
+                "an object"
+            },
+        });
+    }
 }
 
 fn json_type(value: &Value) -> &'static str {
@@ -1174,6 +1207,39 @@ mod tests {
             n.key_str("{not json", &Scope::Global),
             Err(RequestError::Json(_))
         ));
+        // Each chat message must be an object with a string role; the first that is not is
+        // named. Responses-API input items need no role.
+        let user = json!({"role": "user", "content": "hi"});
+        for (messages, field, expected) in [
+            (json!([user, "hi"]), "messages[1]", "an object"),
+            (
+                json!([user, {"content": "hi"}]),
+                "messages[1].role",
+                "a string",
+            ),
+            (json!([{"role": null}, 7]), "messages[0].role", "a string"),
+            (
+                json!([user, user, {"role": 3}]),
+                "messages[2].role",
+                "a string",
+            ),
+        ] {
+            for profile in [Profile::Strict, Profile::Standard, Profile::Aggressive] {
+                let request = json!({"model": "m", "messages": messages});
+                match Normalizer::new(profile).key(&request, &Scope::Global) {
+                    Err(RequestError::WrongType {
+                        field: f,
+                        expected: e,
+                    }) => {
+                        assert_eq!((f.as_str(), e), (field, expected), "{request}");
+                    }
+                    other => panic!("{request}: {other:?}"),
+                }
+            }
+        }
+        let input =
+            json!({"model": "m", "input": [user, {"type": "function_call_output", "output": "4"}]});
+        assert!(n.key(&input, &Scope::Global).is_ok());
     }
 
     #[test]
