@@ -145,6 +145,71 @@ async fn an_executor_error_reaches_every_waiter_and_is_not_cached() -> Result<()
     Ok(())
 }
 
+/// A caller that waits on another's upstream call outlives any number of those calls being
+/// dropped mid-way (their callers' timeouts): moka gives up after 200 and panics; the cache then
+/// runs the waiting request itself.
+#[tokio::test]
+async fn a_waiter_outlives_any_number_of_dropped_leaders() -> Result<()> {
+    let cache = TieredCache::builder().analytics(None).build();
+    let question = request("asked by callers with short timeouts");
+    let never = || std::future::pending::<Result<Completion, std::io::Error>>();
+    let calls = AtomicUsize::new(0);
+    let mut waiter = Box::pin(cache.get_or_execute(&question, &Scope::Global, || async {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, std::io::Error>(completion("answered at last"))
+    }));
+    let mut dropped = 0;
+    let mut answer_seen = None;
+    for _ in 0..250 {
+        // A new leader takes the slot (its upstream call never returns), then the waiter wakes
+        // to find the previous leader dropped and waits on this one; then this one is dropped.
+        let mut leader = Box::pin(cache.get_or_execute(&question, &Scope::Global, never));
+        assert!(futures::poll!(&mut leader).is_pending());
+        if let std::task::Poll::Ready(lookup) = futures::poll!(&mut waiter) {
+            answer_seen = Some(lookup);
+            break;
+        }
+        drop(leader);
+        dropped += 1;
+    }
+    let lookup = match answer_seen {
+        Some(lookup) => lookup,
+        None => waiter.await,
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(dropped >= 200, "only {dropped} leaders dropped");
+    assert_eq!(answer(&lookup), "answered at last");
+    assert_eq!(lookup.outcome, Outcome::Miss);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
+async fn explode() -> Result<Completion, std::io::Error> {
+    panic!("the executor panicked")
+}
+
+/// A panic in the caller's own upstream call is the caller's: it reaches them, nothing is
+/// cached, and the next call runs normally.
+#[tokio::test]
+async fn an_executor_panic_reaches_its_caller_and_is_not_cached() -> Result<()> {
+    let cache = TieredCache::builder().analytics(None).build();
+    let question = request("panics upstream");
+    let task = tokio::spawn({
+        let (cache, question) = (cache.clone(), question.clone());
+        async move {
+            let lookup = cache.get_or_execute(&question, &Scope::Global, explode);
+            lookup.await.is_ok()
+        }
+    });
+    assert!(task.await.is_err_and(|e| e.is_panic()));
+    let lookup = execute(&cache, &question, &Scope::Global, "fine").await?;
+    assert_eq!(
+        (lookup.outcome, answer(&lookup)),
+        (Outcome::Miss, "fine".into())
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn put_drop_reopen_is_an_l2_hit_then_an_l1_hit() -> Result<()> {
     let dir = TempDir::new()?;

@@ -807,7 +807,25 @@ impl TieredCache {
         let mut led = None;
         let waited_from = Utc::now().timestamp_millis();
         let init = inner.load_or_fill(keyed, fill, &mut led);
-        let result = inner.memory.cache().try_get_with(id, init).await;
+        let single_flight = AssertUnwindSafe(inner.memory.cache().try_get_with(id, init));
+        let result = match futures::FutureExt::catch_unwind(single_flight).await {
+            Ok(result) => result,
+            // This call's own upstream call panicked: the caller's panic, passed on.
+            Err(panic) if led.is_some() => std::panic::resume_unwind(panic),
+            // moka gives up (panics) when the calls this one waited on were dropped mid-way 200
+            // times in a row (callers' timeouts, say). This request still gets its answer.
+            Err(panic) => match fill.take() {
+                Some(fill) => {
+                    tracing::warn!(
+                        key = %keyed.key,
+                        reason = panic_message(panic.as_ref()),
+                        "single flight gave up waiting; running the request on its own"
+                    );
+                    return inner.fill_and_store(keyed, fill).await;
+                }
+                None => std::panic::resume_unwind(panic),
+            },
+        };
         match (result, led) {
             (Ok(entry), Some(outcome)) => {
                 inner.failures.counters.record(outcome, Some(&entry));
@@ -1334,10 +1352,14 @@ async fn guarded<T>(call: impl Future<Output = Result<T, TierError>>) -> Result<
 
 /// The error a panic inside a tier becomes.
 fn panicked(panic: &(dyn std::any::Any + Send)) -> TierError {
-    let message = panic
+    TierError::Storage(format!("the tier panicked: {}", panic_message(panic)))
+}
+
+/// The message a panic carries, if it is text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
         .downcast_ref::<&str>()
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("no message");
-    TierError::Storage(format!("the tier panicked: {message}"))
+        .unwrap_or("no message")
 }
