@@ -152,7 +152,7 @@ impl Default for Codec {
 /// The shortest match zstd looks for at the fast (negative) levels, which store literals raw:
 /// there a match of 5 or 6 bytes saves a byte or two and costs a sequence to decode. On the
 /// example entries 7 (zstd's default is 5) decodes about a fifth faster for a ratio of 2.3
-/// instead of 2.6 (BENCHMARKS.md, "The codec's fast levels").
+/// instead of 2.6 (`examples/codec_levels.rs` sweeps both settings; numbers in BENCHMARKS.md).
 const FAST_MIN_MATCH: u32 = 7;
 /// log2 of the match table's size at the fast levels: 14 instead of zstd's 13 for inputs this
 /// small gets back most of the ratio a minimum match of 7 gives up.
@@ -567,8 +567,8 @@ impl Reader<'_> {
     }
 }
 
-/// Decompresses `stored` into `out` (cleared first, then given room for `expected` bytes; a frame
-/// that holds more is an error).
+/// Decompresses `stored` into `out`, cleared first and given room for at least `expected` bytes
+/// (a frame that holds more than that room is an error; the caller checks the exact length).
 fn decompress(
     stored: &[u8],
     expected: usize,
