@@ -702,18 +702,12 @@ fn validate(request: &Value) -> Result<&Map<String, Value>, RequestError> {
 #[cold]
 fn malformed_message(out: &mut KeyWriter, i: usize, message: &Value) {
     if out.malformed.is_none() {
-        out.malformed = Some(RequestError::WrongType {
-            field: if message.is_object() {
-                format!("messages[{i}].role")
-            } else {
-                format!("messages[{i}]")
-            },
-            expected: if message.is_object() {
-                "a string"
-            } else {
-                "an object"
-            },
-        });
+        let (field, expected) = if message.is_object() {
+            (format!("messages[{i}].role"), "a string")
+        } else {
+            (format!("messages[{i}]"), "an object")
+        };
+        out.malformed = Some(RequestError::WrongType { field, expected });
     }
 }
 
