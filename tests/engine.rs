@@ -210,6 +210,51 @@ async fn an_executor_panic_reaches_its_caller_and_is_not_cached() -> Result<()> 
     Ok(())
 }
 
+/// A lookup's future is as large as its largest state, and a caller that spawns it or hands it
+/// to `block_on` allocates and copies all of it on every call. The slow paths (single flight,
+/// the S3 client, the caller's executor, the typed value's computation) are behind a box, so
+/// the futures of lookups are a few kilobytes, not the tens they were with those inline.
+#[tokio::test]
+async fn lookup_futures_stay_small() -> Result<()> {
+    const BOUND: usize = 4 << 10;
+    let dir = TempDir::new()?;
+    let cache = cache_with_disk(&dir)?;
+    let question = request("how large is a lookup?");
+    let upstream = || async {
+        tokio::task::yield_now().await;
+        Ok::<_, std::io::Error>(completion("small"))
+    };
+    let sizes = [
+        (
+            "get_or_execute",
+            size_of_val(&cache.get_or_execute(&question, &Scope::Global, upstream)),
+        ),
+        ("get", size_of_val(&cache.get(&question, &Scope::Global))),
+        (
+            "get_or_insert_with",
+            size_of_val(&cache.get_or_insert_with("user:1", None, || async {
+                Ok::<_, serde_json::Error>(vec![1u8; 4])
+            })),
+        ),
+        (
+            "put",
+            size_of_val(&cache.put(&question, &Scope::Global, completion("small"))),
+        ),
+    ];
+    for (what, size) in sizes {
+        assert!(size <= BOUND, "the future of {what} is {size} bytes");
+    }
+    // Still the same lookups.
+    let lookup = execute(&cache, &question, &Scope::Global, "small").await?;
+    assert_eq!(lookup.outcome, Outcome::Miss);
+    let lookup = execute(&cache, &question, &Scope::Global, "other").await?;
+    assert_eq!(
+        (lookup.outcome, answer(&lookup)),
+        (Outcome::L1, "small".into())
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn put_drop_reopen_is_an_l2_hit_then_an_l1_hit() -> Result<()> {
     let dir = TempDir::new()?;

@@ -789,7 +789,7 @@ impl TieredCache {
                         .counters
                         .record_error(TierName::L1, ErrorKind::Collision);
                     if let Some(fill) = fill.take() {
-                        return inner.fill_and_store(keyed, fill).await;
+                        return Box::pin(inner.fill_and_store(keyed, fill)).await;
                     }
                 }
             }
@@ -804,6 +804,25 @@ impl TieredCache {
                 outcome: Outcome::L2,
             });
         }
+        // On the heap: the slow paths' futures (moka's single flight, the S3 client's, the
+        // caller's executor) come to tens of kilobytes, and inline they would make every hit's
+        // future that large, copied on every call.
+        Box::pin(self.resolve_below(keyed, fill)).await
+    }
+
+    /// [`TieredCache::resolve`] past L1 and the disk: S3 or the executor, behind single flight.
+    async fn resolve_below<F, Fut, E>(
+        &self,
+        keyed: &Keyed,
+        fill: &mut Option<F>,
+    ) -> Result<Lookup, Arc<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Entry, E>>,
+        E: Send + Sync + 'static,
+    {
+        let inner = &self.inner;
+        let id = keyed.key.id();
         let mut led = None;
         let waited_from = Utc::now().timestamp_millis();
         let init = inner.load_or_fill(keyed, fill, &mut led);
@@ -1042,7 +1061,8 @@ impl Inner {
         if let Some(found) = self.lookup_l2(keyed).await {
             return Some(found);
         }
-        self.lookup_l3(keyed).await
+        // On the heap, as in `resolve`: the S3 client's future is large.
+        Box::pin(self.lookup_l3(keyed)).await
     }
 
     async fn lookup_l3(&self, keyed: &Keyed) -> Option<(Arc<Entry>, Outcome)> {
