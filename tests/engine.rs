@@ -873,3 +873,97 @@ async fn get_or_insert_with_caches_any_serde_value() -> Result<()> {
     assert_eq!(cache.stats().hits.l2, 1);
     Ok(())
 }
+
+/// A typed value stored in another shape (its type changed between releases) is not the
+/// caller's error: it is refused as a corrupt copy, computed afresh and replaced in every tier,
+/// and the call counts as one lookup and one miss, not as a hit and a miss. Concurrent callers
+/// that meet it get the new value too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typed_value_of_another_shape_is_recomputed_and_counted_once() -> Result<()> {
+    let dir = TempDir::new()?;
+    let ada = UserRecord {
+        id: 9,
+        name: "Ada".into(),
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let load = |calls: Arc<AtomicUsize>| async move {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, anyhow::Error>(UserRecord {
+            id: 9,
+            name: "Ada".into(),
+        })
+    };
+    {
+        let cache = cache_with_disk(&dir)?;
+        let old: Vec<String> = cache
+            .get_or_insert_with("user:9", None, || async {
+                Ok::<_, serde_json::Error>(vec!["Ada".to_string()])
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(old, ["Ada"]);
+        let user: UserRecord = cache
+            .get_or_insert_with("user:9", None, || load(Arc::clone(&calls)))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(user, ada);
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.lookups, stats.misses, stats.hits.total()),
+            (2, 2, 0),
+            "{stats:?}"
+        );
+        assert_eq!(stats.errors.corrupt, 1);
+        assert_eq!(stats.cost_saved_usd, 0.0);
+        let user: UserRecord = cache
+            .get_or_insert_with("user:9", None, || load(Arc::clone(&calls)))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(user, ada);
+        assert_eq!(cache.stats().hits.l1, 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+    // The disk holds the new shape: after a restart it is an L2 hit, not another refusal.
+    let cache = cache_with_disk(&dir)?;
+    let user: UserRecord = cache
+        .get_or_insert_with("user:9", None, || load(Arc::clone(&calls)))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(user, ada);
+    assert_eq!(
+        (cache.stats().hits.l2, cache.stats().errors.corrupt),
+        (1, 0)
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Many callers at once over an old shape on disk: each gets the new value.
+    let cache = {
+        drop(cache);
+        let cache = cache_with_disk(&dir)?;
+        cache
+            .get_or_insert_with("user:10", None, || async {
+                Ok::<_, serde_json::Error>("an old shape".to_string())
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        cache.close().await?;
+        cache_with_disk(&dir)?
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_insert_with("user:10", None, || load(calls))
+                .await
+        }));
+    }
+    for task in tasks {
+        let user = task.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(user, ada);
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.lookups, stats.hits.total() + stats.misses), (8, 8));
+    assert!(stats.errors.corrupt >= 1, "{stats:?}");
+    Ok(())
+}

@@ -630,7 +630,10 @@ impl TieredCache {
             entry.epochs = as_of.stamp(&entry);
             Ok(entry)
         };
-        let result = self.resolve(&keyed, &mut Some(fill)).await;
+        let result = self
+            .resolve(&keyed, &mut Some(fill), |_| Some(()))
+            .await
+            .map(|(lookup, _)| lookup);
         if inner.analytics.is_some() {
             let (outcome, entry) = match &result {
                 Ok(lookup) => (lookup.outcome, Some(&lookup.entry)),
@@ -679,36 +682,27 @@ impl TieredCache {
             entry.epochs = as_of.stamp(&entry);
             Ok(entry)
         };
-        let mut slot = Some(fill);
         let started = Instant::now();
-        let resolved = self.resolve(&keyed, &mut slot).await;
+        // A stored value of another shape (the type changed between releases) is refused and
+        // computed afresh.
+        let resolved = self
+            .resolve(&keyed, &mut Some(fill), |entry| {
+                entry.response_as::<T>().ok()
+            })
+            .await;
         match &resolved {
-            Ok(lookup) => inner.note(lookup.outcome, Some(&lookup.entry), &keyed, started, None),
+            Ok((lookup, _)) => {
+                inner.note(lookup.outcome, Some(&lookup.entry), &keyed, started, None)
+            }
             Err(_) => inner.note(Outcome::Miss, None, &keyed, started, None),
         }
-        let lookup = resolved?;
-        match lookup.entry.response_as::<T>() {
-            Ok(value) => Ok(value),
-            Err(e) => {
-                // A stored value of another shape (the type changed between releases): drop it
-                // and compute afresh when we still can.
-                inner
-                    .failures
-                    .counters
-                    .record_error(TierName::L1, ErrorKind::Corrupt);
-                // Not a removal others race with: no tombstone.
-                inner.remove(&keyed.key, false).await;
-                match slot.take() {
-                    Some(fill) => {
-                        let lookup = inner.fill_and_store(&keyed, fill).await?;
-                        lookup
-                            .entry
-                            .response_as::<T>()
-                            .map_err(|e| Arc::new(E::from(e)))
-                    }
-                    None => Err(Arc::new(E::from(e))),
-                }
-            }
+        match resolved? {
+            (_, Some(value)) => Ok(value),
+            // `T` does not read back what it wrote: its error, not a cached wrong value.
+            (lookup, None) => lookup
+                .entry
+                .response_as::<T>()
+                .map_err(|e| Arc::new(E::from(e))),
         }
     }
 
@@ -754,7 +748,56 @@ impl TieredCache {
         self.flush().await
     }
 
-    async fn resolve<F, Fut, E>(
+    /// Serves `keyed` from the first tier with a copy that answers it, or runs `fill` once
+    /// between concurrent callers and stores its entry; counts the lookup once, by what it
+    /// returns.
+    ///
+    /// `accept` turns the entry served into what the caller uses. A copy it cannot use (a typed
+    /// value stored in another shape) is refused as a corrupt copy is: counted, removed from
+    /// every tier and computed afresh, and the call counts as one miss. The value is `None` only
+    /// when `accept` refuses a fresh entry too.
+    async fn resolve<F, Fut, E, V>(
+        &self,
+        keyed: &Keyed,
+        fill: &mut Option<F>,
+        accept: impl Fn(&Entry) -> Option<V>,
+    ) -> Result<(Lookup, Option<V>), Arc<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Entry, E>>,
+        E: Send + Sync + 'static,
+    {
+        let inner = &self.inner;
+        let counters = &inner.failures.counters;
+        let found = match self.find_or_fill(keyed, fill).await {
+            Ok(lookup) => {
+                let value = accept(&lookup.entry);
+                match fill.take_if(|_| value.is_none() && lookup.outcome.is_hit()) {
+                    None => Ok((lookup, value)),
+                    Some(fill) => {
+                        counters.record_error(TierName::L1, ErrorKind::Corrupt);
+                        // Not a removal others race with: no tombstone.
+                        inner.remove(&keyed.key, false).await;
+                        Box::pin(inner.fill_and_store(keyed, fill))
+                            .await
+                            .map(|lookup| {
+                                let value = accept(&lookup.entry);
+                                (lookup, value)
+                            })
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match &found {
+            Ok((lookup, _)) => counters.record(lookup.outcome, Some(&lookup.entry)),
+            Err(_) => counters.record(Outcome::Miss, None),
+        }
+        found
+    }
+
+    /// [`TieredCache::resolve`] before `accept` and the count: L1, the disk, then the slow paths.
+    async fn find_or_fill<F, Fut, E>(
         &self,
         keyed: &Keyed,
         fill: &mut Option<F>,
@@ -769,7 +812,6 @@ impl TieredCache {
         if let Some(entry) = inner.memory.get_id(id).await {
             match inner.verdict(&entry, keyed) {
                 Verdict::Serve => {
-                    inner.failures.counters.record(Outcome::L1, Some(&entry));
                     return Ok(Lookup {
                         entry,
                         outcome: Outcome::L1,
@@ -798,7 +840,6 @@ impl TieredCache {
         // which only the slow paths (S3, the executor) need.
         if let Some(entry) = inner.servable_l2(keyed).await {
             inner.memory.insert_id(id, Arc::clone(&entry)).await;
-            inner.failures.counters.record(Outcome::L2, Some(&entry));
             return Ok(Lookup {
                 entry,
                 outcome: Outcome::L2,
@@ -810,7 +851,7 @@ impl TieredCache {
         Box::pin(self.resolve_below(keyed, fill)).await
     }
 
-    /// [`TieredCache::resolve`] past L1 and the disk: S3 or the executor, behind single flight.
+    /// [`TieredCache::find_or_fill`] past L1 and the disk: S3 or the executor, behind single flight.
     async fn resolve_below<F, Fut, E>(
         &self,
         keyed: &Keyed,
@@ -846,10 +887,7 @@ impl TieredCache {
             },
         };
         match (result, led) {
-            (Ok(entry), Some(outcome)) => {
-                inner.failures.counters.record(outcome, Some(&entry));
-                Ok(Lookup { entry, outcome })
-            }
+            (Ok(entry), Some(outcome)) => Ok(Lookup { entry, outcome }),
             (Ok(entry), None) => {
                 let verdict = inner.verdict(&entry, keyed);
                 // Made while this call waited for it: the answer to this very request, which the
@@ -857,9 +895,13 @@ impl TieredCache {
                 // the upstream call keeps it from being served to anyone later.
                 let shared = entry.created_at.timestamp_millis() >= waited_from
                     && matches!(verdict, Verdict::Expired | Verdict::Invalidated);
-                match (verdict, fill.take()) {
-                    (Verdict::Serve, _) | (_, None) => inner.coalesced(entry),
-                    (_, Some(_)) if shared => inner.coalesced(entry),
+                // Served as it is, this call keeps its executor: `resolve` may still need it.
+                let served = shared || matches!(verdict, Verdict::Serve);
+                match (verdict, fill.take_if(|_| !served)) {
+                    (Verdict::Serve, _) | (_, None) => Ok(Lookup {
+                        entry,
+                        outcome: Outcome::Coalesced,
+                    }),
                     // Another lookup with the same digest but a different request filled the
                     // slot.
                     (Verdict::Collision, Some(fill)) => {
@@ -886,7 +928,6 @@ impl TieredCache {
                 if led == Some(Outcome::Miss) {
                     inner.failures.counters.record_executor_error();
                 }
-                inner.failures.counters.record(Outcome::Miss, None);
                 Err(e)
             }
         }
@@ -894,17 +935,6 @@ impl TieredCache {
 }
 
 impl Inner {
-    /// Serves `entry`, which another caller's lookup produced while this one waited.
-    fn coalesced<E>(&self, entry: Arc<Entry>) -> Result<Lookup, Arc<E>> {
-        self.failures
-            .counters
-            .record(Outcome::Coalesced, Some(&entry));
-        Ok(Lookup {
-            entry,
-            outcome: Outcome::Coalesced,
-        })
-    }
-
     /// Hands a lookup's outcome to the analytics recorder (never blocks).
     fn note(
         &self,
@@ -1004,12 +1034,10 @@ impl Inner {
             Ok(entry) => Arc::new(entry),
             Err(e) => {
                 self.failures.counters.record_executor_error();
-                self.failures.counters.record(Outcome::Miss, None);
                 return Err(Arc::new(e));
             }
         };
         self.store(&keyed.key, &entry).await;
-        self.failures.counters.record(Outcome::Miss, Some(&entry));
         Ok(Lookup {
             entry,
             outcome: Outcome::Miss,
