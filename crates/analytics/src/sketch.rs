@@ -5,9 +5,14 @@
 //! slot of the smallest counter and inherits its count as an error bound. Every key hit more than
 //! `total / capacity` times is guaranteed to be in the sketch, and each count overestimates the
 //! true one by at most its `error`.
+//!
+//! The counters are also ordered by count, so that finding the smallest is a logarithmic step, not
+//! a scan: when more keys are hit than there are counters, every hit of a key not counted takes a
+//! slot.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
+use memchr::memmem;
 use serde::{Deserialize, Serialize};
 use strata_core::Entry;
 
@@ -36,6 +41,8 @@ struct Slot {
 pub struct Sketch {
     capacity: usize,
     slots: HashMap<u128, Slot>,
+    /// `(hits, id)` of every slot: the first is the one a new key takes.
+    by_hits: BTreeSet<(u64, u128)>,
 }
 
 /// How many characters of a request a preview keeps.
@@ -47,6 +54,7 @@ impl Sketch {
         Sketch {
             capacity: capacity.max(1),
             slots: HashMap::new(),
+            by_hits: BTreeSet::new(),
         }
     }
 
@@ -54,7 +62,10 @@ impl Sketch {
     pub fn from_keys(capacity: usize, keys: Vec<HotKey>) -> Self {
         let mut sketch = Sketch::new(capacity);
         for key in keys.into_iter().take(sketch.capacity) {
-            if let Some(id) = id_of(&key.cache_key) {
+            if let Some(id) = id_of(&key.cache_key)
+                && !sketch.slots.contains_key(&id)
+            {
+                sketch.by_hits.insert((key.hits, id));
                 sketch.slots.insert(id, Slot { key });
             }
         }
@@ -65,21 +76,19 @@ impl Sketch {
     /// sketch keeps no entry alive (and never frees one, see `recorder`).
     pub fn hit(&mut self, id: u128, entry: &Entry) {
         if let Some(slot) = self.slots.get_mut(&id) {
+            self.by_hits.remove(&(slot.key.hits, id));
             slot.key.hits += 1;
+            self.by_hits.insert((slot.key.hits, id));
             return;
         }
         let mut inherited = 0;
-        if self.slots.len() >= self.capacity {
-            let smallest = self
-                .slots
-                .iter()
-                .min_by_key(|(_, slot)| slot.key.hits)
-                .map(|(id, slot)| (*id, slot.key.hits));
-            if let Some((old, hits)) = smallest {
-                self.slots.remove(&old);
-                inherited = hits;
-            }
+        if self.slots.len() >= self.capacity
+            && let Some((hits, old)) = self.by_hits.pop_first()
+        {
+            self.slots.remove(&old);
+            inherited = hits;
         }
+        self.by_hits.insert((inherited + 1, id));
         self.slots.insert(
             id,
             Slot {
@@ -155,37 +164,64 @@ fn id_of(cache_key: &str) -> Option<u128> {
 pub fn preview(canonical: &str) -> String {
     let text = last_text(canonical).unwrap_or(canonical);
     // The words joined by single spaces, cut after PREVIEW_CHARS characters.
-    let joined = text
-        .split_whitespace()
-        .enumerate()
-        .flat_map(|(i, word)| (i > 0).then_some(' ').into_iter().chain(word.chars()));
-    let mut out = String::new();
-    for (n, c) in joined.enumerate() {
-        if n == PREVIEW_CHARS {
-            out.push('…');
-            break;
+    let mut out = String::with_capacity(PREVIEW_CHARS + 8);
+    let (mut written, mut space) = (0, false);
+    for c in text.chars() {
+        if c.is_whitespace() {
+            space = written > 0;
+            continue;
         }
-        out.push(c);
+        for c in [' ', c].into_iter().skip(usize::from(!space)) {
+            if written == PREVIEW_CHARS {
+                out.push('…');
+                return out;
+            }
+            out.push(c);
+            written += 1;
+        }
+        space = false;
     }
     out
 }
 
-/// The text of the last `content` (or `input`, `prompt`) field: a string, or the first `text`
-/// part of a list.
+/// The text of the last `content` member (with none, of the last `input`, then `prompt`): a
+/// string, or the first `text` part of a list. One pass forward over the request's tokens that
+/// steps over each string by its length, so the text itself (most of a request) is not scanned,
+/// and a marker written inside some text is not taken for a member.
 fn last_text(canonical: &str) -> Option<&str> {
-    let after = ["\"7:content:", "\"5:input:", "\"6:prompt:"]
-        .iter()
-        .find_map(|marker| canonical.rfind(marker).map(|at| at + marker.len()))?;
-    let rest = canonical.get(after..)?;
-    let rest = if rest.starts_with('"') {
-        rest
+    const NAMES: [&str; 3] = ["content", "input", "prompt"];
+    let bytes = canonical.as_bytes();
+    let mut after = [None; NAMES.len()];
+    let mut at = 0;
+    while let Some(&b) = bytes.get(at) {
+        if b != b'"' {
+            at += 1;
+            continue;
+        }
+        let (string, end) = string_at(canonical, at)?;
+        if bytes.get(end) == Some(&b':')
+            && let Some(i) = NAMES.iter().position(|name| *name == string)
+        {
+            after[i] = Some(end + 1);
+        }
+        at = end;
+    }
+    let rest = canonical.get(after.into_iter().flatten().next()?..)?;
+    let value = if rest.starts_with('"') {
+        0
     } else {
-        let at = rest.find("\"4:text:")?;
-        rest.get(at + "\"4:text:".len()..)?
+        memmem::find(rest.as_bytes(), b"\"4:text:")? + "\"4:text:".len()
     };
-    let rest = rest.strip_prefix('"')?;
+    string_at(rest, value).map(|(text, _)| text)
+}
+
+/// The length-prefixed string (`"5:hello`) that starts at byte `at` of `s`, and where it ends.
+fn string_at(s: &str, at: usize) -> Option<(&str, usize)> {
+    let rest = s.get(at..)?.strip_prefix('"')?;
     let (len, body) = rest.split_once(':')?;
-    body.get(..len.parse::<usize>().ok()?)
+    let start = s.len() - body.len();
+    let end = start.checked_add(len.parse().ok()?)?;
+    Some((s.get(start..end)?, end))
 }
 
 #[cfg(test)]
@@ -255,5 +291,59 @@ mod tests {
         assert!(p.starts_with("first line word"));
         assert!(p.chars().count() <= PREVIEW_CHARS + 1);
         assert!(!p.contains('\n'));
+    }
+
+    fn canonical_of(request: &serde_json::Value) -> String {
+        Normalizer::default()
+            .key(request, &Scope::Global)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .canonical
+    }
+
+    #[test]
+    fn the_preview_is_the_last_messages_text_even_when_a_text_looks_like_a_member() {
+        // The user's text holds what a `content` member looks like in the canonical form.
+        let request = serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "quote \"7:content:\"5:wrong here"}]},
+        ], "temperature": 0.5});
+        assert_eq!(
+            preview(&canonical_of(&request)),
+            "quote \"7:content:\"5:wrong here"
+        );
+        let request = serde_json::json!({"model": "m", "input": "  only   input\n"});
+        assert_eq!(preview(&canonical_of(&request)), "only input");
+        // Text that is no canonical request at all (a typed value's key) is shown as it is.
+        assert_eq!(preview("user:\"42  and more"), "user:\"42 and more");
+    }
+
+    /// The words of `text` joined by single spaces, cut after [`PREVIEW_CHARS`] characters: the
+    /// definition the preview's single pass must agree with.
+    fn joined_words(text: &str) -> String {
+        let joined: Vec<char> = text
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .chars()
+            .collect();
+        let mut out: String = joined.iter().take(PREVIEW_CHARS).collect();
+        if joined.len() > PREVIEW_CHARS {
+            out.push('…');
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn previews_join_words_by_single_spaces_and_cut_at_the_limit(
+            text in "[ a-zé\t\n\u{3000}]{0,200}"
+        ) {
+            let request = serde_json::json!({"model": "m", "messages": [
+                {"role": "user", "content": text.clone()},
+            ]});
+            // What the canonical form keeps of the text (the default profile trims its ends).
+            let expected = joined_words(&text);
+            proptest::prop_assert_eq!(preview(&canonical_of(&request)), expected);
+        }
     }
 }
