@@ -769,6 +769,11 @@ fn summary() {
         ));
     }
     per_operation(&mut rows, "L2 hit", "lookups", &L2_HITS, "≤ 15 µs");
+    if let Some(recorder) = us("recording", "recorder_per_event") {
+        rows.push(format!(
+            "| the recorder's work per lookup (its own thread), a new hot key each time | {recorder:.2} µs | | |"
+        ));
+    }
     if let Some(sync) = us("tiers", "l2_hit_block_on") {
         rows.push(format!(
             "| L2 hit from a synchronous caller (`block_on` per lookup) | {sync:.2} µs | | |"
@@ -969,6 +974,50 @@ fn bench_recording(c: &mut Criterion) {
         let discarded = Mutex::new(Vec::new());
         bench_l1_hit(&mut group, name, &rt, cache, &requests, &discarded);
     }
+    // The recorder's own work per lookup event, on the thread that drains them: every example
+    // entry served in rotation, so with more keys than the hot-key sketch's 256 counters each
+    // event takes a counter (its worst case). Queued, then drained and persisted by `flush`.
+    let entries: Vec<Arc<strata::Entry>> = rt.block_on(async {
+        let mut out = Vec::new();
+        for r in &requests {
+            if let Ok(Some(lookup)) = unrecorded.get(r, &Scope::Global).await {
+                out.push(lookup.entry);
+            }
+        }
+        out
+    });
+    let analytics = strata::analytics::Analytics::temporary(strata::analytics::AnalyticsConfig {
+        poll_interval: Duration::from_secs(3600),
+        persist_interval: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut i = 0;
+    group.bench_function("recorder_per_event", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                // Within the channel's capacity, so nothing is dropped.
+                let batch = left.min(8_192);
+                for _ in 0..batch {
+                    i = (i + 1) % entries.len();
+                    analytics.record(strata::analytics::Event::Lookup {
+                        outcome: strata::Outcome::L2,
+                        entry: Some(Arc::clone(&entries[i])),
+                        model: None,
+                        lookup_us: 14,
+                        aggressive: None,
+                    });
+                }
+                let started = Instant::now();
+                analytics.flush().unwrap_or_else(|e| panic!("{e}"));
+                total += started.elapsed();
+                left -= batch;
+            }
+            total
+        })
+    });
     group.finish();
     if let Some(analytics) = recorded.analytics() {
         println!(
