@@ -848,11 +848,11 @@ impl TieredCache {
         // On the heap: the slow paths' futures (moka's single flight, the S3 client's, the
         // caller's executor) come to tens of kilobytes, and inline they would make every hit's
         // future that large, copied on every call.
-        Box::pin(self.resolve_below(keyed, fill)).await
+        Box::pin(self.find_below_or_fill(keyed, fill)).await
     }
 
     /// [`TieredCache::find_or_fill`] past L1 and the disk: S3 or the executor, behind single flight.
-    async fn resolve_below<F, Fut, E>(
+    async fn find_below_or_fill<F, Fut, E>(
         &self,
         keyed: &Keyed,
         fill: &mut Option<F>,
