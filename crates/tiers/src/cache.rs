@@ -769,26 +769,20 @@ impl TieredCache {
     {
         let inner = &self.inner;
         let counters = &inner.failures.counters;
-        let found = match self.find_or_fill(keyed, fill).await {
-            Ok(lookup) => {
-                let value = accept(&lookup.entry);
-                match fill.take_if(|_| value.is_none() && lookup.outcome.is_hit()) {
-                    None => Ok((lookup, value)),
-                    Some(fill) => {
-                        counters.record_error(TierName::L1, ErrorKind::Corrupt);
-                        // Not a removal others race with: no tombstone.
-                        inner.remove(&keyed.key, false).await;
-                        Box::pin(inner.fill_and_store(keyed, fill))
-                            .await
-                            .map(|lookup| {
-                                let value = accept(&lookup.entry);
-                                (lookup, value)
-                            })
-                    }
-                }
-            }
-            Err(e) => Err(e),
-        };
+        let found = async {
+            let lookup = self.find_or_fill(keyed, fill).await?;
+            let value = accept(&lookup.entry);
+            let Some(fill) = fill.take_if(|_| value.is_none() && lookup.outcome.is_hit()) else {
+                return Ok((lookup, value));
+            };
+            counters.record_error(TierName::L1, ErrorKind::Corrupt);
+            // Not a removal others race with: no tombstone.
+            inner.remove(&keyed.key, false).await;
+            let lookup = Box::pin(inner.fill_and_store(keyed, fill)).await?;
+            let value = accept(&lookup.entry);
+            Ok::<_, Arc<E>>((lookup, value))
+        }
+        .await;
         match &found {
             Ok((lookup, _)) => counters.record(lookup.outcome, Some(&lookup.entry)),
             Err(_) => counters.record(Outcome::Miss, None),
