@@ -11,6 +11,11 @@
 //! A second table sweeps zstd itself at level -1 with the dictionary, on the same payloads:
 //! the shortest match it looks for (zstd's default is 5; the codec asks for 7 at the negative
 //! levels) and the size of its match table, against the ratio and the time to decompress.
+//!
+//! A third sweeps zstd's search strategies, with literals Huffman-coded (zstd's choice above the
+//! negative levels) or stored raw (its choice at them): whether a compressor that searches
+//! harder, behind the callers on the writer threads, could buy a better ratio or a faster
+//! decode (decoding costs per sequence, and per literal when they are Huffman-coded).
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -21,7 +26,7 @@ use strata::core::Codec;
 use strata::core::codec::{DICTIONARY, HEADER_LEN};
 use strata::replay::{ExchangeLog, parse_exchange};
 use strata::{Scope, TieredCache};
-use zstd::zstd_safe::CParameter;
+use zstd::zstd_safe::{CParameter, ParamSwitch, Strategy};
 
 const PASSES: usize = 15;
 const ROUNDS: usize = 5;
@@ -136,21 +141,7 @@ fn main() -> Result<()> {
             .map(|p| compressor.compress(p))
             .collect::<std::io::Result<Vec<_>>>()?;
         let stored: usize = frames.iter().map(Vec::len).sum();
-        let mut decompressor = zstd::bulk::Decompressor::with_dictionary(DICTIONARY)?;
-        let mut out = vec![0; payloads.iter().map(Vec::len).max().unwrap_or(0)];
-        let mut decode = Vec::new();
-        for pass in 0..=PASSES {
-            let started = Instant::now();
-            for _ in 0..ROUNDS {
-                for frame in &frames {
-                    black_box(decompressor.decompress_to_buffer(frame, &mut out)?);
-                }
-            }
-            // The first pass warms the output buffer and the caches up.
-            if pass > 0 {
-                decode.push(started.elapsed().as_secs_f64() * 1e6 / (ROUNDS * frames.len()) as f64);
-            }
-        }
+        let decode = decompress_micros(&frames, &payloads)?;
         let raw: usize = payloads.iter().map(Vec::len).sum();
         let (min_match, hash_log) = match setting {
             Some((m, h)) => (m.to_string(), h.to_string()),
@@ -159,8 +150,84 @@ fn main() -> Result<()> {
         println!(
             "{min_match:>9}  {hash_log:>8}  {:>5.2}  {:>13.2}",
             raw as f64 / stored as f64,
-            median(decode)
+            decode
         );
     }
+    println!("\nzstd alone with the dictionary, by search strategy");
+    println!("level  strategy  literals  min match  ratio  compress µs  decompress µs");
+    let raw: usize = payloads.iter().map(Vec::len).sum();
+    for (level, strategy) in [
+        (-1, Strategy::ZSTD_fast),
+        (3, Strategy::ZSTD_dfast),
+        (5, Strategy::ZSTD_greedy),
+        (9, Strategy::ZSTD_lazy2),
+        (13, Strategy::ZSTD_btlazy2),
+    ] {
+        // zstd stores literals raw at the negative levels whatever it is asked.
+        let modes: &[ParamSwitch] = if level < 0 {
+            &[ParamSwitch::Auto]
+        } else {
+            &[ParamSwitch::Auto, ParamSwitch::Disable]
+        };
+        for &literals in modes {
+            for min_match in [None, Some(6), Some(7)] {
+                let mut compressor = zstd::bulk::Compressor::with_dictionary(level, DICTIONARY)?;
+                compressor.set_parameter(CParameter::Strategy(strategy))?;
+                compressor.set_parameter(CParameter::LiteralCompressionMode(literals))?;
+                if level < 0 {
+                    // The codec's match table at the negative levels.
+                    compressor.set_parameter(CParameter::HashLog(14))?;
+                }
+                if let Some(min_match) = min_match {
+                    compressor.set_parameter(CParameter::MinMatch(min_match))?;
+                }
+                let mut compress = Vec::new();
+                let mut frames = Vec::new();
+                for _ in 0..3 {
+                    let started = Instant::now();
+                    frames = payloads
+                        .iter()
+                        .map(|p| compressor.compress(p))
+                        .collect::<std::io::Result<Vec<_>>>()?;
+                    compress.push(started.elapsed().as_secs_f64() * 1e6 / frames.len() as f64);
+                }
+                let stored: usize = frames.iter().map(Vec::len).sum();
+                // zstd's choice for literals at the level: raw at the negative ones.
+                let literals = match (literals, level < 0) {
+                    (ParamSwitch::Disable, _) | (_, true) => "raw",
+                    _ => "huffman",
+                };
+                println!(
+                    "{level:>5}  {:>8}  {literals:>8}  {:>9}  {:>5.2}  {:>11.2}  {:>13.2}",
+                    format!("{strategy:?}").trim_start_matches("ZSTD_"),
+                    min_match.map_or("default".into(), |m| m.to_string()),
+                    raw as f64 / stored as f64,
+                    median(compress),
+                    decompress_micros(&frames, &payloads)?
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// The median over passes of the time to decompress each of `frames` (into a buffer that fits
+/// the largest of `payloads`), in microseconds per frame.
+fn decompress_micros(frames: &[Vec<u8>], payloads: &[Vec<u8>]) -> Result<f64> {
+    let mut decompressor = zstd::bulk::Decompressor::with_dictionary(DICTIONARY)?;
+    let mut out = vec![0; payloads.iter().map(Vec::len).max().unwrap_or(0)];
+    let mut decode = Vec::new();
+    for pass in 0..=PASSES {
+        let started = Instant::now();
+        for _ in 0..ROUNDS {
+            for frame in frames {
+                black_box(decompressor.decompress_to_buffer(frame, &mut out)?);
+            }
+        }
+        // The first pass warms the output buffer and the caches up.
+        if pass > 0 {
+            decode.push(started.elapsed().as_secs_f64() * 1e6 / (ROUNDS * frames.len()) as f64);
+        }
+    }
+    Ok(median(decode))
 }
