@@ -247,19 +247,22 @@ impl Codec {
                 .map(str::to_owned)
                 .map_err(|e| CodecError::Json(format!("{what}: {e}")))
         };
-        let mut entry: Entry = if version == FORMAT_JSON_METADATA {
-            serde_json::from_slice(metadata).map_err(|e| CodecError::Json(e.to_string()))?
-        } else {
-            read_metadata(metadata)?
-        };
-        entry.request = text(request, "request")?;
+        let request = text(request, "request")?;
         let response = text(response, "response")?;
-        entry.response = if check_response {
+        let response = if check_response {
             JsonText::parse(response).map_err(|e| CodecError::Json(format!("response: {e}")))?
         } else {
             JsonText::checked_when_written(response)
         };
-        Ok(entry)
+        if version == FORMAT_JSON_METADATA {
+            let mut entry: Entry =
+                serde_json::from_slice(metadata).map_err(|e| CodecError::Json(e.to_string()))?;
+            entry.request = request;
+            entry.response = response;
+            Ok(entry)
+        } else {
+            read_metadata(metadata, request, response)
+        }
     }
 
     /// Wraps an arbitrary payload in an envelope.
@@ -448,9 +451,9 @@ fn write_metadata(out: &mut Vec<u8>, entry: &Entry) -> Result<(), CodecError> {
     Ok(())
 }
 
-/// Reads the metadata section back: an entry without its request and response. Every length
+/// Reads the metadata section back into an entry around `request` and `response`. Every length
 /// is checked against the bytes left, and the section must end where the entry does.
-fn read_metadata(bytes: &[u8]) -> Result<Entry, CodecError> {
+fn read_metadata(bytes: &[u8], request: String, response: JsonText) -> Result<Entry, CodecError> {
     let mut r = Reader { bytes };
     let cache_id = r.string("cache_id")?;
     let cache_key = r.string("cache_key")?;
@@ -498,8 +501,8 @@ fn read_metadata(bytes: &[u8]) -> Result<Entry, CodecError> {
     Ok(Entry {
         cache_id,
         cache_key,
-        request: String::new(),
-        response: JsonText::null(),
+        request,
+        response,
         model,
         provider,
         tokens,
@@ -984,7 +987,7 @@ mod tests {
     proptest! {
         #[test]
         fn arbitrary_metadata_sections_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
-            let _ = read_metadata(&bytes);
+            let _ = read_metadata(&bytes, String::new(), JsonText::null());
         }
 
         #[test]
