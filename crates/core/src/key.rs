@@ -24,23 +24,33 @@ impl ModelSlug {
     /// Lowercases `model`, replaces every other character by `-` and cuts it to 40 characters.
     /// An empty model becomes `unknown`.
     pub fn new(model: &str) -> Self {
-        let mut slug = String::with_capacity(model.len().min(SLUG_MAX));
-        for c in model.chars().take(SLUG_MAX) {
-            slug.push(match c.to_ascii_lowercase() {
-                c @ ('a'..='z' | '0'..='9' | '.' | '_' | '-') => c,
-                _ => '-',
-            });
+        // Most names are slugs already (`gpt-4o-mini`, a normalized model): copied as they are.
+        let kept = |b: &u8| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-');
+        if !model.is_empty() && model.len() <= SLUG_MAX && model.as_bytes().iter().all(kept) {
+            return ModelSlug(model.to_owned());
         }
-        if slug.is_empty() {
-            slug.push_str("unknown");
-        }
-        ModelSlug(slug)
+        ModelSlug(slugify(model))
     }
 
     /// The slug as a string.
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// [`ModelSlug::new`]'s rule, character by character.
+fn slugify(model: &str) -> String {
+    let mut slug = String::with_capacity(model.len().min(SLUG_MAX));
+    for c in model.chars().take(SLUG_MAX) {
+        slug.push(match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '.' | '_' | '-') => c,
+            _ => '-',
+        });
+    }
+    if slug.is_empty() {
+        slug.push_str("unknown");
+    }
+    slug
 }
 
 impl fmt::Display for ModelSlug {
@@ -248,6 +258,15 @@ mod tests {
         );
         assert_eq!(ModelSlug::new("").as_str(), "unknown");
         assert_eq!(ModelSlug::new(&"x".repeat(100)).as_str().len(), 40);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn names_that_are_slugs_already_are_kept_by_the_same_rule(
+            model in "[a-z0-9._-]{0,45}|[a-zA-Z0-9 ./:_-]{0,45}|\\PC{0,45}"
+        ) {
+            proptest::prop_assert_eq!(ModelSlug::new(&model).0, slugify(&model));
+        }
     }
 
     #[test]
