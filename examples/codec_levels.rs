@@ -120,6 +120,7 @@ fn main() -> Result<()> {
         .iter()
         .map(|entry| Ok(plain.encode(entry)?.split_off(HEADER_LEN)))
         .collect::<Result<Vec<_>>>()?;
+    let raw: usize = payloads.iter().map(Vec::len).sum();
     println!("\nzstd alone, level -1 with the dictionary");
     println!("min match  hash log  ratio  decompress µs");
     let settings = [
@@ -142,7 +143,6 @@ fn main() -> Result<()> {
             .collect::<std::io::Result<Vec<_>>>()?;
         let stored: usize = frames.iter().map(Vec::len).sum();
         let decode = decompress_micros(&frames, &payloads)?;
-        let raw: usize = payloads.iter().map(Vec::len).sum();
         let (min_match, hash_log) = match setting {
             Some((m, h)) => (m.to_string(), h.to_string()),
             None => ("default".into(), "default".into()),
@@ -155,7 +155,6 @@ fn main() -> Result<()> {
     }
     println!("\nzstd alone with the dictionary, by search strategy");
     println!("level  strategy  literals  min match  ratio  compress µs  decompress µs");
-    let raw: usize = payloads.iter().map(Vec::len).sum();
     for (level, strategy) in [
         (-1, Strategy::ZSTD_fast),
         (3, Strategy::ZSTD_dfast),
@@ -163,7 +162,8 @@ fn main() -> Result<()> {
         (9, Strategy::ZSTD_lazy2),
         (13, Strategy::ZSTD_btlazy2),
     ] {
-        // zstd stores literals raw at the negative levels whatever it is asked.
+        // At the negative levels zstd's own choice is raw literals: a row asking for them would
+        // repeat it.
         let modes: &[ParamSwitch] = if level < 0 {
             &[ParamSwitch::Auto]
         } else {
