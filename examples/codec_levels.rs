@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use strata::core::Codec;
-use strata::core::codec::{DICTIONARY, HEADER_LEN};
+use strata::core::codec::{DICTIONARY, FAST_HASH_LOG, HEADER_LEN};
 use strata::replay::{ExchangeLog, parse_exchange};
 use strata::{Scope, TieredCache};
 use zstd::zstd_safe::{CParameter, ParamSwitch, Strategy};
@@ -176,7 +176,7 @@ fn main() -> Result<()> {
                 compressor.set_parameter(CParameter::LiteralCompressionMode(literals))?;
                 if level < 0 {
                     // The codec's match table at the negative levels.
-                    compressor.set_parameter(CParameter::HashLog(14))?;
+                    compressor.set_parameter(CParameter::HashLog(FAST_HASH_LOG))?;
                 }
                 if let Some(min_match) = min_match {
                     compressor.set_parameter(CParameter::MinMatch(min_match))?;

@@ -153,10 +153,10 @@ impl Default for Codec {
 /// there a match of 5 or 6 bytes saves a byte or two and costs a sequence to decode. On the
 /// example entries 7 (zstd's default is 5) decodes about a fifth faster for a ratio of 2.3
 /// instead of 2.6 (`examples/codec_levels.rs` sweeps both settings; numbers in BENCHMARKS.md).
-const FAST_MIN_MATCH: u32 = 7;
+pub const FAST_MIN_MATCH: u32 = 7;
 /// log2 of the match table's size at the fast levels: 14 instead of zstd's 13 for inputs this
 /// small gets back most of the ratio a minimum match of 7 gives up.
-const FAST_HASH_LOG: u32 = 14;
+pub const FAST_HASH_LOG: u32 = 14;
 
 /// A compression context of one thread, for one level, with or without the dictionary.
 type CompressorSlot = Option<((i32, bool), zstd::bulk::Compressor<'static>)>;
