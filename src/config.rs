@@ -10,6 +10,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Deserializer, Serialize};
 use strata_analytics::{AnalyticsConfig, Pricing};
+pub use strata_core::Secret;
 use strata_core::{Codec, Normalizer, Profile};
 use strata_tiers::{DiskConfig, DiskTier, EpochStore, S3Config, S3Tier, TieredCache, TtlPolicy};
 
@@ -140,35 +141,6 @@ pub struct S3Section {
     pub breaker_cool_down: Duration,
     /// This node's name in the bucket; empty for a random id kept in the disk directory.
     pub node_id: String,
-}
-
-/// A credential: read from configuration, never shown (`Debug` and serialization print
-/// `<redacted>`).
-#[derive(Clone, Default, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The value, for the S3 client only.
-    pub fn expose(&self) -> Option<&str> {
-        (!self.0.is_empty()).then_some(self.0.as_str())
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() {
-            "\"\""
-        } else {
-            "<redacted>"
-        })
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(if self.0.is_empty() { "" } else { "<redacted>" })
-    }
 }
 
 /// `[invalidation]`.

@@ -27,6 +27,7 @@ pub mod error;
 pub mod key;
 pub mod normalize;
 pub mod scope;
+pub mod secret;
 
 pub use codec::{Codec, CodecError};
 pub use entry::{Cost, Entry, JsonText, Tokens};
@@ -35,3 +36,4 @@ pub use error::RequestError;
 pub use key::{CacheKey, KEY_FORMAT_VERSION, Keyed, ModelSlug};
 pub use normalize::{Explanation, FieldAction, FieldReport, Normalizer, Profile};
 pub use scope::Scope;
+pub use secret::Secret;

@@ -30,7 +30,7 @@ use strata_analytics::{
     Analytics, AnalyticsConfig, ErrorKind, Event, Outcome, Pricing, Stats, TierName,
 };
 use strata_core::{
-    CacheKey, Codec, Cost, Entry, JsonText, Keyed, ModelSlug, Normalizer, Profile, RequestError,
+    CacheKey, Codec, Cost, Entry, Epochs, JsonText, Keyed, ModelSlug, Normalizer, Profile, RequestError,
     Scope, Selector, Tokens,
 };
 
@@ -527,33 +527,94 @@ impl TieredCache {
 
     /// [`TieredCache::get`] for a request already keyed.
     pub async fn get_keyed(&self, keyed: &Keyed) -> Option<Lookup> {
-        let inner = &self.inner;
         let started = Instant::now();
-        let found = match inner.l1(keyed).await {
-            Some(entry) => Some((entry, Outcome::L1)),
-            None => {
-                let below = inner.lookup_below(keyed).await;
-                if let Some((entry, _)) = &below {
-                    inner
-                        .memory
-                        .insert_id(keyed.key.id(), Arc::clone(entry))
-                        .await;
-                }
-                below
-            }
-        };
-        match found {
-            Some((entry, outcome)) => {
-                inner.failures.counters.record(outcome, Some(&entry));
-                inner.note(outcome, Some(&entry), keyed, started, None);
-                Some(Lookup { entry, outcome })
-            }
-            None => {
-                inner.failures.counters.record(Outcome::Miss, None);
-                inner.note(Outcome::Miss, None, keyed, started, None);
-                None
-            }
+        let found = self.find(keyed).await;
+        match &found {
+            Some(lookup) => self.record(keyed, lookup.outcome, Some(&lookup.entry), started),
+            None => self.record(keyed, Outcome::Miss, None, started),
         }
+        found
+    }
+
+    /// Looks a keyed request up, L1 then L2 then L3 (promoting a hit into the tiers above it),
+    /// and counts nothing: for a caller that runs its own single flight and says what each
+    /// lookup came to with [`TieredCache::record`] (the HTTP gateway, whose streams are shared
+    /// while they arrive). Every copy is verified as a lookup's is: an entry served answers the
+    /// request byte for byte, has not expired, and no invalidation has passed it.
+    pub async fn find(&self, keyed: &Keyed) -> Option<Lookup> {
+        let inner = &self.inner;
+        if let Some(entry) = inner.l1(keyed).await {
+            return Some(Lookup {
+                entry,
+                outcome: Outcome::L1,
+            });
+        }
+        let (entry, outcome) = inner.lookup_below(keyed).await?;
+        inner
+            .memory
+            .insert_id(keyed.key.id(), Arc::clone(&entry))
+            .await;
+        Some(Lookup { entry, outcome })
+    }
+
+    /// The memory tier's copy of a keyed request, if it may be served; nothing below it is
+    /// read, and nothing is counted. A caller with its own single flight asks this after it has
+    /// taken a key's slot: an answer stored between its lookup and then is found here.
+    pub async fn find_in_memory(&self, keyed: &Keyed) -> Option<Arc<Entry>> {
+        self.inner.l1(keyed).await
+    }
+
+    /// Counts one lookup of `keyed` that came to `outcome`, serving `entry` (none on a miss that
+    /// stored nothing), for the statistics and the reports, as the cache's own lookups are
+    /// counted. `started` is when the lookup began (its time goes into the reports). For callers
+    /// of [`TieredCache::find`]; a miss whose upstream call failed is also
+    /// [`TieredCache::record_upstream_error`].
+    pub fn record(
+        &self,
+        keyed: &Keyed,
+        outcome: Outcome,
+        entry: Option<&Arc<Entry>>,
+        started: Instant,
+    ) {
+        self.inner
+            .failures
+            .counters
+            .record(outcome, entry.map(|e| &**e));
+        self.inner.note(outcome, entry, keyed, started, None);
+    }
+
+    /// Counts a request that could not be keyed, answered uncached ([`Outcome::Uncacheable`]).
+    pub fn record_uncacheable(&self, request: &Value, scope: &Scope, started: Instant) {
+        let keyed = uncacheable(request, scope);
+        self.inner
+            .failures
+            .counters
+            .record(Outcome::Uncacheable, None);
+        self.inner
+            .note(Outcome::Uncacheable, None, &keyed, started, None);
+    }
+
+    /// Counts an upstream call that failed (what the cache counts as an executor error).
+    pub fn record_upstream_error(&self) {
+        self.inner.failures.counters.record_executor_error();
+    }
+
+    /// Stores a completion for a request already keyed, as [`TieredCache::put`] does, with the
+    /// invalidation epochs `as_of` when its upstream call started (from
+    /// [`EpochStore::snapshot`](crate::EpochStore::snapshot)): an invalidation made while the
+    /// call ran refuses its answer instead of being recorded in it.
+    pub async fn put_keyed(
+        &self,
+        keyed: &Keyed,
+        completion: Completion,
+        as_of: &Epochs,
+    ) -> Arc<Entry> {
+        self.inner.epochs_known().await;
+        let mut entry = self.inner.build_entry(keyed, completion, Duration::ZERO);
+        entry.epochs = as_of.stamp(&entry);
+        let entry = Arc::new(entry);
+        self.inner.store(&keyed.key, &entry).await;
+        entry
     }
 
     /// Stores a completion for a request in L1 and L2, replacing what was there.

@@ -239,6 +239,45 @@ impl DiskTier {
         Ok(swept)
     }
 
+    /// A page of stored entries in digest order, after the digest `after` (from the start
+    /// when `None`): at most `limit` of those `keep` accepts, reading at most `budget` copies
+    /// (copies that no longer decode are skipped). Returns them and, when the walk stopped
+    /// before the end, the digest to continue after. Blocking, like [`DiskTier::sweep`].
+    pub fn page(
+        &self,
+        after: Option<u128>,
+        limit: usize,
+        budget: usize,
+        mut keep: impl FnMut(&Entry) -> bool,
+    ) -> Result<(Vec<Entry>, Option<u128>), TierError> {
+        let start = match after {
+            Some(id) => std::ops::Bound::Excluded(id.to_be_bytes()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut found = Vec::new();
+        let (mut read, mut last) = (0, after);
+        for item in self
+            .inner
+            .entries
+            .range::<[u8; 16], _>((start, std::ops::Bound::Unbounded))
+        {
+            let (key, value) = item?;
+            let Some(id) = id_of(&key) else { continue };
+            if found.len() >= limit.max(1) || read >= budget.max(1) {
+                // One more is there: the caller continues after the last one read.
+                return Ok((found, last));
+            }
+            read += 1;
+            last = Some(id);
+            if let Ok(entry) = self.inner.codec.decode_local(&value)
+                && keep(&entry)
+            {
+                found.push(entry);
+            }
+        }
+        Ok((found, None))
+    }
+
     /// Removes the entry stored under a digest, if any. Returns whether one was there.
     pub fn remove_id(&self, id: u128) -> Result<bool, TierError> {
         let was = self.inner.entries.contains_key(id.to_be_bytes())?;

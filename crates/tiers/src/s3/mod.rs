@@ -451,6 +451,12 @@ impl S3Tier {
         self.inner.breaker.allows()
     }
 
+    /// Whether the circuit breaker is open now: S3 is being skipped for a cool-down after
+    /// repeated failures (a half-open breaker, letting one probe through, counts as open).
+    pub fn breaker_open(&self) -> bool {
+        !self.inner.breaker.remaining().is_zero()
+    }
+
     /// Reads an entry from S3: through the local index when it knows the object, else through
     /// the by-hash pointer. Returns the decoded entry and the envelope as stored.
     pub async fn fetch(&self, key: &CacheKey) -> Result<Option<(Entry, Vec<u8>)>, TierError> {
