@@ -30,6 +30,7 @@ const SECTIONS: &[&str] = &[
     "analytics",
     "codec",
     "pricing",
+    "server",
 ];
 
 /// The whole configuration.
@@ -54,6 +55,9 @@ pub struct Config {
     pub codec: CodecConfig,
     /// Prices.
     pub pricing: PricingConfig,
+    /// The gateway (`strata serve`).
+    #[serde(default)]
+    pub server: strata_http::ServerConfig,
 }
 
 /// `[normalization]`.

@@ -30,6 +30,7 @@ pub mod replay;
 pub use config::Config;
 pub use strata_analytics::{self as analytics, Outcome, Pricing, Stats};
 pub use strata_core::{self as core, CacheKey, Entry, Normalizer, Profile, Scope};
+pub use strata_http::{self as http, Gateway};
 pub use strata_tiers::{self as tiers, Completion, Lookup, TieredCache};
 
 /// Errors of the facade: configuration, opening tiers, reading workloads.

@@ -138,6 +138,13 @@ enum Command {
         #[command(subcommand)]
         command: S3Command,
     },
+    /// Run the caching gateway: OpenAI- and Anthropic-compatible routes, the admin API and
+    /// /metrics (see `[server]` in the configuration).
+    Serve {
+        /// Listen here instead of `[server] listen`.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Show which fields of a request go into its key, and how.
     Explain {
         /// The request (JSON file, `-` for stdin).
@@ -281,6 +288,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Replay(args) => replay_command(&config, args).await,
         Command::Report(args) => report_command::run(&config, args).await,
+        Command::Serve { listen } => serve_command(config, listen).await,
         Command::Stats { json } => stats_command(&config, json).await,
         Command::Get {
             request,
@@ -428,6 +436,49 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_INTERRUPTED));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `strata serve`: the gateway until SIGTERM or Ctrl-C, then a graceful stop.
+async fn serve_command(
+    mut config: Config,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<ExitCode> {
+    if let Some(addr) = listen {
+        config.server.listen = addr;
+    }
+    let cache = config.open_cache().await?;
+    let gateway = strata_http::Gateway::new(cache, config.server.clone())?;
+    let server = strata_http::Server::bind(gateway).await?;
+    // The address goes to standard error as the first line, so scripts (and tests) that
+    // listen on port 0 learn the port.
+    errln!("strata: serving on http://{}", server.local_addr()?);
+    if config.server.admin_listen.is_some() {
+        errln!("strata: admin API on http://{}", server.admin_addr()?);
+    }
+    server.run(shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves at the first SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 /// Flushes and closes the cache. Uploads S3 could not take stay queued for the next run: a

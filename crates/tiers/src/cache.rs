@@ -30,8 +30,8 @@ use strata_analytics::{
     Analytics, AnalyticsConfig, ErrorKind, Event, Outcome, Pricing, Stats, TierName,
 };
 use strata_core::{
-    CacheKey, Codec, Cost, Entry, Epochs, JsonText, Keyed, ModelSlug, Normalizer, Profile, RequestError,
-    Scope, Selector, Tokens,
+    CacheKey, Codec, Cost, Entry, Epochs, JsonText, Keyed, ModelSlug, Normalizer, Profile,
+    RequestError, Scope, Selector, Tokens,
 };
 
 use crate::disk::DiskTier;

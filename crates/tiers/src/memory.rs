@@ -62,6 +62,12 @@ impl MemoryTier {
         &self.cache
     }
 
+    /// Runs moka's pending housekeeping, so that [`Tier::usage`] counts every entry written so
+    /// far (moka counts them as it maintains itself, a little behind the writes).
+    pub async fn settle_counts(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
     /// The entry with digest `id`, if present and not expired.
     pub async fn get_id(&self, id: u128) -> Option<Arc<Entry>> {
         self.cache.get(&id).await
