@@ -969,3 +969,63 @@ fn invalidate_by_key_and_tag_and_clear_without_s3() -> Result<()> {
     );
     Ok(())
 }
+
+/// One HTTP/1.1 GET over a plain TCP connection: the status line and the body.
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::Read;
+    let mut tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+#[test]
+fn serve_answers_and_stops_cleanly_on_sigterm() -> Result<()> {
+    use std::io::BufRead;
+    let dir = TempDir::new()?;
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"))
+        .current_dir(dir.path())
+        .env_remove("STRATA_CONFIG")
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let first = lines.next().context("serve printed nothing")??;
+    let addr = first
+        .strip_prefix("strata: serving on http://")
+        .with_context(|| format!("unexpected first line: {first}"))?
+        .to_string();
+    let health = http_get(&addr, "/admin/health")?;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    let metrics = http_get(&addr, "/metrics")?;
+    assert!(metrics.contains("strata_misses_total 0"), "{metrics}");
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait()? {
+            break exit;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "serve did not stop after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        dir.path().join(".strata").is_dir(),
+        "the disk tier was opened and kept"
+    );
+    Ok(())
+}

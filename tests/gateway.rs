@@ -268,6 +268,23 @@ async fn every_cached_route_answers_from_the_cache_the_second_time() -> Result<(
         assert_eq!(second, first, "{path}");
         assert_eq!(gw.upstream.calls_to(path), 1, "{path}");
     }
+    // The query string reaches the upstream (`?beta=true`): keyed apart.
+    let (_, headers, _) = gw
+        .post("/v1/messages?beta=true", &message("Say hi", false), &[])
+        .await?;
+    assert_eq!(header(&headers, "x-strata-cache"), "MISS");
+    let (_, headers, _) = gw
+        .post(
+            "/v1/messages",
+            &message("Say hi", false),
+            &[("anthropic-beta", "x-2025")],
+        )
+        .await?;
+    assert_eq!(
+        header(&headers, "x-strata-cache"),
+        "MISS",
+        "a beta header: keyed apart"
+    );
     // The same body on two routes is two entries.
     let (_, headers, _) = gw
         .post(
@@ -305,6 +322,14 @@ async fn other_paths_and_uncacheable_bodies_are_forwarded_uncached() -> Result<(
         assert!(header(&headers, "cache-status").contains("fwd=bypass"));
     }
     assert_eq!(gw.upstream.calls_to("/v1/chat/completions"), 2);
+    // A path that would leave the upstream base's prefix.
+    // (Sent raw: an HTTP client would resolve the dot segment itself.)
+    let raw = raw_request(
+        gw.addr,
+        "GET /v1/%2e%2e/admin/stats HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
     // Not JSON at all.
     let response = gw
         .client
@@ -551,7 +576,17 @@ async fn graceful_shutdown_finishes_the_call_in_flight_and_loses_no_entry() -> R
     gw.stop().await
 }
 
-/// A key listed by the admin API, for tests that need one.
+/// Sends bytes as they are and reads the answer to its end.
+async fn raw_request(addr: SocketAddr, request: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// The JSON an admin endpoint answers (200 or an error).
 pub async fn admin_json(gw: &Running, path: &str) -> Result<Value> {
     let response = gw.client.get(gw.url(path)).send().await?;
     let status = response.status();

@@ -113,6 +113,7 @@ async fn invalidate_and_clear_take_answers_back_and_refuse_bad_bodies() -> Resul
     let response = gw
         .client
         .post(gw.url("/admin/invalidate"))
+        .header("content-type", "application/json")
         .body("not json")
         .send()
         .await?;
@@ -165,6 +166,45 @@ async fn with_a_token_the_admin_api_refuses_requests_without_it() -> Result<()> 
     let (status, _, _) = gw.post(PATH, &chat("hello"), &[]).await?;
     assert_eq!(status, StatusCode::OK);
     let response = gw.client.get(gw.url("/metrics")).send().await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn the_admin_api_refuses_what_a_web_page_elsewhere_could_send() -> Result<()> {
+    let dir = TempDir::new()?;
+    let gw = Running::new(dir.path()).await?;
+    // A page can POST text anywhere without asking: not JSON, not taken.
+    let response = gw
+        .client
+        .post(gw.url("/admin/clear"))
+        .header("content-type", "text/plain")
+        .body(r#"{"confirm": true}"#)
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let response = gw
+        .client
+        .post(gw.url("/admin/clear"))
+        .header("sec-fetch-site", "cross-site")
+        .json(&json!({"confirm": true}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    // DNS rebinding: a name that is not loopback, pointed at 127.0.0.1.
+    let response = gw
+        .client
+        .get(gw.url("/admin/stats"))
+        .header("host", "attacker.example")
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let response = gw
+        .client
+        .get(gw.url("/admin/stats"))
+        .header("host", "localhost:8080")
+        .send()
+        .await?;
     assert_eq!(response.status(), StatusCode::OK);
     gw.stop().await
 }

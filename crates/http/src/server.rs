@@ -87,13 +87,16 @@ impl Server {
         tracing::info!("shutting down: finishing requests in flight");
         let _ = stop.send(true);
         shared.closing.send_replace(true);
-        for server in servers {
+        for mut server in servers {
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, server).await {
+            match tokio::time::timeout(left, &mut server).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the listener failed"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "the listener's task failed"),
-                Err(_) => tracing::warn!("requests still in flight at the shutdown deadline"),
+                Err(_) => {
+                    tracing::warn!("requests still in flight at the shutdown deadline: dropped");
+                    server.abort();
+                }
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());

@@ -583,9 +583,18 @@ impl TieredCache {
         self.inner.note(outcome, entry, keyed, started, None);
     }
 
-    /// Counts a request that could not be keyed, answered uncached ([`Outcome::Uncacheable`]).
-    pub fn record_uncacheable(&self, request: &Value, scope: &Scope, started: Instant) {
-        let keyed = uncacheable(request, scope);
+    /// Counts a request for `model` that could not be keyed, answered uncached
+    /// ([`Outcome::Uncacheable`]).
+    pub fn record_uncacheable(&self, model: &str, scope: &Scope, started: Instant) {
+        let keyed = Keyed {
+            key: CacheKey {
+                slug: ModelSlug::new(model),
+                digest: [0; 16],
+            },
+            canonical: String::new(),
+            model: model.to_string(),
+            scope: scope.clone(),
+        };
         self.inner
             .failures
             .counters

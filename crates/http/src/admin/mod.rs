@@ -76,6 +76,9 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
             .is_some_and(|ConnectInfo(peer)| peer.ip().is_loopback()),
     };
     if allowed {
+        if let Err(refusal) = same_site(&request, shared.config.admin_token.expose().is_none()) {
+            return refusal;
+        }
         return next.run(request).await;
     }
     let mut response = refuse(
@@ -87,6 +90,53 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
         HeaderValue::from_static("Bearer realm=\"strata admin\""),
     );
     response
+}
+
+/// Refuses what a web page elsewhere could make a browser send: a request its browser marks
+/// cross-site, a POST that is not JSON (a page can send text or a form anywhere without
+/// asking), and, without a token, a `Host` that is not a loopback name (DNS rebinding).
+fn same_site(request: &Request, loopback_only: bool) -> Result<(), Response> {
+    let headers = request.headers();
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if text("sec-fetch-site") == Some("cross-site") {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "the admin API does not answer cross-site requests",
+        ));
+    }
+    if request.method() == axum::http::Method::POST
+        && !text(header::CONTENT_TYPE.as_str())
+            .is_some_and(|t| t.trim_start().starts_with("application/json"))
+    {
+        return Err(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "admin POSTs take `Content-Type: application/json`",
+        ));
+    }
+    if loopback_only {
+        let host = text(header::HOST.as_str()).unwrap_or("");
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        };
+        let loopback = name.eq_ignore_ascii_case("localhost")
+            || name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "without an admin token the admin API answers requests to a loopback address only",
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn dashboard() -> Html<&'static str> {

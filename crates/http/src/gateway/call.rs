@@ -10,12 +10,12 @@ use axum::http::{HeaderMap, Method};
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use strata_analytics::Outcome;
-use strata_core::{Entry, Keyed};
+use strata_core::Keyed;
 use strata_tiers::Completion;
 
 use super::Shared;
 use super::controls::Controls;
-use super::flight::{End, EndGuard, Failure, Flight, Head, Reply};
+use super::flight::{End, Failure, Flight, Head, Reply};
 use super::record::Recorded;
 use super::route::{LlmRoute, Terminal};
 use super::upstream::{error_chain, forwarded, returned};
@@ -42,71 +42,121 @@ pub struct Call {
     pub started: Instant,
 }
 
-/// Makes the call, records its answer into the flight, and stores it when whole. Counts the
-/// lookup that led it (a miss) once the call ends.
-pub async fn run(shared: Arc<Shared>, flight: Arc<Flight>, call: Call) {
-    let _guard = EndGuard {
-        flight: Arc::clone(&flight),
-        flights: Arc::clone(&shared.flights),
+/// Runs a flight's call: first a last look in memory (an answer stored between the request's
+/// lookup and its flight is served without calling upstream), then the upstream call,
+/// recorded into the flight as it arrives and stored when whole. The lookup that led the call
+/// is counted once it ends, whatever the way.
+pub async fn run(shared: Arc<Shared>, flight: Arc<Flight>, call: Call, look_again: bool) {
+    let mut guard = CallGuard {
+        shared,
+        flight,
+        call,
+        counted: false,
     };
-    let route = call.route.label();
-    // The epochs in force when the call starts: an invalidation made while it runs must
-    // refuse its answer, not be recorded in it.
-    let as_of = shared.cache.epochs().snapshot();
-    let started = Instant::now();
-    let end = answer(&shared, &flight, &call).await;
-    let failed = match &end {
-        Ok(_) => false,
-        Err(End::Failed(failure)) => {
-            shared.metrics.upstream_error(route);
-            shared.upstream_errors.fetch_add(1, Relaxed);
-            tracing::warn!(route, error = %failure.message(), "upstream call failed");
-            true
+    guard.run(look_again).await;
+}
+
+/// A flight's call, which ends its flight and counts its lookup however it stops: done, or
+/// cancelled (every client left a stream), or panicked.
+struct CallGuard {
+    shared: Arc<Shared>,
+    flight: Arc<Flight>,
+    call: Call,
+    counted: bool,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if !self.flight.ended() {
+            self.flight.end(End::Failed(Failure::Cut(
+                "the gateway stopped the call".into(),
+            )));
         }
-        Err(End::Passed(reply)) => {
-            tracing::info!(
-                route,
-                status = reply.status.as_u16(),
-                "upstream answer passed on"
-            );
-            true
-        }
-        Err(_) => true,
-    };
-    let took = started.elapsed();
-    shared.metrics.upstream(route, took);
-    let end = match end {
-        Ok(recorded) => {
-            let entry = if call.controls.no_store {
-                None
-            } else {
-                let completion = completion(&recorded, &call, took);
-                Some(
-                    shared
-                        .cache
-                        .put_keyed(&call.keyed, completion, &as_of)
-                        .await,
-                )
-            };
-            shared
-                .cache
-                .record(&call.keyed, Outcome::Miss, entry.as_ref(), call.started);
-            End::Answered {
-                recorded: Arc::new(recorded),
-                entry,
-            }
-        }
-        Err(end) => {
-            shared
+        if !self.counted {
+            let call = &self.call;
+            self.shared
                 .cache
                 .record(&call.keyed, Outcome::Miss, None, call.started);
-            if failed {
-                shared.cache.record_upstream_error();
-            }
-            end
         }
-    };
-    flight.end(end);
+        self.shared.flights.finish(&self.flight);
+    }
+}
+
+impl CallGuard {
+    async fn run(&mut self, look_again: bool) {
+        let (shared, flight, call) = (&self.shared, &self.flight, &self.call);
+        if look_again
+            && let Some(entry) = shared.cache.find_in_memory(&call.keyed).await
+            && let Ok(recorded) = serde_json::from_str::<Recorded>(entry.response.get())
+            && recorded.shaped(call.route, call.stream).is_some()
+        {
+            shared
+                .cache
+                .record(&call.keyed, Outcome::L1, Some(&entry), call.started);
+            self.counted = true;
+            flight.end(End::Answered {
+                recorded: Arc::new(recorded),
+                entry: Some(entry),
+                found: true,
+            });
+            return;
+        }
+        let route = call.route.label();
+        // The epochs in force when the call starts: an invalidation made while it runs must
+        // refuse its answer, not be recorded in it.
+        let as_of = shared.cache.epochs().snapshot();
+        let started = Instant::now();
+        let end = answer(shared, flight, call).await;
+        let took = started.elapsed();
+        shared.metrics.upstream(route, took);
+        let end = match end {
+            Ok(recorded) => {
+                let entry = if call.controls.no_store {
+                    None
+                } else {
+                    let completion = completion(&recorded, call, took);
+                    Some(
+                        shared
+                            .cache
+                            .put_keyed(&call.keyed, completion, &as_of)
+                            .await,
+                    )
+                };
+                shared
+                    .cache
+                    .record(&call.keyed, Outcome::Miss, entry.as_ref(), call.started);
+                End::Answered {
+                    recorded: Arc::new(recorded),
+                    entry,
+                    found: false,
+                }
+            }
+            Err(end) => {
+                match &end {
+                    End::Failed(failure) => {
+                        shared.metrics.upstream_error(route);
+                        shared.upstream_errors.fetch_add(1, Relaxed);
+                        tracing::warn!(route, error = %failure.message(), "upstream call failed");
+                    }
+                    End::Passed(reply) => {
+                        tracing::info!(
+                            route,
+                            status = reply.status.as_u16(),
+                            "upstream answer passed on"
+                        );
+                    }
+                    _ => {}
+                }
+                shared
+                    .cache
+                    .record(&call.keyed, Outcome::Miss, None, call.started);
+                shared.cache.record_upstream_error();
+                end
+            }
+        };
+        self.counted = true;
+        flight.end(end);
+    }
 }
 
 /// What the entry of an answer records beside it.
@@ -135,7 +185,7 @@ async fn answer(shared: &Shared, flight: &Flight, call: &Call) -> Result<Recorde
     let status = response.status();
     let limit = config.response_limit.as_u64();
     if !status.is_success() {
-        let headers = returned(response.headers(), false);
+        let headers = returned(response.headers(), false, true);
         let body = read_whole(response, limit, config.idle_timeout).await?;
         return Err(End::Passed(Reply {
             status,
@@ -151,21 +201,30 @@ async fn answer(shared: &Shared, flight: &Flight, call: &Call) -> Result<Recorde
     if stream {
         flight.head(Head {
             status,
-            headers: returned(response.headers(), true),
+            headers: returned(response.headers(), true, true),
             stream: true,
         });
         let events =
             record_stream(flight, call.route, response, limit, config.idle_timeout).await?;
         return Ok(Recorded::stream(call.route, status.as_u16(), events));
     }
-    let headers = returned(response.headers(), false);
+    let headers = returned(response.headers(), false, true);
     let body = read_whole(response, limit, config.idle_timeout).await?;
     match serde_json::from_slice::<&serde_json::value::RawValue>(&body) {
+        // A Responses-API answer still running in the background, or cut short, is not the
+        // answer: passed on, not stored (as its stream's `response.incomplete` is not).
+        Ok(raw) if call.route == LlmRoute::Responses && !completed_response(raw.get()) => {
+            Err(End::Passed(Reply {
+                status,
+                headers,
+                body,
+            }))
+        }
         Ok(raw) => {
             let body = raw.to_owned();
             flight.head(Head {
                 status,
-                headers: returned(&headers, true),
+                headers: returned(&headers, true, true),
                 stream: false,
             });
             Ok(Recorded::Json {
@@ -180,6 +239,18 @@ async fn answer(shared: &Shared, flight: &Flight, call: &Call) -> Result<Recorde
             body,
         })),
     }
+}
+
+/// Whether a Responses-API body is a completed response (`status` absent or `completed`).
+fn completed_response(body: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Status<'a> {
+        #[serde(borrow)]
+        status: Option<&'a str>,
+    }
+    serde_json::from_str::<Status>(body)
+        .map(|s| s.status.is_none_or(|s| s == "completed"))
+        .unwrap_or(false)
 }
 
 /// Reads a body whole, up to `limit` bytes, with at most `idle` between two chunks.
@@ -225,28 +296,37 @@ async fn record_stream(
     limit: u64,
     idle: Duration,
 ) -> Result<Vec<SseEvent>, End> {
-    let mut received = 0u64;
-    let bytes = response.bytes_stream().map(move |chunk| {
-        let chunk = chunk.map_err(|e| error_chain(&e))?;
-        received += chunk.len() as u64;
-        if received > limit {
-            return Err(format!("the stream is over the limit of {limit} bytes"));
-        }
-        Ok::<_, String>(chunk)
-    });
-    let mut events = bytes.eventsource();
+    // The idle bound is on bytes, not events: keep-alive comments (which the event parser
+    // drops) show that a slow upstream is still there.
+    let chunks = futures::stream::unfold(
+        (response.bytes_stream(), 0u64, false),
+        move |(mut upstream, received, failed)| async move {
+            if failed {
+                return None;
+            }
+            let next = match tokio::time::timeout(idle, upstream.next()).await {
+                Err(_) => Err(format!("no data for {}", humantime::format_duration(idle))),
+                Ok(None) => return None,
+                Ok(Some(Err(e))) => Err(error_chain(&e)),
+                Ok(Some(Ok(chunk))) => {
+                    let received = received + chunk.len() as u64;
+                    if received > limit {
+                        Err(format!("the stream is over the limit of {limit} bytes"))
+                    } else {
+                        return Some((Ok(chunk), (upstream, received, false)));
+                    }
+                }
+            };
+            Some((next, (upstream, received, true)))
+        },
+    );
+    let mut events = Box::pin(chunks).eventsource();
     let mut recorded = Vec::new();
     loop {
-        let next = match tokio::time::timeout(idle, events.next()).await {
-            Err(_) => {
-                return Err(cut(format!(
-                    "no event for {}",
-                    humantime::format_duration(idle)
-                )));
-            }
-            Ok(None) => return Err(cut("the stream ended before its last event".into())),
-            Ok(Some(Err(e))) => return Err(cut(e.to_string())),
-            Ok(Some(Ok(event))) => event,
+        let next = match events.next().await {
+            None => return Err(cut("the stream ended before its last event".into())),
+            Some(Err(e)) => return Err(cut(e.to_string())),
+            Some(Ok(event)) => event,
         };
         let event = SseEvent {
             event: (next.event != "message").then_some(next.event),
@@ -257,24 +337,13 @@ async fn record_stream(
         flight.event(event);
         match terminal {
             Terminal::No => {}
-            Terminal::Done => return Ok(recorded),
+            Terminal::Done => {
+                flight.commit();
+                return Ok(recorded);
+            }
             Terminal::Failed => return Err(End::Unstored),
         }
     }
-}
-
-/// Ends a flight with an entry found stored after all (see `lookup_or_call`); false when the
-/// entry is not the gateway's to read.
-pub fn end_with_entry(shared: &Shared, flight: &Arc<Flight>, entry: &Arc<Entry>) -> bool {
-    let Ok(recorded) = serde_json::from_str::<Recorded>(entry.response.get()) else {
-        return false;
-    };
-    flight.end(End::Answered {
-        recorded: Arc::new(recorded),
-        entry: Some(Arc::clone(entry)),
-    });
-    shared.flights.finish(flight);
-    true
 }
 
 /// Counts a request that joined a flight once the flight ends, whether or not its client is

@@ -86,6 +86,9 @@ pub enum End {
         recorded: Arc<Recorded>,
         /// The entry it was stored as.
         entry: Option<Arc<Entry>>,
+        /// Whether it was found in memory after all (stored between the request's lookup and
+        /// its flight): no upstream call was made.
+        found: bool,
     },
     /// A stream that ended with the upstream's own error or incomplete event: passed on
     /// whole, never stored.
@@ -116,6 +119,7 @@ pub struct Flight {
     progress: watch::Sender<Progress>,
     subscribers: AtomicUsize,
     cancel_when_abandoned: bool,
+    stores: bool,
     task: Mutex<TaskSlot>,
 }
 
@@ -123,6 +127,8 @@ pub struct Flight {
 struct TaskSlot {
     handle: Option<AbortHandle>,
     abandoned: bool,
+    /// The answer is whole and being stored: leaving no longer cancels the call.
+    committed: bool,
 }
 
 impl Flight {
@@ -155,6 +161,17 @@ impl Flight {
     /// Whether the call has ended.
     pub fn ended(&self) -> bool {
         self.progress.borrow().end.is_some()
+    }
+
+    /// Whether the request that leads the call stores its answer (not `no-store`).
+    pub fn stores(&self) -> bool {
+        self.stores
+    }
+
+    /// Says the answer is whole: from now on the call finishes and stores it even if every
+    /// client leaves (a client that stops reading at the terminal event is not abandoning it).
+    pub fn commit(&self) {
+        lock(&self.task).committed = true;
     }
 
     /// Hands the flight the task making its call, so that a stream every client left can be
@@ -208,7 +225,13 @@ impl Flights {
     /// Joins the call in flight for `keyed`, or registers a new one that this request leads. A
     /// call in flight for another request with the same digest (an MD5 collision) is not
     /// joined: this request leads a call of its own, outside the registry.
-    pub fn join(self: &Arc<Self>, keyed: &Keyed, cancel_when_abandoned: bool) -> Joined {
+    /// `stores` says whether a call this request leads stores its answer.
+    pub fn join(
+        self: &Arc<Self>,
+        keyed: &Keyed,
+        cancel_when_abandoned: bool,
+        stores: bool,
+    ) -> Joined {
         let id = keyed.key.id();
         let mut map = lock(&self.map);
         if let Some(flight) = map.get(&id) {
@@ -220,14 +243,14 @@ impl Flights {
                 });
             }
             drop(map);
-            return Joined::Led(self.solo(keyed, cancel_when_abandoned));
+            return Joined::Led(self.solo(keyed, cancel_when_abandoned, stores));
         }
-        let subscription = self.solo(keyed, cancel_when_abandoned);
+        let subscription = self.solo(keyed, cancel_when_abandoned, stores);
         map.insert(id, Arc::clone(&subscription.flight));
         Joined::Led(subscription)
     }
 
-    fn solo(self: &Arc<Self>, keyed: &Keyed, cancel: bool) -> Subscription {
+    fn solo(self: &Arc<Self>, keyed: &Keyed, cancel: bool, stores: bool) -> Subscription {
         let flight = Arc::new(Flight {
             id: keyed.key.id(),
             canonical: keyed.canonical.clone(),
@@ -235,6 +258,7 @@ impl Flights {
             progress: watch::Sender::new(Progress::default()),
             subscribers: AtomicUsize::new(1),
             cancel_when_abandoned: cancel,
+            stores,
             task: Mutex::new(TaskSlot::default()),
         });
         Subscription {
@@ -262,12 +286,15 @@ impl Flights {
         }
         // Every client left a stream still arriving: nobody is served by finishing it, and a
         // stream nobody read to its end is not stored.
+        let mut slot = lock(&flight.task);
+        if slot.committed {
+            return;
+        }
+        slot.abandoned = true;
         if map.get(&flight.id).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             map.remove(&flight.id);
         }
         drop(map);
-        let mut slot = lock(&flight.task);
-        slot.abandoned = true;
         if let Some(handle) = slot.handle.take() {
             handle.abort();
         }
@@ -301,26 +328,6 @@ impl Flights {
     }
 }
 
-/// Ends a flight whose task stopped without ending it (cancelled, or panicked), so that no
-/// client waits for it forever, and takes it out of the registry.
-pub struct EndGuard {
-    /// The flight.
-    pub flight: Arc<Flight>,
-    /// The registry.
-    pub flights: Arc<Flights>,
-}
-
-impl Drop for EndGuard {
-    fn drop(&mut self) {
-        if !self.flight.ended() {
-            self.flight.end(End::Failed(Failure::Cut(
-                "the gateway stopped the call".into(),
-            )));
-        }
-        self.flights.finish(&self.flight);
-    }
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -343,27 +350,27 @@ mod tests {
     fn the_second_request_follows_and_a_finished_flight_is_gone() {
         let flights = Arc::new(Flights::default());
         let k = keyed("a");
-        let Joined::Led(lead) = flights.join(&k, true) else {
+        let Joined::Led(lead) = flights.join(&k, true, true) else {
             panic!("first joins as leader")
         };
-        let Joined::Followed(follow) = flights.join(&k, true) else {
+        let Joined::Followed(follow) = flights.join(&k, true, true) else {
             panic!("second follows")
         };
         assert!(Arc::ptr_eq(lead.flight(), follow.flight()));
         assert_eq!(flights.len(), 1);
         flights.finish(lead.flight());
         assert!(flights.is_empty());
-        assert!(matches!(flights.join(&k, true), Joined::Led(_)));
+        assert!(matches!(flights.join(&k, true, true), Joined::Led(_)));
     }
 
     #[test]
     fn a_stream_every_client_left_is_cancelled_and_forgotten() {
         let flights = Arc::new(Flights::default());
         let k = keyed("a");
-        let Joined::Led(lead) = flights.join(&k, true) else {
+        let Joined::Led(lead) = flights.join(&k, true, true) else {
             panic!()
         };
-        let Joined::Followed(follow) = flights.join(&k, true) else {
+        let Joined::Followed(follow) = flights.join(&k, true, true) else {
             panic!()
         };
         let flight = Arc::clone(lead.flight());
@@ -378,9 +385,22 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_whole_before_every_client_left_is_kept() {
+        let flights = Arc::new(Flights::default());
+        let Joined::Led(lead) = flights.join(&keyed("a"), true, true) else {
+            panic!()
+        };
+        let flight = Arc::clone(lead.flight());
+        flight.commit();
+        drop(lead);
+        assert!(!flight.ended(), "being stored: not cancelled");
+        assert_eq!(flights.len(), 1);
+    }
+
+    #[test]
     fn a_json_call_every_client_left_goes_on() {
         let flights = Arc::new(Flights::default());
-        let Joined::Led(lead) = flights.join(&keyed("a"), false) else {
+        let Joined::Led(lead) = flights.join(&keyed("a"), false, true) else {
             panic!()
         };
         let flight = Arc::clone(lead.flight());

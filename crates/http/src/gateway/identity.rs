@@ -23,6 +23,16 @@ pub const RESERVED: &str = "strata_gateway";
 /// The headers that carry a client's credential, in the order they are hashed.
 const CREDENTIALS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
 
+/// Headers that change what an upstream answers (API version, beta features, the account an
+/// OpenAI key acts for): part of the key, in clear.
+const SEMANTIC_HEADERS: [&str; 5] = [
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-beta",
+    "openai-organization",
+    "openai-project",
+];
+
 const MAX_SCOPE_ID: usize = 256;
 
 /// Who sent a request, as far as sharing goes.
@@ -65,12 +75,18 @@ impl Identity {
     /// partition, wider scopes, and for routes whose shapes do not convert, whether it
     /// streams) added under [`RESERVED`]. `None` when the body is not an object or already
     /// has that member.
-    pub fn key_document(&self, route: LlmRoute, body: &Value, stream: bool) -> Option<Value> {
+    pub fn key_document(
+        &self,
+        route: LlmRoute,
+        body: &Value,
+        stream: bool,
+        upstream: &Map<String, Value>,
+    ) -> Option<Value> {
         let object = body.as_object()?;
         if object.contains_key(RESERVED) {
             return None;
         }
-        let mut part = Map::new();
+        let mut part = upstream.clone();
         part.insert("route".into(), route.label().into());
         if let Some(partition) = &self.partition {
             part.insert("partition".into(), partition.as_str().into());
@@ -88,6 +104,36 @@ impl Identity {
         document.insert(RESERVED.into(), Value::Object(part));
         Some(Value::Object(document))
     }
+}
+
+/// What else of a request reaches the upstream and may change its answer: the query string
+/// (`?beta=true`, `?api-version=…`; as a keyed hash, since some clients put a key in it) and
+/// the [`SEMANTIC_HEADERS`], for [`Identity::key_document`].
+pub fn upstream_context(
+    query: Option<&str>,
+    headers: &HeaderMap,
+    key: &[u8; 32],
+) -> Map<String, Value> {
+    let mut context = Map::new();
+    if let Some(query) = query.filter(|q| !q.is_empty()) {
+        let hash = blake3::keyed_hash(key, query.as_bytes());
+        context.insert("query".into(), hash.to_hex()[..32].into());
+    }
+    let mut named = Map::new();
+    for name in SEMANTIC_HEADERS {
+        let values: Vec<Value> = headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned().into())
+            .collect();
+        if !values.is_empty() {
+            named.insert(name.into(), Value::Array(values));
+        }
+    }
+    if !named.is_empty() {
+        context.insert("headers".into(), Value::Object(named));
+    }
+    context
 }
 
 /// The keyed hash of a request's credentials, as 32 hex digits (`anonymous` hashes an empty
@@ -139,7 +185,7 @@ mod tests {
         assert_ne!(a.partition, b.partition);
         let body = json!({"model": "m", "messages": []});
         let doc = a
-            .key_document(LlmRoute::ChatCompletions, &body, false)
+            .key_document(LlmRoute::ChatCompletions, &body, false, &Map::new())
             .unwrap();
         assert!(!doc.to_string().contains("sk-a"));
         let other_key = Identity::from_headers(
@@ -179,26 +225,74 @@ mod tests {
     fn reserved_members_and_non_objects_are_not_keyed() {
         let id = Identity::from_headers(&HeaderMap::new(), &KEY, false).unwrap();
         assert!(
-            id.key_document(LlmRoute::Messages, &json!({RESERVED: 1}), false)
-                .is_none()
+            id.key_document(
+                LlmRoute::Messages,
+                &json!({RESERVED: 1}),
+                false,
+                &Map::new()
+            )
+            .is_none()
         );
         assert!(
-            id.key_document(LlmRoute::Messages, &json!([1]), false)
+            id.key_document(LlmRoute::Messages, &json!([1]), false, &Map::new())
                 .is_none()
         );
         let streamed = id
-            .key_document(LlmRoute::Responses, &json!({"model": "m"}), true)
+            .key_document(
+                LlmRoute::Responses,
+                &json!({"model": "m"}),
+                true,
+                &Map::new(),
+            )
             .unwrap();
         let plain = id
-            .key_document(LlmRoute::Responses, &json!({"model": "m"}), false)
+            .key_document(
+                LlmRoute::Responses,
+                &json!({"model": "m"}),
+                false,
+                &Map::new(),
+            )
             .unwrap();
         assert_ne!(streamed, plain, "responses key streams apart");
         let streamed = id
-            .key_document(LlmRoute::ChatCompletions, &json!({"model": "m"}), true)
+            .key_document(
+                LlmRoute::ChatCompletions,
+                &json!({"model": "m"}),
+                true,
+                &Map::new(),
+            )
             .unwrap();
         let plain = id
-            .key_document(LlmRoute::ChatCompletions, &json!({"model": "m"}), false)
+            .key_document(
+                LlmRoute::ChatCompletions,
+                &json!({"model": "m"}),
+                false,
+                &Map::new(),
+            )
             .unwrap();
         assert_eq!(streamed, plain, "chat converts: one entry for both");
+    }
+
+    #[test]
+    fn the_query_and_api_version_headers_are_keyed_and_a_query_key_is_not_in_clear() {
+        let id = Identity::from_headers(&HeaderMap::new(), &KEY, true).unwrap();
+        let body = json!({"model": "m", "messages": []});
+        let doc = |query: Option<&str>, headers: &HeaderMap| {
+            let context = upstream_context(query, headers, &KEY);
+            id.key_document(LlmRoute::Messages, &body, false, &context)
+                .unwrap()
+        };
+        let none = HeaderMap::new();
+        let plain = doc(None, &none);
+        let beta = doc(Some("beta=true"), &none);
+        assert_ne!(plain, beta);
+        assert!(
+            !doc(Some("key=sk-secret"), &none)
+                .to_string()
+                .contains("sk-secret")
+        );
+        let versioned = doc(None, &headers(&[("anthropic-beta", "tools-2024")]));
+        assert_ne!(plain, versioned);
+        assert_eq!(doc(None, &headers(&[("x-request-id", "1")])), plain);
     }
 }

@@ -176,11 +176,21 @@ impl Drop for InFlight {
 }
 
 async fn v1(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    let route = LlmRoute::ALL
-        .into_iter()
-        .find(|r| r.path() == request.uri().path());
+    let path = request.uri().path();
+    let route = LlmRoute::ALL.into_iter().find(|r| r.path() == path);
     shared.requests.fetch_add(1, Relaxed);
     let _in_flight = InFlight::new(&shared.in_flight);
+    if has_dot_segment(path) {
+        // The upstream URL would resolve it, and could leave the base's path prefix.
+        shared.metrics.request("passthrough", "error");
+        let provider = Provider::of_other(path, request.headers());
+        return error(
+            provider,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "a path with `.` or `..` segments",
+        );
+    }
     match route {
         Some(route) if request.method() == Method::POST => {
             let span = tracing::info_span!(
@@ -194,9 +204,18 @@ async fn v1(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     }
 }
 
+/// Whether a path has a `.` or `..` segment, written plainly or percent-encoded (which URL
+/// parsers resolve alike).
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
+}
+
 /// An error in the provider's shape.
 pub fn error(provider: Provider, status: StatusCode, kind: &str, message: &str) -> Response {
-    let body = provider.error_body(status, kind, message);
+    let body = provider.error_body(kind, message);
     (status, axum::Json(body)).into_response()
 }
 
@@ -247,15 +266,20 @@ async fn cached(shared: Arc<Shared>, route: LlmRoute, request: Request) -> Respo
         .and_then(|v| v.get("stream"))
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
+    let context = identity::upstream_context(parts.uri.query(), &parts.headers, &shared.scope_key);
     let keyed = parsed
         .as_ref()
-        .and_then(|v| identity.key_document(route, v, stream))
+        .and_then(|v| identity.key_document(route, v, stream, &context))
         .and_then(|doc| shared.cache.key(&doc, &identity.scope).ok());
     let Some(keyed) = keyed else {
-        let request = parsed.unwrap_or(serde_json::Value::Null);
+        let model = parsed
+            .as_ref()
+            .and_then(|v| v.get("model"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("unknown");
         shared
             .cache
-            .record_uncacheable(&request, &identity.scope, started);
+            .record_uncacheable(model, &identity.scope, started);
         tracing::info!(outcome = "uncacheable", "forwarded uncached");
         return respond::forward(&shared, route, &parts, body, Disposition::Bypass).await;
     };
@@ -286,7 +310,7 @@ async fn lookup_or_call(shared: Arc<Shared>, call: call::Call, key: String) -> R
     {
         let age = age_of(&lookup.entry);
         if call.controls.max_age.is_none_or(|max| age <= max) {
-            if let Some(response) = respond::hit(&shared, &call, &lookup, &key) {
+            if let Some(response) = respond::hit(&call, &lookup, &key) {
                 shared.cache.record(
                     &call.keyed,
                     lookup.outcome,
@@ -317,57 +341,37 @@ async fn lookup_or_call(shared: Arc<Shared>, call: call::Call, key: String) -> R
         return response;
     }
     shared.metrics.lookup(route.label(), call.started.elapsed());
-    match shared.flights.join(&call.keyed, call.stream) {
+    let stores = !call.controls.no_store;
+    let (response, disposition) = match shared.flights.join(&call.keyed, call.stream, stores) {
         Joined::Followed(subscription) => {
             call::count_follower(&shared, &call.keyed, subscription.flight(), call.started);
-            let stored = !call.controls.no_store;
-            shared.metrics.request(route.label(), "coalesced");
+            // The call is the leader's: its controls decide what is stored.
+            let stored = subscription.flight().stores();
             tracing::info!(outcome = "coalesced", "joined a call in flight");
-            respond::from_flight(
-                &shared,
-                subscription,
-                route,
-                call.stream,
-                Disposition::Coalesced { stored },
-                &key,
-            )
-            .await
+            let (route, stream) = (call.route, call.stream);
+            let disposition = Disposition::Coalesced { stored };
+            respond::from_flight(subscription, route, stream, disposition, &key).await
         }
         Joined::Led(subscription) => {
-            // Stored between the lookup above and now: the flight ends with that answer.
-            if refresh.is_none()
-                && let Some(entry) = shared.cache.find_in_memory(&call.keyed).await
-            {
-                let lookup = strata_tiers::Lookup {
-                    entry,
-                    outcome: Outcome::L1,
-                };
-                if let Some(response) = respond::hit(&shared, &call, &lookup, &key)
-                    && call::end_with_entry(&shared, subscription.flight(), &lookup.entry)
-                {
-                    shared.cache.record(
-                        &call.keyed,
-                        Outcome::L1,
-                        Some(&lookup.entry),
-                        call.started,
-                    );
-                    shared.metrics.request(route.label(), "hit");
-                    return response;
-                }
-            }
-            let stored = !call.controls.no_store;
             let disposition = match refresh {
-                Some(why) => Disposition::Refresh { stored, why },
-                None => Disposition::Miss { stored },
+                Some(why) => Disposition::Refresh {
+                    stored: stores,
+                    why,
+                },
+                None => Disposition::Miss { stored: stores },
             };
-            shared.metrics.request(route.label(), disposition.result());
             tracing::info!(outcome = disposition.result(), "calling upstream");
-            let (stream, flight) = (call.stream, Arc::clone(subscription.flight()));
-            let task = tokio::spawn(call::run(Arc::clone(&shared), flight, call));
+            let (route, stream) = (call.route, call.stream);
+            // The task starts at once: a flight in the registry always has its call running.
+            let flight = Arc::clone(subscription.flight());
+            let look_again = refresh.is_none();
+            let task = tokio::spawn(call::run(Arc::clone(&shared), flight, call, look_again));
             subscription.flight().run_by(task.abort_handle());
-            respond::from_flight(&shared, subscription, route, stream, disposition, &key).await
+            respond::from_flight(subscription, route, stream, disposition, &key).await
         }
-    }
+    };
+    shared.metrics.request(route.label(), disposition.result());
+    response
 }
 
 /// How long ago an entry was written.

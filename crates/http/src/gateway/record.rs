@@ -130,6 +130,17 @@ impl Recorded {
         }
     }
 
+    /// The upstream's status (2xx).
+    pub fn status(&self) -> axum::http::StatusCode {
+        let status = match self {
+            Recorded::Json { status, .. } | Recorded::Sse { status, .. } => *status,
+        };
+        axum::http::StatusCode::from_u16(status)
+            .ok()
+            .filter(|s| s.is_success())
+            .unwrap_or(axum::http::StatusCode::OK)
+    }
+
     /// The answer as a client that does (`stream`) or does not want a stream gets it; `None`
     /// when no conversion exists on this route (or the recorded answer does not convert).
     pub fn shaped(&self, route: LlmRoute, stream: bool) -> Option<Shaped> {

@@ -21,7 +21,7 @@ use super::{Shared, age_of, content_type, error};
 
 /// A hit, in the shape the request asked for; `None` when the entry cannot be served in it
 /// (no conversion on this route), which the caller treats as a miss.
-pub fn hit(_shared: &Shared, call: &Call, lookup: &Lookup, key: &str) -> Option<Response> {
+pub fn hit(call: &Call, lookup: &Lookup, key: &str) -> Option<Response> {
     let recorded: Recorded = serde_json::from_str(lookup.entry.response.get()).ok()?;
     let shaped = recorded.shaped(call.route, call.stream)?;
     let ttl = lookup
@@ -34,7 +34,7 @@ pub fn hit(_shared: &Shared, call: &Call, lookup: &Lookup, key: &str) -> Option<
         ttl,
     };
     Some(shaped_response(
-        StatusCode::OK,
+        recorded.status(),
         HeaderMap::new(),
         shaped,
         disposition,
@@ -62,16 +62,15 @@ fn shaped_response(
 }
 
 /// The answer of a flight this request leads or joined: a live stream when the upstream
-/// streams and the client wants a stream, else the whole answer once the call ends.
+/// streams and the client wants a stream, else the whole answer once the call ends. Returns
+/// it with what the cache did, as its headers say.
 pub async fn from_flight(
-    shared: &Shared,
     subscription: Subscription,
     route: LlmRoute,
     stream: bool,
     disposition: Disposition,
     key: &str,
-) -> Response {
-    let _ = shared;
+) -> (Response, Disposition) {
     let mut watch = subscription.flight().watch();
     let live = match watch
         .wait_for(|p| p.end.is_some() || p.head.as_ref().is_some_and(|h| h.stream))
@@ -89,18 +88,46 @@ pub async fn from_flight(
         }
         content_type(response.headers_mut(), true);
         disposition.apply(Some(key), response.headers_mut());
-        return response;
+        return (response, disposition);
     }
     let ended = watch.wait_for(|p| p.end.is_some()).await;
     let Ok(progress) = ended else {
-        return error(
+        let response = error(
             route.provider(),
             StatusCode::BAD_GATEWAY,
             "upstream_error",
             "the upstream call was lost",
         );
+        return (response, disposition);
     };
     answer_of(&progress, route, stream, disposition, key)
+}
+
+/// What the cache did, once the call has ended: whether the answer was stored, and for a
+/// leader whose call found the answer in memory after all, a hit.
+fn settled(disposition: Disposition, end: Option<&End>) -> Disposition {
+    let entry = match end {
+        Some(End::Answered { entry, found, .. }) => {
+            if let (true, Disposition::Miss { .. }, Some(entry)) = (found, disposition, entry) {
+                return Disposition::Hit {
+                    tier: strata_analytics::Outcome::L1,
+                    age: age_of(entry),
+                    ttl: entry
+                        .expires_at
+                        .and_then(|at| (at - chrono::Utc::now()).to_std().ok()),
+                };
+            }
+            entry.as_ref()
+        }
+        _ => None,
+    };
+    let stored = entry.is_some();
+    match disposition {
+        Disposition::Miss { .. } => Disposition::Miss { stored },
+        Disposition::Coalesced { .. } => Disposition::Coalesced { stored },
+        Disposition::Refresh { why, .. } => Disposition::Refresh { stored, why },
+        other => other,
+    }
 }
 
 /// The response to a request whose flight has ended.
@@ -110,8 +137,9 @@ fn answer_of(
     stream: bool,
     disposition: Disposition,
     key: &str,
-) -> Response {
+) -> (Response, Disposition) {
     let provider = route.provider();
+    let disposition = settled(disposition, progress.end.as_ref());
     let headers = progress
         .head
         .as_ref()
@@ -120,7 +148,9 @@ fn answer_of(
     let mut response = match &progress.end {
         Some(End::Answered { recorded, .. }) => match recorded.shaped(route, stream) {
             Some(shaped) => {
-                return shaped_response(StatusCode::OK, headers, shaped, disposition, key);
+                let response =
+                    shaped_response(recorded.status(), headers, shaped, disposition, key);
+                return (response, disposition);
             }
             None => error(
                 provider,
@@ -162,15 +192,8 @@ fn answer_of(
             "the upstream call was lost",
         ),
     };
-    // Nothing was stored: say so.
-    let unstored = match disposition {
-        Disposition::Miss { .. } => Disposition::Miss { stored: false },
-        Disposition::Coalesced { .. } => Disposition::Coalesced { stored: false },
-        Disposition::Refresh { why, .. } => Disposition::Refresh { stored: false, why },
-        other => other,
-    };
-    unstored.apply(Some(key), response.headers_mut());
-    response
+    disposition.apply(Some(key), response.headers_mut());
+    (response, disposition)
 }
 
 /// A flight's events as they arrive: those received so far, then the live ones. A stream the
@@ -273,7 +296,7 @@ async fn send_streaming(
     match shared.upstream.send(request).await {
         Ok(upstream) => {
             let status = upstream.status();
-            let headers = returned(upstream.headers(), false);
+            let headers = returned(upstream.headers(), false, false);
             let body = upstream
                 .bytes_stream()
                 .map(|chunk| chunk.map_err(std::io::Error::other));

@@ -1,6 +1,6 @@
 //! The LLM routes the gateway caches, and what each one's streams and errors look like.
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use serde_json::json;
 
 use crate::convert::SseEvent;
@@ -38,10 +38,10 @@ impl Provider {
     }
 
     /// An error body in this provider's shape, so that its SDKs read the message.
-    pub fn error_body(self, status: StatusCode, kind: &str, message: &str) -> serde_json::Value {
+    pub fn error_body(self, kind: &str, message: &str) -> serde_json::Value {
         match self {
             Provider::OpenAi => json!({
-                "error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}
+                "error": {"message": message, "type": kind, "param": null, "code": null}
             }),
             Provider::Anthropic => json!({
                 "type": "error",

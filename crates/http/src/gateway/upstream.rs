@@ -141,15 +141,18 @@ pub fn forwarded(headers: &HeaderMap, identity: bool) -> HeaderMap {
     out
 }
 
-/// The headers of an upstream's answer to pass back: all but hop-by-hop ones and the framing
-/// headers the gateway sets itself (`content-length`; and on recorded answers, whose body the
-/// gateway writes, `content-type` and `content-encoding`).
-pub fn returned(headers: &HeaderMap, recorded: bool) -> HeaderMap {
+/// The headers of an upstream's answer to pass back: all but hop-by-hop ones and
+/// `content-length` (the gateway frames the body itself). An answer the gateway records or
+/// shares between clients (`shared`) also loses `set-cookie`, which belongs to one client, and
+/// one it recorded (whose body the gateway writes in the shape asked for) `content-type` and
+/// `content-encoding`.
+pub fn returned(headers: &HeaderMap, recorded: bool, shared: bool) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let n = name.as_str();
         if HOP_BY_HOP.contains(&n)
             || n == "content-length"
+            || (shared && n == "set-cookie")
             || (recorded && (n == "content-type" || n == "content-encoding"))
         {
             continue;
