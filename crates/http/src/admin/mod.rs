@@ -76,7 +76,7 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
             .is_some_and(|ConnectInfo(peer)| peer.ip().is_loopback()),
     };
     if allowed {
-        if let Err(refusal) = same_site(&request, shared.config.admin_token.expose().is_none()) {
+        if let Some(refusal) = refusal(&request, shared.config.admin_token.expose().is_none()) {
             return refusal;
         }
         return next.run(request).await;
@@ -95,7 +95,7 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
 /// Refuses what a web page elsewhere could make a browser send: a request its browser marks
 /// cross-site, a POST that is not JSON (a page can send text or a form anywhere without
 /// asking), and, without a token, a `Host` that is not a loopback name (DNS rebinding).
-fn same_site(request: &Request, loopback_only: bool) -> Result<(), Response> {
+fn refusal(request: &Request, loopback_only: bool) -> Option<Response> {
     let headers = request.headers();
     let text = |name| {
         headers
@@ -103,7 +103,7 @@ fn same_site(request: &Request, loopback_only: bool) -> Result<(), Response> {
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
     if text("sec-fetch-site") == Some("cross-site") {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::FORBIDDEN,
             "the admin API does not answer cross-site requests",
         ));
@@ -112,7 +112,7 @@ fn same_site(request: &Request, loopback_only: bool) -> Result<(), Response> {
         && !text(header::CONTENT_TYPE.as_str())
             .is_some_and(|t| t.trim_start().starts_with("application/json"))
     {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "admin POSTs take `Content-Type: application/json`",
         ));
@@ -130,13 +130,13 @@ fn same_site(request: &Request, loopback_only: bool) -> Result<(), Response> {
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());
         if !loopback {
-            return Err(refuse(
+            return Some(refuse(
                 StatusCode::FORBIDDEN,
                 "without an admin token the admin API answers requests to a loopback address only",
             ));
         }
     }
-    Ok(())
+    None
 }
 
 async fn dashboard() -> Html<&'static str> {
