@@ -289,7 +289,10 @@ async fn run() {
 
     // 2. Miss overhead, first: every request is a new key. Alternating gateway and direct
     // calls share whatever the machine is doing.
-    let rounds = 300;
+    let rounds: usize = std::env::var("STRATA_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(300);
     let (mut via, mut straight, mut via_ttfb, mut straight_ttfb) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..rounds {
@@ -314,6 +317,27 @@ async fn run() {
         percentile(&mut via_ttfb, 0.5),
         percentile(&mut straight_ttfb, 0.5),
     );
+
+    if std::env::var("STRATA_BENCH_ONLY").as_deref() == Ok("miss") {
+        // The floor of a proxy hop: an uncached path through the gateway and straight.
+        let (mut via, mut straight) = (Vec::new(), Vec::new());
+        let models_via = format!("http://{gateway_addr}/v1/models");
+        let models_direct = format!("http://{provider_addr}/v1/models");
+        for _ in 0..rounds {
+            via.push(post(&client, &models_via, Bytes::new()).await.2);
+            straight.push(post(&client, &models_direct, Bytes::new()).await.2);
+        }
+        println!(
+            "passthrough p50 added: {:.1} µs",
+            us(percentile(&mut via, 0.5)) - us(percentile(&mut straight, 0.5))
+        );
+        println!(
+            "miss p50 added: JSON {:.1} µs, stream first byte {:.1} µs",
+            us(miss.0) - us(miss.1),
+            us(ttfb.0) - us(ttfb.1)
+        );
+        return;
+    }
 
     // 1. Hits at concurrency 32: warm every request once, then the same bodies against the
     // gateway and the bare server, alternately, three rounds each.

@@ -608,11 +608,12 @@ impl TieredCache {
         self.inner.failures.counters.record_executor_error();
     }
 
-    /// Stores a completion for a request already keyed, as [`TieredCache::put`] does, with the
-    /// invalidation epochs `as_of` when its upstream call started (from
+    /// The entry a completion for a request already keyed makes, with the invalidation epochs
+    /// `as_of` when its upstream call started (from
     /// [`EpochStore::snapshot`](crate::EpochStore::snapshot)): an invalidation made while the
-    /// call ran refuses its answer instead of being recorded in it.
-    pub async fn put_keyed(
+    /// call ran refuses its answer instead of being recorded in it. Nothing is stored yet:
+    /// [`TieredCache::store_entry`] does, so that a caller can hand the answer on first.
+    pub async fn entry_for(
         &self,
         keyed: &Keyed,
         completion: Completion,
@@ -621,9 +622,13 @@ impl TieredCache {
         self.inner.epochs_known().await;
         let mut entry = self.inner.build_entry(keyed, completion, Duration::ZERO);
         entry.epochs = as_of.stamp(&entry);
-        let entry = Arc::new(entry);
-        self.inner.store(&keyed.key, &entry).await;
-        entry
+        Arc::new(entry)
+    }
+
+    /// Stores an entry made by [`TieredCache::entry_for`] in L1 and below, as
+    /// [`TieredCache::put`] does.
+    pub async fn store_entry(&self, keyed: &Keyed, entry: &Arc<Entry>) {
+        self.inner.store(&keyed.key, entry).await;
     }
 
     /// Stores a completion for a request in L1 and L2, replacing what was there.

@@ -109,7 +109,7 @@ impl CallGuard {
         let end = answer(shared, flight, call).await;
         let took = started.elapsed();
         shared.metrics.upstream(route, took);
-        let end = match end {
+        let (end, entry) = match end {
             Ok(recorded) => {
                 let entry = if call.controls.no_store {
                     None
@@ -118,18 +118,19 @@ impl CallGuard {
                     Some(
                         shared
                             .cache
-                            .put_keyed(&call.keyed, completion, &as_of)
+                            .entry_for(&call.keyed, completion, &as_of)
                             .await,
                     )
                 };
                 shared
                     .cache
                     .record(&call.keyed, Outcome::Miss, entry.as_ref(), call.started);
-                End::Answered {
+                let end = End::Answered {
                     recorded: Arc::new(recorded),
-                    entry,
+                    entry: entry.clone(),
                     found: false,
-                }
+                };
+                (end, entry)
             }
             Err(end) => {
                 match &end {
@@ -151,11 +152,19 @@ impl CallGuard {
                     .cache
                     .record(&call.keyed, Outcome::Miss, None, call.started);
                 shared.cache.record_upstream_error();
-                end
+                (end, None)
             }
         };
         self.counted = true;
+        // The answer goes to the requests waiting for it first, then into the tiers. The flight
+        // stays in the registry until the entry is stored (the guard takes it out), so a request
+        // arriving meanwhile joins the ended flight rather than calling upstream again.
         flight.end(end);
+        if let Some(entry) = entry {
+            // The requests just woken run first: storing can wait a moment, they need not.
+            tokio::task::yield_now().await;
+            shared.cache.store_entry(&call.keyed, &entry).await;
+        }
     }
 }
 

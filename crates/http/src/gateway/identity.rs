@@ -71,20 +71,22 @@ impl Identity {
         })
     }
 
-    /// The document a request body is keyed by: the body with the gateway's part (route,
-    /// partition, wider scopes, and for routes whose shapes do not convert, whether it
-    /// streams) added under [`RESERVED`]. `None` when the body is not an object or already
-    /// has that member.
-    pub fn key_document(
+    /// Makes a request body the document it is keyed by: the gateway's part (route, partition,
+    /// wider scopes, what else reaches the upstream, and for routes whose shapes do not
+    /// convert, whether it streams) added under [`RESERVED`]. A body that is not an object, or
+    /// already has that member, is not keyed: `false`, and the body is left as it was.
+    pub fn into_key_document(
         &self,
         route: LlmRoute,
-        body: &Value,
+        body: &mut Value,
         stream: bool,
         upstream: &Map<String, Value>,
-    ) -> Option<Value> {
-        let object = body.as_object()?;
+    ) -> bool {
+        let Some(object) = body.as_object_mut() else {
+            return false;
+        };
         if object.contains_key(RESERVED) {
-            return None;
+            return false;
         }
         let mut part = upstream.clone();
         part.insert("route".into(), route.label().into());
@@ -100,9 +102,21 @@ impl Identity {
         if !route.converts() {
             part.insert("stream".into(), stream.into());
         }
-        let mut document = object.clone();
-        document.insert(RESERVED.into(), Value::Object(part));
-        Some(Value::Object(document))
+        object.insert(RESERVED.into(), Value::Object(part));
+        true
+    }
+
+    /// [`Identity::into_key_document`] on a copy of `body`.
+    pub fn key_document(
+        &self,
+        route: LlmRoute,
+        body: &Value,
+        stream: bool,
+        upstream: &Map<String, Value>,
+    ) -> Option<Value> {
+        let mut document = body.clone();
+        self.into_key_document(route, &mut document, stream, upstream)
+            .then_some(document)
     }
 }
 

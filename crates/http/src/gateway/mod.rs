@@ -260,17 +260,19 @@ async fn cached(shared: Arc<Shared>, route: LlmRoute, request: Request) -> Respo
         Ok(i) => i,
         Err(message) => return bad_request(message),
     };
-    let parsed: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let mut parsed: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
     let stream = parsed
         .as_ref()
         .and_then(|v| v.get("stream"))
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
     let context = identity::upstream_context(parts.uri.query(), &parts.headers, &shared.scope_key);
-    let keyed = parsed
-        .as_ref()
-        .and_then(|v| identity.key_document(route, v, stream, &context))
-        .and_then(|doc| shared.cache.key(&doc, &identity.scope).ok());
+    let keyed = parsed.as_mut().and_then(|doc| {
+        identity
+            .into_key_document(route, doc, stream, &context)
+            .then(|| shared.cache.key(doc, &identity.scope).ok())
+            .flatten()
+    });
     let Some(keyed) = keyed else {
         let model = parsed
             .as_ref()
@@ -283,6 +285,7 @@ async fn cached(shared: Arc<Shared>, route: LlmRoute, request: Request) -> Respo
         tracing::info!(outcome = "uncacheable", "forwarded uncached");
         return respond::forward(&shared, route, &parts, body, Disposition::Bypass).await;
     };
+    drop(parsed);
     let display_key = keyed.key.to_string();
     tracing::Span::current().record("key", display_key.as_str());
     let call = call::Call {
