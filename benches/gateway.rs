@@ -292,7 +292,7 @@ async fn run() {
     let rounds: usize = std::env::var("STRATA_BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(1000);
     let (mut via, mut straight, mut via_ttfb, mut straight_ttfb) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..rounds {
