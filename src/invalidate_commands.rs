@@ -280,3 +280,74 @@ pub async fn lifecycle(config: &Config, apply: bool) -> Result<ExitCode> {
     outln!("installed")?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// `strata epochs`: the invalidation epochs in force on this node (after a refresh from S3).
+pub async fn epochs(config: &Config, json: bool) -> Result<ExitCode> {
+    let cache = config.open_cache().await?;
+    if let Err(e) = cache.refresh_epochs().await {
+        errln!("strata: warning: the bucket's epochs could not be read ({e}); showing this node's");
+    }
+    let epochs = cache.epochs().snapshot();
+    close(cache).await;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&*epochs)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let when = |ms: u64| {
+        chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+            .map_or_else(|| format!("{ms} (not a date)"), |t| t.to_rfc3339())
+    };
+    if epochs.is_empty() {
+        outln!("no invalidation in force")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if epochs.all > 0 {
+        outln!("all          bumped {}", when(epochs.all))?;
+    }
+    if epochs.not_before_ms > 0 {
+        outln!(
+            "older-than   entries created before {}",
+            when(u64::try_from(epochs.not_before_ms).unwrap_or(0))
+        )?;
+    }
+    for (kind, map) in [
+        ("model", &epochs.model),
+        ("user", &epochs.user),
+        ("session", &epochs.session),
+        ("namespace", &epochs.namespace),
+        ("tag", &epochs.tag),
+        ("key", &epochs.key),
+    ] {
+        for (name, &value) in map {
+            outln!("{kind:<12} {name}  bumped {}", when(value))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `strata epochs reset --yes`: drops epochs beyond every clock, here and in the bucket.
+pub async fn reset_epochs(config: &Config, yes: bool) -> Result<ExitCode> {
+    if !yes {
+        bail!(
+            "epochs reset rewrites this node's epochs and the bucket's shared document; run it again with --yes to confirm"
+        );
+    }
+    let cache = config.open_cache().await?;
+    let has_s3 = cache.l3().is_some();
+    let dropped = cache.reset_epochs().await;
+    close(cache).await;
+    let dropped = dropped.context("resetting the epochs")?;
+    if dropped.is_empty() {
+        outln!("no epoch beyond the clock on this node; the epochs in force were republished")?;
+    } else {
+        outln!(
+            "dropped {} epoch(s) from the future: {}",
+            dropped.len(),
+            dropped.join(", ")
+        )?;
+    }
+    if has_s3 {
+        outln!("wrote control/epochs.json and this node's copy from the epochs in force")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -133,6 +133,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The invalidation epochs in force (`reset --yes` repairs epochs poisoned with values
+    /// from the future, here and in the bucket).
+    Epochs {
+        #[command(subcommand)]
+        command: Option<EpochsCommand>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Bucket settings.
     S3 {
         #[command(subcommand)]
@@ -166,6 +175,17 @@ enum S3Command {
         /// Install the rules on the bucket.
         #[arg(long)]
         apply: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EpochsCommand {
+    /// Drop epochs beyond every clock (forged, or left by a clock gone wrong) from this node and
+    /// rewrite the bucket's shared document and this node's copy.
+    Reset {
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -325,6 +345,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             invalidate_commands::invalidate(&config, &selector, json).await
         }
         Command::Clear { yes } => invalidate_commands::clear(&config, yes).await,
+        Command::Epochs { command, json } => match command {
+            None => invalidate_commands::epochs(&config, json).await,
+            Some(EpochsCommand::Reset { yes }) => {
+                invalidate_commands::reset_epochs(&config, yes).await
+            }
+        },
         Command::Gc { dry_run, json } => invalidate_commands::gc(&config, dry_run, json).await,
         Command::S3 {
             command: S3Command::Lifecycle { apply },

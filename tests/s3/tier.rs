@@ -12,11 +12,11 @@ use tempfile::TempDir;
 
 use crate::s3_server::{Fault, TestS3};
 
-fn request(text: &str) -> Value {
+pub(crate) fn request(text: &str) -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]})
 }
 
-fn completion(text: &str) -> Completion {
+pub(crate) fn completion(text: &str) -> Completion {
     let response = json!({"choices": [{"message": {"role": "assistant", "content": text}}],
                           "usage": {"prompt_tokens": 12, "completion_tokens": 30}});
     Completion::from_value(&response)
@@ -26,17 +26,20 @@ fn completion(text: &str) -> Completion {
 }
 
 /// One node: a disk directory and an S3 tier on the shared bucket.
-struct Node {
-    cache: TieredCache,
-    s3: S3Tier,
-    disk: DiskTier,
+pub(crate) struct Node {
+    pub(crate) cache: TieredCache,
+    pub(crate) s3: S3Tier,
+    pub(crate) disk: DiskTier,
 }
 
-async fn node(server: &TestS3, dir: &std::path::Path) -> Result<Node> {
+pub(crate) async fn node(server: &TestS3, dir: &std::path::Path) -> Result<Node> {
     node_with(&server.config(), dir).await
 }
 
-async fn node_with(config: &strata::tiers::S3Config, dir: &std::path::Path) -> Result<Node> {
+pub(crate) async fn node_with(
+    config: &strata::tiers::S3Config,
+    dir: &std::path::Path,
+) -> Result<Node> {
     let disk = DiskTier::open(&DiskConfig::new(dir), Codec::default())?;
     let s3 = S3Tier::connect(config, &disk, Codec::default()).await?;
     let cache = TieredCache::builder()
@@ -63,11 +66,11 @@ async fn entry_objects(server: &TestS3) -> Result<usize> {
     Ok(keys.iter().filter(|k| k.ends_with(".json.zst")).count())
 }
 
-async fn never() -> Result<Completion, std::io::Error> {
+pub(crate) async fn never() -> Result<Completion, std::io::Error> {
     Err(std::io::Error::other("the executor must not run"))
 }
 
-async fn outcome(cache: &TieredCache, text: &str) -> Result<Outcome> {
+pub(crate) async fn outcome(cache: &TieredCache, text: &str) -> Result<Outcome> {
     let lookup = cache
         .get_or_execute(&request(text), &Scope::Global, never)
         .await

@@ -156,8 +156,23 @@ impl<'de> Deserialize<'de> for JsonText {
 impl Entry {
     /// Whether this entry is the answer to `keyed`: same canonical request, byte for byte, and same
     /// scope. A digest collision, accidental or crafted, fails this check and becomes a miss.
+    ///
+    /// The names an entry is invalidated by must be the key's too: its model, its cache id and
+    /// its display key. An entry from a shared bucket that says another model or key (to slip
+    /// past `invalidate --model`, `--key` or `--pattern`) answers nothing.
     pub fn answers(&self, keyed: &Keyed) -> bool {
-        self.request == keyed.canonical && self.scope == keyed.scope
+        self.request == keyed.canonical
+            && self.scope == keyed.scope
+            && self.model == keyed.model
+            && keyed.key.hex_matches(&self.cache_id)
+            && keyed.key.display_matches(&self.cache_key)
+    }
+
+    /// Whether the entry says it was written later than `latest` (now plus the clock skew
+    /// allowed between nodes): no node wrote it so, and a forged date in the future would
+    /// outlive every age-based invalidation.
+    pub fn written_after(&self, latest: DateTime<Utc>) -> bool {
+        self.created_at > latest
     }
 
     /// Whether the entry has expired at `now`.

@@ -25,6 +25,18 @@ use serde::{Deserialize, Serialize};
 use crate::entry::Entry;
 use crate::scope::Scope;
 
+/// How far ahead of this node's clock another node's may be. An entry written, or an epoch
+/// bumped, later than now plus this is refused as forged (or from a clock gone wrong).
+pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// The latest time, in ms since the Unix epoch, that a stored date or epoch may say:
+/// `now` plus [`CLOCK_SKEW`].
+pub fn latest_plausible_ms(now: DateTime<Utc>) -> u64 {
+    u64::try_from(now.timestamp_millis())
+        .unwrap_or(0)
+        .saturating_add(CLOCK_SKEW.as_millis() as u64)
+}
+
 /// The separator of hierarchical tags: invalidating `jobs` also covers `jobs:42`.
 pub const TAG_SEPARATOR: char = ':';
 
@@ -237,11 +249,14 @@ impl Epochs {
         out
     }
 
-    /// Whether an entry may still be served: created at or after `not_before_ms`, and no
-    /// applicable epoch has moved past the value the entry recorded.
+    /// Whether an entry may still be served: created at or after `not_before_ms`, no
+    /// applicable epoch has moved past the value the entry recorded, and the entry records no
+    /// epoch above what is in force. No node records an epoch it does not have: a value above
+    /// the one in force is forged (it would outlive the next invalidation), or from a node whose
+    /// bump this one has not learnt yet (served once the next refresh brings it).
     pub fn admits(&self, entry: &Entry) -> bool {
         if self.is_empty() {
-            return true;
+            return entry.epochs.is_empty();
         }
         self.admits_parts(
             &entry.model,
@@ -264,9 +279,12 @@ impl Epochs {
         recorded: &BTreeMap<String, u64>,
     ) -> bool {
         if self.is_empty() {
-            return true;
+            return recorded.is_empty();
         }
         if created_at.timestamp_millis() < self.not_before_ms {
+            return false;
+        }
+        if !self.in_force_covers(recorded) {
             return false;
         }
         let recorded_of = |name: &str| recorded.get(name).copied().unwrap_or(0);
@@ -279,6 +297,63 @@ impl Epochs {
                 None => true,
             }
         })
+    }
+
+    /// Whether every epoch an entry recorded is at most the one in force (entries record what
+    /// is in force when they are written, and epochs only grow).
+    fn in_force_covers(&self, recorded: &BTreeMap<String, u64>) -> bool {
+        recorded.iter().all(|(name, &value)| {
+            if name == ALL {
+                return value <= self.all;
+            }
+            let Some((prefix, id)) = name.split_once(':') else {
+                return false;
+            };
+            let kind = match prefix {
+                "model" => Kind::Model,
+                "user" => Kind::User,
+                "session" => Kind::Session,
+                "namespace" => Kind::Namespace,
+                "tag" => Kind::Tag,
+                "key" => Kind::Key,
+                _ => return false,
+            };
+            value <= self.map(kind).get(id).copied().unwrap_or(0)
+        })
+    }
+
+    /// Drops every epoch above `latest_ms` (and a `not_before_ms` past it): no node bumps an
+    /// epoch beyond its clock, so a value that far ahead is forged or from a clock gone wrong,
+    /// and kept it would refuse every answer it covers for as long as it stays ahead (a
+    /// `not_before_ms` in the far future: every answer, for good). Returns what was dropped,
+    /// as `name=value`, for a warning.
+    pub fn drop_beyond(&mut self, latest_ms: u64) -> Vec<String> {
+        let mut dropped = Vec::new();
+        if self.all > latest_ms {
+            dropped.push(format!("{ALL}={}", self.all));
+            self.all = 0;
+        }
+        if u64::try_from(self.not_before_ms).is_ok_and(|t| t > latest_ms) {
+            dropped.push(format!("not_before_ms={}", self.not_before_ms));
+            self.not_before_ms = 0;
+        }
+        for kind in [
+            Kind::Model,
+            Kind::User,
+            Kind::Session,
+            Kind::Namespace,
+            Kind::Tag,
+            Kind::Key,
+        ] {
+            self.map_mut(kind).retain(|id, value| {
+                let keep = *value <= latest_ms;
+                if !keep {
+                    dropped.push(format!("{}={value}", recorded_name(kind, id)));
+                }
+                keep
+            });
+        }
+        dropped
     }
 
     /// Bumps the epoch a selector names (or moves `not_before_ms`), as of `now`. Returns the

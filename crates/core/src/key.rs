@@ -86,6 +86,25 @@ impl CacheKey {
         out
     }
 
+    /// Whether `text` is this key's digest as 32 lowercase hex digits (an entry's `cache_id`),
+    /// compared without building the text.
+    pub fn hex_matches(&self, text: &str) -> bool {
+        let bytes = text.as_bytes();
+        bytes.len() == 32
+            && self.digest.iter().enumerate().all(|(i, b)| {
+                bytes[2 * i] == HEX[usize::from(b >> 4)]
+                    && bytes[2 * i + 1] == HEX[usize::from(b & 0xf)]
+            })
+    }
+
+    /// Whether `text` is this key's display form, `{model_slug}_{32 hex}` (an entry's
+    /// `cache_key`), compared without building it.
+    pub fn display_matches(&self, text: &str) -> bool {
+        text.strip_prefix(self.slug.as_str())
+            .and_then(|rest| rest.strip_prefix('_'))
+            .is_some_and(|hex| self.hex_matches(hex))
+    }
+
     /// Derives the key of canonical text that no normalizer profile produced (the typed
     /// cache's `{"kv": key}`).
     pub fn derive(slug: ModelSlug, scope: &Scope, canonical: &str) -> Self {

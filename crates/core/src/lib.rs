@@ -31,7 +31,7 @@ pub mod secret;
 
 pub use codec::{Codec, CodecError};
 pub use entry::{Cost, Entry, JsonText, Tokens};
-pub use epochs::{Epochs, Selector};
+pub use epochs::{CLOCK_SKEW, Epochs, Selector};
 pub use error::RequestError;
 pub use key::{CacheKey, KEY_FORMAT_VERSION, Keyed, ModelSlug};
 pub use normalize::{Explanation, FieldAction, FieldReport, Normalizer, Profile};

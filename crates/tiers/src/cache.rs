@@ -30,8 +30,8 @@ use strata_analytics::{
     Analytics, AnalyticsConfig, ErrorKind, Event, Outcome, Pricing, Stats, TierName,
 };
 use strata_core::{
-    CacheKey, Codec, Cost, Entry, Epochs, JsonText, Keyed, ModelSlug, Normalizer, Profile,
-    RequestError, Scope, Selector, Tokens,
+    CLOCK_SKEW, CacheKey, Codec, Cost, Entry, Epochs, JsonText, Keyed, ModelSlug, Normalizer,
+    Profile, RequestError, Scope, Selector, Tokens,
 };
 
 use crate::disk::DiskTier;
@@ -1033,9 +1033,12 @@ impl Inner {
     }
 
     fn verdict(&self, entry: &Entry, keyed: &Keyed) -> Verdict {
-        if !entry.answers(keyed) {
+        let now = Utc::now();
+        // A date beyond every node's clock is no answer this cache wrote: refused as another
+        // request's is.
+        if !entry.answers(keyed) || entry.written_after(now + CLOCK_SKEW) {
             Verdict::Collision
-        } else if entry.is_expired_at(Utc::now()) {
+        } else if entry.is_expired_at(now) {
             Verdict::Expired
         } else if !self.epochs.admits(entry) {
             Verdict::Invalidated

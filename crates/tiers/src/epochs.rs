@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use chrono::Utc;
+use strata_core::epochs::latest_plausible_ms;
 use strata_core::{Entry, Epochs, Selector};
 
 use crate::disk::DiskTier;
@@ -75,7 +76,15 @@ impl EpochStore {
             })?,
             None => Epochs::default(),
         };
-        Ok(Self::with_tree(Some(tree), current))
+        let store = Self::with_tree(Some(tree), current);
+        let dropped = store.drop_beyond_clock()?;
+        if !dropped.is_empty() {
+            tracing::warn!(
+                dropped = %dropped.join(", "),
+                "dropped stored invalidation epochs from the future (forged, or a clock gone wrong)"
+            );
+        }
+        Ok(store)
     }
 
     fn with_tree(tree: Option<sled::Tree>, current: Epochs) -> Self {
@@ -102,9 +111,13 @@ impl EpochStore {
         Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Whether an entry may be served under the epochs in force.
+    /// Whether an entry may be served under the epochs in force (see [`Epochs::admits`]: with
+    /// nothing ever invalidated, an entry that records an epoch is refused too).
     pub fn admits(&self, entry: &Entry) -> bool {
-        self.empty.load(Ordering::Acquire) || self.snapshot().admits(entry)
+        if self.empty.load(Ordering::Acquire) {
+            return entry.epochs.is_empty();
+        }
+        self.snapshot().admits(entry)
     }
 
     /// The epochs an entry written now records.
@@ -140,13 +153,42 @@ impl EpochStore {
         .map(|n| n.unwrap_or(0))
     }
 
-    /// Merges epochs learnt elsewhere. Returns whether anything changed.
+    /// Merges epochs learnt elsewhere (another node's copy, the shared document). Values
+    /// beyond this node's clock plus [`CLOCK_SKEW`](strata_core::CLOCK_SKEW) are dropped first, with a warning naming
+    /// `source`: merged by maximum they could never be undone, and one `not_before_ms` in the
+    /// far future would refuse every answer on every node. Returns whether anything changed.
+    pub fn absorb_from(&self, other: &Epochs, source: &str) -> Result<bool, TierError> {
+        let mut other = other.clone();
+        let dropped = other.drop_beyond(latest_plausible_ms(Utc::now()));
+        if !dropped.is_empty() {
+            strata_analytics::throttled!(
+                self.shared_warnings,
+                source,
+                dropped = %dropped.join(", "),
+                "ignoring invalidation epochs from the future (forged, or a clock gone wrong)"
+            );
+        }
+        self.absorb(&other)
+    }
+
+    /// Merges epochs learnt elsewhere, as they are. Returns whether anything changed.
     pub fn absorb(&self, other: &Epochs) -> Result<bool, TierError> {
         if self.snapshot().covers(other) {
             return Ok(false);
         }
         self.update(|epochs| epochs.merge(other).then_some(0))
             .map(|v| v.is_some())
+    }
+
+    /// Drops this node's epochs that lie beyond its clock plus [`CLOCK_SKEW`](strata_core::CLOCK_SKEW) (left by an
+    /// older release that merged forged values). Returns what was dropped, as `name=value`.
+    pub fn drop_beyond_clock(&self) -> Result<Vec<String>, TierError> {
+        let mut dropped = Vec::new();
+        self.update(|epochs| {
+            dropped = epochs.drop_beyond(latest_plausible_ms(Utc::now()));
+            (!dropped.is_empty()).then_some(())
+        })?;
+        Ok(dropped)
     }
 
     /// Drops key tombstones older than `cutoff_ms`. Returns how many.
@@ -212,7 +254,7 @@ impl EpochStore {
                 continue;
             }
             if let Some(copy) = s3.read_node_epochs(&object.key).await? {
-                report.learnt |= self.absorb(&copy)?;
+                report.learnt |= self.absorb_from(&copy, &object.key)?;
             }
             state.seen.insert(object.key, object.etag);
         }
@@ -253,7 +295,7 @@ impl EpochStore {
     ) -> Result<(), TierError> {
         for _ in 0..CAS_ATTEMPTS {
             let (shared, etag) = s3.read_epochs().await?.unwrap_or_default();
-            report.learnt |= self.absorb(&shared)?;
+            report.learnt |= self.absorb_from(&shared, "control/epochs.json")?;
             if let Some(learnt) = learnt.take() {
                 learnt();
             }

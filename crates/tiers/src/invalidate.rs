@@ -179,6 +179,28 @@ impl TieredCache {
         }
     }
 
+    /// Repairs poisoned invalidation epochs: merges what the bucket holds (values beyond every
+    /// clock dropped, as always), drops such values from this node's own epochs (an older
+    /// release merged them as they came), persists the result, and with an S3 tier writes it
+    /// over the shared `control/epochs.json` and this node's copy. Other nodes' copies are
+    /// theirs to rewrite; every node ignores their values from the future. Returns what this
+    /// node dropped, as `name=value`.
+    pub async fn reset_epochs(&self) -> Result<Vec<String>, TierError> {
+        let epochs = &self.inner.epochs;
+        if let Some(l3) = &self.inner.l3 {
+            epochs.sync(l3).await?;
+        }
+        let dropped = epochs.drop_beyond_clock()?;
+        epochs.flush().await?;
+        if let Some(l3) = &self.inner.l3 {
+            let local = epochs.snapshot();
+            l3.write_epochs(&local, &crate::s3::control::Expect::Anything)
+                .await?;
+            l3.write_node_epochs(&local).await?;
+        }
+        Ok(dropped)
+    }
+
     /// Counts the entries on this node that `selector` would invalidate: those its tiers
     /// still serve and would stop serving. Scans the disk tier (or memory without one); an
     /// estimate of the whole cache, since other nodes and S3 may hold more.

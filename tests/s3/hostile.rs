@@ -1,0 +1,214 @@
+//! A hostile bucket: whoever can write to it must not be able to make a node serve a forged
+//! answer, nor stop every node from serving anything. Each test reproduces a finding made with
+//! the `strata` command before the checks existed.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use chrono::Utc;
+use strata::core::{Codec, Entry, Epochs, Selector};
+use strata::{Outcome, Scope};
+use tempfile::TempDir;
+
+use crate::s3_server::TestS3;
+use crate::s3_tier::{Node, completion, node, outcome, request};
+
+/// Node A stores `text`'s answer and uploads it; returns the object's path and the entry.
+async fn uploaded(a: &Node, text: &str) -> Result<(String, Entry)> {
+    let entry = a
+        .cache
+        .put(
+            &request(text),
+            &Scope::Global,
+            completion("the real answer"),
+        )
+        .await?;
+    a.cache.flush().await?;
+    let keyed = a.cache.key(&request(text), &Scope::Global)?;
+    let path =
+        a.s3.known_path(&keyed.key)?
+            .context("indexed after upload")?;
+    Ok((path, Entry::clone(&entry)))
+}
+
+/// Writes `forged` over the object at `path`, sealed as a node would seal it.
+async fn plant(a: &Node, path: &str, forged: &Entry) -> Result<()> {
+    let bytes = Codec::default().encode(forged)?;
+    a.s3.put_object(path, bytes, "application/octet-stream")
+        .await?;
+    Ok(())
+}
+
+fn forged_answer(entry: &Entry) -> Entry {
+    let mut forged = entry.clone();
+    forged.response = strata::core::JsonText::parse(
+        r#"{"choices":[{"message":{"role":"assistant","content":"FORGED"}}]}"#.into(),
+    )
+    .expect("JSON");
+    forged
+}
+
+/// Looks `text` up on `node`, running an executor on a miss; returns the outcome and whether
+/// the forged answer was served.
+async fn served_forgery(node: &Node, text: &str) -> Result<(Outcome, bool)> {
+    let lookup = node
+        .cache
+        .get_or_execute(&request(text), &Scope::Global, || async {
+            Ok::<_, std::io::Error>(completion("recomputed"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((
+        lookup.outcome,
+        lookup.entry.response.get().contains("FORGED"),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_recording_epochs_from_the_future_is_never_served() -> Result<()> {
+    let server = TestS3::start().await?;
+    let (dir_a, dir_b, dir_c) = (TempDir::new()?, TempDir::new()?, TempDir::new()?);
+    let a = node(&server, dir_a.path()).await?;
+    let (path, entry) = uploaded(&a, "plant here").await?;
+    let mut forged = forged_answer(&entry);
+    // "Every epoch = u64::MAX": no invalidation could ever pass it.
+    forged.epochs = BTreeMap::from([
+        ("all".to_string(), u64::MAX),
+        ("model:gpt-4o-mini".to_string(), u64::MAX),
+        (format!("key:{}", entry.cache_id), u64::MAX),
+    ]);
+    plant(&a, &path, &forged).await?;
+
+    let b = node(&server, dir_b.path()).await?;
+    let (found, forgery) = served_forgery(&b, "plant here").await?;
+    assert!(!forgery, "a fresh node served the planted answer");
+    assert_eq!(found, Outcome::Miss);
+    // After an invalidation too, and on a node that has one in force.
+    b.cache
+        .invalidate(&Selector::Model("gpt-4o-mini".into()))
+        .await?;
+    plant(&a, &path, &forged).await?;
+    let c = node(&server, dir_c.path()).await?;
+    let (_, forgery) = served_forgery(&c, "plant here").await?;
+    assert!(!forgery, "served after invalidate --model");
+    // gc takes it away for good.
+    plant(&a, &path, &forged).await?;
+    let report = c.cache.gc(false, |_| {}).await?;
+    assert!(report.s3_entries >= 1, "{report:?}");
+    assert!(
+        !server.keys().await?.contains(&path),
+        "gc left the forged object in place"
+    );
+    Ok(())
+}
+
+/// A change made to a well-sealed entry.
+type Spoil = fn(&mut Entry);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_that_names_another_model_key_or_a_future_date_is_never_served() -> Result<()> {
+    let server = TestS3::start().await?;
+    let dir_a = TempDir::new()?;
+    let a = node(&server, dir_a.path()).await?;
+    let cases: [(&str, Spoil); 4] = [
+        // Another model: `invalidate --model gpt-4o-mini` would not reach it.
+        ("another model", |e| e.model = "some-other-model".into()),
+        // Another cache id: `invalidate --key` would not reach it.
+        ("another id", |e| e.cache_id = "0".repeat(32)),
+        ("another display key", |e| {
+            e.cache_key = format!("x_{}", e.cache_id)
+        }),
+        // Written in 2100: `invalidate --older-than` would not reach it.
+        ("a future date", |e| {
+            e.created_at = chrono::DateTime::parse_from_rfc3339("2100-01-01T00:00:00Z")
+                .expect("date")
+                .with_timezone(&Utc);
+        }),
+    ];
+    for (n, (what, spoil)) in cases.into_iter().enumerate() {
+        let text = format!("named wrongly {n}");
+        let (path, entry) = uploaded(&a, &text).await?;
+        let mut forged = forged_answer(&entry);
+        spoil(&mut forged);
+        plant(&a, &path, &forged).await?;
+        let dir = TempDir::new()?;
+        let fresh = node(&server, dir.path()).await?;
+        let (found, forgery) = served_forgery(&fresh, &text).await?;
+        assert!(!forgery, "{what}: served");
+        assert_eq!(found, Outcome::Miss, "{what}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_epoch_from_the_future_does_not_disable_the_cache() -> Result<()> {
+    let server = TestS3::start().await?;
+    let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
+    let a = node(&server, dir_a.path()).await?;
+    uploaded(&a, "still served").await?;
+    // `control/epochs/evil.json` with `not_before_ms: 9e18`, and the shared document too.
+    let poison = Epochs {
+        not_before_ms: 9_000_000_000_000_000_000,
+        all: u64::MAX,
+        ..Epochs::default()
+    };
+    let bytes = serde_json::to_vec(&poison)?;
+    let layout = a.s3.layout().clone();
+    a.s3.put_object(
+        &layout.node_epochs_path("evil"),
+        bytes.clone(),
+        "application/json",
+    )
+    .await?;
+    a.s3.put_object(&layout.epochs_path(), bytes, "application/json")
+        .await?;
+
+    let b = node(&server, dir_b.path()).await?;
+    b.cache.refresh_epochs().await?;
+    assert_eq!(outcome(&b.cache, "still served").await?, Outcome::L3);
+    assert_eq!(b.cache.epochs().snapshot().not_before_ms, 0, "not merged");
+    // Nor does this node pass it on: its own copy and the shared document stay clean.
+    b.cache
+        .invalidate(&Selector::Tag("unrelated".into()))
+        .await?;
+    let own =
+        b.s3.read_node_epochs(&layout.node_epochs_path(b.s3.node_id()))
+            .await?
+            .context("b's copy")?;
+    assert_eq!(own.not_before_ms, 0);
+    assert_eq!(own.all, 0);
+
+    // `reset` writes a clean shared document over the poisoned one.
+    b.cache.reset_epochs().await?;
+    let (shared, _) = b.s3.read_epochs().await?.context("shared document")?;
+    assert_eq!(shared.not_before_ms, 0);
+    assert_eq!(shared.all, 0);
+    assert!(
+        shared.tag.contains_key("unrelated"),
+        "legitimate bumps stay"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epochs_poisoned_before_the_fix_are_dropped_when_the_node_opens() -> Result<()> {
+    let dir = TempDir::new()?;
+    let disk = strata::tiers::DiskTier::open(
+        &strata::tiers::DiskConfig::new(dir.path()),
+        Codec::default(),
+    )?;
+    // What an older release merged as it came.
+    let store = strata::tiers::EpochStore::open(&disk)?;
+    store.absorb(&Epochs {
+        not_before_ms: 9_000_000_000_000_000_000,
+        ..Epochs::default()
+    })?;
+    store.bump(&Selector::Tag("kept".into()))?;
+    store.flush().await?;
+    drop(store);
+    let reopened = strata::tiers::EpochStore::open(&disk)?;
+    let epochs = reopened.snapshot();
+    assert_eq!(epochs.not_before_ms, 0, "the poison is gone");
+    assert!(epochs.tag.contains_key("kept"), "real bumps stay");
+    Ok(())
+}
