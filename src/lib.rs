@@ -24,6 +24,11 @@
 //! # Ok(()) }
 //! ```
 
+/// The README's Rust examples, compiled as doctests so that they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod config;
 pub mod replay;
 

@@ -203,6 +203,10 @@ pub struct ReplayReport {
 
 const SKIPPED_KEPT: usize = 20;
 
+/// The longest line a log may hold (an exchange with a 128k-token context is about 1 MB); a
+/// longer one is skipped and reported, never held in memory whole.
+pub const MAX_LINE: usize = 32 << 20;
+
 /// Reads an exchange log line by line.
 pub struct ExchangeLog {
     lines: Box<dyn BufRead>,
@@ -256,7 +260,27 @@ impl ExchangeLog {
             }
             self.buf.clear();
             self.line += 1;
-            match self.lines.read_until(b'\n', &mut self.buf) {
+            let bounded = (&mut self.lines)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut self.buf);
+            if bounded.is_ok() && self.buf.len() > MAX_LINE && self.buf.last() != Some(&b'\n') {
+                self.buf = Vec::with_capacity(1 << 14);
+                let skipped = skip_line(&mut self.lines);
+                if let Err(e) = skipped {
+                    self.failed = true;
+                    return Some(Err(SkippedLine {
+                        line: self.line,
+                        reason: format!(
+                            "read error, the log ends here (truncated or corrupt?): {e}"
+                        ),
+                    }));
+                }
+                return Some(Err(SkippedLine {
+                    line: self.line,
+                    reason: format!("longer than {} MiB: skipped", MAX_LINE >> 20),
+                }));
+            }
+            match bounded {
                 Ok(0) => return None,
                 Ok(_) => {
                     // A byte-order mark (editors on Windows write one) is not part of the JSON.
@@ -277,6 +301,26 @@ impl ExchangeLog {
                         ),
                     }));
                 }
+            }
+        }
+    }
+}
+
+/// Reads past the rest of a line without keeping it.
+fn skip_line(lines: &mut dyn BufRead) -> std::io::Result<()> {
+    loop {
+        let available = lines.fill_buf()?;
+        if available.is_empty() {
+            return Ok(());
+        }
+        match available.iter().position(|b| *b == b'\n') {
+            Some(at) => {
+                lines.consume(at + 1);
+                return Ok(());
+            }
+            None => {
+                let n = available.len();
+                lines.consume(n);
             }
         }
     }

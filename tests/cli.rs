@@ -1029,3 +1029,61 @@ fn serve_answers_and_stops_cleanly_on_sigterm() -> Result<()> {
     );
     Ok(())
 }
+
+/// A secret of digits only (read from the environment as a number) was refused, and the
+/// configuration error echoed it.
+#[test]
+fn a_secret_of_digits_is_taken_and_never_echoed() -> Result<()> {
+    let dir = TempDir::new()?;
+    let output = strata(dir.path())?
+        .args(["stats", "--json"])
+        .env("STRATA_S3_SECRET_KEY", "98765432101234")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("98765432101234"), "{stderr}");
+    // A bad value elsewhere still names the setting, not the secret.
+    let output = strata(dir.path())?
+        .args(["stats"])
+        .env("STRATA_S3_SECRET_KEY", "98765432101234")
+        .env("STRATA_MEMORY_CAPACITY", "lots")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.to_lowercase().contains("capacity"), "{stderr}");
+    assert!(!stderr.contains("98765432101234"), "{stderr}");
+    Ok(())
+}
+
+/// `replay` held a 300 MB line whole (305 MB of memory). Lines past `MAX_LINE` are skipped and
+/// reported, and the rest of the log still runs.
+#[test]
+fn a_line_too_long_is_skipped_without_holding_it() -> Result<()> {
+    let dir = TempDir::new()?;
+    let log = dir.path().join("long.jsonl.zst");
+    let ok = r#"{"request": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}, "response": {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}}"#;
+    {
+        let file = std::fs::File::create(&log)?;
+        let mut zst = zstd::stream::write::Encoder::new(file, 1)?;
+        writeln!(zst, "{ok}")?;
+        // 300 MB without a newline: a few hundred kilobytes of zstd.
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..300 {
+            zst.write_all(&chunk)?;
+        }
+        writeln!(zst)?;
+        writeln!(zst, "{}", ok.replace("hi", "hello"))?;
+        zst.finish()?;
+    }
+    let output = strata(dir.path())?
+        .arg("replay")
+        .arg(&log)
+        .arg("--json")
+        .output()?;
+    let report = succeeded_json(&output)?;
+    assert_eq!(report["requests"], 2, "{report}");
+    assert_eq!(report["skipped_lines"], 1, "{report}");
+    let peak = report["peak_rss_bytes"].as_u64().unwrap_or(u64::MAX);
+    assert!(peak < 200 << 20, "peak RSS {peak} for a 300 MB line");
+    Ok(())
+}

@@ -969,3 +969,46 @@ async fn a_typed_value_of_another_shape_is_recomputed_and_counted_once() -> Resu
     assert!(stats.errors.corrupt >= 1, "{stats:?}");
     Ok(())
 }
+
+/// A library `put` of an answer fetched before an invalidation, stored after it, was served as
+/// new. Told when the answer was fetched, the cache refuses it.
+#[tokio::test]
+async fn an_answer_fetched_before_an_invalidation_and_put_after_it_is_not_served() -> Result<()> {
+    let dir = TempDir::new()?;
+    let cache = cache_with_disk(&dir)?;
+    let fetched = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    cache
+        .invalidate(&Selector::Model("gpt-4o-mini".into()))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    cache
+        .put(
+            &request("stale by the time it is stored"),
+            &Scope::Global,
+            completion("old answer").fetched_at(fetched),
+        )
+        .await?;
+    assert!(
+        cache
+            .get(&request("stale by the time it is stored"), &Scope::Global)
+            .await?
+            .is_none(),
+        "fetched before the invalidation: refused"
+    );
+    // Fetched after it: served.
+    cache
+        .put(
+            &request("fresh"),
+            &Scope::Global,
+            completion("new answer").fetched_at(chrono::Utc::now()),
+        )
+        .await?;
+    assert!(
+        cache
+            .get(&request("fresh"), &Scope::Global)
+            .await?
+            .is_some()
+    );
+    Ok(())
+}

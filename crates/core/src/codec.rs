@@ -70,6 +70,13 @@ const FORMAT_JSON_METADATA: u8 = 2;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted when decoding.
 pub const MAX_PAYLOAD: usize = 256 << 20;
+/// The most a compressed payload may expand by. A stored frame that declares more is refused
+/// before anything is allocated for it: a few kilobytes of zstd can describe hundreds of
+/// megabytes of one repeated byte. LLM exchanges compress 2–4×; a payload that compresses
+/// beyond this is written uncompressed, so every envelope this codec writes it also reads.
+pub const MAX_EXPANSION: usize = 64;
+/// Below this, a declared payload is taken whatever its ratio (allocating it costs nothing).
+const EXPANSION_FLOOR: usize = 1 << 20;
 const FLAG_ZSTD: u8 = 0b0000_0001;
 const FLAG_DICTIONARY: u8 = 0b0000_0010;
 const KNOWN_FLAGS: u8 = FLAG_ZSTD | FLAG_DICTIONARY;
@@ -274,8 +281,12 @@ impl Codec {
         let compressed;
         let (flags, stored) = if payload.len() > self.compress_above {
             compressed = self.compress(payload)?;
-            let dictionary = if self.dictionary { FLAG_DICTIONARY } else { 0 };
-            (FLAG_ZSTD | dictionary, compressed.as_slice())
+            if expansion_allowed(compressed.len()) < payload.len() {
+                (0, payload)
+            } else {
+                let dictionary = if self.dictionary { FLAG_DICTIONARY } else { 0 };
+                (FLAG_ZSTD | dictionary, compressed.as_slice())
+            }
         } else {
             (0, payload)
         };
@@ -342,6 +353,9 @@ impl Codec {
         };
         if flags & FLAG_ZSTD == 0 {
             return length_checked(stored);
+        }
+        if expected > expansion_allowed(stored.len()) {
+            return Err(CodecError::TooLarge(expected));
         }
         SCRATCH.with(|cell| {
             // Taken out of the cell, so that a `read` that decodes again cannot find it
@@ -577,6 +591,11 @@ fn utf8(bytes: &[u8]) -> Result<&str, std::str::Utf8Error> {
     simdutf8::basic::from_utf8(bytes).or_else(|_| std::str::from_utf8(bytes))
 }
 
+/// The largest payload `stored` compressed bytes may declare ([`MAX_EXPANSION`]).
+fn expansion_allowed(stored: usize) -> usize {
+    stored.saturating_mul(MAX_EXPANSION).max(EXPANSION_FLOOR)
+}
+
 /// Decompresses `stored` into `out`, cleared first and given room for at least `expected` bytes
 /// (a frame that holds more than that room is an error; the caller checks the exact length).
 fn decompress(
@@ -618,6 +637,30 @@ fn checksum(header: &[u8], stored: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_small_frame_declaring_a_huge_payload_is_refused_before_allocating_it() {
+        // What a hostile writer makes: 128 MiB of one byte, a few kilobytes of zstd, sealed
+        // with a valid checksum.
+        let huge = vec![b'a'; 128 << 20];
+        let frame = zstd::bulk::compress(&huge, 1).unwrap();
+        assert!(frame.len() < 64 << 10, "{}", frame.len());
+        let mut envelope = Vec::new();
+        envelope.extend_from_slice(&MAGIC);
+        envelope.push(FORMAT_VERSION);
+        envelope.push(FLAG_ZSTD);
+        envelope.extend_from_slice(&[0, 0]);
+        envelope.extend_from_slice(&(huge.len() as u32).to_le_bytes());
+        let crc = checksum(&envelope[..12], &frame);
+        envelope.extend_from_slice(&crc.to_le_bytes());
+        envelope.extend_from_slice(&frame);
+        let codec = Codec::default();
+        assert!(matches!(codec.open(&envelope), Err(CodecError::TooLarge(n)) if n == huge.len()));
+        // The codec itself writes such a payload uncompressed, and reads it back.
+        let sealed = codec.seal(&huge[..4 << 20]).unwrap();
+        assert_eq!(sealed[5] & FLAG_ZSTD, 0);
+        assert_eq!(codec.open(&sealed).unwrap().len(), 4 << 20);
+    }
     use crate::{Normalizer, Scope, Tokens};
     use chrono::{TimeZone, Utc};
     use proptest::prelude::*;

@@ -249,6 +249,15 @@ impl Epochs {
         out
     }
 
+    /// The epochs an entry whose answer was fetched at `at_ms` records: [`Epochs::stamp`]
+    /// without the epochs bumped after that time (bumps are stamped with their time). An
+    /// answer fetched before an invalidation is refused after it, however late it is stored.
+    pub fn stamp_as_of(&self, entry: &Entry, at_ms: u64) -> BTreeMap<String, u64> {
+        let mut out = self.stamp(entry);
+        out.retain(|_, value| *value <= at_ms);
+        out
+    }
+
     /// Whether an entry may still be served: created at or after `not_before_ms`, no
     /// applicable epoch has moved past the value the entry recorded, and the entry records no
     /// epoch above what is in force. No node records an epoch it does not have: a value above

@@ -85,6 +85,9 @@ pub struct Completion {
     /// TTL of this entry, overriding the policy; one longer than a date can hold
     /// (`Duration::MAX`) never expires.
     pub ttl: Option<Duration>,
+    /// When the answer was fetched, if before it is stored: the entry then counts as written
+    /// then, and an invalidation made in between refuses it (see [`Completion::fetched_at`]).
+    pub fetched_at: Option<chrono::DateTime<Utc>>,
 }
 
 impl Completion {
@@ -98,6 +101,7 @@ impl Completion {
             latency_ms: None,
             tags: Vec::new(),
             ttl: None,
+            fetched_at: None,
         }
     }
 
@@ -134,6 +138,14 @@ impl Completion {
     /// Sets the TTL of this entry.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
+        self
+    }
+
+    /// Says when the answer was fetched, for a [`TieredCache::put`] made later: an answer
+    /// fetched before an invalidation and stored after it would otherwise be served as new.
+    /// A time in the future is taken as now.
+    pub fn fetched_at(mut self, at: chrono::DateTime<Utc>) -> Self {
+        self.fetched_at = Some(at);
         self
     }
 }
@@ -1400,6 +1412,14 @@ impl Inner {
         // read back later.
         let now = Utc::now();
         let now = chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
+        // An answer fetched earlier counts as written then (never later than now).
+        let now = completion
+            .fetched_at
+            .and_then(|at| chrono::DateTime::from_timestamp_millis(at.timestamp_millis()))
+            .map_or(now, |at| at.min(now));
+        let fetched_ms = completion
+            .fetched_at
+            .map(|_| u64::try_from(now.timestamp_millis()).unwrap_or(0));
         let ttl = completion.ttl.or_else(|| self.ttl.for_model(&keyed.model));
         let mut entry = Entry {
             cache_id: keyed.key.hex(),
@@ -1422,7 +1442,10 @@ impl Inner {
             last_accessed: now,
             epochs: Default::default(),
         };
-        entry.epochs = self.epochs.stamp(&entry);
+        entry.epochs = match fetched_ms {
+            Some(at) => self.epochs.snapshot().stamp_as_of(&entry, at),
+            None => self.epochs.stamp(&entry),
+        };
         entry
     }
 }
