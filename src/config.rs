@@ -356,6 +356,16 @@ impl Config {
                 self.codec.zstd_level
             )));
         }
+        let node_id = &self.s3.node_id;
+        if !node_id
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+            || node_id.len() > 64
+        {
+            return Err(Error::Config(format!(
+                "s3.node_id must be at most 64 of [a-z0-9_-] (it names objects in the bucket), found `{node_id}`"
+            )));
+        }
         if self.disk.enabled && self.disk.path.as_os_str().is_empty() {
             return Err(Error::Config("disk.path must not be empty".into()));
         }

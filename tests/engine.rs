@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use strata::analytics::TierName;
@@ -1010,5 +1010,45 @@ async fn an_answer_fetched_before_an_invalidation_and_put_after_it_is_not_served
             .await?
             .is_some()
     );
+    Ok(())
+}
+
+/// `disk.path` pointing at a directory of someone else's files wrote into it (a user's file
+/// named `db` was overwritten; `disk.path = "/"` wrote into `/`). Such a directory is refused
+/// untouched; a new one is strata's, marked, and readable by its owner only.
+#[test]
+fn a_directory_that_is_not_a_disk_tier_is_refused_untouched() -> Result<()> {
+    let dir = TempDir::new()?;
+    std::fs::write(dir.path().join("db"), "my own database")?;
+    std::fs::write(dir.path().join("notes.txt"), "my notes")?;
+    let refused = DiskTier::open(&DiskConfig::new(dir.path()), Codec::default());
+    let error = refused
+        .err()
+        .context("a user's directory was opened")?
+        .to_string();
+    assert!(error.contains("not a strata disk tier"), "{error}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("db"))?,
+        "my own database"
+    );
+    assert_eq!(std::fs::read_dir(dir.path())?.count(), 2, "nothing written");
+
+    let fresh = dir.path().join("fresh");
+    let tier = DiskTier::open(&DiskConfig::new(&fresh), Codec::default())?;
+    assert!(fresh.join(strata::tiers::disk::MARKER).is_file());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(mode(&fresh)?, 0o700, "the directory is its owner's only");
+        assert_eq!(mode(&fresh.join("db"))?, 0o600, "and so are sled's files");
+    }
+    drop(tier);
+    // A tier written before the marker existed (sled's files only) still opens.
+    std::fs::remove_file(fresh.join(strata::tiers::disk::MARKER))?;
+    std::thread::sleep(Duration::from_millis(200));
+    let reopened = DiskTier::open(&DiskConfig::new(&fresh), Codec::default());
+    assert!(reopened.is_ok(), "{:?}", reopened.err());
     Ok(())
 }

@@ -26,7 +26,11 @@ impl ModelSlug {
     pub fn new(model: &str) -> Self {
         // Most names are slugs already (`gpt-4o-mini`, a normalized model): copied as they are.
         let kept = |b: &u8| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-');
-        if !model.is_empty() && model.len() <= SLUG_MAX && model.as_bytes().iter().all(kept) {
+        if !model.is_empty()
+            && model.len() <= SLUG_MAX
+            && model.as_bytes().iter().all(kept)
+            && !only_dots(model)
+        {
             return ModelSlug(model.to_owned());
         }
         ModelSlug(slugify(model))
@@ -50,7 +54,16 @@ fn slugify(model: &str) -> String {
     if slug.is_empty() {
         slug.push_str("unknown");
     }
+    // A slug of dots alone (`.`, `..`) would be a dot segment in an object path, which URL
+    // and path handling resolve away: its dots become `_`.
+    if only_dots(&slug) {
+        slug = "_".repeat(slug.len());
+    }
     slug
+}
+
+fn only_dots(text: &str) -> bool {
+    text.bytes().all(|b| b == b'.')
 }
 
 impl fmt::Display for ModelSlug {
@@ -277,6 +290,11 @@ mod tests {
         );
         assert_eq!(ModelSlug::new("").as_str(), "unknown");
         assert_eq!(ModelSlug::new(&"x".repeat(100)).as_str().len(), 40);
+        // Never a dot segment of a path.
+        assert_eq!(ModelSlug::new(".").as_str(), "_");
+        assert_eq!(ModelSlug::new("..").as_str(), "__");
+        assert_eq!(ModelSlug::new("...").as_str(), "___");
+        assert_eq!(ModelSlug::new("o1..").as_str(), "o1..");
     }
 
     proptest::proptest! {

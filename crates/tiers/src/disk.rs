@@ -109,7 +109,13 @@ impl DiskTier {
     /// by another handle is waited for, blocking the calling thread, for up to 2 s (a handle of
     /// this process that is closing releases it within that); past that, and for any other open
     /// error (permissions), the error is returned.
+    ///
+    /// The directory must be strata's: new or empty (it is then made strata's, readable by its
+    /// owner only), marked by [`MARKER`], or a disk tier an older release wrote (sled's files
+    /// only). Any other directory is refused untouched: `disk.path` pointing at a user's
+    /// directory, or at `/`, must not write into it.
     pub fn open(config: &DiskConfig, codec: Codec) -> Result<Self, TierError> {
+        claim_directory(&config.path)?;
         let inner = match open_inner(config, codec) {
             Ok(inner) => inner,
             Err(OpenFailure::Corrupt(reason)) => {
@@ -128,6 +134,7 @@ impl DiskTier {
             }
             Err(other) => return Err(TierError::Unavailable(other.to_string())),
         };
+        owner_only(&config.path);
         Ok(DiskTier {
             inner: Arc::new(inner),
         })
@@ -547,6 +554,99 @@ fn classify(config: &DiskConfig, error: sled::Error) -> OpenFailure {
 
 /// Refuses to move `path` aside unless it holds only what sled writes (`conf`, `db`, `blobs/`,
 /// `snap.*`): a disk path pointed at a directory of other files by mistake is left alone.
+/// The file that marks a directory as a strata disk tier.
+pub const MARKER: &str = "STRATA-DISK-TIER";
+
+/// Makes sure `path` is a directory strata may write: creates it (owner only) when missing,
+/// marks it when empty or when it holds a disk tier an older release wrote (`conf` and `db`,
+/// sled's files only), and refuses anything else.
+fn claim_directory(path: &Path) -> Result<(), TierError> {
+    let io = |context: String| move |source| TierError::Io { context, source };
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder
+                .create(path)
+                .map_err(io(format!("creating {}", path.display())))?;
+            return mark(path);
+        }
+        Err(e) => {
+            return Err(TierError::Unavailable(format!(
+                "{} cannot be the disk tier's directory: {e}",
+                path.display()
+            )));
+        }
+    };
+    let mut names = Vec::new();
+    for item in entries {
+        let name = item
+            .map_err(io(format!("reading {}", path.display())))?
+            .file_name();
+        names.push(name.to_string_lossy().into_owned());
+    }
+    if names.iter().any(|n| n == MARKER) {
+        return Ok(());
+    }
+    let sleds =
+        |n: &String| matches!(n.as_str(), "conf" | "db" | "blobs") || n.starts_with("snap.");
+    let older_tier = names.iter().any(|n| n == "conf")
+        && names.iter().any(|n| n == "db")
+        && names.iter().all(sleds);
+    if names.is_empty() || older_tier {
+        return mark(path);
+    }
+    let stranger = names.iter().find(|n| !sleds(n)).unwrap_or(&names[0]);
+    Err(TierError::Unavailable(format!(
+        "{} is not a strata disk tier (it holds `{stranger}`, which strata did not write): \
+         point disk.path at a new or empty directory",
+        path.display()
+    )))
+}
+
+fn mark(path: &Path) -> Result<(), TierError> {
+    let marker = path.join(MARKER);
+    std::fs::write(
+        &marker,
+        "This directory is a strata disk tier (sled). strata writes here; nothing else should.\n",
+    )
+    .map_err(|source| TierError::Io {
+        context: format!("writing {}", marker.display()),
+        source,
+    })
+}
+
+/// Makes the tier's directory and files readable by their owner only: cached answers are the
+/// prompts and responses of whoever used the cache. Best effort (a failure is logged).
+fn owner_only(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |p: &Path, mode: u32| {
+            if let Err(e) = std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)) {
+                tracing::debug!(path = %p.display(), error = %e, "cannot restrict permissions");
+            }
+        };
+        set(path, 0o700);
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for item in entries.flatten() {
+                let kind = item.file_type();
+                let mode = if kind.is_ok_and(|k| k.is_dir()) {
+                    0o700
+                } else {
+                    0o600
+                };
+                set(&item.path(), mode);
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
 fn only_a_database_in(path: &Path) -> Result<(), TierError> {
     let io = |source| TierError::Io {
         context: format!("reading {}", path.display()),
@@ -555,7 +655,8 @@ fn only_a_database_in(path: &Path) -> Result<(), TierError> {
     for item in std::fs::read_dir(path).map_err(io)? {
         let name = item.map_err(io)?.file_name();
         let name = name.to_string_lossy();
-        if !matches!(name.as_ref(), "conf" | "db" | "blobs") && !name.starts_with("snap.") {
+        if !matches!(name.as_ref(), "conf" | "db" | "blobs" | MARKER) && !name.starts_with("snap.")
+        {
             return Err(TierError::Unavailable(format!(
                 "{} cannot be opened as a disk tier and holds `{name}`, which sled did not \
                  write: leaving it as it is (point disk.path at a directory of its own)",
@@ -1145,7 +1246,7 @@ pub(crate) mod tests {
         std::fs::write(path.join("notes.txt"), b"mine").unwrap_or_else(|e| panic!("{e}"));
         let refused = DiskTier::open(&DiskConfig::new(&path), Codec::default()).map(|_| ());
         let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(message.contains("leaving it as it is"), "{message}");
+        assert!(message.contains("not a strata disk tier"), "{message}");
         assert!(path.join("notes.txt").exists());
         let siblings = std::fs::read_dir(dir.path())
             .map(Iterator::count)

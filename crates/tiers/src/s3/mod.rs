@@ -365,8 +365,20 @@ impl S3Tier {
                     id
                 }
             }
-        } else {
+        } else if config.node_id.len() <= 64
+            && config
+                .node_id
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+        {
             config.node_id.clone()
+        } else {
+            // It names objects (`control/epochs/{node}.json`, manifests): nothing that could
+            // climb out of its place or collide with another name.
+            return Err(TierError::Invalid(format!(
+                "node_id `{}` must be at most 64 of [a-z0-9_-]",
+                config.node_id
+            )));
         };
         let index_bytes = index
             .iter()
