@@ -523,3 +523,39 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Fuzz-style: any bytes as an exchange log, plain or behind zstd's magic number, are
+        /// read to their end (lines skipped and reported), never a panic.
+        #[test]
+        fn fuzz_any_log_is_read_to_its_end(
+            bytes in prop::collection::vec(any::<u8>(), 0..4096),
+            zstd_magic in any::<bool>(),
+        ) {
+            let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+            let path = dir.path().join("log");
+            let mut content = Vec::new();
+            if zstd_magic {
+                content.extend_from_slice(&ZSTD_MAGIC);
+            }
+            content.extend_from_slice(&bytes);
+            std::fs::write(&path, &content).unwrap_or_else(|e| panic!("{e}"));
+            let Ok(mut log) = ExchangeLog::open(&path) else {
+                return Ok(());
+            };
+            let mut lines = 0;
+            while let Some(next) = log.next_line() {
+                if let Ok((n, line)) = next {
+                    let _ = parse_exchange(n, line);
+                }
+                lines += 1;
+                prop_assert!(lines <= bytes.len() + 1);
+            }
+        }
+    }
+}

@@ -13,6 +13,8 @@ use strata::tiers::{DiskConfig, DiskTier, Tier, TierError, TierUsage, TtlPolicy}
 use strata::{Completion, Normalizer, Outcome, Scope, TieredCache};
 use tempfile::TempDir;
 
+#[path = "crash.rs"]
+mod crash;
 #[path = "s3/hostile.rs"]
 mod s3_hostile;
 #[path = "s3/invalidation.rs"]

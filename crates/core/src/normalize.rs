@@ -1376,7 +1376,62 @@ mod tests {
         }
     }
 
+    /// Any JSON value, nested up to `depth` levels, with the member names requests use mixed
+    /// into arbitrary ones.
+    fn any_json(depth: u32) -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "\\PC{0,12}".prop_map(Value::from),
+        ];
+        let name = prop_oneof![
+            Just("model".to_string()),
+            Just("messages".to_string()),
+            Just("role".to_string()),
+            Just("content".to_string()),
+            Just("input".to_string()),
+            Just("system".to_string()),
+            Just("temperature".to_string()),
+            Just("tools".to_string()),
+            Just("text".to_string()),
+            Just("type".to_string()),
+            "\\PC{0,8}",
+        ];
+        leaf.prop_recursive(depth, 256, 8, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((name.clone(), inner), 0..6)
+                    .prop_map(|members| Value::Object(members.into_iter().collect())),
+            ]
+        })
+    }
+
     proptest! {
+        /// Fuzz-style: the normalizer keys or refuses any JSON, under every profile, and never
+        /// panics; what it keys, it keys the same way twice.
+        #[test]
+        fn fuzz_any_json_is_keyed_or_refused_never_a_panic(
+            value in any_json(6),
+            model in prop_oneof![Just(None), "\\PC{0,12}".prop_map(Some)],
+        ) {
+            let mut value = value;
+            if let (Some(model), Some(object)) = (model, value.as_object_mut()) {
+                object.insert("model".into(), Value::from(model));
+            }
+            for profile in [Profile::Strict, Profile::Standard, Profile::Aggressive] {
+                let normalizer = Normalizer::new(profile);
+                let first = normalizer.key(&value, &Scope::Global);
+                let _ = normalizer.explain(&value, &Scope::Global);
+                if let (Ok(a), Ok(b)) = (first, normalizer.key(&value, &Scope::Global)) {
+                    prop_assert_eq!(a.key, b.key);
+                }
+            }
+        }
+
         #[test]
         fn strings_are_escaped_exactly_as_serde_json_does(s in any::<String>(), ascii in "[ -~\n\t\"\\\\\u{0}-\u{1f}]{0,64}") {
             for text in [&s, &ascii] {

@@ -320,6 +320,32 @@ impl<'a> MetadataDoc<'a> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Fuzz-style: any object name, under the prefix or not, is parsed or refused, never a
+        /// panic; any bytes read as a pointer, a manifest line or a control file likewise.
+        #[test]
+        fn fuzz_object_names_and_documents_never_panic(
+            tail in "\\PC{0,80}|[a-z0-9/._-]{0,80}",
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            let layout = Layout::new("strata");
+            for path in [
+                tail.clone(),
+                format!("strata/llm-cache/{tail}"),
+                format!("strata/cache-index/by-hash/{tail}"),
+                format!("strata/analytics/{tail}"),
+            ] {
+                let _ = layout.parse_entry_path(&path);
+                let _ = layout.parse_pointer_path(&path);
+                let _ = layout.parse_analytics_path(&path);
+            }
+            let _ = serde_json::from_slice::<Pointer>(&bytes);
+            let _ = serde_json::from_slice::<strata_core::Epochs>(&bytes);
+            let _ = serde_json::from_str::<Pointer>(&tail);
+            let _ = serde_json::from_str::<strata_core::Epochs>(&tail);
+        }
+    }
+
     #[test]
     fn paths_follow_the_documented_layout() {
         let at = Utc
