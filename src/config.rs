@@ -145,6 +145,11 @@ pub struct S3Section {
     pub breaker_cool_down: Duration,
     /// This node's name in the bucket; empty for a random id kept in the disk directory.
     pub node_id: String,
+    /// Bound on the upload queue's bytes; past it the oldest uploads are dropped.
+    pub outbox_capacity: ByteSize,
+    /// Bound on the drain at close (every command's exit, the gateway's shutdown).
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
 }
 
 /// `[invalidation]`.
@@ -461,6 +466,8 @@ impl Config {
         config.breaker_threshold = s.breaker_threshold;
         config.breaker_cool_down = s.breaker_cool_down;
         config.node_id = s.node_id.clone();
+        config.outbox_capacity = s.outbox_capacity.as_u64();
+        config.close_timeout = s.close_timeout;
         config
     }
 

@@ -176,6 +176,27 @@ enum S3Command {
         #[arg(long)]
         apply: bool,
     },
+    /// The upload queue: what waits, and the uploads parked after S3 rejected them again and
+    /// again (`retry` requeues them, `drop --yes` drops them; their entries stay local).
+    Outbox {
+        #[command(subcommand)]
+        command: Option<OutboxCommand>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Put the parked uploads back in the queue.
+    Retry,
+    /// Drop the parked uploads.
+    Drop {
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -355,6 +376,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::S3 {
             command: S3Command::Lifecycle { apply },
         } => invalidate_commands::lifecycle(&config, apply).await,
+        Command::S3 {
+            command: S3Command::Outbox { command, json },
+        } => match command {
+            None => s3_commands::outbox(&config, json).await,
+            Some(OutboxCommand::Retry) => s3_commands::outbox_retry(&config).await,
+            Some(OutboxCommand::Drop { yes }) => s3_commands::outbox_drop(&config, yes).await,
+        },
         Command::Ls { model, date, json } => {
             s3_commands::ls(&config, model.as_deref(), date, json).await
         }
@@ -584,18 +612,36 @@ async fn stats_command(config: &Config, json: bool) -> Result<ExitCode> {
     let cache = config.open_cache().await?;
     let stats = cache.lifetime_stats();
     let (memory, disk) = cache.usage();
+    let s3 = cache.l3().map(|l3| {
+        // Measured now (the drainer measures as the queue grows).
+        if let Err(e) = l3.bound_outbox() {
+            errln!("strata: warning: cannot measure the upload queue: {e}");
+        }
+        l3.stats()
+    });
     close(cache).await;
     if json {
         let out = serde_json::json!({
             "lifetime": stats,
             "hit_rate": stats.hit_rate(),
             "disk": disk,
+            "s3": s3,
             "disk_path": config.disk.enabled.then(|| config.disk.path.clone()),
             "memory_capacity_bytes": memory.capacity,
         });
         outln!("{}", serde_json::to_string_pretty(&out)?)?;
     } else {
         print_stats(config, &stats, disk)?;
+        if let Some(q) = s3 {
+            outln!(
+                "  upload queue     {:>12}   {} of {} · parked {} · dropped for space {}",
+                thousands(q.pending),
+                bytesize::ByteSize::b(q.outbox_bytes),
+                bytesize::ByteSize::b(config.s3.outbox_capacity.as_u64()),
+                thousands(q.parked),
+                thousands(q.dropped_for_space)
+            )?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

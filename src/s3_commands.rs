@@ -184,3 +184,84 @@ pub async fn rebuild_index(config: &Config) -> Result<ExitCode> {
         ExitCode::SUCCESS
     })
 }
+
+/// `strata s3 outbox`: the upload queue and the parked uploads.
+pub async fn outbox(config: &Config, json: bool) -> Result<ExitCode> {
+    let (cache, s3) = open(config).await?;
+    let measured = s3.bound_outbox();
+    let parked = s3.parked();
+    let stats = s3.stats();
+    close(cache).await;
+    measured.context("measuring the upload queue")?;
+    let parked = parked.context("listing the parked uploads")?;
+    if json {
+        let parked: Vec<_> = parked
+            .iter()
+            .map(|(digest, bytes)| serde_json::json!({"cache_id": hex(digest), "bytes": bytes}))
+            .collect();
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "pending": stats.pending,
+                "bytes": stats.outbox_bytes,
+                "capacity": config.s3.outbox_capacity.as_u64(),
+                "dropped_for_space": stats.dropped_for_space,
+                "parked": parked,
+            }))?
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!(
+        "upload queue: {} waiting, {} of {} ({} dropped for space this run)",
+        thousands(stats.pending),
+        bytesize::ByteSize::b(stats.outbox_bytes),
+        config.s3.outbox_capacity,
+        thousands(stats.dropped_for_space)
+    )?;
+    if parked.is_empty() {
+        outln!("no parked uploads")?;
+    } else {
+        outln!(
+            "{} parked (S3 rejected them {} times; `strata s3 outbox retry` or `drop --yes`):",
+            thousands(parked.len() as u64),
+            strata::tiers::s3::PARK_AFTER
+        )?;
+        for (digest, bytes) in &parked {
+            outln!("  {}  {}", hex(digest), bytesize::ByteSize::b(*bytes))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `strata s3 outbox retry`.
+pub async fn outbox_retry(config: &Config) -> Result<ExitCode> {
+    let (cache, s3) = open(config).await?;
+    let moved = s3.retry_parked();
+    close(cache).await;
+    outln!(
+        "{} parked uploads back in the queue",
+        thousands(moved.context("requeueing")?)
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `strata s3 outbox drop --yes`.
+pub async fn outbox_drop(config: &Config, yes: bool) -> Result<ExitCode> {
+    if !yes {
+        bail!(
+            "drop discards the parked uploads (their entries stay local); run it again with --yes"
+        );
+    }
+    let (cache, s3) = open(config).await?;
+    let dropped = s3.drop_parked();
+    close(cache).await;
+    outln!(
+        "{} parked uploads dropped",
+        thousands(dropped.context("dropping")?)
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hex(digest: &[u8; 16]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}

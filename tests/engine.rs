@@ -13,12 +13,14 @@ use strata::tiers::{DiskConfig, DiskTier, Tier, TierError, TierUsage, TtlPolicy}
 use strata::{Completion, Normalizer, Outcome, Scope, TieredCache};
 use tempfile::TempDir;
 
-#[path = "crash.rs"]
+#[path = "harness/crash.rs"]
 mod crash;
 #[path = "s3/hostile.rs"]
 mod s3_hostile;
 #[path = "s3/invalidation.rs"]
 mod s3_invalidation;
+#[path = "s3/outbox.rs"]
+mod s3_outbox;
 #[path = "support/s3.rs"]
 mod s3_server;
 #[path = "s3/tier.rs"]

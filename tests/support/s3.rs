@@ -81,6 +81,9 @@ pub enum Fault {
     /// Serve as usual, except that DeleteObject and DeleteObjects
     /// get 503 `ServiceUnavailable`.
     RefuseDeletes,
+    /// Serve as usual, except that a PutObject whose path contains this text gets a lasting
+    /// 400 `InvalidRequest` (a store that will not take those objects as they are).
+    RejectPutsContaining(String),
 }
 
 impl TestS3 {
@@ -301,6 +304,17 @@ impl TestS3 {
                         hyper::StatusCode::SERVICE_UNAVAILABLE,
                         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error>\
                          <Code>ServiceUnavailable</Code><Message>no deletes</Message></Error>",
+                    ))
+                })
+            }
+            Fault::RejectPutsContaining(text) => {
+                serve_refusing(listener, PassThrough::to(&front.backend)?, move |request| {
+                    (request.method() == hyper::Method::PUT
+                        && request.uri().path().contains(text.as_str()))
+                    .then_some((
+                        hyper::StatusCode::BAD_REQUEST,
+                        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error>\
+                         <Code>InvalidRequest</Code><Message>not these</Message></Error>",
                     ))
                 })
             }

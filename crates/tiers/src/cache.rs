@@ -816,7 +816,7 @@ impl TieredCache {
             l2.flush().await?;
         }
         if let Some(l3) = &self.inner.l3 {
-            l3.drain().await?;
+            l3.drain_for_close().await?;
             self.publish_analytics(&[]).await?;
         }
         Ok(())

@@ -72,6 +72,8 @@ struct Inner {
     moved_aside: Option<PathBuf>,
     /// The S3 outbox, whose references to copies here eviction must honour.
     outbox: OnceLock<sled::Tree>,
+    /// Envelope bytes eviction has moved into the outbox since the S3 tier last measured it.
+    outbox_growth: AtomicU64,
 }
 
 /// What a [`DiskTier::sweep`] saw and removed.
@@ -202,6 +204,16 @@ impl DiskTier {
     /// The stored bytes (an envelope) under a digest, unchecked.
     pub fn raw(&self, digest: &[u8]) -> Result<Option<sled::IVec>, TierError> {
         Ok(self.inner.entries.get(digest)?)
+    }
+
+    /// Envelope bytes eviction has moved into the S3 outbox since the last
+    /// [`DiskTier::reset_outbox_growth`].
+    pub(crate) fn outbox_growth(&self) -> u64 {
+        self.inner.outbox_growth.load(Relaxed)
+    }
+
+    pub(crate) fn reset_outbox_growth(&self) {
+        self.inner.outbox_growth.store(0, Relaxed);
     }
 
     /// Has eviction move the envelope of a copy that `outbox` (the S3 tier's) refers to into
@@ -503,6 +515,7 @@ fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
             evictions: AtomicU64::new(0),
             moved_aside: None,
             outbox: OnceLock::new(),
+            outbox_growth: AtomicU64::new(0),
         };
         // Uploads queued by an earlier run with S3 refer to copies here: eviction keeps them
         // for the outbox even while this run has S3 off.
@@ -830,10 +843,15 @@ impl Inner {
             for _ in 0..8 {
                 match outbox.get(key)? {
                     Some(queued) if crate::s3::outbox::is_reference(&queued) => {
+                        // The envelope keeps the reference's number: its place in the queue's
+                        // age order.
+                        let seq = crate::s3::outbox::parse(&queued).seq();
+                        let held = crate::s3::outbox::held(seq, &current);
                         if outbox
-                            .compare_and_swap(key, Some(&queued), Some(&current))?
+                            .compare_and_swap(key, Some(&queued), Some(held))?
                             .is_ok()
                         {
+                            self.outbox_growth.fetch_add(current.len() as u64, Relaxed);
                             break;
                         }
                     }

@@ -35,6 +35,10 @@ pub enum TierError {
     /// long): trying again cannot succeed.
     #[error("refused: {0}")]
     Refused(String),
+    /// The store rejected this request (a 4xx other than 408 and 429): trying it again as it
+    /// is may not help; the outbox parks an upload rejected again and again.
+    #[error("rejected: {0}")]
+    Rejected(String),
 }
 
 impl From<strata_analytics::AnalyticsError> for TierError {

@@ -161,7 +161,10 @@ async fn tiers(shared: &Shared) -> Value {
         let stats = l3.stats();
         json!({
             "breaker_open": l3.breaker_open(),
-            "outbox": l3.pending(),
+            "outbox": stats.pending,
+            "outbox_bytes": stats.outbox_bytes,
+            "parked": stats.parked,
+            "dropped_for_space": stats.dropped_for_space,
             "uploaded": stats.uploaded,
             "upload_failures": stats.upload_failures,
             "dropped": stats.dropped,

@@ -83,6 +83,11 @@ pub struct S3Config {
     pub breaker_cool_down: Duration,
     /// This node's name in manifest segments; empty: a random id kept in the local database.
     pub node_id: String,
+    /// Bound on the bytes the upload queue holds (envelopes waiting, parked or not); past it
+    /// the oldest uploads are dropped, counted and warned about.
+    pub outbox_capacity: u64,
+    /// Bound on the drain at close: what is left stays queued for the next run.
+    pub close_timeout: Duration,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -105,6 +110,8 @@ impl std::fmt::Debug for S3Config {
             .field("breaker_threshold", &self.breaker_threshold)
             .field("breaker_cool_down", &self.breaker_cool_down)
             .field("node_id", &self.node_id)
+            .field("outbox_capacity", &self.outbox_capacity)
+            .field("close_timeout", &self.close_timeout)
             .finish()
     }
 }
@@ -128,6 +135,8 @@ impl S3Config {
             breaker_threshold: 5,
             breaker_cool_down: Duration::from_secs(30),
             node_id: String::new(),
+            outbox_capacity: 512 << 20,
+            close_timeout: Duration::from_secs(10),
         }
     }
 
@@ -192,6 +201,16 @@ pub struct DrainReport {
     /// Entries dropped because their bytes were unreadable, their disk copy was gone, or S3
     /// refused them for good (too large for it); counted, logged.
     pub dropped: u64,
+    /// Entries parked: S3 rejected them [`PARK_AFTER`] times (a 4xx); they wait apart, for
+    /// `strata s3 outbox retry` or `drop`, and no longer hold the queue.
+    pub parked: u64,
+}
+
+impl DrainReport {
+    /// Entries this pass tried.
+    pub fn tried(&self) -> u64 {
+        self.uploaded + self.failed + self.dropped + self.parked
+    }
 }
 
 /// What `index rebuild` did.
@@ -269,6 +288,12 @@ pub struct S3Stats {
     pub dropped: u64,
     /// Entries waiting in the outbox.
     pub pending: u64,
+    /// Entries parked after S3 rejected them again and again.
+    pub parked: u64,
+    /// Bytes the upload queue held when last measured (queued and parked envelopes).
+    pub outbox_bytes: u64,
+    /// Uploads dropped because the queue passed `outbox_capacity` (the oldest first).
+    pub dropped_for_space: u64,
     /// Times the circuit breaker opened.
     pub breaker_opened: u64,
 }
@@ -304,6 +329,20 @@ struct Inner {
     /// Warnings about failed uploads, one per interval.
     upload_warnings: strata_analytics::Throttle,
     dropped: AtomicU64,
+    /// digest → an envelope S3 rejected [`PARK_AFTER`] times (an outbox value).
+    parked: sled::Tree,
+    /// digest → rejections so far (u32 BE), kept across runs so that short commands park too.
+    rejections: sled::Tree,
+    /// Where the next drain pass starts: after the last key the previous one tried, so that
+    /// items failing at the head of the queue do not hold back the rest.
+    cursor: std::sync::Mutex<Option<IVec>>,
+    outbox_capacity: u64,
+    close_timeout: Duration,
+    /// Queue bytes when last measured, and bytes queued since (a new measure is due past a
+    /// tenth of the bound).
+    outbox_bytes: AtomicU64,
+    queued_since_measure: AtomicU64,
+    dropped_for_space: AtomicU64,
 }
 
 /// The S3 tier. Cheap to clone (clones share the client and the local state).
@@ -328,6 +367,8 @@ const MANIFEST_SEQ_KEY: &[u8] = b"manifest-seq";
 const BATCH: usize = 256;
 /// How long the drainer waits after a wake-up, so that a burst of writes becomes one batch.
 const LINGER: Duration = Duration::from_millis(50);
+/// Rejections (4xx) after which an upload is parked rather than tried again.
+pub const PARK_AFTER: u32 = 5;
 
 impl S3Tier {
     /// Connects to the bucket of `config`, keeping the local index and the outbox in the disk
@@ -356,6 +397,8 @@ impl S3Tier {
         // The disk tier moves a copy the outbox refers to into it before evicting the copy.
         disk.keep_for_upload(outbox.clone());
         let meta = disk.open_tree("l3-meta")?;
+        let parked = disk.open_tree("l3-parked")?;
+        let rejections = disk.open_tree("l3-rejections")?;
         let node_id = if config.node_id.is_empty() {
             match meta.get(NODE_ID_KEY)? {
                 Some(id) => String::from_utf8_lossy(&id).into_owned(),
@@ -408,6 +451,15 @@ impl S3Tier {
                 upload_failures: AtomicU64::new(0),
                 upload_warnings: Default::default(),
                 dropped: AtomicU64::new(0),
+                parked,
+                rejections,
+                cursor: std::sync::Mutex::new(None),
+                outbox_capacity: config.outbox_capacity,
+                close_timeout: config.close_timeout,
+                outbox_bytes: AtomicU64::new(0),
+                // Measured at the first chance.
+                queued_since_measure: AtomicU64::new(u64::MAX / 2),
+                dropped_for_space: AtomicU64::new(0),
             }),
         })
     }
@@ -439,6 +491,9 @@ impl S3Tier {
             upload_failures: self.inner.upload_failures.load(Relaxed),
             dropped: self.inner.dropped.load(Relaxed),
             pending: self.pending() as u64,
+            parked: self.inner.parked.len() as u64,
+            outbox_bytes: self.inner.outbox_bytes.load(Relaxed),
+            dropped_for_space: self.inner.dropped_for_space.load(Relaxed),
             breaker_opened: self.inner.breaker.times_opened(),
         }
     }
@@ -501,7 +556,11 @@ impl S3Tier {
     /// Queues an entry's envelope for upload. Durable once the disk tier flushes; the
     /// background drain (or [`S3Tier::drain`]) uploads it.
     pub fn enqueue(&self, key: &CacheKey, envelope: &[u8]) -> Result<(), TierError> {
-        self.inner.outbox.insert(key.digest, envelope)?;
+        let seq = self.inner.next_reference.fetch_add(1, Relaxed);
+        self.inner
+            .outbox
+            .insert(key.digest, outbox::held(seq, envelope))?;
+        self.inner.queued(envelope.len() as u64);
         self.inner.wake.notify_one();
         Ok(())
     }
@@ -515,6 +574,8 @@ impl S3Tier {
         self.inner
             .outbox
             .insert(key.digest, &outbox::reference(seq))?;
+        // What the reference may become: the envelope, if eviction takes the disk copy.
+        self.inner.queued(2 << 10);
         self.inner.wake.notify_one();
         Ok(())
     }
@@ -537,38 +598,144 @@ impl S3Tier {
         self.inner.upload(entry, envelope).await
     }
 
-    /// Uploads the whole outbox, batch after batch, until it is empty or an upload fails.
-    /// Returns how many entries were uploaded.
+    /// Uploads the whole outbox, batch after batch, until it is empty, or until a whole pass
+    /// over what is queued gets nothing done. Items that fail are passed over (the next batch
+    /// starts after them), so they never hold back the rest; one S3 keeps rejecting (a 4xx)
+    /// is parked after [`PARK_AFTER`] tries. Returns how many entries were uploaded.
     pub async fn drain(&self) -> Result<u64, TierError> {
         let mut total = 0;
+        let mut failed_in_a_row = 0;
         loop {
             let report = self.drain_once().await?;
             total += report.uploaded;
-            // A batch with some failures goes on to the next while it gets anything done: a
-            // few failing uploads do not hold back the rest of the queue.
-            if report.uploaded > 0 || report.dropped > 0 {
+            if report.tried() == 0 {
+                return Ok(total);
+            }
+            if report.uploaded > 0 || report.dropped > 0 || report.parked > 0 {
+                failed_in_a_row = 0;
                 continue;
             }
-            if report.failed > 0 {
+            failed_in_a_row += report.failed;
+            if failed_in_a_row >= self.pending() as u64 {
                 return Err(TierError::Unavailable(format!(
                     "{} uploads failed; {} entries stay queued",
-                    report.failed,
+                    failed_in_a_row,
                     self.pending()
                 )));
             }
-            return Ok(total);
         }
     }
 
-    /// Uploads one batch of the outbox (up to 256 entries, `max_concurrency` at a time) and
-    /// writes their manifest segment.
+    /// [`S3Tier::drain`] within `[s3] close_timeout`: what is left stays queued for the next
+    /// run, and the error says how much.
+    pub async fn drain_for_close(&self) -> Result<u64, TierError> {
+        match tokio::time::timeout(self.inner.close_timeout, self.drain()).await {
+            Ok(drained) => drained,
+            Err(_) => Err(TierError::Unavailable(format!(
+                "the uploads did not finish within {:.1} s; {} entries stay queued for the next run",
+                self.inner.close_timeout.as_secs_f64(),
+                self.pending()
+            ))),
+        }
+    }
+
+    /// Measures the upload queue (queued and parked envelopes) and, past `outbox_capacity`,
+    /// drops the oldest uploads until it holds 90% of it: with S3 down for long, the queue would
+    /// otherwise grow with every put, past anything the disk tier's bound says. Returns how many
+    /// were dropped (counted and warned about). References count for their few bytes: their
+    /// envelopes are the disk tier's, within its own bound.
+    pub fn bound_outbox(&self) -> Result<u64, TierError> {
+        let inner = &self.inner;
+        inner.queued_since_measure.store(0, Relaxed);
+        inner.disk.reset_outbox_growth();
+        let mut items = Vec::new();
+        let mut total = 0u64;
+        for (tree, which) in [(&inner.outbox, 0u8), (&inner.parked, 1u8)] {
+            for item in tree.iter() {
+                let (k, v) = item?;
+                let bytes = (k.len() + v.len()) as u64;
+                total += bytes;
+                items.push((outbox::parse(&v).seq(), which, k, v, bytes));
+            }
+        }
+        inner.outbox_bytes.store(total, Relaxed);
+        if total <= inner.outbox_capacity {
+            return Ok(0);
+        }
+        items.sort_by_key(|(seq, ..)| *seq);
+        let target = inner.outbox_capacity / 10 * 9;
+        let mut dropped = 0;
+        for (_, which, k, v, bytes) in items {
+            if total <= target {
+                break;
+            }
+            let tree = if which == 0 {
+                &inner.outbox
+            } else {
+                &inner.parked
+            };
+            if tree.compare_and_swap(&k, Some(&v), None::<&[u8]>)?.is_ok() {
+                total -= bytes;
+                dropped += 1;
+            }
+        }
+        inner.outbox_bytes.store(total, Relaxed);
+        inner.dropped_for_space.fetch_add(dropped, Relaxed);
+        tracing::warn!(
+            dropped,
+            capacity = inner.outbox_capacity,
+            "the upload queue passed [s3] outbox_capacity: dropped its oldest uploads (their entries stay local)"
+        );
+        Ok(dropped)
+    }
+
+    /// The uploads parked after S3 rejected them again and again: (digest, envelope bytes).
+    pub fn parked(&self) -> Result<Vec<([u8; 16], u64)>, TierError> {
+        let mut out = Vec::new();
+        for item in self.inner.parked.iter() {
+            let (k, v) = item?;
+            if let Ok(digest) = <[u8; 16]>::try_from(k.as_ref()) {
+                out.push((digest, v.len() as u64));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts every parked upload back in the queue, with its rejections forgotten. Returns how
+    /// many.
+    pub fn retry_parked(&self) -> Result<u64, TierError> {
+        let mut moved = 0;
+        for item in self.inner.parked.iter() {
+            let (k, v) = item?;
+            // A newer answer queued meanwhile wins.
+            if self
+                .inner
+                .outbox
+                .compare_and_swap(&k, None::<&[u8]>, Some(&v))?
+                .is_ok()
+            {
+                moved += 1;
+            }
+            self.inner.parked.remove(&k)?;
+            self.inner.rejections.remove(&k)?;
+        }
+        self.inner.wake.notify_one();
+        Ok(moved)
+    }
+
+    /// Drops every parked upload (the entries stay in the local tiers). Returns how many.
+    pub fn drop_parked(&self) -> Result<u64, TierError> {
+        let n = self.inner.parked.len() as u64;
+        self.inner.parked.clear()?;
+        Ok(n)
+    }
+
+    /// Uploads one batch of the outbox (up to 256 entries, `max_concurrency` at a time),
+    /// starting after the last one the previous batch tried, and writes their manifest segment.
     pub async fn drain_once(&self) -> Result<DrainReport, TierError> {
         let inner = &self.inner;
         let _turn = inner.draining.lock().await;
-        let mut batch = Vec::new();
-        for item in inner.outbox.iter().take(BATCH) {
-            batch.push(item?);
-        }
+        let batch = inner.next_batch()?;
         if batch.is_empty() {
             return Ok(DrainReport::default());
         }
@@ -613,6 +780,21 @@ impl S3Tier {
                     // local copies stay.
                     tracing::error!(error = %e, "S3 refuses this upload for good; dropping it");
                     inner.drop_queued(&k, &v, &mut report)?;
+                }
+                Some(Err(e @ TierError::Rejected(_))) => {
+                    inner.upload_failures.fetch_add(1, Relaxed);
+                    if inner.rejected(&k, &v)? {
+                        tracing::error!(error = %e,
+                            "S3 rejected this upload {PARK_AFTER} times; parked (strata s3 outbox)");
+                        report.parked += 1;
+                    } else {
+                        strata_analytics::throttled!(
+                            inner.upload_warnings,
+                            error = %e,
+                            "S3 rejected an upload; it stays queued, and is parked after {PARK_AFTER} tries"
+                        );
+                        report.failed += 1;
+                    }
                 }
                 Some(Err(e)) => {
                     strata_analytics::throttled!(
@@ -661,6 +843,7 @@ impl S3Tier {
                 .outbox
                 .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
                 .ok();
+            inner.rejections.remove(&k)?;
             report.uploaded += 1;
         }
         inner.uploaded.fetch_add(report.uploaded, Relaxed);
@@ -692,6 +875,11 @@ impl S3Tier {
                 }
                 let Some(inner) = weak.upgrade() else { return };
                 let tier = S3Tier { inner };
+                if tier.inner.measure_due()
+                    && let Err(e) = tier.bound_outbox()
+                {
+                    tracing::warn!(error = %e, "cannot measure the upload queue");
+                }
                 // Not `pending()`: sled counts a tree by walking it, on every wake-up.
                 if tier.inner.outbox.is_empty() {
                     continue;
@@ -1028,8 +1216,13 @@ impl Inner {
                 e.code(),
                 Some("EntityTooLarge" | "KeyTooLongError" | "MetadataTooLarge")
             );
+        // Any other 4xx but 408 and 429 (a request the store will not take as it is): tried a
+        // few times more, then parked.
+        let rejected = status.is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429);
         if refused_for_good {
             TierError::Refused(message)
+        } else if rejected {
+            TierError::Rejected(message)
         } else {
             TierError::Storage(message)
         }
@@ -1183,11 +1376,79 @@ impl Inner {
     /// The envelope an outbox value stands for: itself, or the disk copy it refers to (`None`
     /// when that copy is gone).
     fn envelope_of(&self, key: &[u8], value: &IVec) -> Result<Option<IVec>, TierError> {
-        if outbox::is_reference(value) {
-            self.disk.raw(key)
-        } else {
-            Ok(Some(value.clone()))
+        match outbox::parse(value) {
+            outbox::Item::Reference { .. } => self.disk.raw(key),
+            outbox::Item::Envelope { envelope, .. } => {
+                let at = outbox::envelope_offset(value);
+                Ok(Some(value.subslice(at, envelope.len())))
+            }
         }
+    }
+
+    /// Counts bytes just queued; a new measure of the queue is due past a tenth of its bound.
+    fn queued(&self, bytes: u64) {
+        let since = self.queued_since_measure.fetch_add(bytes, Relaxed) + bytes;
+        if since > self.outbox_capacity / 10 {
+            self.wake.notify_one();
+        }
+    }
+
+    fn measure_due(&self) -> bool {
+        self.queued_since_measure.load(Relaxed) > self.outbox_capacity / 10
+            || self.disk.outbox_growth() > self.outbox_capacity / 10
+    }
+
+    /// The next batch: up to [`BATCH`] items after the cursor, from the start past the end.
+    fn next_batch(&self) -> Result<Vec<(IVec, IVec)>, TierError> {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let after = match cursor.as_ref() {
+            Some(k) => std::ops::Bound::Excluded(k.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut batch = Vec::new();
+        for item in self
+            .outbox
+            .range((after, std::ops::Bound::Unbounded))
+            .take(BATCH)
+        {
+            batch.push(item?);
+        }
+        if batch.is_empty() && cursor.is_some() {
+            for item in self.outbox.iter().take(BATCH) {
+                batch.push(item?);
+            }
+        }
+        *cursor = batch.last().map(|(k, _)| k.clone());
+        Ok(batch)
+    }
+
+    /// Counts a rejection of the upload of `key`; at the [`PARK_AFTER`]th, moves it (as its
+    /// envelope, which the disk tier may evict otherwise) from the outbox to the parked tree.
+    /// Returns whether it was parked.
+    fn rejected(&self, key: &[u8], value: &IVec) -> Result<bool, TierError> {
+        let count = self
+            .rejections
+            .update_and_fetch(key, |old| {
+                let n = old
+                    .and_then(|o| <[u8; 4]>::try_from(o).ok())
+                    .map_or(0, u32::from_be_bytes);
+                Some(n.saturating_add(1).to_be_bytes().to_vec())
+            })?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+            .map_or(0, u32::from_be_bytes);
+        if count < PARK_AFTER {
+            return Ok(false);
+        }
+        let Some(envelope) = self.envelope_of(key, value)? else {
+            return Ok(false);
+        };
+        let seq = outbox::parse(value).seq();
+        self.parked.insert(key, outbox::held(seq, &envelope))?;
+        self.outbox
+            .compare_and_swap(key, Some(value), None::<&[u8]>)?
+            .ok();
+        self.rejections.remove(key)?;
+        Ok(true)
     }
 
     fn remember(&self, digest: &[u8; 16], path: &str, size: u64) -> Result<(), TierError> {
