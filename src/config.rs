@@ -31,6 +31,7 @@ const SECTIONS: &[&str] = &[
     "codec",
     "pricing",
     "server",
+    "audit",
 ];
 
 /// The whole configuration.
@@ -58,6 +59,32 @@ pub struct Config {
     /// The gateway (`strata serve`).
     #[serde(default)]
     pub server: strata_http::ServerConfig,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Who the audit trail says ran this configuration's commands; empty: the user
+    /// (`$USER`) and `command`.
+    #[serde(default)]
+    pub actor: String,
+}
+
+impl AuditSection {
+    /// The name the audit trail records for this configuration's commands.
+    pub fn actor(&self) -> String {
+        if !self.actor.trim().is_empty() {
+            return self.actor.trim().to_string();
+        }
+        let user = std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| "unknown".into());
+        format!("{user} (command)")
+    }
 }
 
 /// `[normalization]`.
@@ -475,6 +502,7 @@ impl Config {
     /// client: an unreachable server is found (and degraded around) on first use.
     pub async fn open_cache(&self) -> Result<TieredCache, Error> {
         let mut builder = TieredCache::builder()
+            .actor(self.audit.actor())
             .normalizer(self.normalizer())
             .memory_capacity(self.memory.capacity.as_u64())
             .ttl(self.ttl_policy())

@@ -351,3 +351,45 @@ pub async fn reset_epochs(config: &Config, yes: bool) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `strata audit [--since DUR] [--json]`.
+pub async fn audit(config: &Config, since: Option<Duration>, json: bool) -> Result<ExitCode> {
+    let since = since
+        .map(|d| {
+            chrono::Duration::from_std(d)
+                .ok()
+                .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+                .context("--since is too long")
+        })
+        .transpose()?;
+    let cache = config.open_cache().await?;
+    let trail = cache.audit_trail(since);
+    close(cache).await;
+    let trail = trail.context("reading the audit trail")?;
+    for record in &trail {
+        if json {
+            outln!("{}", serde_json::to_string(record)?)?;
+        } else {
+            outln!(
+                "{}  {:<12} {:<40} {:>8}  {} on {}",
+                record.at.format("%Y-%m-%d %H:%M:%S"),
+                record.action,
+                record.selector.as_deref().unwrap_or("-"),
+                record.affected.map_or("-".to_string(), |n| n.to_string()),
+                record.who,
+                record.node
+            )?;
+        }
+    }
+    if trail.is_empty() && !json {
+        outln!(
+            "nothing in the audit trail{}",
+            if since.is_some() {
+                " in that period"
+            } else {
+                ""
+            }
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

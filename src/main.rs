@@ -142,6 +142,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The audit trail: every invalidation, clear, gc and epochs reset on this node, with when
+    /// and who.
+    Audit {
+        /// Only the last DUR (`24h`, `7d`).
+        #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// Print JSON Lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Bucket settings.
     S3 {
         #[command(subcommand)]
@@ -366,6 +376,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             invalidate_commands::invalidate(&config, &selector, json).await
         }
         Command::Clear { yes } => invalidate_commands::clear(&config, yes).await,
+        Command::Audit { since, json } => invalidate_commands::audit(&config, since, json).await,
         Command::Epochs { command, json } => match command {
             None => invalidate_commands::epochs(&config, json).await,
             Some(EpochsCommand::Reset { yes }) => {

@@ -1087,3 +1087,28 @@ fn a_line_too_long_is_skipped_without_holding_it() -> Result<()> {
     assert!(peak < 200 << 20, "peak RSS {peak} for a 300 MB line");
     Ok(())
 }
+
+#[test]
+fn invalidations_from_the_command_are_in_the_audit_trail() -> Result<()> {
+    let dir = TempDir::new()?;
+    let output = strata(dir.path())?
+        .args(["invalidate", "--tag", "jobs:42"])
+        .env("STRATA_AUDIT_ACTOR", "nightly-job")
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = strata(dir.path())?.args(["audit", "--json"]).output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let record: Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(record["action"], "invalidate");
+    assert_eq!(record["selector"], "tag jobs:42");
+    assert_eq!(record["who"], "nightly-job");
+    Ok(())
+}

@@ -1056,3 +1056,64 @@ fn a_directory_that_is_not_a_disk_tier_is_refused_untouched() -> Result<()> {
     assert!(reopened.is_ok(), "{:?}", reopened.err());
     Ok(())
 }
+
+/// Every invalidation, clear, gc and epochs reset goes into the audit trail, with who did it,
+/// and the trail survives a restart.
+#[tokio::test]
+async fn the_audit_trail_records_every_taking_back_with_who() -> Result<()> {
+    let dir = TempDir::new()?;
+    {
+        let disk = disk(&dir)?;
+        let cache = TieredCache::builder()
+            .epochs(strata::tiers::EpochStore::open(&disk)?)
+            .disk(disk)
+            .actor("ops-bot")
+            .build();
+        execute(&cache, &request("audited"), &Scope::Global, "an answer").await?;
+        cache
+            .invalidate(&Selector::Model("gpt-4o-mini".into()))
+            .await?;
+        let key = cache
+            .key(&request("audited"), &Scope::Global)?
+            .key
+            .to_string();
+        cache
+            .acting_as("alice")
+            .invalidate(&Selector::Key(key))
+            .await?;
+        cache.invalidate_pattern("gpt-4o-mini_*", |_| {}).await?;
+        cache.gc(true, |_| {}).await?;
+        cache.gc(false, |_| {}).await?;
+        cache.clear().await?;
+        cache.reset_epochs().await?;
+        cache.close().await?;
+    }
+    let cache = cache_with_disk(&dir)?;
+    let trail = cache.audit_trail(None)?;
+    let seen: Vec<(&str, &str)> = trail
+        .iter()
+        .map(|r| (r.action.as_str(), r.who.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("invalidate", "ops-bot"),
+            ("invalidate", "alice"),
+            ("invalidate", "ops-bot"),
+            ("gc", "ops-bot"),
+            ("clear", "ops-bot"),
+            ("epochs reset", "ops-bot"),
+        ],
+        "a dry-run gc changes nothing and is not recorded"
+    );
+    assert_eq!(trail[0].selector.as_deref(), Some("model gpt-4o-mini"));
+    assert_eq!(
+        trail[0].affected, None,
+        "an epoch selector touches no entry"
+    );
+    assert_eq!(trail[1].affected, Some(1));
+    assert!(trail.iter().all(|r| r.node == "local"));
+    let later = cache.audit_trail(Some(chrono::Utc::now() + chrono::Duration::hours(1)))?;
+    assert!(later.is_empty());
+    Ok(())
+}

@@ -131,6 +131,26 @@ async fn invalidate_and_clear_take_answers_back_and_refuse_bad_bodies() -> Resul
 }
 
 #[tokio::test]
+async fn admin_invalidations_are_in_the_audit_trail_with_their_caller() -> Result<()> {
+    let dir = TempDir::new()?;
+    let gw = Running::new(dir.path()).await?;
+    let response = gw
+        .client
+        .post(gw.url("/admin/invalidate"))
+        .header("x-strata-actor", "alice")
+        .json(&json!({"tag": "jobs"}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    let trail = admin_json(&gw, "/admin/audit?since=1h").await?;
+    let record = &trail["records"][0];
+    assert_eq!(record["action"], "invalidate", "{trail}");
+    assert_eq!(record["selector"], "tag jobs");
+    assert_eq!(record["who"], "admin API: alice from 127.0.0.1");
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn with_a_token_the_admin_api_refuses_requests_without_it() -> Result<()> {
     let dir = TempDir::new()?;
     let gw = Running::start(dir.path(), Arc::new(FakeUpstream::start().await?), |s| {

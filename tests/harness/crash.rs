@@ -41,6 +41,7 @@ fn open(dir: &Path) -> Result<TieredCache> {
 
 /// What the writer's log says: the last index a flush confirmed, and what it invalidated.
 fn read_log(dir: &Path) -> Result<(Option<u64>, BTreeSet<u64>, u64)> {
+    // (A `Result` for the read; the parse of a line is lenient.)
     let text = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
     let (mut flushed, mut invalidated, mut next) = (None, BTreeSet::new(), 0);
     for line in text.lines() {
@@ -49,16 +50,21 @@ fn read_log(dir: &Path) -> Result<(Option<u64>, BTreeSet<u64>, u64)> {
         let Some(line) = line.strip_suffix(';') else {
             continue;
         };
-        match line.split_once(' ') {
-            Some(("flushed", n)) => {
-                let n: u64 = n.parse()?;
+        // A line a kill tore and the next writer went on (`flushed 19started 5000;`) reads
+        // as nothing: not a confirmation.
+        let Some((word, n)) = line.split_once(' ') else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        match word {
+            "flushed" => {
                 flushed = Some(n);
                 next = next.max(n + 1);
             }
-            Some(("invalidated", n)) => {
-                invalidated.insert(n.parse()?);
+            "invalidated" => {
+                invalidated.insert(n);
             }
-            Some(("started", n)) => next = next.max(n.parse()?),
+            "started" => next = next.max(n),
             _ => {}
         }
     }

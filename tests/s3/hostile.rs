@@ -212,3 +212,24 @@ async fn epochs_poisoned_before_the_fix_are_dropped_when_the_node_opens() -> Res
     assert!(epochs.tag.contains_key("kept"), "real bumps stay");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_reaches_the_bucket() -> Result<()> {
+    let server = TestS3::start().await?;
+    let dir = TempDir::new()?;
+    let a = node(&server, dir.path()).await?;
+    a.cache
+        .acting_as("bob")
+        .invalidate(&Selector::Tag("jobs".into()))
+        .await?;
+    let day = Utc::now().date_naive();
+    let path = a.s3.layout().audit_path(a.s3.node_id(), day);
+    let text = String::from_utf8(server.object(&path).await?)?;
+    let record: strata::tiers::AuditRecord =
+        serde_json::from_str(text.lines().next().context("one record")?)?;
+    assert_eq!(record.action, "invalidate");
+    assert_eq!(record.who, "bob");
+    assert_eq!(record.node, a.s3.node_id());
+    assert_eq!(record.selector.as_deref(), Some("tag jobs"));
+    Ok(())
+}

@@ -193,9 +193,17 @@ pub struct TieredCacheBuilder {
     sweep_interval: Option<Duration>,
     analytics: Option<AnalyticsConfig>,
     publish_interval: Duration,
+    actor: String,
 }
 
 impl TieredCacheBuilder {
+    /// Who the audit trail says does what this cache does (invalidations, clears, gc), unless
+    /// a handle says otherwise ([`TieredCache::acting_as`]). Default: `local`.
+    pub fn actor(mut self, who: impl Into<String>) -> Self {
+        self.actor = who.into();
+        self
+    }
+
     /// Where the invalidation epochs live. Default: the disk tier's database when there is
     /// one (so they survive restarts), memory otherwise.
     pub fn epochs(mut self, epochs: EpochStore) -> Self {
@@ -323,8 +331,16 @@ impl TieredCacheBuilder {
             })
         });
         let writer = sink.as_ref().and_then(Writer::start);
+        let audit = crate::audit::AuditLog::new(self.disk.as_ref().and_then(|disk| {
+            disk.open_tree("audit")
+                .map_err(|e| tracing::error!(error = %e, "cannot open the audit trail; operations are logged only"))
+                .ok()
+        }));
         let cache = TieredCache {
+            actor: None,
             inner: Arc::new(Inner {
+                actor: self.actor,
+                audit,
                 analytics: analytics.and_then(Result::ok),
                 aggressive,
                 epochs: Arc::new(epochs),
@@ -394,9 +410,14 @@ fn spawn_stats_saver(cache: &TieredCache) {
 #[derive(Clone)]
 pub struct TieredCache {
     pub(crate) inner: Arc<Inner>,
+    /// Who this handle acts for in the audit trail (`None`: the cache's actor).
+    pub(crate) actor: Option<Arc<str>>,
 }
 
 pub(crate) struct Inner {
+    /// Who the audit trail says acts, by default.
+    pub(crate) actor: String,
+    pub(crate) audit: crate::audit::AuditLog,
     pub(crate) normalizer: Normalizer,
     pub(crate) memory: MemoryTier,
     pub(crate) l2: Option<Arc<dyn Tier>>,
@@ -475,6 +496,7 @@ impl TieredCache {
             sweep_interval: None,
             analytics: Some(AnalyticsConfig::default()),
             publish_interval: Duration::from_secs(60),
+            actor: "local".into(),
         }
     }
 

@@ -104,6 +104,12 @@ impl TieredCache {
         }
         inner.epochs.flush().await?;
         let published = self.publish().await;
+        self.audit(
+            "invalidate",
+            Some(selector.to_string()),
+            exact.then_some(affected),
+        )
+        .await;
         Ok(Invalidation {
             what: selector.to_string(),
             affected,
@@ -198,6 +204,9 @@ impl TieredCache {
                 .await?;
             l3.write_node_epochs(&local).await?;
         }
+        let dropped_names = (!dropped.is_empty()).then(|| dropped.join(", "));
+        self.audit("epochs reset", dropped_names, Some(dropped.len() as u64))
+            .await;
         Ok(dropped)
     }
 
@@ -332,9 +341,12 @@ impl TieredCache {
         }
         .await;
         let published = self.publish().await;
+        let what = format!("keys matching {pattern}");
+        self.audit("invalidate", Some(what.clone()), Some(ids.len() as u64))
+            .await;
         in_bucket?;
         Ok(Invalidation {
-            what: format!("keys matching {pattern}"),
+            what,
             affected: ids.len() as u64,
             exact: true,
             published,
@@ -362,6 +374,7 @@ impl TieredCache {
             l3.clear_index()?;
         }
         let published = self.publish().await;
+        self.audit("clear", None, Some(affected)).await;
         Ok(Invalidation {
             what: Selector::All.to_string(),
             affected,
@@ -395,6 +408,10 @@ impl TieredCache {
         }
         if let Some(l3) = &inner.l3 {
             gc_bucket(l3, &epochs, dry_run, &mut report, &mut progress).await?;
+        }
+        if !dry_run {
+            let removed = report.l2_removed + report.s3_entries;
+            self.audit("gc", None, Some(removed)).await;
         }
         Ok(report)
     }

@@ -13,6 +13,7 @@
 //! - [`reports`]: cost-savings reports from this node's analytics or every node's (daily
 //!   rollups published to S3), with storage and cold entries that only the tiers know.
 
+pub mod audit;
 pub mod cache;
 pub mod disk;
 pub mod epochs;
@@ -24,6 +25,7 @@ pub mod s3;
 pub mod tier;
 mod writer;
 
+pub use audit::AuditRecord;
 pub use cache::{Completion, Lookup, TieredCache, TieredCacheBuilder, TtlPolicy};
 pub use disk::{DiskConfig, DiskTier, Swept};
 pub use epochs::{EpochStore, SyncReport};

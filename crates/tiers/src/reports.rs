@@ -295,7 +295,7 @@ pub(crate) fn spawn_publisher(cache: &TieredCache, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
             let Some(inner) = weak.upgrade() else { return };
-            let cache = TieredCache { inner };
+            let cache = TieredCache { inner, actor: None };
             if let Err(e) = cache.publish_analytics(&[]).await {
                 tracing::debug!(error = %e, "publishing analytics failed; will retry");
             }

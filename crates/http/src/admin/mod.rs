@@ -46,6 +46,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/warm", post(warm))
         .route("/admin/keys", get(keys))
         .route("/admin/monitor", get(monitor))
+        .route("/admin/audit", get(audit))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&shared),
             authorize,
@@ -62,7 +63,16 @@ fn refuse(status: StatusCode, reason: impl std::fmt::Display) -> Response {
     (status, axum::Json(json!({ "error": reason }))).into_response()
 }
 
-async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+/// Who a call of the admin API is, for the audit trail: the API, the name the caller gives in
+/// `X-Strata-Actor` (if any), and where it came from.
+#[derive(Debug, Clone)]
+struct Actor(String);
+
+async fn authorize(
+    State(shared): State<Arc<Shared>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let allowed = match shared.config.admin_token.expose() {
         Some(token) => request
             .headers()
@@ -79,6 +89,29 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
         if let Some(refusal) = refusal(&request, shared.config.admin_token.expose().is_none()) {
             return refusal;
         }
+        let named = request
+            .headers()
+            .get("x-strata-actor")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.trim()
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(64)
+                    .collect::<String>()
+            })
+            .filter(|v| !v.is_empty());
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(peer)| peer.ip().to_string());
+        let actor = match (named, peer) {
+            (Some(name), Some(peer)) => format!("admin API: {name} from {peer}"),
+            (Some(name), None) => format!("admin API: {name}"),
+            (None, Some(peer)) => format!("admin API from {peer}"),
+            (None, None) => "admin API".to_string(),
+        };
+        request.extensions_mut().insert(Actor(actor));
         return next.run(request).await;
     }
     let mut response = refuse(
@@ -419,13 +452,17 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Box<Response>
         .map_err(|e| Box::new(refuse(StatusCode::BAD_REQUEST, format!("body: {e}"))))
 }
 
-async fn invalidate(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Response {
+async fn invalidate(
+    State(shared): State<Arc<Shared>>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    bytes: axum::body::Bytes,
+) -> Response {
     let what = match body::<InvalidateBody>(&bytes).map(InvalidateBody::what) {
         Ok(Ok(what)) => what,
         Ok(Err(reason)) => return refuse(StatusCode::BAD_REQUEST, reason),
         Err(response) => return *response,
     };
-    let cache = &shared.cache;
+    let cache = &shared.cache.acting_as(actor);
     let done = match &what {
         What::Pattern(glob) => cache.invalidate_pattern(glob, |_| {}).await,
         What::Selector(selector) => {
@@ -463,7 +500,11 @@ struct ClearBody {
     confirm: bool,
 }
 
-async fn clear(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Response {
+async fn clear(
+    State(shared): State<Arc<Shared>>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    bytes: axum::body::Bytes,
+) -> Response {
     match body::<ClearBody>(&bytes) {
         Ok(ClearBody { confirm: true }) => {}
         Ok(_) => {
@@ -474,7 +515,7 @@ async fn clear(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> R
         }
         Err(response) => return *response,
     }
-    match shared.cache.clear().await {
+    match shared.cache.acting_as(actor).clear().await {
         Ok(inv) => {
             tracing::warn!(entries = inv.affected, "cleared through the admin API");
             axum::Json(json!({"cleared": inv.affected, "published": inv.published})).into_response()
@@ -535,6 +576,35 @@ async fn warm(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Re
         }))
         .into_response(),
         Err(e) => refuse(StatusCode::BAD_GATEWAY, e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    since: Option<String>,
+}
+
+/// `GET /admin/audit?since=7d`: this node's audit trail, oldest first.
+async fn audit(
+    State(shared): State<Arc<Shared>>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return refuse(StatusCode::BAD_REQUEST, "query: expected since");
+    };
+    let since = match query
+        .since
+        .as_deref()
+        .map(|t| parse_time(t, false))
+        .transpose()
+    {
+        Ok(s) => s,
+        Err(reason) => return refuse(StatusCode::BAD_REQUEST, format!("since {reason}")),
+    };
+    match shared.cache.audit_trail(since) {
+        Ok(trail) => axum::Json(json!({ "records": trail })).into_response(),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 

@@ -109,6 +109,14 @@ impl Layout {
         format!("{}{node}.json", self.node_epochs_root())
     }
 
+    /// One node's audit trail of a UTC day: `{prefix}/control/audit/{node}/{YYYY-MM-DD}.jsonl`.
+    pub fn audit_path(&self, node: &str, day: NaiveDate) -> String {
+        self.join(&format!(
+            "control/audit/{node}/{}.jsonl",
+            day.format("%Y-%m-%d")
+        ))
+    }
+
     /// The folder of every node's analytics: `{prefix}/analytics/`.
     pub fn analytics_root(&self) -> String {
         self.join("analytics/")
