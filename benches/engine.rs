@@ -284,6 +284,55 @@ fn bench_tiers(c: &mut Criterion) {
     let _ = Arc::new(dir);
 }
 
+/// An L2 hit with the entries sealed and encrypted under a key (`[security] encrypt`) next to
+/// one without a key, in the same run: the target is at most 1.3× the unkeyed hit.
+fn bench_encryption(c: &mut Criterion) {
+    let exchanges = workload();
+    let requests = requests(&exchanges);
+    let rt = runtime();
+    let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+    let key = strata::core::Key::from_material(&[0x5a; 32]).unwrap_or_else(|e| panic!("{e}"));
+    let keys = Arc::new(strata::core::Keyring::new(key, Vec::new(), true));
+    let mut group = c.benchmark_group("encryption");
+    for (name, codec) in [
+        ("l2_hit_plain", Codec::default()),
+        ("l2_hit_encrypted", Codec::default().with_keys(keys)),
+    ] {
+        let disk = DiskTier::open(&DiskConfig::new(dir.path().join(name)), codec)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cache = filled_cache(&rt, &exchanges, Some(disk));
+        rt.block_on(cache.settle());
+        let keyed: Vec<_> = requests
+            .iter()
+            .filter_map(|r| cache.key(r, &Scope::Global).ok())
+            .collect();
+        let never = || async { Err::<Completion, _>(std::io::Error::other("not a hit")) };
+        let mut i = 0;
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (cache, requests, keyed) = (&cache, &requests, &keyed);
+                let start = i;
+                i = (i + iters as usize) % requests.len();
+                async move {
+                    let mut total = Duration::ZERO;
+                    for n in 0..iters as usize {
+                        let at = (start + n) % requests.len();
+                        cache.memory().remove_id(keyed[at].key.id()).await;
+                        let started = Instant::now();
+                        let lookup = cache
+                            .get_or_execute(&requests[at], &Scope::Global, never)
+                            .await;
+                        total += started.elapsed();
+                        assert!(matches!(lookup.map(|l| l.outcome), Ok(strata::Outcome::L2)));
+                    }
+                    total
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Benches an L1 hit through `get_or_execute` (key included), the requests in rotation; every
 /// lookup's time goes into `kept`.
 fn bench_l1_hit(
@@ -774,6 +823,15 @@ fn summary() {
             "| the recorder's work per lookup (its own thread), a new hot key each time | {recorder:.2} µs | | |"
         ));
     }
+    if let (Some(on), Some(off)) = (
+        us("encryption", "l2_hit_encrypted"),
+        us("encryption", "l2_hit_plain"),
+    ) {
+        rows.push(format!(
+            "| L2 hit, entries encrypted under a key | {on:.2} µs ({:.2}× without) | ≤ 1.3× | without a key {off:.2} µs (same run) |",
+            on / off
+        ));
+    }
     if let Some(sync) = us("tiers", "l2_hit_block_on") {
         rows.push(format!(
             "| L2 hit from a synchronous caller (`block_on` per lookup) | {sync:.2} µs | | |"
@@ -1030,7 +1088,7 @@ fn bench_recording(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_key, bench_codec, bench_tiers, bench_recording, bench_s3, bench_invalidate
+    targets = bench_key, bench_codec, bench_tiers, bench_encryption, bench_recording, bench_s3, bench_invalidate
 }
 
 fn main() {

@@ -32,7 +32,12 @@ const SECTIONS: &[&str] = &[
     "pricing",
     "server",
     "audit",
+    "security",
 ];
+
+/// Environment variables that hold keys: read as key material, never through the
+/// configuration (whose text a key must not be in).
+const KEY_VARIABLES: [&str; 2] = ["STRATA_SECURITY_KEY", "STRATA_SECURITY_OLD_KEYS"];
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -62,6 +67,30 @@ pub struct Config {
     /// The audit trail.
     #[serde(default)]
     pub audit: AuditSection,
+    /// Keys: MACs over every entry and control file, and optional encryption.
+    #[serde(default)]
+    pub security: SecuritySection,
+    /// The keys `security` names, read when the configuration is loaded.
+    #[serde(skip)]
+    pub keyring: Option<std::sync::Arc<strata_core::Keyring>>,
+}
+
+/// `[security]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySection {
+    /// A file holding the key (32 bytes or more), unless `STRATA_SECURITY_KEY` holds it. With a
+    /// key, every entry and control file carries a MAC bound to its place, and one without a
+    /// valid MAC is refused.
+    #[serde(default)]
+    pub key_file: PathBuf,
+    /// Files of earlier keys still read (rotation); `STRATA_SECURITY_OLD_KEYS` may hold more,
+    /// comma-separated.
+    #[serde(default)]
+    pub old_key_files: Vec<PathBuf>,
+    /// Encrypt every entry (XChaCha20-Poly1305) on disk and in S3; needs a key.
+    #[serde(default)]
+    pub encrypt: bool,
 }
 
 /// `[audit]`.
@@ -342,9 +371,11 @@ impl Config {
         figment = figment.merge(Env::prefixed("STRATA_").filter_map(|key| {
             let key = key.as_str().to_ascii_lowercase();
             let (section, rest) = key.split_once('_')?;
-            SECTIONS
-                .contains(&section)
-                .then(|| format!("{section}.{rest}").into())
+            (SECTIONS.contains(&section)
+                && !KEY_VARIABLES
+                    .iter()
+                    .any(|v| v.eq_ignore_ascii_case(&format!("strata_{key}"))))
+            .then(|| format!("{section}.{rest}").into())
         }));
         let config: Config = figment.extract().map_err(|e| {
             let errors: Vec<String> = e
@@ -353,7 +384,9 @@ impl Config {
                 .collect();
             Error::Config(errors.join("; "))
         })?;
+        let mut config = config;
         config.validate()?;
+        config.keyring = config.read_keys()?.map(std::sync::Arc::new);
         Ok(config)
     }
 
@@ -438,11 +471,64 @@ impl Config {
 
     /// The codec this configuration describes.
     pub fn codec(&self) -> Codec {
-        Codec::new(
+        let codec = Codec::new(
             self.codec.compress_above.as_u64() as usize,
             self.codec.zstd_level,
         )
-        .with_dictionary(self.codec.dictionary)
+        .with_dictionary(self.codec.dictionary);
+        match &self.keyring {
+            Some(keys) => codec.with_keys(std::sync::Arc::clone(keys)),
+            None => codec,
+        }
+    }
+
+    /// The keys `[security]` names: the current one from `STRATA_SECURITY_KEY` or `key_file`,
+    /// old ones from `old_key_files` and `STRATA_SECURITY_OLD_KEYS`. `None` without a key.
+    fn read_keys(&self) -> Result<Option<strata_core::Keyring>, Error> {
+        use strata_core::Key;
+        let key = |material: &[u8], from: &str| {
+            Key::from_material(material).map_err(|e| Error::Config(format!("{from}: {e}")))
+        };
+        let file = |path: &Path| {
+            std::fs::read(path).map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let env = std::env::var(KEY_VARIABLES[0])
+            .ok()
+            .filter(|v| !v.is_empty());
+        let current = match (env, self.security.key_file.as_os_str().is_empty()) {
+            (Some(material), _) => key(material.as_bytes(), KEY_VARIABLES[0])?,
+            (None, false) => key(
+                &file(&self.security.key_file)?,
+                &format!("security.key_file {}", self.security.key_file.display()),
+            )?,
+            (None, true) if self.security.encrypt => {
+                return Err(Error::Config(
+                    "security.encrypt needs a key: security.key_file, or STRATA_SECURITY_KEY"
+                        .into(),
+                ));
+            }
+            (None, true) => return Ok(None),
+        };
+        let mut old = Vec::new();
+        for path in &self.security.old_key_files {
+            old.push(key(
+                &file(path)?,
+                &format!("security.old_key_files {}", path.display()),
+            )?);
+        }
+        if let Ok(list) = std::env::var(KEY_VARIABLES[1]) {
+            for material in list.split(',').filter(|m| !m.trim().is_empty()) {
+                old.push(key(material.as_bytes(), KEY_VARIABLES[1])?);
+            }
+        }
+        Ok(Some(strata_core::Keyring::new(
+            current,
+            old,
+            self.security.encrypt,
+        )))
     }
 
     /// The TTL policy.

@@ -393,3 +393,18 @@ pub async fn audit(config: &Config, since: Option<Duration>, json: bool) -> Resu
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `strata rekey`.
+pub async fn rekey(config: &Config) -> Result<ExitCode> {
+    // Entries written before the key existed are read too (this node's own disk).
+    let cache = config.open_cache().await?;
+    let done = cache.rekey().await;
+    close(cache).await;
+    let (seen, rewritten) = done.context("rekeying")?;
+    outln!(
+        "rewrote {} of {} entries under the current key",
+        thousands(rewritten),
+        thousands(seen)
+    )?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -152,6 +152,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rewrite the disk tier's entries under the current key ([security]): entries sealed
+    /// under an old key or written before there was one. With S3, they are uploaded again.
+    Rekey,
     /// Bucket settings.
     S3 {
         #[command(subcommand)]
@@ -377,6 +380,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Clear { yes } => invalidate_commands::clear(&config, yes).await,
         Command::Audit { since, json } => invalidate_commands::audit(&config, since, json).await,
+        Command::Rekey => invalidate_commands::rekey(&config).await,
         Command::Epochs { command, json } => match command {
             None => invalidate_commands::epochs(&config, json).await,
             Some(EpochsCommand::Reset { yes }) => {

@@ -1112,3 +1112,79 @@ fn invalidations_from_the_command_are_in_the_audit_trail() -> Result<()> {
     assert_eq!(record["who"], "nightly-job");
     Ok(())
 }
+
+/// With a key (a file, or STRATA_SECURITY_KEY), entries are sealed: a node without the key
+/// reads none, one with it reads them; `encrypt` without a key is refused; `rekey` seals the
+/// entries written before the key.
+#[test]
+fn a_key_seals_entries_and_rekey_seals_the_older_ones() -> Result<()> {
+    let dir = TempDir::new()?;
+    let request = dir.path().join("request.json");
+    let response = dir.path().join("response.json");
+    std::fs::write(
+        &request,
+        r#"{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "sealed?"}]}"#,
+    )?;
+    std::fs::write(
+        &response,
+        r#"{"choices": [{"message": {"role": "assistant", "content": "yes"}}]}"#,
+    )?;
+    let key_file = dir.path().join("strata.key");
+    std::fs::write(&key_file, "0123456789abcdef0123456789abcdef-test-key\n")?;
+    let run = |args: &[&str], key: bool| -> Result<Output> {
+        let mut cmd = strata(dir.path())?;
+        cmd.args(args).env_remove("STRATA_SECURITY_KEY");
+        if key {
+            cmd.env("STRATA_SECURITY_KEY_FILE", &key_file);
+        }
+        Ok(cmd.output()?)
+    };
+    let (req, resp) = (request.to_string_lossy(), response.to_string_lossy());
+    // Written before there was a key; then the key comes, and rekey seals it.
+    let put = run(&["put", "--request", &req, "--response", &resp], false)?;
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let rekey = run(&["rekey"], true)?;
+    assert!(
+        rekey.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rekey.stderr)
+    );
+    assert!(String::from_utf8_lossy(&rekey.stdout).contains("rewrote 1 of 1"));
+    assert_eq!(
+        run(&["get", "--request", &req], true)?.status.code(),
+        Some(0),
+        "read with the key"
+    );
+    assert_eq!(
+        run(&["get", "--request", &req], false)?.status.code(),
+        Some(1),
+        "a miss without it"
+    );
+    // The environment takes the key itself, never the configuration's text.
+    let mut cmd = strata(dir.path())?;
+    let by_env = cmd
+        .args(["get", "--request", &req])
+        .env(
+            "STRATA_SECURITY_KEY",
+            "0123456789abcdef0123456789abcdef-test-key",
+        )
+        .output()?;
+    assert_eq!(
+        by_env.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&by_env.stderr)
+    );
+    let refused = strata(dir.path())?
+        .args(["stats"])
+        .env("STRATA_SECURITY_ENCRYPT", "true")
+        .env_remove("STRATA_SECURITY_KEY")
+        .output()?;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("needs a key"));
+    Ok(())
+}

@@ -1117,3 +1117,70 @@ async fn the_audit_trail_records_every_taking_back_with_who() -> Result<()> {
     assert!(later.is_empty());
     Ok(())
 }
+
+/// Keys rotate without a flush: a node holding the new key and the old one reads what the old
+/// one sealed; `rekey` rewrites it under the new one, after which the old key can go. Entries
+/// written before there was a key are rewritten too.
+#[tokio::test]
+async fn keys_rotate_and_rekey_rewrites_entries_under_the_current_key() -> Result<()> {
+    let key = |b: u8| strata::core::Key::from_material(&[b; 48]).expect("key");
+    let ring = |current: u8, old: &[u8]| {
+        Arc::new(strata::core::Keyring::new(
+            key(current),
+            old.iter().map(|b| key(*b)).collect(),
+            true,
+        ))
+    };
+    let dir = TempDir::new()?;
+    let open = |codec: Codec| -> Result<TieredCache> {
+        let disk = DiskTier::open(&DiskConfig::new(dir.path().join("l2")), codec)?;
+        Ok(TieredCache::builder().disk(disk).build())
+    };
+    {
+        let before_keys = open(Codec::default())?;
+        execute(
+            &before_keys,
+            &request("from before keys"),
+            &Scope::Global,
+            "a",
+        )
+        .await?;
+        before_keys.close().await?;
+    }
+    {
+        let first = open(Codec::default().with_keys(ring(1, &[])))?;
+        assert!(
+            first.rekey().await? == (1, 1),
+            "the unsealed entry is sealed"
+        );
+        execute(&first, &request("under key 1"), &Scope::Global, "b").await?;
+        first.close().await?;
+    }
+    {
+        let rotated = open(Codec::default().with_keys(ring(2, &[1])))?;
+        for text in ["from before keys", "under key 1"] {
+            let found = rotated.get(&request(text), &Scope::Global).await?;
+            assert_eq!(found.map(|l| l.outcome), Some(Outcome::L2), "{text}");
+        }
+        assert_eq!(rotated.rekey().await?, (2, 2));
+        assert_eq!(rotated.rekey().await?, (2, 0), "nothing left to rewrite");
+        rotated.close().await?;
+    }
+    let only_new = open(Codec::default().with_keys(ring(2, &[])))?;
+    for text in ["from before keys", "under key 1"] {
+        let found = only_new.get(&request(text), &Scope::Global).await?;
+        assert_eq!(found.map(|l| l.outcome), Some(Outcome::L2), "{text}");
+    }
+    let stranger = {
+        only_new.close().await?;
+        open(Codec::default().with_keys(ring(3, &[])))?
+    };
+    assert!(
+        stranger
+            .get(&request("under key 1"), &Scope::Global)
+            .await?
+            .is_none(),
+        "another key reads nothing"
+    );
+    Ok(())
+}

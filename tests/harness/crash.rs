@@ -1,8 +1,10 @@
 //! The crash harness: a process writing to the disk tier is killed (`kill -9`) at a random
 //! moment, the store is reopened, and every lookup is checked against the log of what the
-//! process confirmed. (Its first long run found a flaw in the harness itself: an invalidation
-//! done but not yet logged when the kill came read as a lost entry. The writer now logs its
-//! intent before the call and its completion after.) Each round must show 0 wrong answers, 0 lost entries among those a flush
+//! process confirmed. (Its first long runs found two flaws in the harness itself: an
+//! invalidation done but not yet logged when the kill came read as a lost entry, and a line the
+//! kill cut, continued by the next writer's `started` line, hid where that writer began. The
+//! writer now logs its intent before the call and its completion after, and starts on a line of
+//! its own.) Each round must show 0 wrong answers, 0 lost entries among those a flush
 //! confirmed, and every invalidation made before the kill still in force.
 //!
 //! The writer is this same test binary, run again as a child with `STRATA_CRASH_WRITER` set
@@ -82,7 +84,8 @@ async fn write_until_killed(dir: &Path) -> Result<()> {
         .create(true)
         .append(true)
         .open(dir.join("log"))?;
-    writeln!(log, "started {start};")?;
+    // On a line of its own: the last writer's last line may have been cut by the kill.
+    writeln!(log, "\nstarted {start};")?;
     log.sync_data()?;
     for i in start.. {
         let response =

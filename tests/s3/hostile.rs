@@ -233,3 +233,162 @@ async fn the_audit_trail_reaches_the_bucket() -> Result<()> {
     assert_eq!(record.selector.as_deref(), Some("tag jobs"));
     Ok(())
 }
+
+fn keyring(material: u8, old: &[u8], encrypt: bool) -> std::sync::Arc<strata::core::Keyring> {
+    let key = |b: u8| strata::core::Key::from_material(&[b; 48]).expect("key");
+    std::sync::Arc::new(strata::core::Keyring::new(
+        key(material),
+        old.iter().map(|b| key(*b)).collect(),
+        encrypt,
+    ))
+}
+
+/// A node whose disk tier and S3 tier seal under `keys`.
+async fn keyed_node(
+    server: &TestS3,
+    dir: &std::path::Path,
+    keys: std::sync::Arc<strata::core::Keyring>,
+) -> Result<Node> {
+    let codec = Codec::default().with_keys(keys);
+    let disk = strata::tiers::DiskTier::open(&strata::tiers::DiskConfig::new(dir), codec.clone())?;
+    let s3 = strata::tiers::S3Tier::connect(&server.config(), &disk, codec).await?;
+    let cache = strata::TieredCache::builder()
+        .disk(disk.clone())
+        .s3(s3.clone())
+        .build();
+    Ok(Node { cache, s3, disk })
+}
+
+/// Without a key, a well-formed entry recording no epoch, for a request the writer knows, was
+/// served as any other. With a key, a writer to the bucket who lacks it plants nothing: not an
+/// entry, not a control file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_key_a_writer_to_the_bucket_without_it_plants_nothing() -> Result<()> {
+    let server = TestS3::start().await?;
+    let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
+    let a = keyed_node(&server, dir_a.path(), keyring(1, &[], false)).await?;
+    let (path, entry) = uploaded(&a, "plant here").await?;
+    let forged = forged_answer(&entry);
+    // Unsealed, as a writer without the key makes it, and sealed under another key.
+    for (how, codec) in [
+        ("unsealed", Codec::default()),
+        (
+            "another key",
+            Codec::default().with_keys(keyring(9, &[], false)),
+        ),
+    ] {
+        a.s3.put_object(&path, codec.encode(&forged)?, "application/octet-stream")
+            .await?;
+        let dir = TempDir::new()?;
+        let fresh = keyed_node(&server, dir.path(), keyring(1, &[], false)).await?;
+        let (found, forgery) = served_forgery(&fresh, "plant here").await?;
+        assert!(!forgery, "{how}: served");
+        assert_eq!(found, Outcome::Miss, "{how}");
+        assert!(fresh.cache.stats().errors.corrupt >= 1, "{how}: counted");
+    }
+    // A control file without a valid MAC is not obeyed: this bump, legitimate in form, would
+    // take back every gpt-4o-mini answer on every node.
+    let bump = Epochs {
+        model: [(
+            "gpt-4o-mini".to_string(),
+            Utc::now().timestamp_millis() as u64,
+        )]
+        .into(),
+        ..Epochs::default()
+    };
+    let layout = a.s3.layout().clone();
+    a.s3.put_object(
+        &layout.node_epochs_path("intruder"),
+        serde_json::to_vec(&bump)?,
+        "application/json",
+    )
+    .await?;
+    a.s3.put_object(
+        &layout.epochs_path(),
+        serde_json::to_vec(&bump)?,
+        "application/json",
+    )
+    .await?;
+    let b = keyed_node(&server, dir_b.path(), keyring(1, &[], false)).await?;
+    b.cache.refresh_epochs().await?;
+    assert!(
+        b.cache.epochs().snapshot().model.is_empty(),
+        "an unsealed bump was obeyed"
+    );
+    // What the key holders publish is obeyed.
+    a.cache
+        .invalidate(&Selector::Model("gpt-4o-mini".into()))
+        .await?;
+    b.cache.refresh_epochs().await?;
+    assert!(
+        b.cache
+            .epochs()
+            .snapshot()
+            .model
+            .contains_key("gpt-4o-mini")
+    );
+    Ok(())
+}
+
+/// With `encrypt`, neither the disk tier's files nor the bucket's objects hold a request's or
+/// a response's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_entries_hold_no_text_on_disk_or_in_the_bucket() -> Result<()> {
+    let server = TestS3::start().await?;
+    let dir = TempDir::new()?;
+    let a = keyed_node(&server, dir.path(), keyring(1, &[], true)).await?;
+    let question = "PRIVATE-QUESTION-7f3a about my medical history";
+    let answer = "CONFIDENTIAL-ANSWER-91bc ".repeat(3);
+    a.cache
+        .put(&request(question), &Scope::Global, completion(&answer))
+        .await?;
+    a.cache.flush().await?;
+    a.disk.flush_blocking()?;
+    let needles: [&[u8]; 2] = [b"PRIVATE-QUESTION-7f3a", b"CONFIDENTIAL-ANSWER-91bc"];
+    let holds = |bytes: &[u8]| {
+        needles
+            .iter()
+            .any(|n| bytes.windows(n.len()).any(|w| w == *n))
+    };
+    for file in walk(dir.path())? {
+        assert!(
+            !holds(&std::fs::read(&file)?),
+            "{} holds text",
+            file.display()
+        );
+    }
+    let keys = server.keys().await?;
+    assert!(keys.len() >= 3, "entry, metadata, pointer: {keys:?}");
+    for key in &keys {
+        assert!(!holds(&server.object(key).await?), "{key} holds text");
+    }
+    // And it reads back, here and on another node with the key.
+    let dir_b = TempDir::new()?;
+    let b = keyed_node(&server, dir_b.path(), keyring(1, &[], true)).await?;
+    let lookup = b
+        .cache
+        .get(&request(question), &Scope::Global)
+        .await?
+        .context("served")?;
+    assert!(
+        lookup
+            .entry
+            .response
+            .get()
+            .contains("CONFIDENTIAL-ANSWER-91bc")
+    );
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for item in std::fs::read_dir(dir)? {
+        let path = item?.path();
+        if path.is_dir() {
+            out.extend(walk(&path)?);
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}

@@ -58,12 +58,21 @@ use std::collections::BTreeMap;
 use crate::entry::{Cost, Entry, JsonText, Tokens};
 use crate::scope::Scope;
 use chrono::{DateTime, Utc};
+
+use crate::keys::{KeyError, Keyring, MAC_LEN};
 use zstd::zstd_safe::CParameter;
 
 /// First four bytes of every envelope.
 pub const MAGIC: [u8; 4] = *b"STRA";
-/// The envelope format this code writes and reads.
+/// The envelope format this code writes and reads without a key.
 pub const FORMAT_VERSION: u8 = 3;
+/// The envelope format written under a key ([`Keyring`]): after the header, the 16 bytes of the
+/// cache id the envelope belongs to, then the body (the stored payload, or its encryption:
+/// a nonce, the ciphertext and its tag), then (when authenticated, not encrypted) a 32-byte MAC
+/// over the header, the cache id and the body. Header bytes 6–7 hold the key's id.
+pub const FORMAT_KEYED: u8 = 4;
+/// Length of the cache id after a keyed envelope's header.
+const BINDING_LEN: usize = 16;
 /// The previous format (JSON metadata), still decoded.
 const FORMAT_JSON_METADATA: u8 = 2;
 /// Length of the fixed header.
@@ -78,8 +87,13 @@ pub const MAX_EXPANSION: usize = 64;
 /// Below this, a declared payload is taken whatever its ratio (allocating it costs nothing).
 const EXPANSION_FLOOR: usize = 1 << 20;
 const FLAG_ZSTD: u8 = 0b0000_0001;
+/// A keyed envelope carries a MAC.
+const FLAG_MAC: u8 = 0b0000_0100;
+/// A keyed envelope's body is encrypted (XChaCha20-Poly1305).
+const FLAG_ENCRYPTED: u8 = 0b0000_1000;
 const FLAG_DICTIONARY: u8 = 0b0000_0010;
 const KNOWN_FLAGS: u8 = FLAG_ZSTD | FLAG_DICTIONARY;
+const KNOWN_KEYED_FLAGS: u8 = KNOWN_FLAGS | FLAG_MAC | FLAG_ENCRYPTED;
 
 /// The zstd dictionary compressed payloads are written with: 16 KiB trained by
 /// `cargo run --release --example train_dictionary` on exchanges of `../shared/data` (those of
@@ -131,17 +145,26 @@ pub enum CodecError {
     /// The payload is not a valid entry.
     #[error("entry JSON: {0}")]
     Json(String),
+    /// Under a key: the envelope is not sealed (or sealed with a key not held), its MAC or tag
+    /// does not match, or it says it belongs to another cache id.
+    #[error("not authentic: {0}")]
+    Unauthentic(String),
 }
 
 /// Encodes entries into envelopes and back, with zstd above a size threshold.
 ///
 /// zstd contexts (with the dictionary loaded) are created once per thread and reused: creating
 /// one costs more than decompressing a typical entry.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Codec {
     compress_above: usize,
     level: i32,
     dictionary: bool,
+    /// With keys, every envelope is sealed (a MAC, or encryption) and only sealed ones are
+    /// read.
+    keys: Option<std::sync::Arc<Keyring>>,
+    /// Reads envelopes written without a key too (for `rekey`, over this node's own disk).
+    accept_unsealed: bool,
 }
 
 /// Payloads longer than this are compressed by default.
@@ -189,7 +212,40 @@ impl Codec {
             compress_above,
             level,
             dictionary: true,
+            keys: None,
+            accept_unsealed: false,
         }
+    }
+
+    /// The same codec sealing every envelope under `keys` (authenticated, and encrypted if the
+    /// keyring says so), and reading only envelopes sealed under one of them.
+    pub fn with_keys(mut self, keys: std::sync::Arc<Keyring>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// The keys, if any.
+    pub fn keys(&self) -> Option<&Keyring> {
+        self.keys.as_deref()
+    }
+
+    /// Whether `bytes` is an envelope sealed under this codec's current key (and so needs no
+    /// rewriting by `rekey`). Checks the header only.
+    pub fn sealed_with_current_key(&self, bytes: &[u8]) -> bool {
+        let Some(keys) = &self.keys else {
+            return false;
+        };
+        let encrypted = bytes.get(5).is_some_and(|f| f & FLAG_ENCRYPTED != 0);
+        bytes.get(4) == Some(&FORMAT_KEYED)
+            && bytes.get(6..8) == Some(&keys.current().id().to_le_bytes()[..])
+            && encrypted == keys.encrypts()
+    }
+
+    /// The same codec, also reading envelopes written without a key: for `rekey`, which
+    /// rewrites a node's own entries under its key.
+    pub fn accepting_unsealed(mut self) -> Self {
+        self.accept_unsealed = true;
+        self
     }
 
     /// The same codec, compressing with the built-in dictionary or without it. Decoding reads
@@ -210,7 +266,8 @@ impl Codec {
         payload.extend_from_slice(request);
         payload.extend_from_slice(response);
         write_metadata(&mut payload, entry)?;
-        self.seal(&payload)
+        let binding = cache_id_bytes(&entry.cache_id).unwrap_or_default();
+        self.seal_bound(&payload, binding)
     }
 
     /// Decodes an envelope into an entry, checking that its response is JSON: for envelopes
@@ -227,9 +284,19 @@ impl Codec {
     }
 
     fn decode_checking(&self, bytes: &[u8], check_response: bool) -> Result<Entry, CodecError> {
-        self.open_with(bytes, |version, payload| {
+        let mut binding = None;
+        let entry = self.open_with(bytes, &mut binding, |version, payload| {
             Self::entry_of(version, payload, check_response)
-        })
+        })?;
+        // A sealed envelope names its entry: one moved to another key's place is refused.
+        if let Some(bound) = binding
+            && cache_id_bytes(&entry.cache_id) != Some(bound)
+        {
+            return Err(CodecError::Unauthentic(
+                "sealed for another cache id".into(),
+            ));
+        }
+        Ok(entry)
     }
 
     /// Reads an entry out of a payload (the layout is in the module's documentation).
@@ -272,8 +339,17 @@ impl Codec {
         }
     }
 
-    /// Wraps an arbitrary payload in an envelope.
+    /// Wraps an arbitrary payload in an envelope (under a key, bound to no cache id).
     pub fn seal(&self, payload: &[u8]) -> Result<Vec<u8>, CodecError> {
+        self.seal_bound(payload, [0; BINDING_LEN])
+    }
+
+    /// Wraps a payload in an envelope; under a key, bound to the cache id `binding`.
+    fn seal_bound(
+        &self,
+        payload: &[u8],
+        binding: [u8; BINDING_LEN],
+    ) -> Result<Vec<u8>, CodecError> {
         let len = u32::try_from(payload.len())
             .ok()
             .filter(|&l| l as usize <= MAX_PAYLOAD)
@@ -290,21 +366,55 @@ impl Codec {
         } else {
             (0, payload)
         };
-        let mut out = Vec::with_capacity(HEADER_LEN + stored.len());
-        out.extend_from_slice(&MAGIC);
-        out.push(FORMAT_VERSION);
-        out.push(flags);
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&len.to_le_bytes());
-        let crc = checksum(&out[..12], stored);
+        let Some(keys) = &self.keys else {
+            let mut out = Vec::with_capacity(HEADER_LEN + stored.len());
+            out.extend_from_slice(&MAGIC);
+            out.push(FORMAT_VERSION);
+            out.push(flags);
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&len.to_le_bytes());
+            let crc = checksum(&out[..12], stored);
+            out.extend_from_slice(&crc.to_le_bytes());
+            out.extend_from_slice(stored);
+            return Ok(out);
+        };
+        let key = keys.current();
+        let flags = flags
+            | if keys.encrypts() {
+                FLAG_ENCRYPTED
+            } else {
+                FLAG_MAC
+            };
+        let mut head = Vec::with_capacity(12 + BINDING_LEN);
+        head.extend_from_slice(&MAGIC);
+        head.push(FORMAT_KEYED);
+        head.push(flags);
+        head.extend_from_slice(&key.id().to_le_bytes());
+        head.extend_from_slice(&len.to_le_bytes());
+        head.extend_from_slice(&binding);
+        let mut rest = if keys.encrypts() {
+            key.encrypt(stored, &head)
+        } else {
+            stored.to_vec()
+        };
+        if !keys.encrypts() {
+            let mac = key.mac(&[&head, &rest]);
+            rest.extend_from_slice(&mac);
+        }
+        let mut out = Vec::with_capacity(HEADER_LEN + BINDING_LEN + rest.len());
+        out.extend_from_slice(&head[..12]);
+        let mut after = Vec::with_capacity(BINDING_LEN + rest.len());
+        after.extend_from_slice(&binding);
+        after.extend_from_slice(&rest);
+        let crc = checksum(&out[..12], &after);
         out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(stored);
+        out.extend_from_slice(&after);
         Ok(out)
     }
 
     /// Checks an envelope and returns its payload, decompressed.
     pub fn open(&self, bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
-        self.open_with(bytes, |_, payload| Ok(payload.to_vec()))
+        self.open_with(bytes, &mut None, |_, payload| Ok(payload.to_vec()))
     }
 
     /// Checks an envelope and hands its format version and payload to `read`: the stored bytes
@@ -312,6 +422,7 @@ impl Codec {
     fn open_with<T>(
         &self,
         bytes: &[u8],
+        binding: &mut Option<[u8; BINDING_LEN]>,
         read: impl FnOnce(u8, &[u8]) -> Result<T, CodecError>,
     ) -> Result<T, CodecError> {
         let Some((header, stored)) = bytes.split_first_chunk::<HEADER_LEN>() else {
@@ -329,14 +440,36 @@ impl Codec {
             });
         }
         let version = header[4];
-        if version != FORMAT_VERSION && version != FORMAT_JSON_METADATA {
+        if version != FORMAT_VERSION && version != FORMAT_JSON_METADATA && version != FORMAT_KEYED {
             return Err(CodecError::UnknownVersion(version));
         }
         let flags = header[5];
         let dictionary_without_zstd = flags & FLAG_DICTIONARY != 0 && flags & FLAG_ZSTD == 0;
-        if flags & !KNOWN_FLAGS != 0 || dictionary_without_zstd || header[6..8] != [0, 0] {
-            return Err(CodecError::UnknownFlags(flags));
-        }
+        let opened;
+        let stored = if version == FORMAT_KEYED {
+            let sealing = flags & (FLAG_MAC | FLAG_ENCRYPTED);
+            if flags & !KNOWN_KEYED_FLAGS != 0
+                || dictionary_without_zstd
+                || sealing == 0
+                || sealing == FLAG_MAC | FLAG_ENCRYPTED
+            {
+                return Err(CodecError::UnknownFlags(flags));
+            }
+            let (bound, body) = self.unseal(header, stored, flags)?;
+            *binding = Some(bound);
+            opened = body;
+            opened.as_slice()
+        } else {
+            if flags & !KNOWN_FLAGS != 0 || dictionary_without_zstd || header[6..8] != [0, 0] {
+                return Err(CodecError::UnknownFlags(flags));
+            }
+            if self.keys.is_some() && !self.accept_unsealed {
+                return Err(CodecError::Unauthentic(
+                    "written without a key, and this node requires one".into(),
+                ));
+            }
+            stored
+        };
         let expected = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
         if expected > MAX_PAYLOAD {
             return Err(CodecError::TooLarge(expected));
@@ -368,6 +501,46 @@ impl Codec {
             }
             result
         })
+    }
+
+    /// Checks a keyed envelope's MAC, or decrypts its body, under the key its header names:
+    /// returns the cache id it is bound to and the stored payload.
+    fn unseal(
+        &self,
+        header: &[u8; HEADER_LEN],
+        rest: &[u8],
+        flags: u8,
+    ) -> Result<([u8; BINDING_LEN], Vec<u8>), CodecError> {
+        let Some(keys) = &self.keys else {
+            return Err(CodecError::Unauthentic(
+                "sealed with a key, and this node holds none".into(),
+            ));
+        };
+        let Some((bound, body)) = rest.split_first_chunk::<BINDING_LEN>() else {
+            return Err(CodecError::Truncated { len: rest.len() });
+        };
+        let id = u16::from_le_bytes([header[6], header[7]]);
+        let mut head = Vec::with_capacity(12 + BINDING_LEN);
+        head.extend_from_slice(&header[..12]);
+        head.extend_from_slice(bound);
+        let mut keys = keys.with_id(id).peekable();
+        if keys.peek().is_none() {
+            return Err(CodecError::Unauthentic(
+                KeyError::UnknownKey(id).to_string(),
+            ));
+        }
+        for key in keys {
+            if flags & FLAG_ENCRYPTED != 0 {
+                if let Ok(plain) = key.decrypt(body, &head) {
+                    return Ok((*bound, plain));
+                }
+            } else if let Some((stored, mac)) = body.split_last_chunk::<MAC_LEN>()
+                && key.verify(&[&head, stored], mac)
+            {
+                return Ok((*bound, stored.to_vec()));
+            }
+        }
+        Err(CodecError::Unauthentic(KeyError::Forged.to_string()))
     }
 
     fn compress(&self, payload: &[u8]) -> Result<Vec<u8>, CodecError> {
@@ -591,6 +764,18 @@ fn utf8(bytes: &[u8]) -> Result<&str, std::str::Utf8Error> {
     simdutf8::basic::from_utf8(bytes).or_else(|_| std::str::from_utf8(bytes))
 }
 
+/// The 16 bytes of a cache id written as 32 hex digits.
+fn cache_id_bytes(hex: &str) -> Option<[u8; BINDING_LEN]> {
+    let mut out = [0; BINDING_LEN];
+    if hex.len() != 2 * BINDING_LEN {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// The largest payload `stored` compressed bytes may declare ([`MAX_EXPANSION`]).
 fn expansion_allowed(stored: usize) -> usize {
     stored.saturating_mul(MAX_EXPANSION).max(EXPANSION_FLOOR)
@@ -637,6 +822,73 @@ fn checksum(header: &[u8], stored: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn keyed(byte: u8, old: &[u8], encrypt: bool) -> Codec {
+        let key = |b: u8| crate::Key::from_material(&[b; 40]).unwrap();
+        let ring = crate::Keyring::new(key(byte), old.iter().map(|b| key(*b)).collect(), encrypt);
+        Codec::default().with_keys(std::sync::Arc::new(ring))
+    }
+
+    #[test]
+    fn under_a_key_envelopes_are_sealed_and_only_sealed_ones_are_read() {
+        for encrypt in [false, true] {
+            let codec = keyed(1, &[], encrypt);
+            let entry = entry("sealed answer");
+            let sealed = codec.encode(&entry).unwrap();
+            assert_eq!(sealed[4], FORMAT_KEYED);
+            assert_eq!(codec.decode(&sealed).unwrap().response, entry.response);
+            assert_eq!(codec.decode_local(&sealed).unwrap().request, entry.request);
+            assert!(codec.sealed_with_current_key(&sealed));
+            let text_in_clear = sealed.windows(13).any(|w| w == b"sealed answer");
+            assert_eq!(text_in_clear, !encrypt, "only encryption hides the text");
+            // Every byte changed, with the checksum made right again, is refused.
+            for at in HEADER_LEN..sealed.len() {
+                let mut forged = sealed.clone();
+                forged[at] ^= 0x01;
+                let crc = checksum(&forged[..12], &forged[HEADER_LEN..]);
+                forged[12..16].copy_from_slice(&crc.to_le_bytes());
+                assert!(codec.decode(&forged).is_err(), "{encrypt}: byte {at}");
+            }
+            // Without a key, unsealed envelopes are refused; a keyless node reads none.
+            assert!(matches!(
+                codec.decode(&Codec::default().encode(&entry).unwrap()),
+                Err(CodecError::Unauthentic(_))
+            ));
+            assert!(
+                codec
+                    .clone()
+                    .accepting_unsealed()
+                    .decode(&Codec::default().encode(&entry).unwrap())
+                    .is_ok()
+            );
+            assert!(matches!(
+                Codec::default().decode(&sealed),
+                Err(CodecError::Unauthentic(_))
+            ));
+            // Another key: refused. An old key still held: read.
+            assert!(keyed(2, &[], encrypt).decode(&sealed).is_err());
+            let rotated = keyed(2, &[1], encrypt);
+            assert!(rotated.decode(&sealed).is_ok());
+            assert!(!rotated.sealed_with_current_key(&sealed));
+        }
+    }
+
+    #[test]
+    fn a_sealed_envelope_names_its_entry() {
+        // Sealed by the key holder for one cache id, the payload of another entry (its own
+        // cache id inside) is refused: the envelope says whose it is.
+        let codec = keyed(1, &[], false);
+        let mut other = entry("other");
+        other.cache_id = "0".repeat(32);
+        let payload = codec.open(&codec.encode(&other).unwrap()).unwrap();
+        let wrong = codec
+            .seal_bound(&payload, cache_id_bytes(&entry("x").cache_id).unwrap())
+            .unwrap();
+        assert!(matches!(
+            codec.decode(&wrong),
+            Err(CodecError::Unauthentic(_))
+        ));
+    }
 
     #[test]
     fn a_small_frame_declaring_a_huge_payload_is_refused_before_allocating_it() {

@@ -118,7 +118,7 @@ impl DiskTier {
     /// directory, or at `/`, must not write into it.
     pub fn open(config: &DiskConfig, codec: Codec) -> Result<Self, TierError> {
         claim_directory(&config.path)?;
-        let inner = match open_inner(config, codec) {
+        let inner = match open_inner(config, codec.clone()) {
             Ok(inner) => inner,
             Err(OpenFailure::Corrupt(reason)) => {
                 only_a_database_in(&config.path)?;
@@ -256,6 +256,47 @@ impl DiskTier {
             }
         }
         Ok(swept)
+    }
+
+    /// Rewrites stored envelopes: for each, `rewrite` says what to store instead (`None`:
+    /// keep it). A copy a put replaced meanwhile is left alone. Returns (seen, rewritten).
+    /// Blocking, like [`DiskTier::sweep`].
+    pub fn rewrite(
+        &self,
+        mut rewrite: impl FnMut(u128, &[u8]) -> Option<Vec<u8>>,
+    ) -> Result<(u64, u64), TierError> {
+        let (mut seen, mut rewritten) = (0, 0);
+        for item in self.inner.entries.iter() {
+            let (key, value) = item?;
+            let Some(id) = id_of(&key) else { continue };
+            seen += 1;
+            let Some(new) = rewrite(id, &value) else {
+                continue;
+            };
+            let _no_eviction_midway = self
+                .inner
+                .evicting_excludes
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if self
+                .inner
+                .entries
+                .compare_and_swap(&key, Some(&value), Some(new.as_slice()))?
+                .is_ok()
+            {
+                let grew = new.len() as i64 - value.len() as i64;
+                if grew >= 0 {
+                    self.inner.bytes.fetch_add(grew as u64, Relaxed);
+                } else {
+                    self.inner.bytes.fetch_sub(grew.unsigned_abs(), Relaxed);
+                }
+                if let Some(slot) = self.inner.lock_slots().get_mut(&id) {
+                    slot.bytes = (new.len() + 16) as u64;
+                }
+                rewritten += 1;
+            }
+        }
+        Ok((seen, rewritten))
     }
 
     /// A page of stored entries in digest order, after the digest `after` (from the start
@@ -908,6 +949,13 @@ impl Tier for DiskTier {
             Ok(entry) => {
                 self.inner.touch(id);
                 Ok(Some(Arc::new(entry)))
+            }
+            // Sealed under a key this node does not hold, or not sealed while it requires a
+            // key: refused, never served, but left in place: the keys may be what is wrong
+            // (a node started without its key must not wipe its disk), and a put replaces it.
+            Err(e @ strata_core::CodecError::Unauthentic(_)) => {
+                tracing::warn!(key = %key, error = %e, "entry on disk not authentic under this node's keys; refused");
+                Err(TierError::Corrupt(e))
             }
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "corrupt entry on disk; removing it");

@@ -210,6 +210,55 @@ impl TieredCache {
         Ok(dropped)
     }
 
+    /// Rewrites every entry of the disk tier under the current key (sealed, and encrypted if
+    /// the keyring says so): entries written under an old key, or before there was a key.
+    /// With S3, each rewritten entry is queued for upload again, so this node's objects follow
+    /// (other nodes' objects are theirs to rewrite; this node still reads them under the old
+    /// keys it holds). Returns (seen, rewritten); an entry that cannot be read under any key
+    /// held is left as it is and counted as neither.
+    pub async fn rekey(&self) -> Result<(u64, u64), TierError> {
+        let inner = &self.inner;
+        let Some(disk) = inner.disk.clone() else {
+            return Ok((0, 0));
+        };
+        let codec = disk.codec().clone();
+        if codec.keys().is_none() {
+            return Err(TierError::Invalid(
+                "rekey needs a key: [security] key_file, or STRATA_SECURITY_KEY".into(),
+            ));
+        }
+        inner.settle().await;
+        let reader = codec.clone().accepting_unsealed();
+        let ((seen, rewritten), ids) = blocking({
+            let disk = disk.clone();
+            move || {
+                let mut ids = Vec::new();
+                let done = disk.rewrite(|id, value| {
+                    if codec.sealed_with_current_key(value) {
+                        return None;
+                    }
+                    let entry = reader.decode_local(value).ok()?;
+                    let sealed = codec.encode(&entry).ok()?;
+                    ids.push((id, entry.model));
+                    Some(sealed)
+                })?;
+                Ok((done, ids))
+            }
+        })
+        .await?;
+        if let Some(l3) = &inner.l3 {
+            for (id, model) in &ids {
+                let key = CacheKey {
+                    slug: ModelSlug::new(model),
+                    digest: id.to_be_bytes(),
+                };
+                l3.enqueue_stored(&key)?;
+            }
+        }
+        self.audit("rekey", None, Some(rewritten)).await;
+        Ok((seen, rewritten))
+    }
+
     /// Counts the entries on this node that `selector` would invalidate: those its tiers
     /// still serve and would stop serving. Scans the disk tier (or memory without one); an
     /// estimate of the whole cache, since other nodes and S3 may hold more.
@@ -428,6 +477,8 @@ fn sweep_disk(
     let swept = disk.sweep(|_, decoded, bytes| {
         let dead = match decoded {
             Ok(e) => e.is_expired_at(now) || !epochs.admits(&e),
+            // Possibly the keys that are wrong, not the copy: left (a put replaces it).
+            Err(CodecError::Unauthentic(_)) => false,
             Err(_) => true,
         };
         if dead {
@@ -474,6 +525,7 @@ async fn gc_bucket(
         .collect();
     let total = entries.len() as u64;
     let now = Utc::now();
+    let keyed = l3.has_keys();
     let mut checked = 0;
     let verdicts = l3
         .for_each_concurrent(entries, |(path, id)| async move {
@@ -485,6 +537,9 @@ async fn gc_bucket(
                     Err(TierError::Corrupt(
                         CodecError::UnknownVersion(_) | CodecError::UnknownFlags(_),
                     )) => Some(false),
+                    // Not authentic: with keys, a forgery (or a key no longer held), deleted;
+                    // without any, sealed by nodes that hold one, not this node's to judge.
+                    Err(TierError::Corrupt(CodecError::Unauthentic(_))) => Some(keyed),
                     Err(_) => Some(true),
                 },
                 Ok(None) => None,

@@ -71,10 +71,14 @@ impl Sink {
     /// returned (the entry is in L1 and the caller's work goes on).
     pub(crate) fn store(&self, key: &CacheKey, entry: &Entry) {
         let failed = |tier, op, e: &TierError| self.failures.tier_failed(tier, op, e);
-        let codec = self
-            .disk
-            .as_ref()
-            .map_or_else(Codec::default, |d| *d.codec());
+        let fallback;
+        let codec = match self.disk.as_ref() {
+            Some(disk) => disk.codec(),
+            None => {
+                fallback = Codec::default();
+                &fallback
+            }
+        };
         let envelope = match codec.encode(entry) {
             Ok(envelope) => envelope,
             Err(e) => return failed(TierName::L2, "encode", &TierError::Corrupt(e)),

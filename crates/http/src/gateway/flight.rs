@@ -158,6 +158,17 @@ impl Flight {
         self.progress.subscribe()
     }
 
+    /// The entry the call stored, once it has ended with one (it may still be on its way to
+    /// the tiers below memory).
+    pub fn stored_entry(&self) -> Option<Arc<Entry>> {
+        match &self.progress.borrow().end {
+            Some(End::Answered {
+                entry: Some(entry), ..
+            }) => Some(Arc::clone(entry)),
+            _ => None,
+        }
+    }
+
     /// Whether the call has ended.
     pub fn ended(&self) -> bool {
         self.progress.borrow().end.is_some()

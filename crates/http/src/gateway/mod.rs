@@ -347,6 +347,29 @@ async fn lookup_or_call(shared: Arc<Shared>, call: call::Call, key: String) -> R
     let stores = !call.controls.no_store;
     let (response, disposition) = match shared.flights.join(&call.keyed, call.stream, stores) {
         Joined::Followed(subscription) => {
+            // The call has ended and stored its answer, which is on its way to the tiers: a
+            // hit, as a lookup a moment later finds it.
+            if let Some(entry) = subscription
+                .flight()
+                .stored_entry()
+                .filter(|e| !e.is_expired_at(chrono::Utc::now()))
+                .filter(|e| shared.cache.epochs().admits(e))
+            {
+                let lookup = strata_tiers::Lookup {
+                    entry,
+                    outcome: Outcome::L1,
+                };
+                if let Some(response) = respond::hit(&call, &lookup, &key) {
+                    shared.cache.record(
+                        &call.keyed,
+                        Outcome::L1,
+                        Some(&lookup.entry),
+                        call.started,
+                    );
+                    shared.metrics.request(route.label(), "hit");
+                    return response;
+                }
+            }
             call::count_follower(&shared, &call.keyed, subscription.flight(), call.started);
             // The call is the leader's: its controls decide what is stored.
             let stored = subscription.flight().stores();

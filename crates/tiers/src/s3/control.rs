@@ -51,10 +51,13 @@ impl S3Tier {
         let Some((body, etag)) = self.inner.get_tagged(&path).await? else {
             return Ok(None);
         };
-        let epochs = serde_json::from_slice(&body).unwrap_or_else(|e| {
-            tracing::warn!(%path, error = %e, "shared epochs do not parse; replacing them");
-            Epochs::default()
-        });
+        let epochs = self
+            .open_control(&path, &body)
+            .and_then(|body| serde_json::from_slice(&body).map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| {
+                tracing::warn!(%path, error = %e, "shared epochs refused; replacing them");
+                Epochs::default()
+            });
         Ok(Some((epochs, etag)))
     }
 
@@ -69,6 +72,7 @@ impl S3Tier {
         let path = inner.layout.epochs_path();
         let body = serde_json::to_vec_pretty(epochs)
             .map_err(|e| TierError::Storage(format!("encoding epochs: {e}")))?;
+        let body = self.seal_control(&path, body);
         let mut request = inner
             .client
             .put_object()
@@ -102,14 +106,39 @@ impl S3Tier {
         let path = self.inner.layout.node_epochs_path(&self.inner.node_id);
         let body = serde_json::to_vec_pretty(epochs)
             .map_err(|e| TierError::Storage(format!("encoding epochs: {e}")))?;
+        let body = self.seal_control(&path, body);
         self.put_object(&path, body, "application/json").await
+    }
+
+    /// A control document as stored: under a key, sealed with a MAC bound to its path.
+    pub fn seal_control(&self, path: &str, body: Vec<u8>) -> Vec<u8> {
+        match self.inner.codec.keys() {
+            Some(keys) => keys.seal_document(path, &body),
+            None => body,
+        }
+    }
+
+    /// A control document read at `path`: under a key, its body if the MAC holds for this
+    /// path (anything else is refused, counted and warned about by the caller); without one,
+    /// as it is.
+    pub fn open_control(&self, path: &str, stored: &[u8]) -> Result<Vec<u8>, String> {
+        match self.inner.codec.keys() {
+            Some(keys) => keys.open_document(path, stored).map_err(|e| {
+                self.inner
+                    .unauthentic
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("{e} (a control file without a valid MAC is never obeyed)")
+            }),
+            None => Ok(stored.to_vec()),
+        }
     }
 
     /// Reads one node's copy of the epochs; `None` if it is gone or does not parse.
     pub async fn read_node_epochs(&self, path: &str) -> Result<Option<Epochs>, TierError> {
         Ok(self.get_object(path).await?.and_then(|bytes| {
-            serde_json::from_slice(&bytes)
-                .map_err(|e| tracing::warn!(%path, error = %e, "node epochs do not parse"))
+            self.open_control(path, &bytes)
+                .and_then(|body| serde_json::from_slice(&body).map_err(|e| e.to_string()))
+                .map_err(|e| tracing::warn!(%path, error = %e, "node epochs refused"))
                 .ok()
         }))
     }

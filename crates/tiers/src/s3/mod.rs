@@ -343,6 +343,8 @@ struct Inner {
     outbox_bytes: AtomicU64,
     queued_since_measure: AtomicU64,
     dropped_for_space: AtomicU64,
+    /// Objects refused for a missing or wrong MAC (with a key).
+    pub(crate) unauthentic: AtomicU64,
 }
 
 /// The S3 tier. Cheap to clone (clones share the client and the local state).
@@ -460,6 +462,7 @@ impl S3Tier {
                 // Measured at the first chance.
                 queued_since_measure: AtomicU64::new(u64::MAX / 2),
                 dropped_for_space: AtomicU64::new(0),
+                unauthentic: AtomicU64::new(0),
             }),
         })
     }
@@ -511,6 +514,11 @@ impl S3Tier {
     /// loops.
     pub fn pending(&self) -> usize {
         self.inner.outbox.len()
+    }
+
+    /// Whether this tier seals and authenticates under keys.
+    pub fn has_keys(&self) -> bool {
+        self.inner.codec.keys().is_some()
     }
 
     /// Whether the circuit breaker lets calls through now.
