@@ -307,6 +307,20 @@ fn bench_encryption(c: &mut Criterion) {
             .filter_map(|r| cache.key(r, &Scope::Global).ok())
             .collect();
         let never = || async { Err::<Completion, _>(std::io::Error::other("not a hit")) };
+        // The decode alone (the floor of the difference).
+        let decoder = cache.disk().map(|d| d.codec().clone()).unwrap_or_default();
+        let envelopes: Vec<Vec<u8>> = keyed
+            .iter()
+            .filter_map(|k| cache.disk()?.raw(&k.key.digest).ok().flatten())
+            .map(|v| v.to_vec())
+            .collect();
+        let mut i = 0;
+        group.bench_function(format!("decode_{}", &name[7..]), |b| {
+            b.iter(|| {
+                i = (i + 1) % envelopes.len();
+                black_box(decoder.decode_local(&envelopes[i]).is_ok())
+            })
+        });
         let mut i = 0;
         group.bench_function(name, |b| {
             b.to_async(&rt).iter_custom(|iters| {

@@ -88,7 +88,7 @@ pub struct SecuritySection {
     /// comma-separated.
     #[serde(default)]
     pub old_key_files: Vec<PathBuf>,
-    /// Encrypt every entry (XChaCha20-Poly1305) on disk and in S3; needs a key.
+    /// Encrypt every entry (AES-256-GCM) on disk and in S3; needs a key.
     #[serde(default)]
     pub encrypt: bool,
 }

@@ -89,7 +89,7 @@ const EXPANSION_FLOOR: usize = 1 << 20;
 const FLAG_ZSTD: u8 = 0b0000_0001;
 /// A keyed envelope carries a MAC.
 const FLAG_MAC: u8 = 0b0000_0100;
-/// A keyed envelope's body is encrypted (XChaCha20-Poly1305).
+/// A keyed envelope's body is encrypted (AES-256-GCM).
 const FLAG_ENCRYPTED: u8 = 0b0000_1000;
 const FLAG_DICTIONARY: u8 = 0b0000_0010;
 const KNOWN_FLAGS: u8 = FLAG_ZSTD | FLAG_DICTIONARY;

@@ -4,15 +4,16 @@
 //!
 //! A key is at least 32 bytes of material (from a file or the environment, never from the
 //! configuration text). Subkeys are derived from it with BLAKE3's key derivation: one for MACs
-//! (BLAKE3 keyed hash), one for encryption (XChaCha20-Poly1305), and a 16-bit key id stored in
+//! (BLAKE3 keyed hash), one for encryption (AES-256-GCM, with a key of its own per envelope),
+//! and a 16-bit key id stored in
 //! each envelope so that a node holding the current key and the old ones reads what any of
 //! them sealed (keys rotate without a flush; `strata rekey` rewrites entries under the current
 //! one).
 
 use std::fmt;
 
-use chacha20poly1305::aead::{Aead, Payload};
-use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 
 /// Why a key could not be made, or a sealed thing could not be opened.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,9 +43,10 @@ impl fmt::Debug for Key {
     }
 }
 
-/// Length of a MAC, and of a nonce of XChaCha20-Poly1305.
+/// Length of a MAC.
 pub const MAC_LEN: usize = 32;
-/// Length of the nonce that starts an encrypted body.
+/// Length of the random salt that starts an encrypted body (the envelope's own key is derived
+/// from it).
 pub const NONCE_LEN: usize = 24;
 /// Length of the AEAD tag that ends it.
 pub const TAG_LEN: usize = 16;
@@ -91,23 +93,31 @@ impl Key {
         blake3::Hash::from(given) == blake3::Hash::from(self.mac(parts))
     }
 
-    /// Encrypts `plain`, bound to `associated`: a fresh random nonce, then the ciphertext and
-    /// its tag.
+    /// The cipher of one envelope: AES-256-GCM under a key derived from the salt. Each
+    /// envelope has a key of its own, so its fixed nonce is never used twice under one key
+    /// (random 96-bit nonces under a single key would allow only some 2^32 envelopes).
+    fn cipher(&self, salt: &[u8]) -> Aes256Gcm {
+        let own = blake3::keyed_hash(&self.aead, salt);
+        Aes256Gcm::new(own.as_bytes().into())
+    }
+
+    /// Encrypts `plain`, bound to `associated`: a fresh random salt, then the ciphertext and
+    /// its tag (AES-256-GCM with hardware AES where the processor has it).
     pub fn encrypt(&self, plain: &[u8], associated: &[u8]) -> Vec<u8> {
-        let cipher = XChaCha20Poly1305::new((&self.aead).into());
-        let nonce: [u8; NONCE_LEN] = rand::random();
-        let sealed = cipher
+        let salt: [u8; NONCE_LEN] = rand::random();
+        let sealed = self
+            .cipher(&salt)
             .encrypt(
-                XNonce::from_slice(&nonce),
+                Nonce::from_slice(&[0; 12]),
                 Payload {
                     msg: plain,
                     aad: associated,
                 },
             )
-            // Encryption fails only for messages past 256 GiB.
+            // Encryption fails only for messages past 64 GiB.
             .unwrap_or_default();
         let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
-        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&salt);
         out.extend_from_slice(&sealed);
         out
     }
@@ -117,10 +127,10 @@ impl Key {
         if sealed.len() < NONCE_LEN + TAG_LEN {
             return Err(KeyError::Forged);
         }
-        let (nonce, body) = sealed.split_at(NONCE_LEN);
-        XChaCha20Poly1305::new((&self.aead).into())
+        let (salt, body) = sealed.split_at(NONCE_LEN);
+        self.cipher(salt)
             .decrypt(
-                XNonce::from_slice(nonce),
+                Nonce::from_slice(&[0; 12]),
                 Payload {
                     msg: body,
                     aad: associated,
