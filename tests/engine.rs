@@ -1184,3 +1184,54 @@ async fn keys_rotate_and_rekey_rewrites_entries_under_the_current_key() -> Resul
     );
     Ok(())
 }
+
+/// Lowering a TTL in the configuration did not shorten the entries already stored (nor other
+/// nodes' entries): the node's TTL now bounds every entry it reads, and an entry's own TTL can
+/// shorten it, not lengthen it past the configured one.
+#[tokio::test]
+async fn a_lowered_ttl_shortens_the_entries_already_stored() -> Result<()> {
+    let dir = TempDir::new()?;
+    let with_ttl = |ttl: Option<Duration>| -> Result<TieredCache> {
+        Ok(TieredCache::builder()
+            .disk(disk(&dir)?)
+            .ttl(TtlPolicy {
+                default: ttl,
+                per_model: Default::default(),
+            })
+            .build())
+    };
+    {
+        let week = with_ttl(Some(Duration::from_secs(7 * 86400)))?;
+        execute(&week, &request("kept a week"), &Scope::Global, "a").await?;
+        week.put(
+            &request("asked for a month"),
+            &Scope::Global,
+            completion("b").ttl(Duration::from_secs(30 * 86400)),
+        )
+        .await?;
+        week.close().await?;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    {
+        let still_a_week = with_ttl(Some(Duration::from_secs(7 * 86400)))?;
+        assert!(
+            still_a_week
+                .get(&request("kept a week"), &Scope::Global)
+                .await?
+                .is_some()
+        );
+        still_a_week.close().await?;
+    }
+    let one_second = with_ttl(Some(Duration::from_secs(1)))?;
+    for text in ["kept a week", "asked for a month"] {
+        assert!(
+            one_second
+                .get(&request(text), &Scope::Global)
+                .await?
+                .is_none(),
+            "{text}: older than this node's TTL"
+        );
+    }
+    assert!(one_second.stats().expired >= 2);
+    Ok(())
+}

@@ -64,6 +64,21 @@ impl TtlPolicy {
         });
         per_model.copied().or(self.default)
     }
+
+    /// Whether `entry` has expired at `now`: past its own expiry, or older than this node's
+    /// TTL for its model. The configuration bounds every entry's life on this node, whatever
+    /// was configured where (or when) it was written: lowering a TTL shortens the entries
+    /// already stored, and other nodes' too; a TTL of an entry's own may shorten it, not
+    /// lengthen it past the configured one.
+    pub fn expired(&self, entry: &Entry, now: chrono::DateTime<Utc>) -> bool {
+        entry.is_expired_at(now)
+            || self.for_model(&entry.model).is_some_and(|ttl| {
+                chrono::Duration::from_std(ttl)
+                    .ok()
+                    .and_then(|ttl| entry.created_at.checked_add_signed(ttl))
+                    .is_some_and(|end| end <= now)
+            })
+    }
 }
 
 /// What an executor returns: the response and what it cost.
@@ -1072,7 +1087,7 @@ impl Inner {
         // request's is.
         if !entry.answers(keyed) || entry.written_after(now + CLOCK_SKEW) {
             Verdict::Collision
-        } else if entry.is_expired_at(now) {
+        } else if self.ttl.expired(entry, now) {
             Verdict::Expired
         } else if !self.epochs.admits(entry) {
             Verdict::Invalidated
@@ -1281,7 +1296,7 @@ impl Inner {
             Ok(Some(entry)) => match self.verdict(&entry, keyed) {
                 Verdict::Serve => return Some((entry, Outcome::L2)),
                 Verdict::Expired | Verdict::Invalidated => {
-                    if entry.is_expired_at(Utc::now()) {
+                    if self.ttl.expired(&entry, Utc::now()) {
                         self.expired(&entry);
                     } else {
                         self.failures.counters.record_invalidated();

@@ -449,14 +449,14 @@ impl TieredCache {
         };
         let epochs = inner.epochs.snapshot();
         if let Some(disk) = &inner.disk {
-            let (disk, e) = (disk.clone(), Arc::clone(&epochs));
-            let swept = blocking(move || sweep_disk(&disk, &e, dry_run)).await?;
+            let (disk, e, ttl) = (disk.clone(), Arc::clone(&epochs), inner.ttl.clone());
+            let swept = blocking(move || sweep_disk(&disk, &e, &ttl, dry_run)).await?;
             report.l2_seen = swept.0;
             report.l2_removed = swept.1;
             report.l2_bytes = swept.2;
         }
         if let Some(l3) = &inner.l3 {
-            gc_bucket(l3, &epochs, dry_run, &mut report, &mut progress).await?;
+            gc_bucket(l3, &epochs, &inner.ttl, dry_run, &mut report, &mut progress).await?;
         }
         if !dry_run {
             let removed = report.l2_removed + report.s3_entries;
@@ -470,13 +470,14 @@ impl TieredCache {
 fn sweep_disk(
     disk: &crate::DiskTier,
     epochs: &Epochs,
+    ttl: &crate::TtlPolicy,
     dry_run: bool,
 ) -> Result<(u64, u64, u64), TierError> {
     let now = Utc::now();
     let mut doomed = (0, 0);
     let swept = disk.sweep(|_, decoded, bytes| {
         let dead = match decoded {
-            Ok(e) => e.is_expired_at(now) || !epochs.admits(&e),
+            Ok(e) => ttl.expired(&e, now) || !epochs.admits(&e),
             // Possibly the keys that are wrong, not the copy: left (a put replaces it).
             Err(CodecError::Unauthentic(_)) => false,
             Err(_) => true,
@@ -503,6 +504,7 @@ fn entry_or_metadata(layout: &Layout, path: &str) -> Option<(String, String)> {
 async fn gc_bucket(
     l3: &S3Tier,
     epochs: &Epochs,
+    ttl: &crate::TtlPolicy,
     dry_run: bool,
     report: &mut GcReport,
     progress: &mut impl FnMut(Progress),
@@ -531,7 +533,7 @@ async fn gc_bucket(
         .for_each_concurrent(entries, |(path, id)| async move {
             let dead = match l3.get_object(&path).await {
                 Ok(Some(bytes)) => match l3.decode(&bytes) {
-                    Ok(e) => Some(e.is_expired_at(now) || !epochs.admits(&e)),
+                    Ok(e) => Some(ttl.expired(&e, now) || !epochs.admits(&e)),
                     // Written by a newer release of strata (a node upgraded before this one):
                     // not this node's to judge. The checksum matched, so the bytes are whole.
                     Err(TierError::Corrupt(
@@ -654,8 +656,9 @@ pub(crate) fn spawn_sweeper(cache: &TieredCache, every: Duration) {
             let (Some(disk), epochs) = (inner.disk.clone(), inner.epochs.snapshot()) else {
                 return;
             };
+            let ttl = inner.ttl.clone();
             drop(inner);
-            match blocking(move || sweep_disk(&disk, &epochs, false)).await {
+            match blocking(move || sweep_disk(&disk, &epochs, &ttl, false)).await {
                 Ok((_, removed, bytes)) if removed > 0 => {
                     tracing::info!(
                         removed,
