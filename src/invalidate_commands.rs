@@ -207,6 +207,12 @@ fn print_gc(r: &GcReport) -> Result<()> {
             thousands(r.s3_listed)
         )?;
     }
+    if r.tombstones_pruned > 0 {
+        outln!(
+            "pruned {} key tombstones older than the longest TTL",
+            thousands(r.tombstones_pruned)
+        )?;
+    }
     Ok(())
 }
 

@@ -1235,3 +1235,39 @@ async fn a_lowered_ttl_shortens_the_entries_already_stored() -> Result<()> {
     assert!(one_second.stats().expired >= 2);
     Ok(())
 }
+
+/// Key tombstones were never pruned. gc prunes those older than the longest TTL: every entry
+/// they could hide has expired (each node bounds entries by its TTL).
+#[tokio::test]
+async fn gc_prunes_key_tombstones_older_than_the_longest_ttl() -> Result<()> {
+    let dir = TempDir::new()?;
+    let disk = disk(&dir)?;
+    let cache = TieredCache::builder()
+        .epochs(strata::tiers::EpochStore::open(&disk)?)
+        .disk(disk)
+        .ttl(TtlPolicy {
+            default: Some(Duration::from_secs(1)),
+            per_model: Default::default(),
+        })
+        .build();
+    execute(&cache, &request("to forget"), &Scope::Global, "a").await?;
+    let key = cache
+        .key(&request("to forget"), &Scope::Global)?
+        .key
+        .to_string();
+    cache.invalidate(&Selector::Key(key)).await?;
+    assert_eq!(cache.epochs().snapshot().key.len(), 1);
+    let report = cache.gc(false, |_| {}).await?;
+    assert_eq!(report.tombstones_pruned, 0, "younger than the TTL: kept");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let report = cache.gc(false, |_| {}).await?;
+    assert_eq!(report.tombstones_pruned, 1);
+    assert!(cache.epochs().snapshot().key.is_empty());
+    assert!(
+        cache
+            .get(&request("to forget"), &Scope::Global)
+            .await?
+            .is_none()
+    );
+    Ok(())
+}

@@ -145,6 +145,15 @@ pub struct Epochs {
     /// Epochs per cache id: tombstones of entries invalidated one by one.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub key: BTreeMap<String, u64>,
+    /// Key tombstones set before this (ms since the Unix epoch) were pruned: every entry they
+    /// could hide has outlived the longest TTL. A merge drops tombstones older than the larger
+    /// watermark, so no node brings back what another pruned.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub keys_pruned_before_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Epochs {
@@ -346,6 +355,13 @@ impl Epochs {
             dropped.push(format!("not_before_ms={}", self.not_before_ms));
             self.not_before_ms = 0;
         }
+        if self.keys_pruned_before_ms > latest_ms {
+            dropped.push(format!(
+                "keys_pruned_before_ms={}",
+                self.keys_pruned_before_ms
+            ));
+            self.keys_pruned_before_ms = 0;
+        }
         for kind in [
             Kind::Model,
             Kind::User,
@@ -428,6 +444,12 @@ impl Epochs {
                 }
             }
         }
+        if other.keys_pruned_before_ms > self.keys_pruned_before_ms {
+            self.keys_pruned_before_ms = other.keys_pruned_before_ms;
+            changed = true;
+        }
+        let watermark = self.keys_pruned_before_ms;
+        self.key.retain(|_, &mut epoch| epoch >= watermark);
         changed
     }
 
@@ -438,8 +460,10 @@ impl Epochs {
     }
 
     /// Drops key tombstones set before `cutoff_ms`: once every entry they could hide has
-    /// expired they do nothing. Returns how many were dropped.
+    /// expired they do nothing. Raises the watermark other nodes prune by when they merge.
+    /// Returns how many were dropped.
     pub fn prune_keys_before(&mut self, cutoff_ms: u64) -> usize {
+        self.keys_pruned_before_ms = self.keys_pruned_before_ms.max(cutoff_ms);
         let before = self.key.len();
         self.key.retain(|_, &mut epoch| epoch >= cutoff_ms);
         before - self.key.len()
@@ -590,5 +614,14 @@ mod tests {
         assert_eq!(epochs.prune_keys_before(v), 0);
         assert_eq!(epochs.prune_keys_before(v + 1), 1);
         assert!(epochs.is_empty());
+        // The watermark travels: a node that still holds the tombstone drops it on merging.
+        let mut other = Epochs::default();
+        other.bump(&Selector::Key("0f".repeat(16)), Utc::now());
+        let stale = other.key.values().next().copied().unwrap_or(0);
+        let mut pruned = Epochs::default();
+        pruned.prune_keys_before(stale + 1);
+        other.merge(&pruned);
+        assert!(other.key.is_empty(), "brought back by a merge");
+        assert_eq!(other.keys_pruned_before_ms, stale + 1);
     }
 }

@@ -54,6 +54,8 @@ pub struct GcReport {
     pub s3_objects: u64,
     /// Bytes those objects held.
     pub s3_bytes: u64,
+    /// Key tombstones pruned: older than the longest TTL, they hide nothing any more.
+    pub tombstones_pruned: u64,
     /// Whether nothing was deleted (`--dry-run`): the counts say what would be.
     pub dry_run: bool,
 }
@@ -459,6 +461,7 @@ impl TieredCache {
             gc_bucket(l3, &epochs, &inner.ttl, dry_run, &mut report, &mut progress).await?;
         }
         if !dry_run {
+            report.tombstones_pruned = self.prune_tombstones().await? as u64;
             let removed = report.l2_removed + report.s3_entries;
             self.audit("gc", None, Some(removed)).await;
         }
@@ -602,6 +605,34 @@ async fn blocking<R: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| TierError::Storage(format!("background task: {e}")))?
+}
+
+impl TieredCache {
+    /// Prunes the key tombstones older than the longest TTL (none while some TTL is `never`):
+    /// every entry they could hide has expired on every node, since each node bounds entries
+    /// by its TTL. The watermark travels with the epochs, so other nodes drop them too.
+    async fn prune_tombstones(&self) -> Result<usize, TierError> {
+        let ttl = &self.inner.ttl;
+        let Some(mut longest) = ttl.default else {
+            return Ok(0);
+        };
+        for per_model in ttl.per_model.values() {
+            longest = longest.max(*per_model);
+        }
+        let Some(cutoff) = chrono::Duration::from_std(longest)
+            .ok()
+            .and_then(|d| Utc::now().checked_sub_signed(d))
+            .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
+        else {
+            return Ok(0);
+        };
+        let pruned = self.inner.epochs.prune_keys_before(cutoff)?;
+        if pruned > 0 {
+            self.inner.epochs.flush().await?;
+            self.publish().await;
+        }
+        Ok(pruned)
+    }
 }
 
 /// Refreshes the epochs from the bucket every `every`, while the cache lives.
