@@ -242,6 +242,18 @@ pub struct AnalyticsSection {
     /// Entries never hit and older than this are reported as cold.
     #[serde(with = "humantime_serde")]
     pub cold_after: Duration,
+    /// How long `gc` keeps the ids of entries hit and the request metrics; "never" keeps
+    /// them for ever.
+    #[serde(
+        default = "ninety_days",
+        deserialize_with = "ttl",
+        serialize_with = "ttl_out"
+    )]
+    pub retention: Option<Duration>,
+}
+
+fn ninety_days() -> Option<Duration> {
+    Some(Duration::from_secs(90 * 86400))
 }
 
 /// `[codec]`.
@@ -601,7 +613,8 @@ impl Config {
                 hot_key_capacity: self.analytics.hot_keys,
                 ..AnalyticsConfig::default()
             }))
-            .publish_interval(self.analytics.publish_interval);
+            .publish_interval(self.analytics.publish_interval)
+            .analytics_retention(self.analytics.retention);
         if self.disk.enabled {
             let disk = DiskTier::open(&self.disk_config(), self.codec())?;
             builder = builder.epochs(

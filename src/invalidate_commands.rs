@@ -207,6 +207,12 @@ fn print_gc(r: &GcReport) -> Result<()> {
             thousands(r.s3_listed)
         )?;
     }
+    if r.analytics_pruned > 0 {
+        outln!(
+            "pruned {} analytics records past [analytics] retention",
+            thousands(r.analytics_pruned)
+        )?;
+    }
     if r.tombstones_pruned > 0 {
         outln!(
             "pruned {} key tombstones older than the longest TTL",

@@ -1271,3 +1271,30 @@ async fn gc_prunes_key_tombstones_older_than_the_longest_ttl() -> Result<()> {
     );
     Ok(())
 }
+
+/// `analytics.hit_ids` and `analytics.requests` grew for ever; gc prunes them past the
+/// retention.
+#[tokio::test]
+async fn gc_prunes_analytics_records_past_their_retention() -> Result<()> {
+    let dir = TempDir::new()?;
+    let cache = TieredCache::builder()
+        .disk(disk(&dir)?)
+        .analytics_retention(Some(Duration::from_millis(200)))
+        .build();
+    execute(&cache, &request("hit me"), &Scope::Global, "a").await?;
+    execute(&cache, &request("hit me"), &Scope::Global, "a").await?;
+    cache.record_request_metrics("r-1", "openai", 120, 0.001);
+    let id = cache.key(&request("hit me"), &Scope::Global)?.key.id();
+    let analytics = cache.analytics().context("analytics")?;
+    analytics.flush()?;
+    assert!(analytics.was_hit(id)?);
+    assert_eq!(cache.metrics_for_period(1)?.requests, 1);
+    let kept = cache.gc(false, |_| {}).await?;
+    assert_eq!(kept.analytics_pruned, 0, "younger than the retention");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pruned = cache.gc(false, |_| {}).await?;
+    assert_eq!(pruned.analytics_pruned, 2, "one hit id, one request metric");
+    assert!(!analytics.was_hit(id)?);
+    assert_eq!(cache.metrics_for_period(1)?.requests, 0);
+    Ok(())
+}

@@ -460,6 +460,44 @@ impl Analytics {
         Ok(self.shared.trees.hit_ids.contains_key(id.to_be_bytes())?)
     }
 
+    /// Drops what grows with every distinct key and request for ever: hit ids and request
+    /// metrics older than `age`. A hit id counts from the last time this process or an
+    /// earlier one marked it (ids stored before times were kept count from now). Returns
+    /// (hit ids, request metrics) removed.
+    pub fn prune(&self, age: std::time::Duration) -> Result<(u64, u64), AnalyticsError> {
+        self.flush()?;
+        let now = Utc::now().timestamp_millis();
+        let cutoff = now.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
+        let trees = &self.shared.trees;
+        let mut ids = 0;
+        for item in trees.hit_ids.iter() {
+            let (key, value) = item?;
+            match <[u8; 8]>::try_from(value.as_ref()).map(i64::from_be_bytes) {
+                Ok(at) if at < cutoff => {
+                    trees.hit_ids.remove(&key)?;
+                    ids += 1;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    trees.hit_ids.insert(&key, &now.to_be_bytes())?;
+                }
+            }
+        }
+        let mut requests = 0;
+        let old: Vec<sled::IVec> = trees
+            .requests
+            .range(..sortable_be(cutoff).to_vec())
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for key in old {
+            trees.requests.remove(key)?;
+            requests += 1;
+        }
+        // Ids hit again from now on are marked (and timed) afresh.
+        lock(&self.shared.state).marked.clear();
+        Ok((ids, requests))
+    }
+
     /// Days with rows recorded since the last call, for publishing daily documents.
     pub fn take_dirty_days(&self) -> Vec<NaiveDate> {
         self.shared.drain();
@@ -573,8 +611,10 @@ impl Shared {
             self.insert(&trees.rollups, encoded, serde_json::to_vec(&total)?)?;
             state.pending.remove(&key);
         }
+        // Each id with the time it was (last) marked as hit, for pruning by age.
+        let now_ms = Utc::now().timestamp_millis().to_be_bytes();
         while let Some(id) = state.new_hit_ids.last() {
-            self.insert(&trees.hit_ids, id.to_be_bytes(), &[])?;
+            self.insert(&trees.hit_ids, id.to_be_bytes(), &now_ms)?;
             state.new_hit_ids.pop();
         }
         while let Some(metric) = state.requests.front() {

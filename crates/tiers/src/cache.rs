@@ -209,9 +209,17 @@ pub struct TieredCacheBuilder {
     analytics: Option<AnalyticsConfig>,
     publish_interval: Duration,
     actor: String,
+    analytics_retention: Option<Duration>,
 }
 
 impl TieredCacheBuilder {
+    /// How long hit ids and request metrics are kept in the analytics store; `gc` prunes
+    /// older ones. Default 90 days; `None` keeps them for ever.
+    pub fn analytics_retention(mut self, keep: Option<Duration>) -> Self {
+        self.analytics_retention = keep;
+        self
+    }
+
     /// Who the audit trail says does what this cache does (invalidations, clears, gc), unless
     /// a handle says otherwise ([`TieredCache::acting_as`]). Default: `local`.
     pub fn actor(mut self, who: impl Into<String>) -> Self {
@@ -355,6 +363,7 @@ impl TieredCacheBuilder {
             actor: None,
             inner: Arc::new(Inner {
                 actor: self.actor,
+                analytics_retention: self.analytics_retention,
                 audit,
                 analytics: analytics.and_then(Result::ok),
                 aggressive,
@@ -432,6 +441,8 @@ pub struct TieredCache {
 pub(crate) struct Inner {
     /// Who the audit trail says acts, by default.
     pub(crate) actor: String,
+    /// How long `gc` keeps hit ids and request metrics.
+    pub(crate) analytics_retention: Option<Duration>,
     pub(crate) audit: crate::audit::AuditLog,
     pub(crate) normalizer: Normalizer,
     pub(crate) memory: MemoryTier,
@@ -512,6 +523,7 @@ impl TieredCache {
             analytics: Some(AnalyticsConfig::default()),
             publish_interval: Duration::from_secs(60),
             actor: "local".into(),
+            analytics_retention: Some(Duration::from_secs(90 * 86400)),
         }
     }
 

@@ -56,6 +56,8 @@ pub struct GcReport {
     pub s3_bytes: u64,
     /// Key tombstones pruned: older than the longest TTL, they hide nothing any more.
     pub tombstones_pruned: u64,
+    /// Analytics records pruned for age: hit ids and request metrics past the retention.
+    pub analytics_pruned: u64,
     /// Whether nothing was deleted (`--dry-run`): the counts say what would be.
     pub dry_run: bool,
 }
@@ -462,6 +464,10 @@ impl TieredCache {
         }
         if !dry_run {
             report.tombstones_pruned = self.prune_tombstones().await? as u64;
+            if let (Some(analytics), Some(keep)) = (&inner.analytics, inner.analytics_retention) {
+                let (ids, requests) = analytics.prune(keep)?;
+                report.analytics_pruned = ids + requests;
+            }
             let removed = report.l2_removed + report.s3_entries;
             self.audit("gc", None, Some(removed)).await;
         }
