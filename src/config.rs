@@ -223,6 +223,18 @@ pub struct InvalidationSection {
     /// tier; "never" leaves it to `strata gc` and lazy removal on lookup.
     #[serde(deserialize_with = "ttl", serialize_with = "ttl_out")]
     pub sweep_interval: Option<Duration>,
+    /// `strata gc` deletes another node's copy of the epochs not written for this long (a node
+    /// stopped long ago); "never" keeps them.
+    #[serde(
+        default = "thirty_days",
+        deserialize_with = "ttl",
+        serialize_with = "ttl_out"
+    )]
+    pub forget_nodes_after: Option<Duration>,
+}
+
+fn thirty_days() -> Option<Duration> {
+    Some(Duration::from_secs(30 * 86400))
 }
 
 /// `[analytics]`.
@@ -614,7 +626,8 @@ impl Config {
                 ..AnalyticsConfig::default()
             }))
             .publish_interval(self.analytics.publish_interval)
-            .analytics_retention(self.analytics.retention);
+            .analytics_retention(self.analytics.retention)
+            .forget_nodes_after(self.invalidation.forget_nodes_after);
         if self.disk.enabled {
             let disk = DiskTier::open(&self.disk_config(), self.codec())?;
             builder = builder.epochs(

@@ -207,6 +207,13 @@ fn print_gc(r: &GcReport) -> Result<()> {
             thousands(r.s3_listed)
         )?;
     }
+    if r.stale_objects > 0 {
+        outln!(
+            "{} {} objects of nodes stopped long ago (epoch copies, old analytics)",
+            if r.dry_run { "would delete" } else { "deleted" },
+            thousands(r.stale_objects)
+        )?;
+    }
     if r.analytics_pruned > 0 {
         outln!(
             "pruned {} analytics records past [analytics] retention",

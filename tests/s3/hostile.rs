@@ -400,3 +400,57 @@ fn walk(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
     }
     Ok(out)
 }
+
+/// Control and analytics files of nodes stopped long ago stayed in the bucket for ever. gc
+/// deletes another node's epoch copy not written for `forget_nodes_after`, and daily analytics
+/// past the retention; never this node's own copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_expires_what_nodes_stopped_long_ago_left() -> Result<()> {
+    let server = TestS3::start().await?;
+    let (dir_a, dir_b) = (TempDir::new()?, TempDir::new()?);
+    let a = node(&server, dir_a.path()).await?;
+    a.cache.invalidate(&Selector::Tag("from-a".into())).await?;
+    let layout = a.s3.layout().clone();
+    let a_copy = layout.node_epochs_path(a.s3.node_id());
+    let ancient = layout.analytics_path(
+        "gone-node",
+        chrono::NaiveDate::from_ymd_opt(2020, 1, 1).context("date")?,
+    );
+    a.s3.put_object(&ancient, b"{}".to_vec(), "application/json")
+        .await?;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+
+    let disk = strata::tiers::DiskTier::open(
+        &strata::tiers::DiskConfig::new(dir_b.path()),
+        Codec::default(),
+    )?;
+    let s3 = strata::tiers::S3Tier::connect(&server.config(), &disk, Codec::default()).await?;
+    let b = strata::TieredCache::builder()
+        .disk(disk)
+        .s3(s3.clone())
+        .forget_nodes_after(Some(std::time::Duration::from_secs(1)))
+        .build();
+    b.invalidate(&Selector::Tag("from-b".into())).await?;
+    let b_copy = layout.node_epochs_path(s3.node_id());
+    let dry = b.gc(true, |_| {}).await?;
+    assert_eq!(dry.stale_objects, 2, "{dry:?}");
+    assert!(
+        server.keys().await?.contains(&a_copy),
+        "a dry run deletes nothing"
+    );
+    let report = b.gc(false, |_| {}).await?;
+    assert_eq!(report.stale_objects, 2, "{report:?}");
+    let keys = server.keys().await?;
+    assert!(
+        !keys.contains(&a_copy),
+        "a's copy, silent past the bound, is gone"
+    );
+    assert!(
+        !keys.contains(&ancient),
+        "analytics past the retention are gone"
+    );
+    assert!(keys.contains(&b_copy), "never its own");
+    // What a's copy held lives on: b merged it.
+    assert!(b.epochs().snapshot().tag.contains_key("from-a"));
+    Ok(())
+}

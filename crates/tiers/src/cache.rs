@@ -210,6 +210,7 @@ pub struct TieredCacheBuilder {
     publish_interval: Duration,
     actor: String,
     analytics_retention: Option<Duration>,
+    forget_nodes_after: Option<Duration>,
 }
 
 impl TieredCacheBuilder {
@@ -217,6 +218,13 @@ impl TieredCacheBuilder {
     /// older ones. Default 90 days; `None` keeps them for ever.
     pub fn analytics_retention(mut self, keep: Option<Duration>) -> Self {
         self.analytics_retention = keep;
+        self
+    }
+
+    /// After how long without a write another node's copy of the epochs is deleted by `gc`
+    /// (a node stopped long ago). Default 30 days; `None` never.
+    pub fn forget_nodes_after(mut self, after: Option<Duration>) -> Self {
+        self.forget_nodes_after = after;
         self
     }
 
@@ -364,6 +372,7 @@ impl TieredCacheBuilder {
             inner: Arc::new(Inner {
                 actor: self.actor,
                 analytics_retention: self.analytics_retention,
+                forget_nodes_after: self.forget_nodes_after,
                 audit,
                 analytics: analytics.and_then(Result::ok),
                 aggressive,
@@ -443,6 +452,8 @@ pub(crate) struct Inner {
     pub(crate) actor: String,
     /// How long `gc` keeps hit ids and request metrics.
     pub(crate) analytics_retention: Option<Duration>,
+    /// After how long `gc` deletes a silent node's copy of the epochs.
+    pub(crate) forget_nodes_after: Option<Duration>,
     pub(crate) audit: crate::audit::AuditLog,
     pub(crate) normalizer: Normalizer,
     pub(crate) memory: MemoryTier,
@@ -524,6 +535,7 @@ impl TieredCache {
             publish_interval: Duration::from_secs(60),
             actor: "local".into(),
             analytics_retention: Some(Duration::from_secs(90 * 86400)),
+            forget_nodes_after: Some(Duration::from_secs(30 * 86400)),
         }
     }
 

@@ -58,6 +58,9 @@ pub struct GcReport {
     pub tombstones_pruned: u64,
     /// Analytics records pruned for age: hit ids and request metrics past the retention.
     pub analytics_pruned: u64,
+    /// Objects of nodes stopped long ago deleted from the bucket: per-node epoch copies not
+    /// written for `forget_nodes_after`, and daily analytics past the retention.
+    pub stale_objects: u64,
     /// Whether nothing was deleted (`--dry-run`): the counts say what would be.
     pub dry_run: bool,
 }
@@ -461,6 +464,7 @@ impl TieredCache {
         }
         if let Some(l3) = &inner.l3 {
             gc_bucket(l3, &epochs, &inner.ttl, dry_run, &mut report, &mut progress).await?;
+            report.stale_objects = self.gc_stale_objects(l3, dry_run).await?;
         }
         if !dry_run {
             report.tombstones_pruned = self.prune_tombstones().await? as u64;
@@ -614,6 +618,45 @@ async fn blocking<R: Send + 'static>(
 }
 
 impl TieredCache {
+    /// Deletes what nodes stopped long ago left in the bucket: their copies of the epochs not
+    /// written for `forget_nodes_after` (whatever they held is in the shared document and in
+    /// every node's copy, merged at every refresh since), and daily analytics documents older
+    /// than the analytics retention. Never this node's own copy. Returns how many (would be)
+    /// deleted.
+    async fn gc_stale_objects(&self, l3: &S3Tier, dry_run: bool) -> Result<u64, TierError> {
+        let inner = &self.inner;
+        let now = Utc::now();
+        let older = |d: Option<Duration>| {
+            d.and_then(|d| chrono::Duration::from_std(d).ok())
+                .and_then(|d| now.checked_sub_signed(d))
+        };
+        let layout = l3.layout().clone();
+        let own = layout.node_epochs_path(l3.node_id());
+        let mut doomed = Vec::new();
+        if let Some(cutoff) = older(inner.forget_nodes_after) {
+            for object in l3.list(&layout.node_epochs_root()).await? {
+                if object.key != own && object.last_modified.is_some_and(|t| t < cutoff) {
+                    doomed.push(object.key);
+                }
+            }
+        }
+        if let Some(cutoff) = older(inner.analytics_retention) {
+            for object in l3.list(&layout.analytics_root()).await? {
+                if layout
+                    .parse_analytics_path(&object.key)
+                    .is_some_and(|(_, day)| day < cutoff.date_naive())
+                {
+                    doomed.push(object.key);
+                }
+            }
+        }
+        let n = doomed.len() as u64;
+        if !dry_run && !doomed.is_empty() {
+            l3.delete_objects(&doomed, |_| {}).await?;
+        }
+        Ok(n)
+    }
+
     /// Prunes the key tombstones older than the longest TTL (none while some TTL is `never`):
     /// every entry they could hide has expired on every node, since each node bounds entries
     /// by its TTL. The watermark travels with the epochs, so other nodes drop them too.
