@@ -454,3 +454,36 @@ async fn gc_expires_what_nodes_stopped_long_ago_left() -> Result<()> {
     assert!(b.epochs().snapshot().tag.contains_key("from-a"));
     Ok(())
 }
+
+/// One flipped bit makes sled report the database corrupt, and the whole tier was moved aside
+/// with the invalidations and the node id in it. They are kept beside the database too, and a
+/// node whose tier was moved aside takes them up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_disk_tier_keeps_its_epochs_and_node_id() -> Result<()> {
+    let server = TestS3::start().await?;
+    let dir = TempDir::new()?;
+    let node_id = {
+        let a = node(&server, dir.path()).await?;
+        a.cache
+            .invalidate(&Selector::Tag("kept-through-corruption".into()))
+            .await?;
+        let id = a.s3.node_id().to_string();
+        a.cache.close().await?;
+        id
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    std::fs::write(dir.path().join("conf"), b"\x00not sled's config\xff")?;
+    let again = node(&server, dir.path()).await?;
+    assert!(again.disk.moved_aside().is_some(), "moved aside");
+    assert_eq!(again.s3.node_id(), node_id, "the same node");
+    assert!(
+        again
+            .cache
+            .epochs()
+            .snapshot()
+            .tag
+            .contains_key("kept-through-corruption"),
+        "the invalidation still holds"
+    );
+    Ok(())
+}

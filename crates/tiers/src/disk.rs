@@ -54,6 +54,8 @@ struct Slot {
 }
 
 struct Inner {
+    /// The tier's directory.
+    path: PathBuf,
     db: sled::Db,
     entries: sled::Tree,
     access: sled::Tree,
@@ -129,6 +131,8 @@ impl DiskTier {
                     context: format!("moving corrupt {} aside", config.path.display()),
                     source,
                 })?;
+                keep_latest_aside(&config.path, KEPT_ASIDE);
+                claim_directory(&config.path)?;
                 let mut inner =
                     open_inner(config, codec).map_err(|f| TierError::Unavailable(f.to_string()))?;
                 inner.moved_aside = Some(aside);
@@ -140,6 +144,32 @@ impl DiskTier {
         Ok(DiskTier {
             inner: Arc::new(inner),
         })
+    }
+
+    /// The tier's directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Writes a small file of state kept beside the database (`epochs.json`, `node-id`):
+    /// sled cannot open a database it finds corrupt at all, and these outlive it, moved aside
+    /// with the rest, for the new database to take up ([`DiskTier::salvaged`]). Atomic (a
+    /// temporary file renamed over the old one); best effort.
+    pub fn keep_beside(&self, name: &str, bytes: &[u8]) {
+        let path = self.inner.path.join(name);
+        let temporary = self.inner.path.join(format!(".{name}.new"));
+        let written =
+            std::fs::write(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, &path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot keep state beside the disk tier");
+        }
+    }
+
+    /// A file [`DiskTier::keep_beside`] wrote in the database moved aside when this one was
+    /// opened, if there was one.
+    pub fn salvaged(&self, name: &str) -> Option<Vec<u8>> {
+        let aside = self.inner.moved_aside.as_deref()?;
+        std::fs::read(aside.join(name)).ok()
     }
 
     /// Where a corrupt database was moved on open, if it was.
@@ -545,6 +575,7 @@ fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
             entries: db.open_tree("entries")?,
             access: db.open_tree("access")?,
             meta: db.open_tree("meta")?,
+            path: config.path.clone(),
             db: db.clone(),
             codec,
             capacity: config.capacity,
@@ -611,6 +642,9 @@ fn classify(config: &DiskConfig, error: sled::Error) -> OpenFailure {
 /// The file that marks a directory as a strata disk tier.
 pub const MARKER: &str = "STRATA-DISK-TIER";
 
+/// The files of state kept beside the database ([`DiskTier::keep_beside`]).
+pub const KEPT_BESIDE: [&str; 4] = ["epochs.json", "node-id", ".epochs.json.new", ".node-id.new"];
+
 /// Makes sure `path` is a directory strata may write: creates it (owner only) when missing,
 /// marks it when empty or when it holds a disk tier an older release wrote (`conf` and `db`,
 /// sled's files only), and refuses anything else.
@@ -645,8 +679,11 @@ fn claim_directory(path: &Path) -> Result<(), TierError> {
     if names.iter().any(|n| n == MARKER) {
         return Ok(());
     }
-    let sleds =
-        |n: &String| matches!(n.as_str(), "conf" | "db" | "blobs") || n.starts_with("snap.");
+    let sleds = |n: &String| {
+        matches!(n.as_str(), "conf" | "db" | "blobs")
+            || n.starts_with("snap.")
+            || KEPT_BESIDE.contains(&n.as_str())
+    };
     let older_tier = names.iter().any(|n| n == "conf")
         && names.iter().any(|n| n == "db")
         && names.iter().all(sleds);
@@ -709,7 +746,9 @@ fn only_a_database_in(path: &Path) -> Result<(), TierError> {
     for item in std::fs::read_dir(path).map_err(io)? {
         let name = item.map_err(io)?.file_name();
         let name = name.to_string_lossy();
-        if !matches!(name.as_ref(), "conf" | "db" | "blobs" | MARKER) && !name.starts_with("snap.")
+        if !matches!(name.as_ref(), "conf" | "db" | "blobs" | MARKER)
+            && !name.starts_with("snap.")
+            && !KEPT_BESIDE.contains(&name.as_ref())
         {
             return Err(TierError::Unavailable(format!(
                 "{} cannot be opened as a disk tier and holds `{name}`, which sled did not \
@@ -719,6 +758,41 @@ fn only_a_database_in(path: &Path) -> Result<(), TierError> {
         }
     }
     Ok(())
+}
+
+/// How many directories moved aside are kept (the newest).
+const KEPT_ASIDE: usize = 3;
+
+/// Deletes all but the `keep` newest directories moved aside from `path` (`{path}.corrupt-{t}`).
+fn keep_latest_aside(path: &Path, keep: usize) {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}.corrupt-", name.to_string_lossy());
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let Ok(items) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let mut aside: Vec<(u64, PathBuf)> = items
+        .flatten()
+        .filter_map(|item| {
+            let file = item.file_name();
+            let time = file.to_string_lossy().strip_prefix(&prefix)?.parse().ok()?;
+            Some((time, item.path()))
+        })
+        .collect();
+    aside.sort();
+    let excess = aside.len().saturating_sub(keep);
+    for (_, old) in aside.into_iter().take(excess) {
+        tracing::info!(path = %old.display(), "removing an old directory moved aside");
+        if let Err(e) = std::fs::remove_dir_all(&old) {
+            tracing::warn!(path = %old.display(), error = %e, "cannot remove an old directory moved aside");
+        }
+    }
 }
 
 fn aside_path(path: &Path) -> PathBuf {
@@ -1269,6 +1343,30 @@ pub(crate) mod tests {
         let aside = tier.moved_aside().map(Path::to_path_buf);
         assert!(aside.as_ref().is_some_and(|p| p.exists()), "{aside:?}");
         assert_eq!(tier.usage().entries, 0);
+    }
+
+    #[test]
+    fn at_most_three_directories_moved_aside_are_kept() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let config = DiskConfig::new(dir.path().join("l2"));
+        for round in 0..5 {
+            drop(DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}")));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::fs::write(config.path.join("conf"), b"\x00garbage\xff")
+                .unwrap_or_else(|e| panic!("{e}"));
+            // Moved aside under a name of its own second.
+            std::thread::sleep(std::time::Duration::from_millis(1000));
+            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+            assert!(tier.moved_aside().is_some(), "round {round}");
+        }
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .filter(|i| {
+                i.as_ref()
+                    .is_ok_and(|i| i.file_name().to_string_lossy().contains(".corrupt-"))
+            })
+            .count();
+        assert_eq!(aside, KEPT_ASIDE);
     }
 
     #[test]

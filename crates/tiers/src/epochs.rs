@@ -19,6 +19,8 @@ use crate::s3::S3Tier;
 use crate::s3::control::{Expect, Written};
 
 const CURRENT_KEY: &[u8] = b"current";
+/// The copy of the epochs kept beside the disk tier's database.
+const EPOCHS_BESIDE: &str = "epochs.json";
 /// Conditional writes of the shared document tried before leaving the rest to node copies.
 const CAS_ATTEMPTS: u32 = 8;
 
@@ -27,6 +29,10 @@ pub struct EpochStore {
     current: RwLock<Arc<Epochs>>,
     empty: AtomicBool,
     tree: Option<sled::Tree>,
+    /// The disk tier, beside whose database a copy of the epochs is kept (see
+    /// [`DiskTier::keep_beside`]): sled cannot open a database it finds corrupt, and a node
+    /// that lost its epochs would serve what it had invalidated.
+    disk: Option<DiskTier>,
     conditional_writes: bool,
     sync: tokio::sync::Mutex<SyncState>,
     /// Warnings about a shared document that cannot be exchanged, one per interval.
@@ -70,13 +76,33 @@ impl EpochStore {
     /// Epochs kept in the disk tier's database (tree `epochs`), loaded as last persisted.
     pub fn open(disk: &DiskTier) -> Result<Self, TierError> {
         let tree = disk.open_tree("epochs")?;
-        let current = match tree.get(CURRENT_KEY)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                TierError::Storage(format!("stored invalidation epochs do not parse: {e}"))
-            })?,
-            None => Epochs::default(),
+        let (current, salvaged) = match tree.get(CURRENT_KEY)? {
+            Some(bytes) => (
+                serde_json::from_slice(&bytes).map_err(|e| {
+                    TierError::Storage(format!("stored invalidation epochs do not parse: {e}"))
+                })?,
+                false,
+            ),
+            // A database moved aside as corrupt: the copy kept beside it.
+            None => match disk
+                .salvaged(EPOCHS_BESIDE)
+                .and_then(|bytes| serde_json::from_slice::<Epochs>(&bytes).ok())
+            {
+                Some(epochs) => (epochs, true),
+                None => (Epochs::default(), false),
+            },
         };
-        let store = Self::with_tree(Some(tree), current);
+        let mut store = Self::with_tree(Some(tree), Epochs::default());
+        store.disk = Some(disk.clone());
+        store.update(|epochs| {
+            *epochs = current;
+            Some(())
+        })?;
+        if salvaged {
+            tracing::warn!(
+                "the disk tier was moved aside as corrupt; its invalidation epochs were salvaged"
+            );
+        }
         let dropped = store.drop_beyond_clock()?;
         if !dropped.is_empty() {
             tracing::warn!(
@@ -92,6 +118,7 @@ impl EpochStore {
             empty: AtomicBool::new(current.is_empty()),
             current: RwLock::new(Arc::new(current)),
             tree,
+            disk: None,
             conditional_writes: true,
             sync: tokio::sync::Mutex::new(SyncState::default()),
             shared_warnings: strata_analytics::Throttle::default(),
@@ -215,6 +242,9 @@ impl EpochStore {
         if let Some(tree) = &self.tree {
             let bytes = serde_json::to_vec(&next)
                 .map_err(|e| TierError::Storage(format!("encoding epochs: {e}")))?;
+            if let Some(disk) = &self.disk {
+                disk.keep_beside(EPOCHS_BESIDE, &bytes);
+            }
             tree.insert(CURRENT_KEY, bytes)?;
         }
         self.empty.store(next.is_empty(), Ordering::Release);

@@ -364,6 +364,8 @@ impl std::fmt::Debug for S3Tier {
 }
 
 const NODE_ID_KEY: &[u8] = b"node-id";
+/// The copy of the node id kept beside the disk tier's database.
+const NODE_ID_BESIDE: &str = "node-id";
 const MANIFEST_SEQ_KEY: &[u8] = b"manifest-seq";
 /// Outbox items uploaded per manifest segment.
 const BATCH: usize = 256;
@@ -405,7 +407,20 @@ impl S3Tier {
             match meta.get(NODE_ID_KEY)? {
                 Some(id) => String::from_utf8_lossy(&id).into_owned(),
                 None => {
-                    let id = fresh_node_id(disk.generate_id()?);
+                    // A database moved aside as corrupt: the id kept beside it, so that this
+                    // node goes on writing its own objects, not a stranger's.
+                    let salvaged = disk
+                        .salvaged(NODE_ID_BESIDE)
+                        .and_then(|id| String::from_utf8(id).ok())
+                        .filter(|id| {
+                            id.bytes()
+                                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+                                && !id.is_empty()
+                        });
+                    let id = match salvaged {
+                        Some(id) => id,
+                        None => fresh_node_id(disk.generate_id()?),
+                    };
                     meta.insert(NODE_ID_KEY, id.as_bytes())?;
                     id
                 }
@@ -425,6 +440,7 @@ impl S3Tier {
                 config.node_id
             )));
         };
+        disk.keep_beside(NODE_ID_BESIDE, node_id.as_bytes());
         let index_bytes = index
             .iter()
             .values()
