@@ -866,6 +866,12 @@ impl TieredCache {
     /// rollups; with an S3 tier, uploads the outbox and this node's daily rollups too. If S3
     /// cannot take them, the error says so and they stay queued (durably) for the next try.
     pub async fn flush(&self) -> Result<(), TierError> {
+        self.flush_uploading(false).await
+    }
+
+    /// [`TieredCache::flush`]; with `bounded`, the upload of the outbox gets `[s3]
+    /// close_timeout` (what is left stays queued).
+    async fn flush_uploading(&self, bounded: bool) -> Result<(), TierError> {
         self.inner.settle().await;
         if let Some(analytics) = &self.inner.analytics {
             analytics.flush()?;
@@ -877,7 +883,11 @@ impl TieredCache {
             l2.flush().await?;
         }
         if let Some(l3) = &self.inner.l3 {
-            l3.drain_for_close().await?;
+            if bounded {
+                l3.drain_for_close().await?;
+            } else {
+                l3.drain().await?;
+            }
             self.publish_analytics(&[]).await?;
         }
         Ok(())
@@ -891,9 +901,12 @@ impl TieredCache {
         self.inner.settle().await;
     }
 
-    /// Flushes, then releases this handle. The database closes when the last clone is dropped.
+    /// Flushes (the upload of the outbox within `[s3] close_timeout`: what is left stays queued
+    /// for the next run), then releases this handle. The database closes when the last clone is
+    /// dropped.
     pub async fn close(self) -> Result<(), TierError> {
-        self.flush().await
+        // At exit the uploads get `[s3] close_timeout`; what is left stays queued.
+        self.flush_uploading(true).await
     }
 
     /// Serves `keyed` from the first tier with a copy that answers it, or runs `fill` once
