@@ -298,6 +298,13 @@ struct ReportQuery {
     all_nodes: Option<bool>,
 }
 
+/// A `since` parameter ([`parse_time`]), or the 400 that says what is wrong with it.
+fn since_of(text: Option<&str>) -> Result<Option<DateTime<Utc>>, Box<Response>> {
+    text.map(|t| parse_time(t, false))
+        .transpose()
+        .map_err(|reason| Box::new(refuse(StatusCode::BAD_REQUEST, format!("since {reason}"))))
+}
+
 /// A time given as RFC 3339, a day (`2026-11-24`, to its end for `until`), or a duration ago.
 fn parse_time(text: &str, end_of_day: bool) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
@@ -536,14 +543,9 @@ async fn warm(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Re
         Ok(b) => b,
         Err(response) => return *response,
     };
-    let since = match request
-        .since
-        .as_deref()
-        .map(|t| parse_time(t, false))
-        .transpose()
-    {
+    let since = match since_of(request.since.as_deref()) {
         Ok(s) => s,
-        Err(reason) => return refuse(StatusCode::BAD_REQUEST, format!("since {reason}")),
+        Err(response) => return *response,
     };
     let cache = &shared.cache;
     let (Some(l3), Some(disk)) = (cache.l3(), cache.disk()) else {
@@ -593,14 +595,9 @@ async fn audit(
     let Ok(Query(query)) = query else {
         return refuse(StatusCode::BAD_REQUEST, "query: expected since");
     };
-    let since = match query
-        .since
-        .as_deref()
-        .map(|t| parse_time(t, false))
-        .transpose()
-    {
+    let since = match since_of(query.since.as_deref()) {
         Ok(s) => s,
-        Err(reason) => return refuse(StatusCode::BAD_REQUEST, format!("since {reason}")),
+        Err(response) => return *response,
     };
     match shared.cache.audit_trail(since) {
         Ok(trail) => axum::Json(json!({ "records": trail })).into_response(),
