@@ -31,6 +31,7 @@ const SECTIONS: &[&str] = &[
     "codec",
     "pricing",
     "server",
+    "http",
     "audit",
     "security",
 ];
@@ -64,6 +65,10 @@ pub struct Config {
     /// The gateway (`strata serve`).
     #[serde(default)]
     pub server: strata_http::ServerConfig,
+    /// Response caching for HTTP APIs behind `strata serve`: routes, mutation rules,
+    /// upstreams, warming.
+    #[serde(default)]
+    pub http: strata_http::api::HttpConfig,
     /// The audit trail.
     #[serde(default)]
     pub audit: AuditSection,

@@ -516,7 +516,7 @@ async fn serve_command(
         config.server.listen = addr;
     }
     let cache = config.open_cache().await?;
-    let gateway = strata_http::Gateway::new(cache, config.server.clone())?;
+    let gateway = strata_http::Gateway::with_http(cache, config.server.clone(), &config.http)?;
     let server = strata_http::Server::bind(gateway).await?;
     // The address goes to standard error as the first line, so scripts (and tests) that
     // listen on port 0 learn the port.

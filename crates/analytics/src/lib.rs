@@ -36,8 +36,8 @@ pub use recorder::{
     RequestMetric,
 };
 pub use report::{
-    ColdEntries, ColdModel, GroupBy, Report, ReportExtras, ReportOptions, Suggestion, Summary,
-    TierStorage,
+    ColdEntries, ColdModel, GroupBy, HTTP_PROVIDER, Report, ReportExtras, ReportOptions,
+    Suggestion, Summary, TierStorage,
 };
 pub use rollup::{DailyRollups, HourRow, Rollup, RowKey};
 pub use sketch::{HotKey, Sketch};

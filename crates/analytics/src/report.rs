@@ -24,7 +24,13 @@ pub enum GroupBy {
     Day,
     /// One group per UTC hour.
     Hour,
+    /// One group per HTTP API route (entries the response cache stored: provider
+    /// [`HTTP_PROVIDER`]; LLM lookups are left out of the groups, not of the totals).
+    Route,
 }
+
+/// The provider API response entries record: their "model" is the route's name.
+pub const HTTP_PROVIDER: &str = "http";
 
 impl FromStr for GroupBy {
     type Err = String;
@@ -35,8 +41,9 @@ impl FromStr for GroupBy {
             "provider" => Ok(GroupBy::Provider),
             "day" => Ok(GroupBy::Day),
             "hour" => Ok(GroupBy::Hour),
+            "route" => Ok(GroupBy::Route),
             other => Err(format!(
-                "unknown grouping `{other}` (expected model, provider, day or hour)"
+                "unknown grouping `{other}` (expected model, provider, day, hour or route)"
             )),
         }
     }
@@ -268,7 +275,14 @@ impl Report {
         let mut by_provider: BTreeMap<String, Rollup> = BTreeMap::new();
         let mut by_day: BTreeMap<String, Rollup> = BTreeMap::new();
         let mut by_hour: BTreeMap<String, Rollup> = BTreeMap::new();
+        let mut by_route: BTreeMap<String, Rollup> = BTreeMap::new();
         for row in &rows {
+            if row.key.provider == HTTP_PROVIDER {
+                by_route
+                    .entry(row.key.model.clone())
+                    .or_default()
+                    .add(&row.rollup);
+            }
             totals.add(&row.rollup);
             by_model
                 .entry(row.key.model.clone())
@@ -312,6 +326,7 @@ impl Report {
             GroupBy::Provider => by_provider_list.clone(),
             GroupBy::Day => by_day_list.clone(),
             GroupBy::Hour => by_hour_list.clone(),
+            GroupBy::Route => most_saved(&by_route),
         };
         let suggestions = suggestions(&totals, &by_model, &extras);
         let mut hot_keys = extras.hot_keys;

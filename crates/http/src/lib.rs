@@ -3,6 +3,8 @@
 //! - [`gateway`]: an OpenAI- and Anthropic-compatible caching gateway. Point an SDK's base URL
 //!   at it; identical requests are answered from the cache, streams included, and identical
 //!   requests in flight share one upstream call.
+//! - [`api`]: response caching for any HTTP API: a tower layer for Rust services, and
+//!   reverse-proxy routes for services in any language, sharing one policy.
 //! - [`admin`]: the admin API (`/admin/…`: health, stats, report, invalidate, clear, warm,
 //!   keys, a live monitor and dashboard) and `/metrics`.
 //! - [`metrics`]: Prometheus metrics.
@@ -20,6 +22,7 @@
 //! ```
 
 pub mod admin;
+pub mod api;
 pub mod config;
 pub mod convert;
 pub mod error;

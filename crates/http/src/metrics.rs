@@ -60,7 +60,11 @@ fn seconds() -> Histogram {
 
 impl Metrics {
     /// Metrics for a cache; `in_flight` is the gateway's count of requests being answered.
-    pub fn new(cache: TieredCache, in_flight: std::sync::Arc<AtomicI64>) -> Self {
+    pub fn new(
+        cache: TieredCache,
+        in_flight: std::sync::Arc<AtomicI64>,
+        api: Option<crate::api::ApiCache>,
+    ) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -97,6 +101,9 @@ impl Metrics {
                 .inc_by(0);
         }
         registry.register_collector(Box::new(EngineCollector { cache, in_flight }));
+        if let Some(api) = api {
+            registry.register_collector(Box::new(RouteCollector { api }));
+        }
         Metrics {
             registry,
             requests,
@@ -245,6 +252,65 @@ impl Collector for EngineCollector {
         for (name, help, value) in gauges {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(value).encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// The response cache's counters per route, read at each scrape.
+#[derive(Debug)]
+struct RouteCollector {
+    api: crate::api::ApiCache,
+}
+
+impl Collector for RouteCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let routes = self.api.route_counters();
+        let mut requests = encoder.encode_descriptor(
+            "strata_http_requests",
+            "Requests to cached API routes, by route and what the cache did",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &routes {
+            for (result, n) in [
+                ("hit", r.hits),
+                ("stale", r.stale),
+                ("miss", r.misses),
+                ("bypass", r.bypass),
+            ] {
+                let labels = [("route", r.route.as_str()), ("result", result)];
+                ConstCounter::new(n).encode(requests.encode_family(&labels)?)?;
+            }
+        }
+        let per_route: [(&str, &str, fn(&crate::api::RouteSnapshot) -> f64); 4] = [
+            (
+                "strata_http_served_bytes",
+                "Body bytes sent from cached entries",
+                |r| r.bytes_served as f64,
+            ),
+            (
+                "strata_http_saved_seconds",
+                "Service time the cached answers saved (each: its call's time)",
+                |r| r.saved_us as f64 / 1e6,
+            ),
+            (
+                "strata_http_upstream_seconds",
+                "Time spent waiting for the services",
+                |r| r.upstream_us as f64 / 1e6,
+            ),
+            (
+                "strata_http_not_stored",
+                "Service answers not stored (RFC 9111 rules, or the route's statuses)",
+                |r| r.not_stored as f64,
+            ),
+        ];
+        for (name, help, value) in per_route {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for r in &routes {
+                let labels = [("route", r.route.as_str())];
+                ConstCounter::new(value(r)).encode(family.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

@@ -81,6 +81,9 @@ impl Server {
             None => self.gateway.router().merge(admin_router),
         };
         servers.push(serve(self.listener, main, stopping));
+        if let Some(proxy) = &shared.proxy {
+            proxy.spawn_warmer(shared.closing.subscribe());
+        }
         tracing::info!("gateway serving");
         shutdown.await;
         let deadline = Instant::now() + shared.config.shutdown_timeout;

@@ -536,6 +536,16 @@ async fn clear(
 struct WarmBody {
     model: Option<String>,
     since: Option<String>,
+    /// API URLs to fetch through the response cache (paths, or `{"url", "headers"}`).
+    urls: Option<Vec<WarmUrl>>,
+}
+
+/// A URL to warm: a path, or a path with headers.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum WarmUrl {
+    Path(String),
+    With(crate::api::WarmConfig),
 }
 
 async fn warm(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Response {
@@ -543,6 +553,32 @@ async fn warm(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Re
         Ok(b) => b,
         Err(response) => return *response,
     };
+    if let Some(urls) = request.urls {
+        if request.model.is_some() || request.since.is_some() {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "`urls` warms API routes; `model` and `since` warm LLM entries from S3: one at a time",
+            );
+        }
+        let Some(proxy) = &shared.proxy else {
+            return refuse(
+                StatusCode::CONFLICT,
+                "no [[http.upstreams]] to warm URLs through",
+            );
+        };
+        let urls: Vec<crate::api::WarmConfig> = urls
+            .into_iter()
+            .map(|u| match u {
+                WarmUrl::Path(url) => crate::api::WarmConfig {
+                    url,
+                    headers: Default::default(),
+                },
+                WarmUrl::With(config) => config,
+            })
+            .collect();
+        let outcome = proxy.warm(&urls, true).await;
+        return axum::Json(outcome).into_response();
+    }
     let since = match since_of(request.since.as_deref()) {
         Ok(s) => s,
         Err(response) => return *response,

@@ -67,6 +67,8 @@ pub struct Shared {
     pub upstream_errors: AtomicU64,
     /// Set when the server begins to shut down: endless streams (the monitor) end then.
     pub closing: tokio::sync::watch::Sender<bool>,
+    /// The reverse proxy of `[http]`, when it has upstreams.
+    pub proxy: Option<crate::api::proxy::Proxy>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -87,10 +89,31 @@ impl Gateway {
     /// A gateway over `cache` with `config`. The credential hash's key is read from
     /// `scope_key_file`, else kept in the disk tier (made once), else random for this process.
     pub fn new(cache: TieredCache, config: ServerConfig) -> Result<Gateway, HttpError> {
+        Gateway::with_http(cache, config, &crate::api::HttpConfig::default())
+    }
+
+    /// A gateway that also serves the reverse-proxy routes of `[http]`: its upstreams, behind
+    /// the response cache with its policy.
+    pub fn with_http(
+        cache: TieredCache,
+        config: ServerConfig,
+        http: &crate::api::HttpConfig,
+    ) -> Result<Gateway, HttpError> {
         let upstream = Upstream::new(&config)?;
         let scope_key = scope_key(&cache, &config)?;
         let in_flight = Arc::new(AtomicI64::new(0));
-        let metrics = Metrics::new(cache.clone(), Arc::clone(&in_flight));
+        let proxy = if http.is_empty() {
+            None
+        } else {
+            let api =
+                crate::api::ApiCache::new(cache.clone(), http.policy()?, http.limits(), scope_key);
+            Some(crate::api::proxy::Proxy::new(api, &config, http)?)
+        };
+        let metrics = Metrics::new(
+            cache.clone(),
+            Arc::clone(&in_flight),
+            proxy.as_ref().map(|p| p.api().clone()),
+        );
         Ok(Gateway {
             shared: Arc::new(Shared {
                 cache,
@@ -104,6 +127,7 @@ impl Gateway {
                 requests: AtomicU64::new(0),
                 upstream_errors: AtomicU64::new(0),
                 closing: tokio::sync::watch::Sender::new(false),
+                proxy,
             }),
         })
     }
@@ -118,11 +142,15 @@ impl Gateway {
         &self.shared.cache
     }
 
-    /// The LLM routes: everything under `/v1/`.
+    /// The LLM routes (everything under `/v1/`), and the reverse-proxy routes of `[http]`
+    /// for every other path.
     pub fn router(&self) -> Router {
-        Router::new()
-            .route("/v1/{*rest}", axum::routing::any(v1))
-            .with_state(Arc::clone(&self.shared))
+        let router = Router::new().route("/v1/{*rest}", axum::routing::any(v1));
+        let router = match &self.shared.proxy {
+            Some(_) => router.fallback(proxied),
+            None => router,
+        };
+        router.with_state(Arc::clone(&self.shared))
     }
 }
 
@@ -204,9 +232,19 @@ async fn v1(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     }
 }
 
+/// A request for the reverse proxy.
+async fn proxied(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    shared.requests.fetch_add(1, Relaxed);
+    let _in_flight = InFlight::new(&shared.in_flight);
+    match &shared.proxy {
+        Some(proxy) => proxy.serve(request).await,
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
 /// Whether a path has a `.` or `..` segment, written plainly or percent-encoded (which URL
 /// parsers resolve alike).
-fn has_dot_segment(path: &str) -> bool {
+pub(crate) fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|segment| {
         let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
         decoded == "." || decoded == ".."
