@@ -17,8 +17,12 @@ use tokio::sync::oneshot;
 
 #[path = "gateway/admin.rs"]
 mod admin;
+#[path = "gateway/api.rs"]
+mod api;
 #[path = "gateway/controls.rs"]
 mod controls;
+#[path = "../examples/jobs_api.rs"]
+mod jobs_api;
 #[path = "gateway/python.rs"]
 mod python;
 #[path = "support/s3.rs"]

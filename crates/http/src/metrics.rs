@@ -283,7 +283,8 @@ impl Collector for RouteCollector {
                 ConstCounter::new(n).encode(requests.encode_family(&labels)?)?;
             }
         }
-        let per_route: [(&str, &str, fn(&crate::api::RouteSnapshot) -> f64); 4] = [
+        type Read = fn(&crate::api::RouteSnapshot) -> f64;
+        let per_route: [(&str, &str, Read); 4] = [
             (
                 "strata_http_served_bytes",
                 "Body bytes sent from cached entries",

@@ -608,7 +608,7 @@ impl ApiCache {
             });
         };
         if let Some(rx) = flights.get(&id)
-            && !rx.has_changed().is_err()
+            && rx.has_changed().is_ok()
         {
             return Joined::Follow(rx.clone());
         }
@@ -816,10 +816,10 @@ impl ApiCache {
         {
             headers.insert(header::VARY, v);
         }
-        if entry.is_some() {
-            if let Ok(v) = HeaderValue::try_from(route.cache_control.as_str()) {
-                headers.insert(header::CACHE_CONTROL, v);
-            }
+        if entry.is_some()
+            && let Ok(v) = HeaderValue::try_from(route.cache_control.as_str())
+        {
+            headers.insert(header::CACHE_CONTROL, v);
         }
         headers.insert(header::ETAG, etag.clone());
         status.apply(&mut headers);
@@ -965,6 +965,8 @@ fn upstream_request(parts: &Parts, body: Body) -> Request<Body> {
     };
     *request.uri_mut() = parts.uri.clone();
     *request.version_mut() = parts.version;
+    // What a router put there (axum's path parameters) goes on to the service.
+    *request.extensions_mut() = parts.extensions.clone();
     let headers = request.headers_mut();
     for (name, value) in &parts.headers {
         if !NOT_FORWARDED.contains(name) && name != header::ACCEPT_ENCODING {
@@ -1120,4 +1122,64 @@ fn not_modified(
         return false;
     };
     !since.is_modified(modified)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Limits, Policy};
+    use axum::routing::get;
+    use std::sync::atomic::AtomicU64;
+
+    fn app(calls: Arc<AtomicU64>) -> axum::Router {
+        axum::Router::new().route(
+            "/health",
+            get(move || {
+                let calls = Arc::clone(&calls);
+                async move {
+                    calls.fetch_add(1, Relaxed);
+                    (
+                        [(header::CONTENT_TYPE, "application/json")],
+                        "{\"ok\":true}",
+                    )
+                }
+            }),
+        )
+    }
+
+    async fn send(
+        svc: &mut (
+                 impl Service<Request<Body>, Response = Response<Body>, Error = std::convert::Infallible>
+                 + Clone
+             ),
+        path: &str,
+    ) -> Response<Body> {
+        let request = Request::builder().uri(path).body(Body::empty()).unwrap();
+        svc.clone().oneshot(request).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_repeated_get_is_a_hit() {
+        let cache = strata_tiers::TieredCache::builder().build();
+        let policy = Policy::builder()
+            .route("/health", Duration::from_secs(30), |r| {
+                r.scope(RouteScope::Public)
+            })
+            .build()
+            .unwrap();
+        let api = ApiCache::new(cache.clone(), policy, Limits::default(), [7; 32]);
+        let calls = Arc::new(AtomicU64::new(0));
+        let mut svc = tower::Layer::layer(&api.layer(), app(Arc::clone(&calls)));
+        let first = send(&mut svc, "/health").await;
+        assert_eq!(first.headers()[X_CACHE], "MISS");
+        let second = send(&mut svc, "/health").await;
+        assert_eq!(
+            second.headers()[X_CACHE],
+            "HIT",
+            "{:?} {:?}",
+            second.headers(),
+            cache.stats()
+        );
+        assert_eq!(calls.load(Relaxed), 1);
+    }
 }

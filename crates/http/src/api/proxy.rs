@@ -103,6 +103,11 @@ impl Service<Request<Body>> for Forward {
                 .request(parts.method.clone(), &url)
                 .headers(headers);
             if parts.method != Method::GET && parts.method != Method::HEAD {
+                // The body streams on; its length, when the client said it, goes with it
+                // (servers that read no chunked bodies need it).
+                if let Some(length) = parts.headers.get(header::CONTENT_LENGTH) {
+                    call = call.header(header::CONTENT_LENGTH, length.clone());
+                }
                 call = call.body(reqwest::Body::wrap_stream(body.into_data_stream()));
             }
             let answer = match tokio::time::timeout(this.first_byte, call.send()).await {

@@ -60,16 +60,21 @@ pub struct Stored {
     pub body: Bytes,
 }
 
+/// Text borrowed from the entry where it has no escapes, else unescaped into its own.
+type Text<'a> = std::borrow::Cow<'a, str>;
+
 #[derive(Serialize, Deserialize)]
 struct Wire<'a> {
     v: u8,
     status: u16,
-    headers: Vec<(&'a str, &'a str)>,
-    etag: &'a str,
+    #[serde(borrow)]
+    headers: Vec<(Text<'a>, Text<'a>)>,
+    #[serde(borrow)]
+    etag: Text<'a>,
     #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
-    body: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    body64: Option<&'a str>,
+    body: Option<Text<'a>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    body64: Option<Text<'a>>,
 }
 
 /// The strong entity tag of a body: 128 bits of its BLAKE3 digest.
@@ -128,10 +133,10 @@ impl Stored {
 
     /// The JSON the entry stores.
     pub fn to_json(&self) -> serde_json::Value {
-        let headers: Vec<(&str, &str)> = self
+        let headers: Vec<(Text<'_>, Text<'_>)> = self
             .headers
             .iter()
-            .filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))
+            .filter_map(|(n, v)| Some((n.as_str().into(), v.to_str().ok()?.into())))
             .collect();
         let (body, body64) = match std::str::from_utf8(&self.body) {
             Ok(text) => (Some(std::borrow::Cow::Borrowed(text)), None),
@@ -144,9 +149,9 @@ impl Stored {
             v: 1,
             status: self.status.as_u16(),
             headers,
-            etag: self.etag.to_str().unwrap_or("\"0\""),
+            etag: self.etag.to_str().unwrap_or("\"0\"").into(),
             body,
-            body64: body64.as_deref(),
+            body64: body64.map(Text::Owned),
         };
         serde_json::to_value(&wire).unwrap_or(serde_json::Value::Null)
     }
@@ -162,23 +167,23 @@ impl Stored {
             return Err("too many headers".into());
         }
         let mut headers = HeaderMap::with_capacity(wire.headers.len());
-        for (name, value) in wire.headers {
-            let name = HeaderName::try_from(name).map_err(|e| e.to_string())?;
+        for (name, value) in &wire.headers {
+            let name = HeaderName::try_from(&**name).map_err(|e| e.to_string())?;
             if NOT_STORED.contains(&name.as_str()) {
                 return Err(format!("a stored `{name}` header"));
             }
-            let value = HeaderValue::try_from(value).map_err(|e| e.to_string())?;
+            let value = HeaderValue::try_from(&**value).map_err(|e| e.to_string())?;
             headers.append(name, value);
         }
         if !is_entity_tag(wire.etag.as_bytes()) {
             return Err("not an entity tag".into());
         }
-        let etag = HeaderValue::try_from(wire.etag).map_err(|e| e.to_string())?;
+        let etag = HeaderValue::try_from(&*wire.etag).map_err(|e| e.to_string())?;
         let body = match (wire.body, wire.body64) {
             (Some(text), None) => Bytes::from(text.into_owned()),
             (None, Some(b64)) => Bytes::from(
                 base64::engine::general_purpose::STANDARD
-                    .decode(b64)
+                    .decode(&*b64)
                     .map_err(|e| e.to_string())?,
             ),
             _ => return Err("a body, as text or base64".into()),
