@@ -184,7 +184,12 @@ async fn one(State(jobs): Shared, headers: HeaderMap, Path(id): Path<u64>) -> Re
         Err(r) => return r.into_response(),
     };
     match jobs.with_user(&user, |j| j.get(&id).cloned()) {
-        Some(job) => axum::Json(job).into_response(),
+        // The service tags its own answer too: everything of one owner goes at once.
+        Some(job) => (
+            [("x-strata-tags", format!("owner:{user}"))],
+            axum::Json(job),
+        )
+            .into_response(),
         None => (StatusCode::NOT_FOUND, "no such job").into_response(),
     }
 }

@@ -35,8 +35,13 @@ pub struct ReportArgs {
     /// or a duration ago (`2h`).
     #[arg(long, value_name = "TIME")]
     until: Option<String>,
-    /// Group the table and CSV rows by model, provider, day or hour.
-    #[arg(long, default_value = "model", value_name = "model|provider|day|hour")]
+    /// Group the table and CSV rows by model, provider, day, hour, or API route (the
+    /// response cache's routes, LLM lookups left out of the rows).
+    #[arg(
+        long,
+        default_value = "model",
+        value_name = "model|provider|day|hour|route"
+    )]
     by: GroupBy,
     /// How many hot keys to list.
     #[arg(long, default_value_t = 10, value_name = "N")]

@@ -640,3 +640,228 @@ async fn a_python_service_behind_strata_serve_is_invalidated_and_isolated() -> R
     a_job_update_invalidates_the_job_and_the_list(Api::python(unchanged).await?).await?;
     users_never_see_each_others_jobs(Api::python(unchanged).await?).await
 }
+
+fn anonymous_health(config: &mut HttpConfig) {
+    for route in &mut config.routes {
+        if route.path == "/health" {
+            route.scope = strata_http::api::RouteScope::Anonymous;
+        }
+    }
+}
+
+async fn authorization_passes_anonymous_routes_by(api: Api) -> Result<()> {
+    assert_eq!(api.get("/health", &[]).await?.x_cache(), "MISS");
+    assert_eq!(api.get("/health", &[]).await?.x_cache(), "HIT");
+    let with_credentials = api
+        .get("/health", &[("authorization", "Bearer secret")])
+        .await?;
+    assert_eq!(with_credentials.x_cache(), "BYPASS");
+    assert!(
+        with_credentials
+            .cache_status()
+            .contains("detail=authorization")
+    );
+    assert_eq!(api.calls("health").await?, 2);
+    Ok(())
+}
+
+async fn request_directives_are_honoured(api: Api) -> Result<()> {
+    // An explicitly public route serves requests with credentials.
+    assert_eq!(api.get("/health", &[]).await?.x_cache(), "MISS");
+    let with_credentials = api
+        .get("/health", &[("authorization", "Bearer secret")])
+        .await?;
+    assert_eq!(with_credentials.x_cache(), "HIT");
+    // only-if-cached: a 504 without a call, or the entry.
+    let nothing = api
+        .get("/jobs/9", &[ALICE, ("cache-control", "only-if-cached")])
+        .await?;
+    assert_eq!(
+        (nothing.status, nothing.x_cache()),
+        (StatusCode::GATEWAY_TIMEOUT, "MISS")
+    );
+    assert_eq!(api.calls("job").await?, 0);
+    api.get("/jobs/9", &[ALICE]).await?;
+    let cached = api
+        .get("/jobs/9", &[ALICE, ("cache-control", "only-if-cached")])
+        .await?;
+    assert_eq!(cached.x_cache(), "HIT");
+    // max-age=0: too old for this request, called again.
+    let fresher = api
+        .get("/jobs/9", &[ALICE, ("cache-control", "max-age=0")])
+        .await?;
+    assert_eq!(fresher.x_cache(), "MISS");
+    assert!(
+        fresher.cache_status().contains("fwd=stale"),
+        "{}",
+        fresher.cache_status()
+    );
+    assert_eq!(api.calls("job").await?, 2);
+    // no-store: passed by, and nothing stored.
+    let by = api
+        .get("/jobs/10", &[ALICE, ("cache-control", "no-store")])
+        .await?;
+    assert_eq!(by.x_cache(), "BYPASS");
+    assert_eq!(api.get("/jobs/10", &[ALICE]).await?.x_cache(), "MISS");
+    // If-Modified-Since, on an answer without Last-Modified: nothing to compare, a 200.
+    let since = api
+        .get(
+            "/jobs/10",
+            &[
+                ALICE,
+                ("if-modified-since", "Sat, 05 Dec 2026 00:00:00 GMT"),
+            ],
+        )
+        .await?;
+    assert_eq!(since.status, StatusCode::OK);
+    Ok(())
+}
+
+/// The admin API's JSON answer to a POST.
+async fn admin_post(api: &Api, path: &str, body: Value) -> Result<Value> {
+    let response = api
+        .client
+        .post(format!("{}{path}", api.base))
+        .json(&body)
+        .send()
+        .await?;
+    let status = response.status();
+    let text = response.text().await?;
+    if !status.is_success() {
+        bail!("{path}: {status} {text}");
+    }
+    Ok(serde_json::from_str(&text)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_from_the_service_and_from_code_invalidate() -> Result<()> {
+    let dir = TempDir::new()?;
+    let config = http(unchanged);
+    let api = ApiCache::new(
+        cache_in(dir.path()).await?,
+        config.policy()?,
+        config.limits(),
+        [9; 32],
+    );
+    let jobs = Arc::new(Jobs::default());
+    let (addr, _task) = serve_axum(jobs_api::app(Arc::clone(&jobs)).layer(api.layer())).await?;
+    let client = reqwest::Client::new();
+    let get = |user: &'static str, path: &'static str| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .get(format!("http://{addr}{path}"))
+                .header("x-user", user)
+                .send()
+                .await?;
+            anyhow::Ok(
+                r.headers()
+                    .get("x-cache")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        }
+    };
+    for user in ["alice", "bob"] {
+        assert_eq!(get(user, "/jobs/1").await?, "MISS");
+        assert_eq!(get(user, "/jobs/1").await?, "HIT");
+    }
+    // The service tagged each answer `owner:{user}` (X-Strata-Tags), and asks from its own code.
+    api.invalidate_tags(["owner:alice"]).await?;
+    assert_eq!(get("alice", "/jobs/1").await?, "MISS");
+    assert_eq!(get("bob", "/jobs/1").await?, "HIT");
+    // A route's tag, from the engine as `strata invalidate --tag` does it.
+    api.cache()
+        .invalidate(&strata_core::Selector::Tag("jobs:1".into()))
+        .await?;
+    assert_eq!(get("bob", "/jobs/1").await?, "MISS");
+    assert_eq!(jobs.calls("job"), 4);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_urls_metrics_and_the_route_report() -> Result<()> {
+    fn warm(config: &mut HttpConfig) {
+        config.warm = vec![
+            strata_http::api::WarmConfig {
+                url: "/health".into(),
+                headers: Default::default(),
+            },
+            strata_http::api::WarmConfig {
+                url: "/jobs/42".into(),
+                headers: [("x-user".to_string(), "alice".to_string())].into(),
+            },
+        ];
+    }
+    let api = Api::proxied(warm).await?;
+    for _ in 0..100 {
+        if api.calls("health").await? == 1 && api.calls("job").await? == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Warmed at start: hits without a call.
+    assert_eq!(api.get("/health", &[]).await?.x_cache(), "HIT");
+    assert_eq!(api.get("/jobs/42", &[ALICE]).await?.x_cache(), "HIT");
+    assert_eq!(
+        (api.calls("health").await?, api.calls("job").await?),
+        (1, 1)
+    );
+    // The admin API takes URLs.
+    let warmed = admin_post(
+        &api,
+        "/admin/warm",
+        json!({"urls": ["/version", {"url": "/jobs", "headers": {"x-user": "bob"}}]}),
+    )
+    .await?;
+    assert_eq!(warmed["stored"], 2, "{warmed}");
+    assert_eq!(api.get("/version", &[]).await?.x_cache(), "HIT");
+    assert_eq!(api.get("/jobs", &[BOB]).await?.x_cache(), "HIT");
+    // ... and invalidates these entries as it does LLM ones.
+    admin_post(&api, "/admin/invalidate", json!({"tag": "jobs:list"})).await?;
+    assert_eq!(api.get("/jobs", &[BOB]).await?.x_cache(), "MISS");
+    let metrics = api
+        .client
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains(r#"strata_http_requests_total{route="/health",result="hit"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"strata_http_served_bytes_total{route="/health"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"strata_http_saved_seconds_total{route="/jobs/{job_id}"}"#),
+        "{metrics}"
+    );
+    let report: Value = api
+        .client
+        .get(format!("{}/admin/report?since=1h&by=route", api.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let groups = report["groups"].as_array().context("groups")?;
+    let health = groups
+        .iter()
+        .find(|g| g["group"] == "/health")
+        .with_context(|| format!("{report}"))?;
+    assert!(health["hits"]["l1"].as_u64() >= Some(1), "{report}");
+    assert!(
+        groups
+            .iter()
+            .all(|g| g["group"].as_str().is_some_and(|r| r.starts_with('/')))
+    );
+    Ok(())
+}
+
+both_ways!(
+    authorization_passes_anonymous_routes_by with anonymous_health,
+    request_directives_are_honoured,
+);
