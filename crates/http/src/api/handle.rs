@@ -997,6 +997,9 @@ fn storable(route: &Route, status: StatusCode, headers: &HeaderMap) -> Result<()
     if !route.statuses.contains(&status.as_u16()) {
         return Err("status");
     }
+    if headers.len() > super::stored::MAX_HEADERS {
+        return Err("headers");
+    }
     if let Some(cc) = headers.typed_get::<CacheControl>() {
         if cc.no_store() {
             return Err("no-store");
@@ -1156,6 +1159,103 @@ mod tests {
     ) -> Response<Body> {
         let request = Request::builder().uri(path).body(Body::empty()).unwrap();
         svc.clone().oneshot(request).await.unwrap()
+    }
+
+    fn layered(
+        api: &ApiCache,
+        calls: &Arc<AtomicU64>,
+    ) -> impl Service<Request<Body>, Response = Response<Body>, Error = std::convert::Infallible> + Clone
+    {
+        let echo_calls = Arc::clone(calls);
+        let app = app(Arc::clone(calls)).route(
+            "/search",
+            axum::routing::post(move |body: Bytes| {
+                let calls = Arc::clone(&echo_calls);
+                async move {
+                    calls.fetch_add(1, Relaxed);
+                    body
+                }
+            }),
+        );
+        tower::Layer::layer(&api.layer(), app)
+    }
+
+    fn policy() -> Policy {
+        Policy::builder()
+            .route("/health", Duration::from_secs(30), |r| {
+                r.scope(RouteScope::Public)
+            })
+            .route("/search", Duration::from_secs(30), |r| r.methods(&["POST"]))
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_post_route_is_keyed_on_its_body() {
+        let api = ApiCache::new(
+            strata_tiers::TieredCache::builder().build(),
+            policy(),
+            Limits::default(),
+            [7; 32],
+        );
+        let calls = Arc::new(AtomicU64::new(0));
+        let svc = layered(&api, &calls);
+        let post = |body: &'static str| {
+            Request::builder()
+                .method(Method::POST)
+                .uri("/search")
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let words = |r: &Response<Body>| r.headers()[X_CACHE].to_str().unwrap().to_string();
+        assert_eq!(
+            words(&svc.clone().oneshot(post("a")).await.unwrap()),
+            "MISS"
+        );
+        assert_eq!(
+            words(&svc.clone().oneshot(post("b")).await.unwrap()),
+            "MISS"
+        );
+        let again = svc.clone().oneshot(post("a")).await.unwrap();
+        assert_eq!(words(&again), "HIT");
+        assert_eq!(again.into_body().collect().await.unwrap().to_bytes(), "a");
+        assert_eq!(calls.load(Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_forged_or_corrupt_entry_is_a_counted_miss() {
+        let cache = strata_tiers::TieredCache::builder().build();
+        let api = ApiCache::new(cache.clone(), policy(), Limits::default(), [7; 32]);
+        let calls = Arc::new(AtomicU64::new(0));
+        let mut svc = layered(&api, &calls);
+        send(&mut svc, "/health").await;
+        // Replace the entry with one that would plant a cookie.
+        let route = Arc::clone(&api.policy().routes()[0]);
+        let (parts, _) = Request::builder()
+            .uri("/health")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let keyed = key(&route, &parts, None, Scope::Global);
+        let forged = serde_json::json!({"v": 1, "status": 200, "headers": [["set-cookie", "session=evil"]], "etag": "\"x\"", "body": "evil"});
+        let entry = cache
+            .entry_for(
+                &keyed,
+                Completion::from_value(&forged).ttl(Duration::from_secs(30)),
+                &cache.epochs().snapshot(),
+            )
+            .await;
+        cache.store_entry(&keyed, &entry).await;
+        let answer = send(&mut svc, "/health").await;
+        assert_eq!(answer.headers()[X_CACHE], "MISS");
+        assert!(answer.headers().get(header::SET_COOKIE).is_none());
+        assert_eq!(
+            answer.into_body().collect().await.unwrap().to_bytes(),
+            "{\"ok\":true}"
+        );
+        assert_eq!(route.counters.corrupt.load(Relaxed), 1);
+        assert_eq!(calls.load(Relaxed), 2);
+        assert_eq!(send(&mut svc, "/health").await.headers()[X_CACHE], "HIT");
     }
 
     #[tokio::test]

@@ -45,7 +45,7 @@ const HOP_BY_HOP: [&str; 9] = [
 ];
 
 /// Most headers one answer may store.
-const MAX_HEADERS: usize = 64;
+pub const MAX_HEADERS: usize = 64;
 
 /// An answer as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
