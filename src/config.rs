@@ -379,6 +379,16 @@ fn one_line(message: &str) -> String {
         .join(": ")
 }
 
+/// `disk_path` → `disk.path`, `s3_bucket` → `s3.bucket`; `None` when the name starts with no
+/// section. A dotted name (`disk.path`) is taken as it is.
+fn override_path(name: &str) -> Option<String> {
+    if let Some((section, _)) = name.split_once('.') {
+        return SECTIONS.contains(&section).then(|| name.to_string());
+    }
+    let (section, rest) = name.split_once('_')?;
+    (SECTIONS.contains(&section) && !rest.is_empty()).then(|| format!("{section}.{rest}"))
+}
+
 impl Config {
     /// The embedded default, with `STRATA_*` environment overrides.
     pub fn load_default() -> Result<Config, Error> {
@@ -387,6 +397,16 @@ impl Config {
 
     /// The embedded default, then `file` (if any), then `STRATA_*` environment overrides.
     pub fn load(file: Option<&Path>) -> Result<Config, Error> {
+        Config::load_with(file, &[])
+    }
+
+    /// [`Config::load`], then `overrides` (each a `section.key` path and its value, as the
+    /// Python package's keyword arguments give them: `disk_path` → `disk.path`). A name
+    /// that is no section's key is an error, as an unknown key in a file is.
+    pub fn load_with(
+        file: Option<&Path>,
+        overrides: &[(String, serde_json::Value)],
+    ) -> Result<Config, Error> {
         let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
         if let Some(path) = file {
             if !path.is_file() {
@@ -406,6 +426,14 @@ impl Config {
                     .any(|v| v.eq_ignore_ascii_case(&format!("strata_{key}"))))
             .then(|| format!("{section}.{rest}").into())
         }));
+        for (name, value) in overrides {
+            let path = override_path(name).ok_or_else(|| {
+                Error::Config(format!(
+                    "`{name}`: not a setting (a section's name, `_`, then its key: `disk_path`)"
+                ))
+            })?;
+            figment = figment.merge(figment::providers::Serialized::global(&path, value));
+        }
         let config: Config = figment.extract().map_err(|e| {
             let errors: Vec<String> = e
                 .into_iter()

@@ -815,6 +815,24 @@ impl TieredCache {
         Fut: Future<Output = Result<T, E>>,
         E: From<serde_json::Error> + Send + Sync + 'static,
     {
+        self.get_or_insert_tagged(key, ttl, Vec::new(), f).await
+    }
+
+    /// [`TieredCache::get_or_insert_with`], the value stored with `tags` (which
+    /// `invalidate --tag` reaches).
+    pub async fn get_or_insert_tagged<T, F, Fut, E>(
+        &self,
+        key: &str,
+        ttl: Option<Duration>,
+        tags: Vec<String>,
+        f: F,
+    ) -> Result<T, Arc<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<serde_json::Error> + Send + Sync + 'static,
+    {
         let inner = &self.inner;
         let keyed = kv_key(key);
         let keyed_ref = &keyed;
@@ -824,7 +842,7 @@ impl TieredCache {
             let started = Instant::now();
             let value = f().await?;
             let raw = serde_json::value::to_raw_value(&value)?;
-            let mut completion = Completion::new(raw).provider(KV_MODEL);
+            let mut completion = Completion::new(raw).provider(KV_MODEL).tags(tags);
             completion.ttl = ttl;
             let mut entry = inner.build_entry(keyed_ref, completion, started.elapsed());
             entry.epochs = as_of.stamp(&entry);
