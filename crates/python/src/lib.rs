@@ -43,8 +43,9 @@ fn scope(user: Option<String>, session: Option<String>, namespace: Option<String
     }
 }
 
-fn parse(text: &str, what: &str) -> PyResult<Value> {
-    serde_json::from_str(text).map_err(|e| PyValueError::new_err(format!("{what}: not JSON ({e})")))
+fn parse(text: &[u8], what: &str) -> PyResult<Value> {
+    serde_json::from_slice(text)
+        .map_err(|e| PyValueError::new_err(format!("{what}: not JSON ({e})")))
 }
 
 /// What an executor that calls Python failed with: the Python exception, or a response that
@@ -91,7 +92,7 @@ impl Engine {
         overrides: Option<String>,
     ) -> PyResult<Engine> {
         let overrides: Vec<(String, Value)> = match overrides {
-            Some(text) => match parse(&text, "overrides")? {
+            Some(text) => match parse(text.as_bytes(), "overrides")? {
                 Value::Object(map) => map.into_iter().collect(),
                 _ => return Err(PyValueError::new_err("overrides: a mapping of settings")),
             },
@@ -117,7 +118,7 @@ impl Engine {
     #[pyo3(signature = (request, user=None, session=None, namespace=None))]
     fn key(
         &self,
-        request: &str,
+        request: &[u8],
         user: Option<String>,
         session: Option<String>,
         namespace: Option<String>,
@@ -137,22 +138,25 @@ impl Engine {
     fn get(
         &self,
         py: Python<'_>,
-        request: &str,
+        request: &[u8],
         user: Option<String>,
         session: Option<String>,
         namespace: Option<String>,
-    ) -> PyResult<Option<(String, String)>> {
+    ) -> PyResult<Option<(Py<pyo3::types::PyBytes>, &'static str)>> {
         let cache = self.cache()?;
         let request = parse(request, "request")?;
         let scope = scope(user, session, namespace);
+        // Inside the runtime's context but on this thread: a memory-tier hit never waits for a
+        // worker, and a disk read still reaches the runtime's blocking pool.
         let found = py
-            .detach(|| self.runtime.block_on(cache.get(&request, &scope)))
+            .detach(|| {
+                let _context = self.runtime.enter();
+                futures::executor::block_on(cache.get(&request, &scope))
+            })
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(found.map(|lookup| {
-            (
-                lookup.response().get().to_string(),
-                format!("{:?}", lookup.outcome),
-            )
+            let text = pyo3::types::PyBytes::new(py, lookup.response().get().as_bytes()).unbind();
+            (text, outcome(lookup.outcome))
         }))
     }
 
@@ -162,8 +166,8 @@ impl Engine {
     fn put(
         &self,
         py: Python<'_>,
-        request: &str,
-        response: &str,
+        request: &[u8],
+        response: &[u8],
         user: Option<String>,
         session: Option<String>,
         namespace: Option<String>,
@@ -199,12 +203,12 @@ impl Engine {
     fn get_or_call(
         &self,
         py: Python<'_>,
-        request: &str,
+        request: &[u8],
         produce: Py<PyAny>,
         user: Option<String>,
         session: Option<String>,
         namespace: Option<String>,
-    ) -> PyResult<(String, String)> {
+    ) -> PyResult<(String, &'static str)> {
         let cache = self.cache()?;
         let request = parse(request, "request")?;
         let scope = scope(user, session, namespace);
@@ -253,10 +257,7 @@ impl Engine {
                 }))
         });
         match result {
-            Ok(lookup) => Ok((
-                lookup.response().get().to_string(),
-                format!("{:?}", lookup.outcome),
-            )),
+            Ok(lookup) => Ok((lookup.response().get().to_string(), outcome(lookup.outcome))),
             Err(failed) => Err(reraise(py, &failed)),
         }
     }
@@ -411,6 +412,18 @@ impl Engine {
     #[getter]
     fn closed(&self) -> bool {
         self.cache.read().map(|c| c.is_none()).unwrap_or(true)
+    }
+}
+
+/// An outcome's name, as Python sees it.
+fn outcome(outcome: strata::Outcome) -> &'static str {
+    match outcome {
+        strata::Outcome::L1 => "L1",
+        strata::Outcome::L2 => "L2",
+        strata::Outcome::L3 => "L3",
+        strata::Outcome::Coalesced => "Coalesced",
+        strata::Outcome::Miss => "Miss",
+        strata::Outcome::Uncacheable => "Uncacheable",
     }
 }
 

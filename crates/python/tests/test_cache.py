@@ -110,7 +110,7 @@ def test_a_second_process_reads_what_the_first_stored(tmp_path):
     script = (
         "import strata, json, sys\n"
         f"c = strata.Cache(disk_path={disk!r})\n"
-        "h = c.get({'model': 'gpt-4o-mini', 'messages': [{'role': 'user', 'content': 'persisted'}]})\n"
+        "h = c.lookup({'model': 'gpt-4o-mini', 'messages': [{'role': 'user', 'content': 'persisted'}]})\n"
         "print(json.dumps([h.outcome, h['choices'][0]['message']['content']]))\n"
         "c.close()\n"
     )

@@ -20,16 +20,24 @@ from typing import Any, Callable, Optional
 
 from ._native import Engine, StrataError
 
+try:  # orjson (a dependency of the package) writes and reads JSON several times faster
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - a source install without it still works
+    _orjson = None
+
 __all__ = ["Cache", "Hit", "StrataError"]
 
 
-def _json(value: Any, what: str) -> str:
+def _json(value: Any, what: str) -> bytes:
+    """JSON as UTF-8 bytes (what the engine reads)."""
     if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, str):
         return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        if _orjson is not None:
+            return _orjson.dumps(value, option=_orjson.OPT_NON_STR_KEYS)
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise TypeError(f"{what} cannot be stored as JSON: {e}") from None
 
@@ -41,8 +49,11 @@ class Hit(dict):
     outcome: str = ""
 
 
+_loads = _orjson.loads if _orjson is not None else json.loads
+
+
 def _hit(text: str, outcome: str) -> Any:
-    value = json.loads(text)
+    value = _loads(text)
     if isinstance(value, dict):
         value = Hit(value)
         value.outcome = outcome
@@ -71,6 +82,11 @@ class Cache:
     def get(self, request: Any, *, user=None, session=None, namespace=None) -> Optional[Any]:
         """The cached response, or ``None``."""
         found = self._engine.get(_json(request, "the request"), user, session, namespace)
+        return None if found is None else _loads(found[0])
+
+    def lookup(self, request: Any, *, user=None, session=None, namespace=None) -> Optional[Any]:
+        """``get``, the response a :class:`Hit` that says which tier answered (``L1``…)."""
+        found = self._engine.get(_json(request, "the request"), user, session, namespace)
         return None if found is None else _hit(*found)
 
     def put(self, request: Any, response: Any, *, user=None, session=None, namespace=None,
@@ -91,7 +107,7 @@ class Cache:
         meta = {"provider": provider, "cost_usd": cost_usd, "tags": tags, "ttl": ttl}
 
         def produce():
-            return _json(fn(), "the response"), meta
+            return _json(fn(), "the response").decode("utf-8"), meta
 
         text, outcome = self._engine.get_or_call(_json(request, "the request"), produce,
                                                  user, session, namespace)
@@ -164,7 +180,7 @@ class Cache:
                     raise TypeError(f"{name}: its arguments cannot make a key ({e}); pass key=") from None
 
             def store(value: Any) -> str:
-                text = _json(value, f"{name}'s value")
+                text = _json(value, f"{name}'s value").decode("utf-8")
                 if json.loads(text) != value:
                     raise TypeError(f"{name}'s value does not round-trip through JSON")
                 return text
