@@ -6,7 +6,7 @@
 //! cargo run --example test_s3_server
 //! ```
 
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 #[path = "../tests/support/s3.rs"]
 mod s3;
 
