@@ -342,16 +342,14 @@ impl ApiCache {
                     let age = age_of(&lookup.entry);
                     let young_enough = asked.max_age.is_none_or(|max| age <= max);
                     if age < route.ttl && young_enough {
-                        self.inner.cache.record(
+                        self.served(
+                            &route,
                             &keyed,
+                            &lookup.entry,
                             lookup.outcome,
-                            Some(&lookup.entry),
+                            false,
                             started,
                         );
-                        counters.hits.fetch_add(1, Relaxed);
-                        counters
-                            .saved_us
-                            .fetch_add(lookup.entry.latency_ms * 1000, Relaxed);
                         let status = Status::Hit {
                             age,
                             left: route.ttl - age,
@@ -368,16 +366,7 @@ impl ApiCache {
                     if !young_enough {
                         fwd = "stale";
                     } else if over < route.stale_while_revalidate {
-                        self.inner.cache.record(
-                            &keyed,
-                            lookup.outcome,
-                            Some(&lookup.entry),
-                            started,
-                        );
-                        counters.stale.fetch_add(1, Relaxed);
-                        counters
-                            .saved_us
-                            .fetch_add(lookup.entry.latency_ms * 1000, Relaxed);
+                        self.served(&route, &keyed, &lookup.entry, lookup.outcome, true, started);
                         self.revalidate(svc, &route, &params, &parts, body, &keyed);
                         let why = StaleWhy::Revalidating;
                         let status = Status::Stale { age, over, why };
@@ -551,6 +540,32 @@ impl ApiCache {
         }
     }
 
+    /// Counts an answer served from an entry (fresh, or `stale`): for the reports and the
+    /// route's counters, with the service time it saved.
+    fn served(
+        &self,
+        route: &Route,
+        keyed: &Keyed,
+        entry: &Arc<Entry>,
+        outcome: Outcome,
+        stale: bool,
+        started: Instant,
+    ) {
+        self.inner
+            .cache
+            .record(keyed, outcome, Some(entry), started);
+        let counters = &route.counters;
+        let counter = if stale {
+            &counters.stale
+        } else {
+            &counters.hits
+        };
+        counter.fetch_add(1, Relaxed);
+        counters
+            .saved_us
+            .fetch_add(entry.latency_ms.saturating_mul(1000), Relaxed);
+    }
+
     /// Answers with a stale entry because the service failed.
     #[allow(clippy::too_many_arguments)]
     fn serve_stale(
@@ -563,10 +578,7 @@ impl ApiCache {
         code: Option<StatusCode>,
         started: Instant,
     ) -> Response<Body> {
-        self.inner
-            .cache
-            .record(keyed, Outcome::L1, Some(entry), started);
-        route.counters.stale.fetch_add(1, Relaxed);
+        self.served(route, keyed, entry, Outcome::L1, true, started);
         let age = age_of(entry);
         let over = age.saturating_sub(route.ttl);
         let status = Status::Stale {

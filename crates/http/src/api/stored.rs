@@ -95,11 +95,7 @@ impl Stored {
                 kept.append(name.clone(), value.clone());
             }
         }
-        let etag = headers
-            .get(header::ETAG)
-            .filter(|v| is_entity_tag(v.as_bytes()))
-            .cloned()
-            .unwrap_or_else(|| etag_of(&body));
+        let etag = etag_for(headers, &body);
         Stored {
             status,
             headers: kept,
@@ -118,11 +114,7 @@ impl Stored {
         kept.remove(header::ETAG);
         kept.remove(header::CONTENT_LENGTH);
         kept.remove(super::TAGS_HEADER);
-        let etag = headers
-            .get(header::ETAG)
-            .filter(|v| is_entity_tag(v.as_bytes()))
-            .cloned()
-            .unwrap_or_else(|| etag_of(&body));
+        let etag = etag_for(headers, &body);
         Stored {
             status,
             headers: kept,
@@ -195,6 +187,15 @@ impl Stored {
             body,
         })
     }
+}
+
+/// The service's entity tag when it sent a well-formed one, else the body's.
+fn etag_for(headers: &HeaderMap, body: &[u8]) -> HeaderValue {
+    headers
+        .get(header::ETAG)
+        .filter(|v| is_entity_tag(v.as_bytes()))
+        .cloned()
+        .unwrap_or_else(|| etag_of(body))
 }
 
 /// Whether `value` is an entity tag: `"…"` or `W/"…"` (RFC 9110 §8.8.3).
