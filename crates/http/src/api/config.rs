@@ -33,6 +33,9 @@ pub struct HttpConfig {
     pub request_body_limit: ByteSize,
     /// Memory for compressed variants of hot answers.
     pub variants_memory: ByteSize,
+    /// Bound on one call to a service, its answer read whole.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -48,6 +51,7 @@ impl Default for HttpConfig {
             body_limit: ByteSize::b(limits.body_limit as u64),
             request_body_limit: ByteSize::b(limits.request_body_limit as u64),
             variants_memory: ByteSize::b(limits.variants_memory),
+            call_timeout: limits.call_timeout,
         }
     }
 }
@@ -88,6 +92,7 @@ impl HttpConfig {
             body_limit: size(self.body_limit),
             request_body_limit: size(self.request_body_limit),
             variants_memory: self.variants_memory.as_u64(),
+            call_timeout: self.call_timeout,
         }
     }
 

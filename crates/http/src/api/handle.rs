@@ -179,6 +179,8 @@ pub(super) struct Leader<'a> {
     cache: &'a ApiCache,
     id: u128,
     tx: Option<watch::Sender<Option<Option<Arc<Fetched>>>>>,
+    /// A receiver of this flight's channel: the slot is freed only while it is still this one.
+    own: Option<FlightRx>,
 }
 
 impl Leader<'_> {
@@ -191,7 +193,10 @@ impl Leader<'_> {
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
-        if let Ok(mut flights) = self.cache.inner.flights.lock() {
+        if let Some(own) = &self.own
+            && let Ok(mut flights) = self.cache.inner.flights.lock()
+            && flights.get(&self.id).is_some_and(|rx| rx.same_channel(own))
+        {
             flights.remove(&self.id);
         }
         // A leader dropped without an answer (its request was cancelled) closes the channel:
@@ -239,7 +244,10 @@ use futures::StreamExt as _;
 
 /// Headers that do not go to the service on a cached route's call: strata answers the
 /// conditionals itself, and asks for an identity body it compresses itself.
-const NOT_FORWARDED: [HeaderName; 5] = [
+const NOT_FORWARDED: [HeaderName; 6] = [
+    // A range of the answer is not what the entry stores (and without its `If-Range` it
+    // could splice new bytes onto an old copy): the whole answer is asked for.
+    header::RANGE,
     header::IF_NONE_MATCH,
     header::IF_MODIFIED_SINCE,
     header::IF_MATCH,
@@ -268,7 +276,8 @@ impl ApiCache {
         {
             Matched::Pass => call(svc, request).await,
             Matched::Mutation(tags) => {
-                let response = call(svc, request).await?;
+                let mut response = call(svc, request).await?;
+                response.headers_mut().remove(TAGS_HEADER);
                 if response.status().is_success()
                     && let Err(e) = self.invalidate_tags(&tags).await
                 {
@@ -406,7 +415,10 @@ impl ApiCache {
                     .await
                     .ok()
                     .and_then(|v| v.clone())
-                    .flatten();
+                    .flatten()
+                    // An invalidation made while the call ran (a mutation that answered since)
+                    // refuses its answer here too: this request then calls on its own.
+                    .filter(|f| self.inner.cache.epochs().admits(&f.entry));
                 if let Some(fetched) = landed {
                     self.inner.cache.record(
                         &keyed,
@@ -459,6 +471,7 @@ impl ApiCache {
                 counters.bypass.fetch_add(1, Relaxed);
                 let mut response = response;
                 strip_hop_by_hop(response.headers_mut());
+                response.headers_mut().remove(TAGS_HEADER);
                 Status::Bypass("too-large").apply(response.headers_mut());
                 return Ok(response);
             }
@@ -511,13 +524,21 @@ impl ApiCache {
                     code: status,
                     detail: None,
                 };
-                Ok(self.answer(
+                let mut response = self.answer(
                     &route,
                     &asked,
                     Some(&fetched.entry),
                     &fetched.stored,
                     status,
-                ))
+                );
+                // A per-user route stores an answer without its cookies; this request, whose
+                // call it was, gets them.
+                for cookie in headers.get_all(header::SET_COOKIE) {
+                    response
+                        .headers_mut()
+                        .append(header::SET_COOKIE, cookie.clone());
+                }
+                Ok(response)
             }
             Err(why) => {
                 if let Some(leader) = leader {
@@ -605,6 +626,7 @@ impl ApiCache {
     {
         route.counters.bypass.fetch_add(1, Relaxed);
         let mut response = call(svc, Request::from_parts(parts, body)).await?;
+        response.headers_mut().remove(TAGS_HEADER);
         Status::Bypass(why).apply(response.headers_mut());
         Ok(response)
     }
@@ -617,6 +639,7 @@ impl ApiCache {
                 cache: self,
                 id: 0,
                 tx: None,
+                own: None,
             });
         };
         if let Some(rx) = flights.get(&id)
@@ -625,11 +648,12 @@ impl ApiCache {
             return Joined::Follow(rx.clone());
         }
         let (tx, rx) = watch::channel(None);
-        flights.insert(id, rx);
+        flights.insert(id, rx.clone());
         Joined::Lead(Leader {
             cache: self,
             id,
             tx: Some(tx),
+            own: Some(rx),
         })
     }
 
@@ -646,17 +670,32 @@ impl ApiCache {
         RB::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let response = call(svc, request).await?;
-        let (parts, body) = response.into_parts();
-        let called = match collect(body, self.inner.limits.body_limit).await {
-            Ok(Ok(body)) => Called::Whole {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-                took: started.elapsed(),
-            },
-            Ok(Err(body)) => Called::Long(Response::from_parts(parts, body)),
-            Err(e) => Called::Broken(e),
+        let limit = self.inner.limits.body_limit;
+        // Bounded: requests that joined the call wait on it, and a refresh holds the key's slot.
+        let whole = tokio::time::timeout(self.inner.limits.call_timeout, async {
+            let response = call(svc, request).await?;
+            let (parts, body) = response.into_parts();
+            Ok(match collect(body, limit).await {
+                Ok(Ok(body)) => Called::Whole {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body,
+                    took: started.elapsed(),
+                },
+                Ok(Err(body)) => Called::Long(Response::from_parts(parts, body)),
+                Err(e) => Called::Broken(e),
+            })
+        })
+        .await;
+        let called = match whole {
+            Ok(called) => called?,
+            Err(_) => Called::Broken(
+                format!(
+                    "the service did not answer within {:?} (call_timeout)",
+                    self.inner.limits.call_timeout
+                )
+                .into(),
+            ),
         };
         counters
             .upstream_us
@@ -807,7 +846,10 @@ impl ApiCache {
         status: Status,
     ) -> Response<Body> {
         let mut headers = stored.headers.clone();
-        let compressible = encoding::compressible(&stored.headers);
+        let compressible = encoding::compressible(&stored.headers)
+            && !stored.headers.contains_key(header::CONTENT_ENCODING)
+            && !stored.headers.contains_key(header::CONTENT_RANGE)
+            && stored.status != StatusCode::PARTIAL_CONTENT;
         let coding = match asked.encoding {
             Some(e) if compressible && stored.body.len() >= self.inner.limits.compress_min => e,
             _ => Encoding::Identity,
@@ -819,8 +861,28 @@ impl ApiCache {
                 None => (stored.body.clone(), stored.etag.clone(), false),
             },
         };
-        let mut vary: Vec<&str> = route.vary.iter().map(HeaderName::as_str).collect();
-        if compressible {
+        // An answer passed through keeps the service's own `Vary` (a cache downstream needs
+        // it), with the route's names added.
+        let passed: Vec<String> = if entry.is_none() {
+            stored
+                .headers
+                .get_all(header::VARY)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|n| n.trim().to_ascii_lowercase())
+                .filter(|n| !n.is_empty())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut vary: Vec<&str> = passed.iter().map(String::as_str).collect();
+        for name in route.vary.iter().map(HeaderName::as_str) {
+            if !vary.contains(&name) {
+                vary.push(name);
+            }
+        }
+        if compressible && !vary.contains(&"accept-encoding") {
             vary.push("accept-encoding");
         }
         if !vary.is_empty()
@@ -1012,21 +1074,21 @@ fn storable(route: &Route, status: StatusCode, headers: &HeaderMap) -> Result<()
     if headers.len() > super::stored::MAX_HEADERS {
         return Err("headers");
     }
-    if let Some(cc) = headers.typed_get::<CacheControl>() {
-        if cc.no_store() {
-            return Err("no-store");
+    // Read by hand: directive names are case-insensitive, and a value a parser refuses whole
+    // (`private, max-age=-1`) must still say `private`.
+    for value in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(text) = value.to_str() else {
+            return Err("cache-control");
+        };
+        for directive in text.split(',') {
+            let name = directive.split('=').next().unwrap_or("").trim();
+            if name.eq_ignore_ascii_case("no-store") {
+                return Err("no-store");
+            }
+            if name.eq_ignore_ascii_case("private") && route.scope.shared() {
+                return Err("private");
+            }
         }
-        if cc.private() && route.scope.shared() {
-            return Err("private");
-        }
-    } else if headers.contains_key(header::CACHE_CONTROL)
-        && headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
-            v.to_str()
-                .map_or(true, |t| t.to_ascii_lowercase().contains("no-store"))
-        })
-    {
-        // A Cache-Control the parser refused still says no-store: honoured.
-        return Err("no-store");
     }
     if route.scope.shared() && headers.contains_key(header::SET_COOKIE) {
         return Err("set-cookie");
@@ -1268,6 +1330,57 @@ mod tests {
         assert_eq!(route.counters.corrupt.load(Relaxed), 1);
         assert_eq!(calls.load(Relaxed), 2);
         assert_eq!(send(&mut svc, "/health").await.headers()[X_CACHE], "HIT");
+    }
+
+    #[tokio::test]
+    async fn directives_are_read_in_any_case_and_a_slow_service_is_bounded() {
+        let policy = Policy::builder()
+            .route("/private", Duration::from_secs(30), |r| {
+                r.scope(RouteScope::Public)
+            })
+            .route("/slow", Duration::from_secs(30), |r| {
+                r.scope(RouteScope::Public)
+            })
+            .build()
+            .unwrap();
+        let limits = Limits {
+            call_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let api = ApiCache::new(
+            strata_tiers::TieredCache::builder().build(),
+            policy,
+            limits,
+            [7; 32],
+        );
+        let app = axum::Router::new()
+            .route(
+                "/private",
+                get(|| async { ([(header::CACHE_CONTROL, "Private, max-age=-1")], "mine") }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            );
+        let mut svc = tower::Layer::layer(&api.layer(), app);
+        for _ in 0..2 {
+            let answer = send(&mut svc, "/private").await;
+            assert_eq!(answer.headers()[X_CACHE], "MISS");
+            assert!(
+                answer.headers()["cache-status"]
+                    .to_str()
+                    .unwrap()
+                    .contains("detail=private")
+            );
+        }
+        let started = Instant::now();
+        let answer = send(&mut svc, "/slow").await;
+        assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(api.flights_in_progress(), 0, "the key's slot is free again");
     }
 
     #[tokio::test]

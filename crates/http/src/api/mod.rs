@@ -62,6 +62,9 @@ pub struct Limits {
     pub request_body_limit: usize,
     /// Bytes of compressed variants kept in memory.
     pub variants_memory: u64,
+    /// Bound on one call to the service, its answer read whole (the requests that joined it
+    /// wait no longer; it is then a failure, which `stale_if_error` can answer).
+    pub call_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -71,6 +74,7 @@ impl Default for Limits {
             body_limit: 8 << 20,
             request_body_limit: 1 << 20,
             variants_memory: 32 << 20,
+            call_timeout: Duration::from_secs(60),
         }
     }
 }
