@@ -470,7 +470,9 @@ impl ApiCache {
             Called::Long(response) => {
                 counters.bypass.fetch_add(1, Relaxed);
                 let mut response = response;
-                strip_hop_by_hop(response.headers_mut());
+                for name in crate::gateway::upstream::HOP_BY_HOP {
+                    response.headers_mut().remove(name);
+                }
                 response.headers_mut().remove(TAGS_HEADER);
                 Status::Bypass("too-large").apply(response.headers_mut());
                 return Ok(response);
@@ -1130,20 +1132,6 @@ fn service_tags(headers: &HeaderMap) -> Vec<String> {
         .take(32)
         .map(String::from)
         .collect()
-}
-
-/// Removes the headers that describe a connection (RFC 9110 §7.6.1).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-    ] {
-        headers.remove(name);
-    }
 }
 
 /// The entity tag of a body in a coding: the identity tag with the coding inside its quotes

@@ -19,7 +19,7 @@ use super::config::{HttpConfig, WarmConfig};
 use super::{ApiCache, CacheService};
 use crate::config::ServerConfig;
 use crate::error::HttpError;
-use crate::gateway::upstream::{error_chain, forwarded};
+use crate::gateway::upstream::{HOP_BY_HOP, error_chain, forwarded};
 
 /// A service that forwards every request to a base URL. Never fails: an upstream that cannot
 /// be reached is a 502 (504 past the first-byte timeout), which `stale_if_error` can answer.
@@ -129,7 +129,7 @@ impl Service<Request<Body>> for Forward {
             let status = answer.status();
             let mut headers = axum::http::HeaderMap::with_capacity(answer.headers().len());
             for (name, value) in answer.headers() {
-                if !is_hop_by_hop(name.as_str()) {
+                if !HOP_BY_HOP.contains(&name.as_str()) {
                     headers.append(name.clone(), value.clone());
                 }
             }
@@ -141,19 +141,6 @@ impl Service<Request<Body>> for Forward {
             Ok(response)
         })
     }
-}
-
-fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
 }
 
 /// The reverse proxy of `strata serve`: its upstreams, each behind the response cache, and

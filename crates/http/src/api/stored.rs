@@ -7,18 +7,11 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// Headers that describe a connection or a single message, never stored (RFC 9110 §7.6.1),
-/// and those strata writes itself on every answer.
-const NOT_STORED: [&str; 19] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+use crate::gateway::upstream::HOP_BY_HOP;
+
+/// Headers never stored besides those of the connection ([`HOP_BY_HOP`]): one message's, one
+/// client's, and those strata writes itself on every answer.
+const NOT_STORED: [&str; 10] = [
     "content-length",
     "set-cookie",
     "age",
@@ -31,18 +24,10 @@ const NOT_STORED: [&str; 19] = [
     super::TAGS_HEADER,
 ];
 
-/// Headers of a connection, not of the answer (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// Whether a header is never stored.
+fn not_stored(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name) || NOT_STORED.contains(&name)
+}
 
 /// Most headers one answer may store.
 pub const MAX_HEADERS: usize = 64;
@@ -91,7 +76,7 @@ impl Stored {
     pub fn new(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Stored {
         let mut kept = HeaderMap::new();
         for (name, value) in headers {
-            if !NOT_STORED.contains(&name.as_str()) && kept.len() < MAX_HEADERS {
+            if !not_stored(name.as_str()) && kept.len() < MAX_HEADERS {
                 kept.append(name.clone(), value.clone());
             }
         }
@@ -161,7 +146,7 @@ impl Stored {
         let mut headers = HeaderMap::with_capacity(wire.headers.len());
         for (name, value) in &wire.headers {
             let name = HeaderName::try_from(&**name).map_err(|e| e.to_string())?;
-            if NOT_STORED.contains(&name.as_str()) {
+            if not_stored(name.as_str()) {
                 return Err(format!("a stored `{name}` header"));
             }
             let value = HeaderValue::try_from(&**value).map_err(|e| e.to_string())?;

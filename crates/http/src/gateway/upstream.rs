@@ -11,7 +11,7 @@ use crate::config::ServerConfig;
 use crate::error::HttpError;
 
 /// Headers that belong to one connection (RFC 9110 §7.6.1), never forwarded.
-const HOP_BY_HOP: [&str; 9] = [
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
