@@ -175,15 +175,15 @@ enum Called {
 }
 
 /// How a flight ends: handed to the requests that joined, and the key's slot freed.
-pub(super) struct Leader<'a> {
-    cache: &'a ApiCache,
+pub(super) struct Leader {
+    cache: ApiCache,
     id: u128,
     tx: Option<watch::Sender<Option<Option<Arc<Fetched>>>>>,
     /// A receiver of this flight's channel: the slot is freed only while it is still this one.
     own: Option<FlightRx>,
 }
 
-impl Leader<'_> {
+impl Leader {
     fn finish(mut self, fetched: Option<Arc<Fetched>>) {
         if let Some(tx) = self.tx.take() {
             tx.send_replace(Some(fetched));
@@ -191,7 +191,7 @@ impl Leader<'_> {
     }
 }
 
-impl Drop for Leader<'_> {
+impl Drop for Leader {
     fn drop(&mut self) {
         if let Some(own) = &self.own
             && let Ok(mut flights) = self.cache.inner.flights.lock()
@@ -204,8 +204,8 @@ impl Drop for Leader<'_> {
     }
 }
 
-enum Joined<'a> {
-    Lead(Leader<'a>),
+enum Joined {
+    Lead(Leader),
     Follow(FlightRx),
 }
 
@@ -376,7 +376,15 @@ impl ApiCache {
                         fwd = "stale";
                     } else if over < route.stale_while_revalidate {
                         self.served(&route, &keyed, &lookup.entry, lookup.outcome, true, started);
-                        self.revalidate(svc, &route, &params, &parts, body, &keyed);
+                        self.revalidate(
+                            svc,
+                            &route,
+                            &params,
+                            &parts,
+                            body,
+                            &keyed,
+                            lookup.entry.created_at,
+                        );
                         let why = StaleWhy::Revalidating;
                         let status = Status::Stale { age, over, why };
                         return Ok(self.answer(
@@ -634,11 +642,11 @@ impl ApiCache {
     }
 
     /// Takes the key's slot, or joins the flight that holds it.
-    fn join(&self, id: u128) -> Joined<'_> {
+    fn join(&self, id: u128) -> Joined {
         let Ok(mut flights) = self.inner.flights.lock() else {
             // A poisoned registry: no sharing, each request calls alone.
             return Joined::Lead(Leader {
-                cache: self,
+                cache: self.clone(),
                 id: 0,
                 tx: None,
                 own: None,
@@ -652,7 +660,7 @@ impl ApiCache {
         let (tx, rx) = watch::channel(None);
         flights.insert(id, rx.clone());
         Joined::Lead(Leader {
-            cache: self,
+            cache: self.clone(),
             id,
             tx: Some(tx),
             own: Some(rx),
@@ -735,6 +743,7 @@ impl ApiCache {
     }
 
     /// Starts one background call that refreshes a stale entry, unless one is running.
+    #[allow(clippy::too_many_arguments)]
     fn revalidate<S, RB>(
         &self,
         svc: S,
@@ -743,6 +752,7 @@ impl ApiCache {
         parts: &Parts,
         body: Option<Bytes>,
         keyed: &Keyed,
+        stale_created: chrono::DateTime<chrono::Utc>,
     ) where
         S: Service<Request<Body>, Response = Response<RB>> + Clone + Send + 'static,
         S::Future: Send,
@@ -755,18 +765,23 @@ impl ApiCache {
         let params = params.clone();
         let keyed = keyed.clone();
         let request = upstream_request(parts, body.map_or_else(Body::empty, Body::from));
-        {
-            let Ok(flights) = self.inner.flights.lock() else {
-                return;
-            };
-            if flights.contains_key(&keyed.key.id()) {
+        // The slot is taken here, before the task starts: of the stale requests that arrive
+        // together, one refreshes and the others find the slot taken.
+        let Joined::Lead(leader) = self.join(keyed.key.id()) else {
+            return;
+        };
+        let seen = stale_created;
+        tokio::spawn(async move {
+            // A refresh that ended between this request's lookup and now stored a newer copy.
+            if cache
+                .inner
+                .cache
+                .find_in_memory(&keyed)
+                .await
+                .is_some_and(|entry| entry.created_at > seen)
+            {
                 return;
             }
-        }
-        tokio::spawn(async move {
-            let Joined::Lead(leader) = cache.join(keyed.key.id()) else {
-                return;
-            };
             let as_of = cache.inner.cache.epochs().snapshot();
             let fetched_at = chrono::Utc::now();
             let Ok(Called::Whole {
