@@ -150,6 +150,10 @@ pub struct TtlConfig {
 pub struct MemoryConfig {
     /// Bound in bytes.
     pub capacity: ByteSize,
+    /// Bytes of request texts already keyed, kept with their keys so that the same text again
+    /// skips parsing and normalization (callers that pass text: the Python package). Apart from
+    /// `capacity`; 0 turns it off.
+    pub key_memo: ByteSize,
 }
 
 /// `[disk]`.
@@ -648,6 +652,7 @@ impl Config {
             .actor(self.audit.actor())
             .normalizer(self.normalizer())
             .memory_capacity(self.memory.capacity.as_u64())
+            .key_memo(self.memory.key_memo.as_u64())
             .ttl(self.ttl_policy())
             .pricing(self.pricing()?);
         builder = builder

@@ -125,10 +125,7 @@ impl Engine {
     ) -> PyResult<String> {
         let cache = self.cache()?;
         let keyed = cache
-            .key(
-                &parse(request, "request")?,
-                &scope(user, session, namespace),
-            )
+            .key_text(request, &scope(user, session, namespace))
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(keyed.key.to_string())
     }
@@ -144,14 +141,17 @@ impl Engine {
         namespace: Option<String>,
     ) -> PyResult<Option<(Py<pyo3::types::PyBytes>, &'static str)>> {
         let cache = self.cache()?;
-        let request = parse(request, "request")?;
         let scope = scope(user, session, namespace);
         // Inside the runtime's context but on this thread: a memory-tier hit never waits for a
-        // worker, and a disk read still reaches the runtime's blocking pool.
+        // worker, and a disk read still reaches the runtime's blocking pool. The key comes from
+        // the key memo when these bytes were keyed before.
         let found = py
             .detach(|| {
+                let keyed = cache.key_text(request, &scope)?;
                 let _context = self.runtime.enter();
-                futures::executor::block_on(cache.get(&request, &scope))
+                Ok::<_, strata::core::RequestError>(futures::executor::block_on(
+                    cache.get_keyed(&keyed),
+                ))
             })
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(found.map(|lookup| {
@@ -178,7 +178,10 @@ impl Engine {
         latency_ms: Option<u64>,
     ) -> PyResult<()> {
         let cache = self.cache()?;
-        let request = parse(request, "request")?;
+        let scope = scope(user, session, namespace);
+        let keyed = py
+            .detach(|| cache.key_text(request, &scope))
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
         let completion = completion(
             &parse(response, "response")?,
             provider,
@@ -187,12 +190,7 @@ impl Engine {
             ttl,
             latency_ms,
         )?;
-        let scope = scope(user, session, namespace);
-        py.detach(|| {
-            self.runtime
-                .block_on(cache.put(&request, &scope, completion))
-        })
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        py.detach(|| self.runtime.block_on(cache.put_keyed(&keyed, completion)));
         Ok(())
     }
 

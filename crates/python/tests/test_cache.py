@@ -14,6 +14,8 @@ from conftest import answer, chat
 
 
 def test_keys_agree_with_strata_explain(cache, strata_bin, tmp_path):
+    # Keys come from the key memo once a text was keyed; with it off, each is derived anew.
+    unmemoized = strata.Cache(disk_path=str(tmp_path / "no-memo"), memory_key_memo=0)
     for request, scope in [
         (chat("What is the capital of France?"), {}),
         ({"model": "claude-sonnet-4-5", "max_tokens": 100, "temperature": 0,
@@ -26,7 +28,11 @@ def test_keys_agree_with_strata_explain(cache, strata_bin, tmp_path):
         if "user" in scope:
             args += ["--user", scope["user"]]
         out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
-        assert cache.key(request, **scope) == json.loads(out)["key"]
+        want = json.loads(out)["key"]
+        assert cache.key(request, **scope) == want
+        assert cache.key(request, **scope) == want, "from the memo"
+        assert unmemoized.key(request, **scope) == want
+    unmemoized.close()
 
 
 def test_a_miss_then_a_hit_and_scopes_isolate(cache):
@@ -46,7 +52,7 @@ def test_a_miss_then_a_hit_and_scopes_isolate(cache):
 
 
 def test_errors_are_python_exceptions(cache):
-    with pytest.raises(ValueError, match="not JSON"):
+    with pytest.raises(ValueError, match="not valid JSON"):
         cache.get("{not json")
     with pytest.raises(KeyError):
         cache.get_or_call(chat("boom"), lambda: {}["missing"])

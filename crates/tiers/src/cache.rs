@@ -37,6 +37,7 @@ use strata_core::{
 use crate::disk::DiskTier;
 use crate::epochs::EpochStore;
 use crate::error::TierError;
+use crate::memo::KeyMemo;
 use crate::memory::MemoryTier;
 use crate::s3::S3Tier;
 use crate::tier::{Tier, TierUsage};
@@ -196,6 +197,7 @@ impl Lookup {
 pub struct TieredCacheBuilder {
     normalizer: Normalizer,
     memory_capacity: u64,
+    key_memo: u64,
     l2: Option<Arc<dyn Tier>>,
     /// Whether `l2` is `disk` (not a custom tier set after it).
     l2_is_disk: bool,
@@ -265,6 +267,14 @@ impl TieredCacheBuilder {
     /// The memory tier's bound in bytes. Default: 256 MiB.
     pub fn memory_capacity(mut self, bytes: u64) -> Self {
         self.memory_capacity = bytes;
+        self
+    }
+
+    /// Bytes kept of request texts already keyed, with their keys, for
+    /// [`TieredCache::key_text`]: a request sent again byte for byte skips parsing and
+    /// normalization. Apart from the memory tier's bound; 0 turns it off. Default 16 MiB.
+    pub fn key_memo(mut self, bytes: u64) -> Self {
+        self.key_memo = bytes;
         self
     }
 
@@ -379,6 +389,7 @@ impl TieredCacheBuilder {
                 epochs: Arc::new(epochs),
                 normalizer: self.normalizer,
                 memory: MemoryTier::new(self.memory_capacity),
+                memo: KeyMemo::new(self.key_memo),
                 l2: self.l2,
                 disk: self.disk,
                 l3: self.l3,
@@ -457,6 +468,8 @@ pub(crate) struct Inner {
     pub(crate) audit: crate::audit::AuditLog,
     pub(crate) normalizer: Normalizer,
     pub(crate) memory: MemoryTier,
+    /// Keys of request texts already derived ([`TieredCache::key_text`]).
+    memo: KeyMemo,
     pub(crate) l2: Option<Arc<dyn Tier>>,
     pub(crate) disk: Option<DiskTier>,
     pub(crate) l3: Option<S3Tier>,
@@ -516,12 +529,16 @@ enum Verdict {
 
 const KV_MODEL: &str = "kv";
 
+/// The key memo's default bound: 16 MiB.
+pub const DEFAULT_KEY_MEMO: u64 = 16 << 20;
+
 impl TieredCache {
     /// A builder with the defaults: standard profile, 256 MiB memory, no L2.
     pub fn builder() -> TieredCacheBuilder {
         TieredCacheBuilder {
             normalizer: Normalizer::default(),
             memory_capacity: 256 << 20,
+            key_memo: DEFAULT_KEY_MEMO,
             l2: None,
             l2_is_disk: false,
             disk: None,
@@ -567,6 +584,13 @@ impl TieredCache {
     /// Keys a request under the cache's normalizer.
     pub fn key(&self, request: &Value, scope: &Scope) -> Result<Keyed, RequestError> {
         self.inner.normalizer.key(request, scope)
+    }
+
+    /// The key of a request given as JSON text, remembered by its bytes: the same text in the
+    /// same scope again is keyed without being parsed or normalized (the key memo, bounded by
+    /// [`TieredCacheBuilder::key_memo`]). Equal to [`TieredCache::key`] of the parsed text.
+    pub fn key_text(&self, request: &[u8], scope: &Scope) -> Result<Arc<Keyed>, RequestError> {
+        self.inner.memo.key(&self.inner.normalizer, request, scope)
     }
 
     /// This process's counters.
@@ -712,12 +736,17 @@ impl TieredCache {
         completion: Completion,
     ) -> Result<Arc<Entry>, RequestError> {
         let keyed = self.key(request, scope)?;
+        Ok(self.put_keyed(&keyed, completion).await)
+    }
+
+    /// [`TieredCache::put`] for a request already keyed.
+    pub async fn put_keyed(&self, keyed: &Keyed, completion: Completion) -> Arc<Entry> {
         // The entry records the epochs in force: those of other nodes too, or a refresh learning
         // of an older invalidation would refuse it as soon as it is stored.
         self.inner.epochs_known().await;
-        let entry = Arc::new(self.inner.build_entry(&keyed, completion, Duration::ZERO));
+        let entry = Arc::new(self.inner.build_entry(keyed, completion, Duration::ZERO));
         self.inner.store(&keyed.key, &entry).await;
-        Ok(entry)
+        entry
     }
 
     /// Serves a request from the cache, or runs `executor` once and caches its answer.

@@ -19,6 +19,7 @@ pub mod disk;
 pub mod epochs;
 pub mod error;
 pub mod invalidate;
+mod memo;
 pub mod memory;
 pub mod reports;
 pub mod s3;
