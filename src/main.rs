@@ -454,7 +454,9 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
         bail!("--repeat-zipf must be a positive number, found {s}");
     }
     let (stop, watcher) = stop_on_ctrl_c();
+    let opening = std::time::Instant::now();
     let cache = config.open_cache().await?;
+    let open_s = opening.elapsed().as_secs_f64();
     let options = ReplayOptions {
         limit: args.limit,
         repeat_zipf: args.repeat_zipf,
@@ -463,7 +465,7 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
         stop: Some(stop),
     };
     let bar = progress_bar();
-    let report = replay::replay(&cache, &args.file, &options, |done, total| {
+    let mut report = replay::replay(&cache, &args.file, &options, |done, total| {
         if done.is_multiple_of(256) {
             if let Some(total) = total {
                 bar.set_length(total);
@@ -476,7 +478,10 @@ async fn replay_command(config: &Config, args: ReplayArgs) -> Result<ExitCode> {
     let summary = (!args.json)
         .then(|| report_command::session_table(&cache, 5))
         .flatten();
+    let closing = std::time::Instant::now();
     close(cache).await;
+    report.open_s = Some(open_s);
+    report.close_s = Some(closing.elapsed().as_secs_f64());
     for skipped in &report.skipped {
         errln!(
             "strata: skipped line {} of {}: {}",

@@ -185,6 +185,9 @@ pub struct ReplayReport {
     pub skipped: Vec<SkippedLine>,
     /// Lookup latency (the whole `get_or_execute` call), in microseconds.
     pub lookup_latency_us: Latency,
+    /// The same, by what each lookup came to (`L1`, `L2`, `L3`, `Coalesced`, `Miss`); outcomes
+    /// no lookup came to are left out.
+    pub lookup_latency_by_outcome_us: std::collections::BTreeMap<&'static str, Latency>,
     /// Requests per second over the run.
     pub throughput_rps: f64,
     /// Wall time of the run in seconds.
@@ -199,6 +202,11 @@ pub struct ReplayReport {
     pub tier_errors: u64,
     /// Whether the replay was stopped before its end ([`ReplayOptions::stop`]).
     pub interrupted: bool,
+    /// Seconds opening the cache took (set by the command, which opens it).
+    pub open_s: Option<f64>,
+    /// Seconds closing the cache took, the write-behind drained and the disk tier flushed
+    /// (set by the command, which closes it).
+    pub close_s: Option<f64>,
 }
 
 const SKIPPED_KEPT: usize = 20;
@@ -411,6 +419,8 @@ struct Run<'a> {
     started: Instant,
     before: strata_analytics::Stats,
     latency_ns: Vec<u64>,
+    /// Latencies again, by outcome (an index into [`OUTCOMES`]).
+    by_outcome: [Vec<u64>; OUTCOMES.len()],
     requests: u64,
     skipped_lines: u64,
     skipped: Vec<SkippedLine>,
@@ -425,6 +435,7 @@ impl<'a> Run<'a> {
             started: Instant::now(),
             before: cache.stats(),
             latency_ns: Vec::new(),
+            by_outcome: Default::default(),
             requests: 0,
             skipped_lines: 0,
             skipped: Vec::new(),
@@ -442,9 +453,14 @@ impl<'a> Run<'a> {
             })
             .await;
         let elapsed = started.elapsed();
-        if result.is_ok() {
+        if let Ok(lookup) = result {
             self.requests += 1;
-            self.latency_ns.push(elapsed.as_nanos() as u64);
+            let ns = elapsed.as_nanos() as u64;
+            self.latency_ns.push(ns);
+            let name = outcome_name(lookup.outcome);
+            if let Some(i) = OUTCOMES.iter().position(|o| *o == name) {
+                self.by_outcome[i].push(ns);
+            }
         }
         self.memory_peak = self.memory_peak.max(self.cache.memory().weighted_size());
     }
@@ -462,6 +478,13 @@ impl<'a> Run<'a> {
         self.cache.memory().run_pending_tasks().await;
         self.memory_peak = self.memory_peak.max(self.cache.memory().weighted_size());
         self.latency_ns.sort_unstable();
+        let mut by_outcome = std::collections::BTreeMap::new();
+        for (name, times) in OUTCOMES.iter().zip(&mut self.by_outcome) {
+            if !times.is_empty() {
+                times.sort_unstable();
+                by_outcome.insert(*name, latency_of(times));
+            }
+        }
         let stats = self.cache.stats();
         let hits = Hits {
             l1: stats.hits.l1 - self.before.hits.l1,
@@ -496,6 +519,7 @@ impl<'a> Run<'a> {
                 p99: us(0.99),
                 max: us(1.0),
             },
+            lookup_latency_by_outcome_us: by_outcome,
             throughput_rps: self.requests as f64 / elapsed.as_secs_f64().max(1e-9),
             elapsed_s: elapsed.as_secs_f64(),
             memory_peak_bytes: self.memory_peak,
@@ -503,7 +527,34 @@ impl<'a> Run<'a> {
             peak_rss_bytes: peak_rss_bytes(),
             tier_errors: tier_errors(&stats) - tier_errors(&self.before),
             interrupted,
+            open_s: None,
+            close_s: None,
         }
+    }
+}
+
+/// The outcomes a replay's latencies are split by.
+const OUTCOMES: [&str; 6] = ["L1", "L2", "L3", "Coalesced", "Miss", "Uncacheable"];
+
+fn outcome_name(outcome: strata_tiers::Outcome) -> &'static str {
+    use strata_tiers::Outcome;
+    match outcome {
+        Outcome::L1 => "L1",
+        Outcome::L2 => "L2",
+        Outcome::L3 => "L3",
+        Outcome::Coalesced => "Coalesced",
+        Outcome::Miss => "Miss",
+        Outcome::Uncacheable => "Uncacheable",
+    }
+}
+
+/// Median, 99th percentile and slowest of sorted nanoseconds, in microseconds.
+fn latency_of(sorted: &[u64]) -> Latency {
+    let us = |q: f64| percentile(sorted, q) as f64 / 1000.0;
+    Latency {
+        p50: us(0.5),
+        p99: us(0.99),
+        max: us(1.0),
     }
 }
 

@@ -46,6 +46,9 @@ impl DiskConfig {
     }
 }
 
+/// Access times saved to sled per batch.
+const ACCESS_BATCH: usize = 4096;
+
 /// Size and last use of one stored entry, kept in memory for eviction.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -846,7 +849,11 @@ impl Inner {
         if let Some(old) = old {
             self.bytes.fetch_sub(old.bytes, Relaxed);
         }
-        self.mark_dirty(id);
+        // Stores run on writer threads: they save the marks as they accumulate, so that a close
+        // has at most a batch or so to write.
+        if self.mark_dirty(id) {
+            self.save_access_times()?;
+        }
         Ok(())
     }
 
@@ -854,15 +861,19 @@ impl Inner {
         if let Some(slot) = self.lock_slots().get_mut(&id) {
             slot.last_used_ms = now_ms();
         }
-        self.mark_dirty(id);
+        // Lookups leave the marks for the next store or flush to save.
+        let _ = self.mark_dirty(id);
     }
 
-    fn mark_dirty(&self, id: u128) {
+    /// Marks `id`'s access time as not yet saved; true once enough marks wait for a caller
+    /// that may write to save them ([`Inner::save_access_times`]).
+    fn mark_dirty(&self, id: u128) -> bool {
         let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
         // Bounded: past this the oldest marks are dropped; access times are a hint for order.
         if dirty.len() < 1 << 20 {
             dirty.push(id);
         }
+        dirty.len() >= ACCESS_BATCH
     }
 
     /// Removes whatever copy is stored under `id`, with its access time and slot. Holds
@@ -891,16 +902,20 @@ impl Inner {
         if dirty.is_empty() {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
-        {
-            let slots = self.lock_slots();
-            for id in dirty {
-                if let Some(slot) = slots.get(&id) {
-                    batch.insert(&id.to_be_bytes(), &slot.last_used_ms.to_le_bytes());
+        // In batches of a bounded size: one sled batch of every mark since the last save (a
+        // million after a long run) held hundreds of MiB at close.
+        for chunk in dirty.chunks(ACCESS_BATCH) {
+            let mut batch = sled::Batch::default();
+            {
+                let slots = self.lock_slots();
+                for id in chunk {
+                    if let Some(slot) = slots.get(id) {
+                        batch.insert(&id.to_be_bytes(), &slot.last_used_ms.to_le_bytes());
+                    }
                 }
             }
+            self.access.apply_batch(batch)?;
         }
-        self.access.apply_batch(batch)?;
         Ok(())
     }
 
