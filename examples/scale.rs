@@ -14,7 +14,7 @@
 //!
 //! Every phase is its own process, and its peak RSS is the kernel's (`wait4`'s `ru_maxrss`), over
 //! the whole process, opening and closing included. The bytes the directory occupies (allocated
-//! blocks) are set against the payload the disk tier counts. A small-scale run (`HOT` entries,
+//! blocks, as `strata stats` reports them) are set against the payload the disk tier counts. A small-scale run (`HOT` entries,
 //! the same phases) is made first in the same run, so that the disk-tier hit at N is compared
 //! with the disk-tier hit at small scale measured minutes apart, not on another day.
 //!
@@ -23,7 +23,6 @@
 //! Prints one table row per N (Markdown, for BENCHMARKS.md) and the bounds it checks.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -188,21 +187,6 @@ fn strata(bin: &Path, dir: &Path, args: &[&str]) -> Result<Ran> {
     })
 }
 
-/// Bytes the files under `dir` occupy on disk (allocated blocks).
-fn occupied(dir: &Path) -> Result<u64> {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let meta = entry.metadata()?;
-        total += if meta.is_dir() {
-            occupied(&entry.path())?
-        } else {
-            meta.blocks() * 512
-        };
-    }
-    Ok(total)
-}
-
 /// One N's figures.
 struct Row {
     n: usize,
@@ -273,7 +257,7 @@ fn run(bin: &Path, base: &[Value], n: usize, hot: usize) -> Result<Row> {
             .fold(0.0, f64::max),
         peak_rss: [write.peak_rss, second.peak_rss, again.peak_rss],
         payload: field(&stats.json, "/disk/bytes") as u64,
-        on_disk: occupied(&dir)?,
+        on_disk: field(&stats.json, "/disk_on_disk_bytes") as u64,
         stats_s: stats.wall_s,
         stats_rss: stats.peak_rss,
         report_s: report.wall_s,

@@ -632,6 +632,13 @@ async fn stats_command(config: &Config, json: bool) -> Result<ExitCode> {
     let cache = config.open_cache().await?;
     let stats = cache.lifetime_stats();
     let (memory, disk) = cache.usage();
+    let on_disk = cache.disk().and_then(|d| match d.occupied_bytes() {
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            errln!("strata: warning: cannot measure the disk tier's directory: {e}");
+            None
+        }
+    });
     let s3 = cache.l3().map(|l3| {
         // Measured now (the drainer measures as the queue grows).
         if let Err(e) = l3.bound_outbox() {
@@ -645,13 +652,14 @@ async fn stats_command(config: &Config, json: bool) -> Result<ExitCode> {
             "lifetime": stats,
             "hit_rate": stats.hit_rate(),
             "disk": disk,
+            "disk_on_disk_bytes": on_disk,
             "s3": s3,
             "disk_path": config.disk.enabled.then(|| config.disk.path.clone()),
             "memory_capacity_bytes": memory.capacity,
         });
         outln!("{}", serde_json::to_string_pretty(&out)?)?;
     } else {
-        print_stats(config, &stats, disk)?;
+        print_stats(config, &stats, disk, on_disk)?;
         if let Some(q) = s3 {
             outln!(
                 "  upload queue     {:>12}   {} of {} · parked {} · dropped for space {}",
@@ -666,7 +674,12 @@ async fn stats_command(config: &Config, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_stats(config: &Config, s: &Stats, disk: Option<strata::tiers::TierUsage>) -> Result<()> {
+fn print_stats(
+    config: &Config,
+    s: &Stats,
+    disk: Option<strata::tiers::TierUsage>,
+    on_disk: Option<u64>,
+) -> Result<()> {
     outln!("strata stats (lifetime of {})", config.disk.path.display())?;
     outln!("  lookups          {:>12}", thousands(s.lookups))?;
     outln!(
@@ -702,6 +715,14 @@ fn print_stats(config: &Config, s: &Stats, disk: Option<strata::tiers::TierUsage
             d.bytes as f64 / (1 << 20) as f64,
             d.capacity.unwrap_or(0) as f64 / (1 << 20) as f64
         )?;
+        if let Some(on_disk) = on_disk {
+            // `disk.capacity` bounds the payload; sled's files take more (README: Disk space).
+            outln!(
+                "  on disk          {:>12}   MiB, {:.2}× the payload (sled's log and segments)",
+                format!("{:.1}", on_disk as f64 / (1 << 20) as f64),
+                on_disk as f64 / d.bytes.max(1) as f64
+            )?;
+        }
     }
     Ok(())
 }

@@ -46,6 +46,28 @@ impl DiskConfig {
     }
 }
 
+/// Bytes the files under `dir` occupy (allocated blocks where the platform tells, else lengths).
+fn occupied(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            occupied(&entry.path())?
+        } else {
+            #[cfg(unix)]
+            {
+                std::os::unix::fs::MetadataExt::blocks(&meta) * 512
+            }
+            #[cfg(not(unix))]
+            {
+                meta.len()
+            }
+        };
+    }
+    Ok(total)
+}
+
 /// Access times saved to sled per batch.
 const ACCESS_BATCH: usize = 4096;
 
@@ -152,6 +174,13 @@ impl DiskTier {
     /// The tier's directory.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Bytes the tier's directory occupies on disk (allocated blocks of its files), what sled
+    /// writes beside the payload included: its log, segments not yet compacted, the access
+    /// times and metadata. `capacity` bounds the payload ([`Tier::usage`]), not this.
+    pub fn occupied_bytes(&self) -> std::io::Result<u64> {
+        occupied(&self.inner.path)
     }
 
     /// Writes a small file of state kept beside the database (`epochs.json`, `node-id`):
