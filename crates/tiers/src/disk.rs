@@ -68,14 +68,35 @@ fn occupied(dir: &Path) -> std::io::Result<u64> {
     Ok(total)
 }
 
-/// Access times saved to sled per batch.
+/// Access records saved to sled per batch.
 const ACCESS_BATCH: usize = 4096;
+
+/// How stale a saved access time may be: a lookup marks its entry's record for saving only once
+/// the saved time is this much older than the use. Eviction in this process orders by exact
+/// times; only a restart sees them this coarse, and a read-only run of any length leaves at
+/// most one record per entry per interval to write.
+const ACCESS_GRANULARITY_MS: u64 = 10 * 60 * 1000;
+
+/// Marks, in `meta`, a database whose `access` tree holds a record of every entry with its
+/// size, so that opening reads that small tree and not the entries.
+const SIZES_KEY: &[u8] = b"sizes-in-access/v1";
 
 /// Size and last use of one stored entry, kept in memory for eviction.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     bytes: u64,
     last_used_ms: u64,
+    /// The last use its access record holds.
+    saved_ms: u64,
+}
+
+/// An entry's access record in the `access` tree: last use, then bytes held (both little
+/// endian). Databases written before sizes were kept there hold the last use alone.
+fn access_record(last_used_ms: u64, bytes: u64) -> [u8; 16] {
+    let mut record = [0; 16];
+    record[..8].copy_from_slice(&last_used_ms.to_le_bytes());
+    record[8..].copy_from_slice(&bytes.to_le_bytes());
+    record
 }
 
 struct Inner {
@@ -355,6 +376,8 @@ impl DiskTier {
                 if let Some(slot) = self.inner.lock_slots().get_mut(&id) {
                     slot.bytes = (new.len() + 16) as u64;
                 }
+                // Its access record holds the size opening reads.
+                self.inner.mark_dirty(id);
                 rewritten += 1;
             }
         }
@@ -446,7 +469,7 @@ impl DiskTier {
             .evicting_excludes
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let n = self.inner.entries.len() as u64;
+        let n = self.inner.lock_slots().len() as u64;
         self.inner.entries.clear()?;
         self.inner.access.clear()?;
         if let Some(outbox) = self.inner.outbox.get() {
@@ -840,17 +863,28 @@ impl Inner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Reads the sizes and last uses eviction needs. From the `access` tree alone when it holds
+    /// every entry's size (`SIZES_KEY`): opening never reads the entries themselves. A database
+    /// written before that is read whole once, and its records are rewritten with sizes.
     fn load_slots(&self) -> Result<(), sled::Error> {
+        if self.meta.get(SIZES_KEY)?.is_some() {
+            return self.load_slots_from_access();
+        }
         let mut slots = self.lock_slots();
         let mut total = 0;
+        let mut batch = sled::Batch::default();
+        let mut batched = 0;
         for item in self.entries.iter() {
             let (key, value) = item?;
             let Some(id) = id_of(&key) else {
                 self.entries.remove(key)?;
                 continue;
             };
-            let last_used_ms = match self.access.get(key)? {
-                Some(v) => <[u8; 8]>::try_from(v.as_ref()).map_or(0, u64::from_le_bytes),
+            let last_used_ms = match self.access.get(&key)? {
+                Some(v) => v
+                    .get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_le_bytes),
                 None => 0,
             };
             let bytes = (value.len() + 16) as u64;
@@ -860,6 +894,58 @@ impl Inner {
                 Slot {
                     bytes,
                     last_used_ms,
+                    saved_ms: last_used_ms,
+                },
+            );
+            batch.insert(&*key, &access_record(last_used_ms, bytes));
+            batched += 1;
+            if batched == ACCESS_BATCH {
+                self.access.apply_batch(std::mem::take(&mut batch))?;
+                batched = 0;
+            }
+        }
+        self.access.apply_batch(batch)?;
+        self.meta.insert(SIZES_KEY, &[1u8])?;
+        self.bytes.store(total, Relaxed);
+        Ok(())
+    }
+
+    /// [`Inner::load_slots`] from the access records. A record of the old form (the last use
+    /// alone) takes its size from its entry; a record whose entry is gone (a crash between the
+    /// two writes of a put) is dropped.
+    fn load_slots_from_access(&self) -> Result<(), sled::Error> {
+        let mut slots = self.lock_slots();
+        let mut total = 0;
+        for item in self.access.iter() {
+            let (key, record) = item?;
+            let Some(id) = id_of(&key) else {
+                self.access.remove(key)?;
+                continue;
+            };
+            let (last_used_ms, bytes) = match <[u8; 16]>::try_from(record.as_ref()) {
+                Ok(r) => (
+                    u64::from_le_bytes([r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]]),
+                    u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]),
+                ),
+                Err(_) => {
+                    let Some(value) = self.entries.get(&key)? else {
+                        self.access.remove(key)?;
+                        continue;
+                    };
+                    let last = record
+                        .get(..8)
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        .map_or(0, u64::from_le_bytes);
+                    (last, (value.len() + 16) as u64)
+                }
+            };
+            total += bytes;
+            slots.insert(
+                id,
+                Slot {
+                    bytes,
+                    last_used_ms,
+                    saved_ms: last_used_ms,
                 },
             );
         }
@@ -868,41 +954,55 @@ impl Inner {
     }
 
     fn store(&self, id: u128, bytes: &[u8]) -> Result<(), TierError> {
-        self.entries.insert(id.to_be_bytes(), bytes)?;
+        let now = now_ms();
         let slot = Slot {
             bytes: (bytes.len() + 16) as u64,
-            last_used_ms: now_ms(),
+            last_used_ms: now,
+            saved_ms: now,
         };
+        // The record first: after a crash between the two, opening finds a record without an
+        // entry (dropped when evicted or looked up), never an entry it does not count.
+        self.access
+            .insert(id.to_be_bytes(), &access_record(now, slot.bytes))?;
+        self.entries.insert(id.to_be_bytes(), bytes)?;
         let old = self.lock_slots().insert(id, slot);
         self.bytes.fetch_add(slot.bytes, Relaxed);
         if let Some(old) = old {
             self.bytes.fetch_sub(old.bytes, Relaxed);
         }
-        // Stores run on writer threads: they save the marks as they accumulate, so that a close
-        // has at most a batch or so to write.
-        if self.mark_dirty(id) {
+        // Stores run on writer threads: they save the lookups' marks as they accumulate, so
+        // that a close has at most a batch or so to write.
+        if self.dirty_len() >= ACCESS_BATCH {
             self.save_access_times()?;
         }
         Ok(())
     }
 
     fn touch(&self, id: u128) {
-        if let Some(slot) = self.lock_slots().get_mut(&id) {
-            slot.last_used_ms = now_ms();
-        }
+        let stale = match self.lock_slots().get_mut(&id) {
+            Some(slot) => {
+                slot.last_used_ms = now_ms();
+                slot.last_used_ms.saturating_sub(slot.saved_ms) >= ACCESS_GRANULARITY_MS
+            }
+            None => false,
+        };
         // Lookups leave the marks for the next store or flush to save.
-        let _ = self.mark_dirty(id);
+        if stale {
+            self.mark_dirty(id);
+        }
     }
 
-    /// Marks `id`'s access time as not yet saved; true once enough marks wait for a caller
-    /// that may write to save them ([`Inner::save_access_times`]).
-    fn mark_dirty(&self, id: u128) -> bool {
+    fn dirty_len(&self) -> usize {
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Marks `id`'s access record as not yet saved ([`Inner::save_access_times`]).
+    fn mark_dirty(&self, id: u128) {
         let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
         // Bounded: past this the oldest marks are dropped; access times are a hint for order.
         if dirty.len() < 1 << 20 {
             dirty.push(id);
         }
-        dirty.len() >= ACCESS_BATCH
     }
 
     /// Removes whatever copy is stored under `id`, with its access time and slot. Holds
@@ -936,10 +1036,14 @@ impl Inner {
         for chunk in dirty.chunks(ACCESS_BATCH) {
             let mut batch = sled::Batch::default();
             {
-                let slots = self.lock_slots();
+                let mut slots = self.lock_slots();
                 for id in chunk {
-                    if let Some(slot) = slots.get(id) {
-                        batch.insert(&id.to_be_bytes(), &slot.last_used_ms.to_le_bytes());
+                    if let Some(slot) = slots.get_mut(id) {
+                        batch.insert(
+                            &id.to_be_bytes(),
+                            &access_record(slot.last_used_ms, slot.bytes),
+                        );
+                        slot.saved_ms = slot.last_used_ms;
                     }
                 }
             }
@@ -1414,7 +1518,88 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn damage_found_while_reading_the_entries_moves_the_directory_aside_too() {
+    fn opening_reads_sizes_from_the_access_records_and_takes_up_an_older_database() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let config = DiskConfig::new(dir.path().join("l2"));
+        let usage = {
+            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+            for i in 0..50 {
+                let (key, _) = entry(i);
+                tier.insert_raw(&key, &vec![7; 100 + i])
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
+            tier.usage()
+        };
+        assert_eq!(
+            (usage.entries, usage.bytes),
+            (50, (0..50).map(|i| 116 + i).sum())
+        );
+        // Reopened, the entries' values are not what gives the sizes: the records are.
+        {
+            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(tier.usage(), usage);
+            assert!(
+                tier.inner
+                    .access
+                    .iter()
+                    .all(|r| r.is_ok_and(|(_, v)| v.len() == 16))
+            );
+            // Made an older database: last uses alone, and no mark.
+            for item in tier.inner.access.iter() {
+                let (key, record) = item.unwrap_or_else(|e| panic!("{e}"));
+                tier.inner
+                    .access
+                    .insert(key, &record[..8])
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            tier.inner
+                .meta
+                .remove(SIZES_KEY)
+                .unwrap_or_else(|e| panic!("{e}"));
+            tier.inner.db.flush().unwrap_or_else(|e| panic!("{e}"));
+        }
+        let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(tier.usage(), usage);
+        assert!(tier.inner.meta.get(SIZES_KEY).is_ok_and(|m| m.is_some()));
+        assert!(
+            tier.inner
+                .access
+                .iter()
+                .all(|r| r.is_ok_and(|(_, v)| v.len() == 16))
+        );
+    }
+
+    #[test]
+    fn a_lookup_marks_its_access_record_only_once_the_saved_use_is_stale() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let tier = DiskTier::open(&DiskConfig::new(dir.path().join("l2")), Codec::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (key, _) = entry(1);
+        tier.insert_raw(&key, b"x")
+            .unwrap_or_else(|e| panic!("{e}"));
+        tier.inner.touch(key.id());
+        tier.inner.touch(key.id());
+        assert_eq!(tier.inner.dirty_len(), 0, "saved when stored, a moment ago");
+        if let Some(slot) = tier.inner.lock_slots().get_mut(&key.id()) {
+            slot.saved_ms -= ACCESS_GRANULARITY_MS;
+        }
+        tier.inner.touch(key.id());
+        assert_eq!(tier.inner.dirty_len(), 1);
+        tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(tier.inner.dirty_len(), 0);
+        let slot = tier.inner.lock_slots().get(&key.id()).copied();
+        let record = tier.inner.access.get(key.id().to_be_bytes()).ok().flatten();
+        assert_eq!(
+            record.as_deref(),
+            slot.map(|s| access_record(s.last_used_ms, s.bytes))
+                .as_ref()
+                .map(|r| &r[..])
+        );
+    }
+
+    #[test]
+    fn damage_in_an_entry_is_found_by_the_lookup_that_reads_it_never_served() {
         let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
         let config = DiskConfig::new(dir.path().join("l2"));
         // Large values live in files of their own under `blobs/`; after a few reopens, sled's
@@ -1439,9 +1624,25 @@ pub(crate) mod tests {
             panic!("no blob written")
         };
         std::fs::remove_file(&oldest).unwrap_or_else(|e| panic!("{e}"));
+        // Opening reads the access records, not the entries: it does not meet the damage.
         let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
-        assert!(tier.moved_aside().is_some_and(Path::exists));
-        assert_eq!(tier.usage().entries, 0);
+        assert!(tier.moved_aside().is_none());
+        assert_eq!(tier.usage().entries, 3);
+        // What the lost blob held is an error (or a panic, which the cache guards) when read,
+        // never a value: sled keeps these three in one leaf, so none of them reads. Whatever
+        // does read back is what was written.
+        let mut failed = 0;
+        for i in 0..3 {
+            let (key, _) = entry(i);
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                tier.inner.entries.get(key.id().to_be_bytes())
+            }));
+            match read {
+                Ok(Ok(Some(bytes))) => assert_eq!(&*bytes, &vec![i as u8; 400 << 10][..]),
+                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => failed += 1,
+            }
+        }
+        assert!(failed >= 1, "the damage is met when read");
     }
 
     #[test]
