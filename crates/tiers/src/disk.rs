@@ -485,18 +485,23 @@ impl DiskTier {
         self.inner.evictions.load(Relaxed)
     }
 
-    /// The lifetime statistics stored by the last [`DiskTier::save_stats`].
+    /// The lifetime statistics stored by the last [`DiskTier::save_stats`]: from the database,
+    /// or, in a new one that replaced a database moved aside, from the copy kept beside that one.
     pub fn load_stats(&self) -> Stats {
-        match self.inner.meta.get(STATS_KEY) {
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
-            _ => Stats::default(),
-        }
+        let stored = match self.inner.meta.get(STATS_KEY) {
+            Ok(Some(bytes)) => Some(bytes.to_vec()),
+            _ => self.salvaged(STATS_BESIDE),
+        };
+        stored
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
     }
 
     /// Stores lifetime statistics, read back by [`DiskTier::load_stats`] after a restart.
     pub fn save_stats(&self, stats: &Stats) -> Result<(), TierError> {
         let bytes = serde_json::to_vec(stats).map_err(|e| TierError::Storage(e.to_string()))?;
-        self.inner.meta.insert(STATS_KEY, bytes)?;
+        self.inner.meta.insert(STATS_KEY, &*bytes)?;
+        self.keep_beside(STATS_BESIDE, &bytes);
         Ok(())
     }
 
@@ -698,7 +703,17 @@ fn classify(config: &DiskConfig, error: sled::Error) -> OpenFailure {
 pub const MARKER: &str = "STRATA-DISK-TIER";
 
 /// The files of state kept beside the database ([`DiskTier::keep_beside`]).
-pub const KEPT_BESIDE: [&str; 4] = ["epochs.json", "node-id", ".epochs.json.new", ".node-id.new"];
+pub const KEPT_BESIDE: [&str; 6] = [
+    "epochs.json",
+    "node-id",
+    STATS_BESIDE,
+    ".epochs.json.new",
+    ".node-id.new",
+    ".stats.json.new",
+];
+
+/// The lifetime statistics, kept beside the database as well as in it.
+const STATS_BESIDE: &str = "stats.json";
 
 /// Makes sure `path` is a directory strata may write: creates it (owner only) when missing,
 /// marks it when empty or when it holds a disk tier an older release wrote (`conf` and `db`,
@@ -1480,6 +1495,12 @@ pub(crate) mod tests {
             let (key, e) = entry(1);
             tier.insert_raw(&key, &Codec::default().encode(&e).unwrap_or_default())
                 .unwrap_or_else(|e| panic!("{e}"));
+            let stats = Stats {
+                lookups: 42,
+                misses: 2,
+                ..Stats::default()
+            };
+            tier.save_stats(&stats).unwrap_or_else(|e| panic!("{e}"));
             tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
         }
         std::fs::write(
@@ -1491,6 +1512,9 @@ pub(crate) mod tests {
         let aside = tier.moved_aside().map(Path::to_path_buf);
         assert!(aside.as_ref().is_some_and(|p| p.exists()), "{aside:?}");
         assert_eq!(tier.usage().entries, 0);
+        // The lifetime statistics outlive the database, as the epochs and the node id do.
+        let stats = tier.load_stats();
+        assert_eq!((stats.lookups, stats.misses), (42, 2));
     }
 
     #[test]
