@@ -90,6 +90,25 @@ struct Slot {
     saved_ms: u64,
 }
 
+impl Slot {
+    /// A slot as its access record holds it.
+    fn saved(last_used_ms: u64, bytes: u64) -> Self {
+        Slot {
+            bytes,
+            last_used_ms,
+            saved_ms: last_used_ms,
+        }
+    }
+}
+
+/// The last use an access record holds (its first 8 bytes, in both forms); 0 if unreadable.
+fn last_use_of(record: &[u8]) -> u64 {
+    record
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
 /// An entry's access record in the `access` tree: last use, then bytes held (both little
 /// endian). Databases written before sizes were kept there hold the last use alone.
 fn access_record(last_used_ms: u64, bytes: u64) -> [u8; 16] {
@@ -896,22 +915,12 @@ impl Inner {
                 continue;
             };
             let last_used_ms = match self.access.get(&key)? {
-                Some(v) => v
-                    .get(..8)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map_or(0, u64::from_le_bytes),
+                Some(v) => last_use_of(&v),
                 None => 0,
             };
             let bytes = (value.len() + 16) as u64;
             total += bytes;
-            slots.insert(
-                id,
-                Slot {
-                    bytes,
-                    last_used_ms,
-                    saved_ms: last_used_ms,
-                },
-            );
+            slots.insert(id, Slot::saved(last_used_ms, bytes));
             batch.insert(&*key, &access_record(last_used_ms, bytes));
             batched += 1;
             if batched == ACCESS_BATCH {
@@ -947,22 +956,11 @@ impl Inner {
                         self.access.remove(key)?;
                         continue;
                     };
-                    let last = record
-                        .get(..8)
-                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                        .map_or(0, u64::from_le_bytes);
-                    (last, (value.len() + 16) as u64)
+                    (last_use_of(&record), (value.len() + 16) as u64)
                 }
             };
             total += bytes;
-            slots.insert(
-                id,
-                Slot {
-                    bytes,
-                    last_used_ms,
-                    saved_ms: last_used_ms,
-                },
-            );
+            slots.insert(id, Slot::saved(last_used_ms, bytes));
         }
         self.bytes.store(total, Relaxed);
         Ok(())
