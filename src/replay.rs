@@ -22,7 +22,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use strata_analytics::Hits;
 use strata_core::Scope;
-use strata_tiers::{Completion, TieredCache};
+use strata_tiers::{Completion, Outcome, TieredCache};
 
 use crate::Error;
 
@@ -419,8 +419,8 @@ struct Run<'a> {
     started: Instant,
     before: strata_analytics::Stats,
     latency_ns: Vec<u64>,
-    /// Latencies again, by outcome (an index into [`OUTCOMES`]).
-    by_outcome: [Vec<u64>; OUTCOMES.len()],
+    /// Latencies again, by outcome (`outcome as usize`, as in [`Outcome::ALL`]).
+    by_outcome: [Vec<u64>; Outcome::ALL.len()],
     requests: u64,
     skipped_lines: u64,
     skipped: Vec<SkippedLine>,
@@ -457,10 +457,7 @@ impl<'a> Run<'a> {
             self.requests += 1;
             let ns = elapsed.as_nanos() as u64;
             self.latency_ns.push(ns);
-            let name = outcome_name(lookup.outcome);
-            if let Some(i) = OUTCOMES.iter().position(|o| *o == name) {
-                self.by_outcome[i].push(ns);
-            }
+            self.by_outcome[lookup.outcome as usize].push(ns);
         }
         self.memory_peak = self.memory_peak.max(self.cache.memory().weighted_size());
     }
@@ -479,10 +476,10 @@ impl<'a> Run<'a> {
         self.memory_peak = self.memory_peak.max(self.cache.memory().weighted_size());
         self.latency_ns.sort_unstable();
         let mut by_outcome = std::collections::BTreeMap::new();
-        for (name, times) in OUTCOMES.iter().zip(&mut self.by_outcome) {
+        for (outcome, times) in Outcome::ALL.iter().zip(&mut self.by_outcome) {
             if !times.is_empty() {
                 times.sort_unstable();
-                by_outcome.insert(*name, latency_of(times));
+                by_outcome.insert(outcome.name(), latency_of(times));
             }
         }
         let stats = self.cache.stats();
@@ -494,7 +491,6 @@ impl<'a> Run<'a> {
         };
         let uncacheable = stats.uncacheable - self.before.uncacheable;
         let misses = stats.misses - self.before.misses + uncacheable;
-        let us = |q: f64| percentile(&self.latency_ns, q) as f64 / 1000.0;
         let tier_errors = |s: &strata_analytics::Stats| {
             s.errors.l1 + s.errors.l2 + s.errors.l3 + s.errors.corrupt + s.errors.collisions
         };
@@ -514,11 +510,7 @@ impl<'a> Run<'a> {
             latency_saved_ms: stats.latency_saved_ms - self.before.latency_saved_ms,
             skipped_lines: self.skipped_lines,
             skipped: self.skipped,
-            lookup_latency_us: Latency {
-                p50: us(0.5),
-                p99: us(0.99),
-                max: us(1.0),
-            },
+            lookup_latency_us: latency_of(&self.latency_ns),
             lookup_latency_by_outcome_us: by_outcome,
             throughput_rps: self.requests as f64 / elapsed.as_secs_f64().max(1e-9),
             elapsed_s: elapsed.as_secs_f64(),
@@ -530,21 +522,6 @@ impl<'a> Run<'a> {
             open_s: None,
             close_s: None,
         }
-    }
-}
-
-/// The outcomes a replay's latencies are split by.
-const OUTCOMES: [&str; 6] = ["L1", "L2", "L3", "Coalesced", "Miss", "Uncacheable"];
-
-fn outcome_name(outcome: strata_tiers::Outcome) -> &'static str {
-    use strata_tiers::Outcome;
-    match outcome {
-        Outcome::L1 => "L1",
-        Outcome::L2 => "L2",
-        Outcome::L3 => "L3",
-        Outcome::Coalesced => "Coalesced",
-        Outcome::Miss => "Miss",
-        Outcome::Uncacheable => "Uncacheable",
     }
 }
 

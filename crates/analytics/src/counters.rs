@@ -27,6 +27,29 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order (`outcome as usize` is its place here).
+    pub const ALL: [Outcome; 6] = [
+        Outcome::L1,
+        Outcome::L2,
+        Outcome::L3,
+        Outcome::Coalesced,
+        Outcome::Miss,
+        Outcome::Uncacheable,
+    ];
+
+    /// The outcome's name as people read it: `L1`, `L2`, `L3`, `Coalesced`, `Miss`,
+    /// `Uncacheable` (the Python package's `Hit.outcome`, the replay's latencies by outcome).
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::L1 => "L1",
+            Outcome::L2 => "L2",
+            Outcome::L3 => "L3",
+            Outcome::Coalesced => "Coalesced",
+            Outcome::Miss => "Miss",
+            Outcome::Uncacheable => "Uncacheable",
+        }
+    }
+
     /// Whether the answer came without calling the executor.
     pub fn is_hit(self) -> bool {
         matches!(

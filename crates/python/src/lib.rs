@@ -156,7 +156,7 @@ impl Engine {
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(found.map(|lookup| {
             let text = pyo3::types::PyBytes::new(py, lookup.response().get().as_bytes()).unbind();
-            (text, outcome(lookup.outcome))
+            (text, lookup.outcome.name())
         }))
     }
 
@@ -255,7 +255,7 @@ impl Engine {
                 }))
         });
         match result {
-            Ok(lookup) => Ok((lookup.response().get().to_string(), outcome(lookup.outcome))),
+            Ok(lookup) => Ok((lookup.response().get().to_string(), lookup.outcome.name())),
             Err(failed) => Err(reraise(py, &failed)),
         }
     }
@@ -410,18 +410,6 @@ impl Engine {
     #[getter]
     fn closed(&self) -> bool {
         self.cache.read().map(|c| c.is_none()).unwrap_or(true)
-    }
-}
-
-/// An outcome's name, as Python sees it.
-fn outcome(outcome: strata::Outcome) -> &'static str {
-    match outcome {
-        strata::Outcome::L1 => "L1",
-        strata::Outcome::L2 => "L2",
-        strata::Outcome::L3 => "L3",
-        strata::Outcome::Coalesced => "Coalesced",
-        strata::Outcome::Miss => "Miss",
-        strata::Outcome::Uncacheable => "Uncacheable",
     }
 }
 
