@@ -1047,6 +1047,13 @@ fn a_directory_that_is_not_a_disk_tier_is_refused_untouched() -> Result<()> {
             |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
         assert_eq!(mode(&fresh)?, 0o700, "the directory is its owner's only");
         assert_eq!(mode(&fresh.join("db"))?, 0o600, "and so are sled's files");
+        // And the state kept beside the database, written after the tier opened.
+        tier.keep_beside("epochs.json", b"{}");
+        assert_eq!(
+            mode(&fresh.join("epochs.json"))?,
+            0o600,
+            "and what is kept beside"
+        );
     }
     drop(tier);
     // A tier written before the marker existed (sled's files only) still opens.

@@ -336,6 +336,43 @@ async fn outbox_entries_from_before_a_crash_reach_s3_after_reopen() -> Result<()
     Ok(())
 }
 
+/// A database sled refuses (here, its settings file destroyed) is moved aside, and the upload
+/// queue is salvaged from it with the entries it refers to: what was queued still reaches S3.
+/// Before, the queue was lost with the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upload_queue_of_a_corrupt_disk_tier_is_salvaged_and_still_uploaded() -> Result<()> {
+    let mut server = TestS3::start().await?;
+    if !server.can_stop() {
+        return Ok(()); // needs a server it can stop: an external one over HTTPS cannot be
+    }
+    let dir = TempDir::new()?;
+    server.stop().await?;
+    queue_then_crash(&server, dir.path(), "salvaged ", 20)?;
+    server.restart().await?;
+    let copy = TempDir::new()?;
+    copy_dir(dir.path(), copy.path())?;
+    std::fs::write(copy.path().join("conf"), b"\x00not sled's settings\xff")?;
+    let reopened = node(&server, copy.path()).await?;
+    assert!(reopened.disk.moved_aside().is_some(), "moved aside");
+    let salvage = reopened.disk.salvage().context("salvaged")?;
+    assert_eq!((salvage.entries, salvage.uploads), (20, 20), "{salvage:?}");
+    assert_eq!(reopened.s3.pending(), 20, "the queue survived");
+    let started = std::time::Instant::now();
+    while reopened.s3.pending() > 0 && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reopened.s3.pending(), 0);
+    assert_eq!(entry_objects(&server).await?, 20);
+    // And served from the salvaged copies.
+    for i in 0..20 {
+        let keyed = reopened
+            .cache
+            .key(&request(&format!("salvaged {i}")), &Scope::Global)?;
+        assert!(reopened.disk.get(&keyed.key).await?.is_some(), "entry {i}");
+    }
+    Ok(())
+}
+
 /// Uploads queued by a run with S3 are kept through a later run with S3 off, even when that run
 /// evicts their disk copies: they reach S3 once a run has it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,8 @@
 //! from async code; the calls that wait for the disk (`flush`, open, eviction batches) run on
 //! the blocking pool. sled 0.34 is not a database to trust blindly: every value is an
 //! [`strata_core::codec`] envelope with a checksum, a copy that fails to decode is removed, and
-//! a directory that sled cannot open for corruption is moved aside and replaced by an empty one.
+//! a directory that sled cannot open for corruption is moved aside and replaced by a new one,
+//! into which what can still be read of it is salvaged ([`salvage`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,9 @@ use strata_core::{CacheKey, Codec, Entry};
 
 use crate::error::TierError;
 use crate::tier::{Tier, TierUsage};
+
+mod salvage;
+pub use salvage::Salvage;
 
 /// Settings of the disk tier.
 #[derive(Debug, Clone)]
@@ -137,6 +141,8 @@ struct Inner {
     evicting_excludes: RwLock<()>,
     evictions: AtomicU64,
     moved_aside: Option<PathBuf>,
+    /// What was salvaged of the database moved aside.
+    salvage: Option<Salvage>,
     /// The S3 outbox, whose references to copies here eviction must honour.
     outbox: OnceLock<sled::Tree>,
     /// Envelope bytes eviction has moved into the outbox since the S3 tier last measured it.
@@ -174,7 +180,7 @@ fn id_of(key: &[u8]) -> Option<u128> {
 
 impl DiskTier {
     /// Opens (or creates) the tier in `config.path`. A database that sled reports as corrupt is
-    /// moved aside to `{path}.corrupt-{unix time}` and an empty one takes its place. A lock held
+    /// moved aside to `{path}.corrupt-{unix time in ms}` and a new one takes its place, with what can be read of the old one ([`DiskTier::salvage`]). A lock held
     /// by another handle is waited for, blocking the calling thread, for up to 2 s (a handle of
     /// this process that is closing releases it within that); past that, and for any other open
     /// error (permissions), the error is returned.
@@ -198,9 +204,26 @@ impl DiskTier {
                 })?;
                 keep_latest_aside(&config.path, KEPT_ASIDE);
                 claim_directory(&config.path)?;
+                let salvage = match salvage::salvage(&aside, config) {
+                    Ok(salvage) => {
+                        tracing::warn!(
+                            entries = salvage.entries,
+                            uploads = salvage.uploads,
+                            other = salvage.other,
+                            cut_short = salvage.trees_cut_short,
+                            "salvaged what could be read of the corrupt disk tier"
+                        );
+                        Some(salvage)
+                    }
+                    Err(reason) => {
+                        tracing::warn!(%reason, "nothing could be salvaged of the corrupt disk tier");
+                        None
+                    }
+                };
                 let mut inner =
                     open_inner(config, codec).map_err(|f| TierError::Unavailable(f.to_string()))?;
                 inner.moved_aside = Some(aside);
+                inner.salvage = salvage;
                 inner
             }
             Err(other) => return Err(TierError::Unavailable(other.to_string())),
@@ -231,7 +254,7 @@ impl DiskTier {
         let path = self.inner.path.join(name);
         let temporary = self.inner.path.join(format!(".{name}.new"));
         let written =
-            std::fs::write(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, &path));
+            write_owner_only(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, &path));
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %e, "cannot keep state beside the disk tier");
         }
@@ -242,6 +265,17 @@ impl DiskTier {
     pub fn salvaged(&self, name: &str) -> Option<Vec<u8>> {
         let aside = self.inner.moved_aside.as_deref()?;
         std::fs::read(aside.join(name)).ok()
+    }
+
+    /// What was salvaged of a database moved aside as corrupt when this one was opened, if one
+    /// was and sled could read any of it.
+    pub fn salvage(&self) -> Option<Salvage> {
+        self.inner.salvage
+    }
+
+    /// A file [`DiskTier::keep_beside`] wrote beside this database, if there is one.
+    pub fn kept_beside(&self, name: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.inner.path.join(name)).ok()
     }
 
     /// Where a corrupt database was moved on open, if it was.
@@ -665,6 +699,7 @@ fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
             evicting_excludes: RwLock::new(()),
             evictions: AtomicU64::new(0),
             moved_aside: None,
+            salvage: None,
             outbox: OnceLock::new(),
             outbox_growth: AtomicU64::new(0),
         };
@@ -827,6 +862,39 @@ fn owner_only(path: &Path) {
     let _ = path;
 }
 
+/// Copies the files and directories of `from` whose names `keep` accepts (and everything under
+/// such a directory) into a new directory `to`, readable by its owner only.
+fn copy_files(from: &Path, to: &Path, keep: &dyn Fn(&str) -> bool) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(to)?;
+    for item in std::fs::read_dir(from)? {
+        let item = item?;
+        let name = item.file_name();
+        if !keep(&name.to_string_lossy()) {
+            continue;
+        }
+        if item.file_type()?.is_dir() {
+            copy_files(&item.path(), &to.join(&name), &|_| true)?;
+        } else {
+            std::fs::copy(item.path(), to.join(&name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a new file at `path` that only its owner can read (created so: it never
+/// exists with wider permissions, not even for a moment).
+fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(bytes)
+}
+
 fn only_a_database_in(path: &Path) -> Result<(), TierError> {
     let io = |source| TierError::Io {
         context: format!("reading {}", path.display()),
@@ -884,10 +952,19 @@ fn keep_latest_aside(path: &Path, keep: usize) {
     }
 }
 
+/// A new name to move `path` aside to: `{path}.corrupt-{unix time in ms}`, a later one if that
+/// is taken.
 fn aside_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".corrupt-{}", now_ms() / 1000));
-    PathBuf::from(name)
+    let mut time = now_ms();
+    loop {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".corrupt-{time}"));
+        let aside = PathBuf::from(name);
+        if !aside.exists() {
+            return aside;
+        }
+        time += 1;
+    }
 }
 
 impl Inner {
@@ -1027,6 +1104,25 @@ impl Inner {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         self.forget_locked(id)
+    }
+
+    /// Drops the access record and slot of `id` if its entry is gone: a crash between a put's
+    /// two writes, or damage that cut sled's log short between them, leaves a record that
+    /// counts bytes no entry holds. A lookup that misses finds it (a slot lookup on every miss).
+    fn forget_record_without_entry(&self, id: u128) -> Result<(), TierError> {
+        if !self.lock_slots().contains_key(&id) {
+            return Ok(());
+        }
+        // No put is between its two writes while this is held: an entry still missing is gone.
+        let _no_put_midway = self
+            .evicting_excludes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.entries.get(id.to_be_bytes())?.is_none() {
+            tracing::debug!(id = %format!("{id:032x}"), "dropping an access record whose entry is gone");
+            self.forget_locked(id)?;
+        }
+        Ok(())
     }
 
     /// [`Inner::forget`] for a caller that holds `evicting_excludes` for writing.
@@ -1178,6 +1274,7 @@ impl Tier for DiskTier {
     async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Entry>>, TierError> {
         let id = key.id();
         let Some(bytes) = self.inner.entries.get(id.to_be_bytes())? else {
+            self.inner.forget_record_without_entry(id)?;
             return Ok(None);
         };
         match self.inner.codec.decode_local(&bytes) {
@@ -1509,7 +1606,19 @@ pub(crate) mod tests {
         let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
         let aside = tier.moved_aside().map(Path::to_path_buf);
         assert!(aside.as_ref().is_some_and(|p| p.exists()), "{aside:?}");
-        assert_eq!(tier.usage().entries, 0);
+        // Left as it was found, for whoever wants to look; the salvage's copy is gone.
+        let garbage = aside
+            .as_ref()
+            .map(|p| std::fs::read(p.join("conf")).unwrap_or_default());
+        assert_eq!(
+            garbage.as_deref(),
+            Some(&b"\x00garbage that is not a sled config\xff"[..])
+        );
+        let leftovers = std::fs::read_dir(dir.path()).map_or(0, |d| d.count());
+        assert_eq!(leftovers, 2, "the new tier and the one moved aside");
+        // What sled could read of it, salvaged: the entry.
+        assert_eq!(tier.usage().entries, 1);
+        assert_eq!(tier.salvage().map(|s| s.entries), Some(1));
         // The lifetime statistics outlive the database, as the epochs and the node id do.
         let stats = tier.load_stats();
         assert_eq!((stats.lookups, stats.misses), (42, 2));
@@ -1524,8 +1633,6 @@ pub(crate) mod tests {
             std::thread::sleep(std::time::Duration::from_millis(100));
             std::fs::write(config.path.join("conf"), b"\x00garbage\xff")
                 .unwrap_or_else(|e| panic!("{e}"));
-            // Moved aside under a name of its own second.
-            std::thread::sleep(std::time::Duration::from_millis(1000));
             let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
             assert!(tier.moved_aside().is_some(), "round {round}");
         }
@@ -1665,6 +1772,75 @@ pub(crate) mod tests {
             }
         }
         assert!(failed >= 1, "the damage is met when read");
+    }
+
+    /// A flipped bit in sled's file had the whole tier moved aside: 0 of 400 entries served,
+    /// the upload queue and the statistics gone with it. Wherever the bit lands now, what sled
+    /// can read back is served (in place, or salvaged from the copy moved aside), and nothing
+    /// served is wrong.
+    #[tokio::test]
+    async fn a_flipped_bit_loses_at_most_what_it_touched_and_never_serves_it() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let config = DiskConfig::new(dir.path().join("l2"));
+        // Written over four runs, so that sled's snapshot covers part of the file.
+        for run in 0..4 {
+            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+            for i in run * 100..(run + 1) * 100 {
+                let (key, e) = entry(i);
+                tier.put(&key, &e).await.unwrap_or_else(|e| panic!("{e}"));
+            }
+            tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
+        }
+        let pristine = dir.path().join("pristine");
+        copy_files(&config.path, &pristine, &|_| true).unwrap_or_else(|e| panic!("{e}"));
+        let size = std::fs::metadata(pristine.join("db")).map_or(0, |m| m.len()) as usize;
+        // At a quarter, half and three quarters of the file: sled refuses the database for
+        // some of these and opens it, short of what the bit cut off, for others.
+        let (mut salvaged_at, mut opened_at) = (0, 0);
+        for at in [size / 4, size / 2, size * 3 / 4] {
+            let _ = std::fs::remove_dir_all(&config.path);
+            copy_files(&pristine, &config.path, &|_| true).unwrap_or_else(|e| panic!("{e}"));
+            let db = config.path.join("db");
+            let mut bytes = std::fs::read(&db).unwrap_or_else(|e| panic!("{e}"));
+            bytes[at] ^= 0x10;
+            std::fs::write(&db, &bytes).unwrap_or_else(|e| panic!("{e}"));
+
+            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+            let mut served = 0;
+            for i in 0..400 {
+                let (key, e) = entry(i);
+                if let Ok(Some(found)) = tier.get(&key).await {
+                    assert_eq!(found.response.get(), e.response.get(), "entry {i}");
+                    assert_eq!(found.cache_id, e.cache_id, "entry {i}");
+                    served += 1;
+                }
+            }
+            assert!(
+                served >= 100,
+                "a bit at {at} of {size}: {served} of 400 served (moved aside: {:?})",
+                tier.moved_aside()
+            );
+            assert_eq!(
+                tier.usage().entries,
+                served,
+                "counted as held: what is served"
+            );
+            match tier.salvage() {
+                Some(salvage) => {
+                    assert_eq!(salvage.entries, served, "a bit at {at}: salvaged, served");
+                    salvaged_at += 1;
+                }
+                None => {
+                    assert!(tier.moved_aside().is_none(), "a bit at {at}");
+                    opened_at += 1;
+                }
+            }
+        }
+        // Both ways of meeting the damage were taken (where the bit lands is deterministic).
+        assert!(
+            salvaged_at > 0 && opened_at > 0,
+            "{salvaged_at} {opened_at}"
+        );
     }
 
     #[test]

@@ -76,31 +76,37 @@ impl EpochStore {
     /// Epochs kept in the disk tier's database (tree `epochs`), loaded as last persisted.
     pub fn open(disk: &DiskTier) -> Result<Self, TierError> {
         let tree = disk.open_tree("epochs")?;
-        let (current, salvaged) = match tree.get(CURRENT_KEY)? {
-            Some(bytes) => (
-                serde_json::from_slice(&bytes).map_err(|e| {
-                    TierError::Storage(format!("stored invalidation epochs do not parse: {e}"))
-                })?,
-                false,
-            ),
-            // A database moved aside as corrupt: the copy kept beside it.
-            None => match disk
-                .salvaged(EPOCHS_BESIDE)
-                .and_then(|bytes| serde_json::from_slice::<Epochs>(&bytes).ok())
-            {
-                Some(epochs) => (epochs, true),
-                None => (Epochs::default(), false),
-            },
+        let mut current: Epochs = match tree.get(CURRENT_KEY)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                TierError::Storage(format!("stored invalidation epochs do not parse: {e}"))
+            })?,
+            None => Epochs::default(),
         };
+        // The copies kept beside the database (this one's, and that of one moved aside as
+        // corrupt) are written with every change: a database that damage cut short, or a new
+        // one, may hold an older state, and an invalidation it lacks must still hold.
+        let mut taken_up = false;
+        for beside in [
+            disk.kept_beside(EPOCHS_BESIDE),
+            disk.salvaged(EPOCHS_BESIDE),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Ok(epochs) = serde_json::from_slice::<Epochs>(&beside) {
+                taken_up |= current.merge(&epochs);
+            }
+        }
         let mut store = Self::with_tree(Some(tree), Epochs::default());
         store.disk = Some(disk.clone());
         store.update(|epochs| {
             *epochs = current;
             Some(())
         })?;
-        if salvaged {
+        if taken_up {
             tracing::warn!(
-                "the disk tier was moved aside as corrupt; its invalidation epochs were salvaged"
+                "invalidations the database lacked were taken up from the copy kept beside it \
+                 (the database was cut short by damage, or moved aside as corrupt)"
             );
         }
         let dropped = store.drop_beyond_clock()?;

@@ -28,7 +28,7 @@ mod writer;
 
 pub use audit::AuditRecord;
 pub use cache::{Completion, Lookup, TieredCache, TieredCacheBuilder, TtlPolicy};
-pub use disk::{DiskConfig, DiskTier, Swept};
+pub use disk::{DiskConfig, DiskTier, Salvage, Swept};
 pub use epochs::{EpochStore, SyncReport};
 pub use error::TierError;
 pub use invalidate::{GcReport, Invalidation, Progress};

@@ -1,0 +1,158 @@
+//! Salvage: what sled can still read of a database it refused to open, copied into the new one.
+//!
+//! sled refuses a whole database for one damaged page, most often one its snapshot points to.
+//! Without the snapshot, it replays its log from the start and stops at the first damaged
+//! message: what was written before that reads back. So the salvage works on a copy of the
+//! database moved aside, snapshot and settings file left out (the directory moved aside stays as it was found,
+//! for whoever wants to look at it), and copies every tree item by item until the first read
+//! that fails. Entries are copied with fresh access records (their sizes), and the S3 outbox
+//! keeps only what can still be uploaded: envelopes it holds, and references to copies that
+//! were salvaged. Nothing copied is trusted more than before: every entry is checked by the
+//! codec when it is read, as always.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use super::{
+    DiskConfig, MIN_PAGE_CACHE, OUTBOX_TREE, SIZES_KEY, STATS_KEY, access_record, last_use_of,
+    now_ms, open_sled_waiting,
+};
+
+/// What was read back from a database moved aside as corrupt ([`super::DiskTier::salvage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Salvage {
+    /// Entries copied into the new database.
+    pub entries: u64,
+    /// Queued S3 uploads copied (those whose envelope survived).
+    pub uploads: u64,
+    /// Items of the other trees copied (metadata, the S3 index, analytics, the audit trail).
+    pub other: u64,
+    /// Trees whose reading stopped at a damaged page before their end.
+    pub trees_cut_short: u64,
+}
+
+/// Copies what can be read of the database moved aside to `aside` into the (new, empty)
+/// database at `config.path`. An error says why nothing could be read; the new database is
+/// then left empty.
+pub(super) fn salvage(aside: &Path, config: &DiskConfig) -> Result<Salvage, String> {
+    let work = work_path(aside);
+    let _ = std::fs::remove_dir_all(&work);
+    // sled's `conf` is left out too: it holds the settings the database was made with, which
+    // strata never changes from sled's defaults, and damage there alone makes sled refuse all.
+    let copied = super::copy_files(aside, &work, &|name| matches!(name, "db" | "blobs"));
+    let result = copied
+        .map_err(|e| format!("copying {}: {e}", aside.display()))
+        .and_then(|()| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| copy_trees(&work, config)))
+                .unwrap_or_else(|_| Err("sled panicked while reading it".into()))
+        });
+    if let Err(e) = std::fs::remove_dir_all(&work) {
+        tracing::debug!(path = %work.display(), error = %e, "cannot remove the salvage's copy");
+    }
+    result
+}
+
+/// Where the copy the salvage reads is made: beside the directory moved aside.
+fn work_path(aside: &Path) -> PathBuf {
+    let mut name = aside.as_os_str().to_owned();
+    name.push(".salvaging");
+    PathBuf::from(name)
+}
+
+fn copy_trees(work: &Path, config: &DiskConfig) -> Result<Salvage, String> {
+    let sled_error = |e: sled::Error| e.to_string();
+    let old = sled::Config::new()
+        .path(work)
+        .cache_capacity(config.cache_capacity.max(MIN_PAGE_CACHE))
+        .open()
+        .map_err(|e| format!("sled cannot open it without its snapshot either: {e}"))?;
+    let new = open_sled_waiting(config).map_err(|e| e.to_string())?;
+    let mut salvage = Salvage::default();
+    let mut cut_short = |tree: &[u8], e: sled::Error| {
+        tracing::warn!(tree = %String::from_utf8_lossy(tree), error = %e,
+            "salvage: a damaged page ends what can be read of this tree");
+        salvage.trees_cut_short += 1;
+    };
+
+    // The last uses of the entries, to carry over; what cannot be read is "now".
+    let mut last_used: HashMap<Vec<u8>, u64> = HashMap::new();
+    for item in old.open_tree("access").map_err(sled_error)?.iter() {
+        match item {
+            Ok((key, record)) => {
+                last_used.insert(key.to_vec(), last_use_of(&record));
+            }
+            Err(e) => {
+                cut_short(b"access", e);
+                break;
+            }
+        }
+    }
+
+    let (entries, access) = (
+        new.open_tree("entries").map_err(sled_error)?,
+        new.open_tree("access").map_err(sled_error)?,
+    );
+    let now = now_ms();
+    let mut kept: HashSet<Vec<u8>> = HashSet::new();
+    for item in old.open_tree("entries").map_err(sled_error)?.iter() {
+        let (key, value) = match item {
+            Ok(kv) => kv,
+            Err(e) => {
+                cut_short(b"entries", e);
+                break;
+            }
+        };
+        if super::id_of(&key).is_none() {
+            continue;
+        }
+        let used = last_used.get(key.as_ref()).copied().unwrap_or(now);
+        access
+            .insert(&key, &access_record(used, (value.len() + 16) as u64))
+            .map_err(sled_error)?;
+        entries.insert(&key, value).map_err(sled_error)?;
+        kept.insert(key.to_vec());
+        salvage.entries += 1;
+    }
+    drop(last_used);
+
+    for name in old.tree_names() {
+        if matches!(&name[..], b"entries" | b"access") {
+            continue;
+        }
+        let (from, to) = (
+            old.open_tree(&name).map_err(sled_error)?,
+            new.open_tree(&name).map_err(sled_error)?,
+        );
+        let outbox = &name[..] == OUTBOX_TREE.as_bytes();
+        let meta = &name[..] == b"meta";
+        for item in from.iter() {
+            let (key, value) = match item {
+                Ok(kv) => kv,
+                Err(e) => {
+                    cut_short(&name, e);
+                    break;
+                }
+            };
+            if meta && &key[..] == STATS_KEY {
+                // The copy kept beside the database is the newer: it is taken up instead.
+                continue;
+            }
+            if outbox {
+                // A reference whose copy is gone has nothing left to upload.
+                if crate::s3::outbox::is_reference(&value) && !kept.contains(key.as_ref()) {
+                    continue;
+                }
+                salvage.uploads += 1;
+            } else {
+                salvage.other += 1;
+            }
+            to.insert(key, value).map_err(sled_error)?;
+        }
+    }
+    // Every salvaged entry has its access record, with its size.
+    new.open_tree("meta")
+        .and_then(|meta| meta.insert(SIZES_KEY, &[1u8]))
+        .map_err(sled_error)?;
+    new.flush().map_err(sled_error)?;
+    Ok(salvage)
+}
