@@ -1188,3 +1188,201 @@ fn a_key_seals_entries_and_rekey_seals_the_older_ones() -> Result<()> {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("needs a key"));
     Ok(())
 }
+
+/// `strata epochs` shows the invalidations in force; `epochs reset` asks for `--yes`, keeps
+/// what is plausible, and goes into the audit trail, as `rekey` does.
+#[test]
+fn epochs_shows_and_reset_repairs_and_both_are_audited() -> Result<()> {
+    let dir = TempDir::new()?;
+    let invalidated = strata(dir.path())?
+        .args(["invalidate", "--tag", "jobs:7"])
+        .output()?;
+    assert!(invalidated.status.success());
+    let shown = succeeded_json(&strata(dir.path())?.args(["epochs", "--json"]).output()?)?;
+    assert!(
+        shown["tag"]["jobs:7"].as_u64().is_some_and(|e| e > 0),
+        "{shown}"
+    );
+    let text = strata(dir.path())?.args(["epochs"]).output()?;
+    assert!(String::from_utf8_lossy(&text.stdout).contains("jobs:7"));
+
+    let unconfirmed = strata(dir.path())?.args(["epochs", "reset"]).output()?;
+    assert_eq!(unconfirmed.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unconfirmed.stderr).contains("--yes"));
+    let reset = strata(dir.path())?
+        .args(["epochs", "reset", "--yes"])
+        .env("STRATA_AUDIT_ACTOR", "on-call")
+        .output()?;
+    assert!(
+        reset.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    // An invalidation of today is no poison: it still holds.
+    let after = succeeded_json(&strata(dir.path())?.args(["epochs", "--json"]).output()?)?;
+    assert_eq!(after["tag"]["jobs:7"], shown["tag"]["jobs:7"]);
+
+    let rekey = strata(dir.path())?
+        .args(["rekey"])
+        .env("STRATA_AUDIT_ACTOR", "on-call")
+        .env(
+            "STRATA_SECURITY_KEY",
+            "0123456789abcdef0123456789abcdef-test-key",
+        )
+        .output()?;
+    assert!(
+        rekey.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rekey.stderr)
+    );
+    let audit = strata(dir.path())?.args(["audit", "--json"]).output()?;
+    let records: Vec<Value> = String::from_utf8(audit.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let actions: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["action"].as_str())
+        .collect();
+    assert!(actions.contains(&"invalidate"), "{actions:?}");
+    assert!(
+        records.iter().any(|r| r["action"] != "invalidate"
+            && r["who"] == "on-call"
+            && r["action"].as_str().is_some_and(|a| a.contains("reset"))),
+        "{records:?}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["action"] == "rekey" && r["who"] == "on-call"),
+        "{records:?}"
+    );
+    // Only the last minute: the same records; `--since` parses.
+    let recent = strata(dir.path())?
+        .args(["audit", "--since", "1m", "--json"])
+        .output()?;
+    assert_eq!(
+        String::from_utf8(recent.stdout)?.lines().count(),
+        records.len()
+    );
+    Ok(())
+}
+
+/// An upload S3 keeps rejecting is parked; `strata s3 outbox` and `strata stats` show it,
+/// `retry` puts it back in the queue, `drop --yes` drops it.
+#[test]
+fn parked_uploads_are_shown_retried_and_dropped_from_the_command_line() -> Result<()> {
+    let (runtime, mut server) = s3_runtime()?;
+    runtime
+        .block_on(server.misbehave(s3_server::Fault::RejectPutsContaining("/bad-model/".into())))?;
+    let dir = TempDir::new()?;
+    let config = write_config(dir.path(), &server.config_toml(&dir.path().join("l2")))?;
+    let config = config.to_string_lossy().to_string();
+    let request = dir.path().join("request.json");
+    let response = dir.path().join("response.json");
+    std::fs::write(
+        &request,
+        r#"{"model": "bad-model", "messages": [{"role": "user", "content": "rejected"}]}"#,
+    )?;
+    std::fs::write(
+        &response,
+        r#"{"choices": [{"message": {"role": "assistant", "content": "kept here"}}]}"#,
+    )?;
+    let (req, resp) = (request.to_string_lossy(), response.to_string_lossy());
+    let put = strata(dir.path())?
+        .args([
+            "--config",
+            &config,
+            "put",
+            "--request",
+            &req,
+            "--response",
+            &resp,
+        ])
+        .output()?;
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let outbox = |args: &[&str]| -> Result<Value> {
+        let mut all = vec!["--config", config.as_str(), "s3", "outbox"];
+        all.extend_from_slice(args);
+        succeeded_json(&strata(dir.path())?.args(&all).output()?)
+    };
+    // Each command's drain is one more rejection, until the upload is parked.
+    let mut shown = outbox(&["--json"])?;
+    for _ in 0..10 {
+        if shown["parked"].as_array().is_some_and(|p| p.len() == 1) {
+            break;
+        }
+        shown = outbox(&["--json"])?;
+    }
+    assert_eq!(shown["parked"].as_array().map(Vec::len), Some(1), "{shown}");
+    assert_eq!(shown["pending"], 0, "{shown}");
+    let stats = succeeded_json(
+        &strata(dir.path())?
+            .args(["--config", &config, "stats", "--json"])
+            .output()?,
+    )?;
+    assert_eq!(stats["s3"]["parked"], 1, "{stats}");
+
+    let retried = strata(dir.path())?
+        .args(["--config", &config, "s3", "outbox", "retry"])
+        .output()?;
+    assert!(String::from_utf8_lossy(&retried.stdout).starts_with("1 parked uploads back"));
+    let requeued = outbox(&["--json"])?;
+    assert_eq!(
+        requeued["parked"].as_array().map(Vec::len).unwrap_or(0)
+            + requeued["pending"].as_u64().unwrap_or(0) as usize,
+        1,
+        "back in the queue (or parked again by this command's own drain): {requeued}"
+    );
+    let unconfirmed = strata(dir.path())?
+        .args(["--config", &config, "s3", "outbox", "drop"])
+        .output()?;
+    assert_eq!(unconfirmed.status.code(), Some(2));
+    for _ in 0..10 {
+        if outbox(&["--json"])?["parked"]
+            .as_array()
+            .is_some_and(|p| p.len() == 1)
+        {
+            break;
+        }
+    }
+    let dropped = strata(dir.path())?
+        .args(["--config", &config, "s3", "outbox", "drop", "--yes"])
+        .output()?;
+    assert!(String::from_utf8_lossy(&dropped.stdout).starts_with("1 parked uploads dropped"));
+    let emptied = outbox(&["--json"])?;
+    assert_eq!(
+        emptied["parked"].as_array().map(Vec::len),
+        Some(0),
+        "{emptied}"
+    );
+    // The entry itself stays local.
+    let got = strata(dir.path())?
+        .args(["--config", &config, "get", "--request", &req])
+        .output()?;
+    assert_eq!(got.status.code(), Some(0));
+    Ok(())
+}
+
+/// A node id names objects in the bucket: anything but `[a-z0-9_-]` is refused at load.
+#[test]
+fn a_node_id_that_could_escape_its_place_is_refused() -> Result<()> {
+    let dir = TempDir::new()?;
+    for bad in ["../evil", "Node", "a/b", "."] {
+        let output = strata(dir.path())?
+            .args(["stats"])
+            .env("STRATA_S3_NODE_ID", bad)
+            .output()?;
+        assert_eq!(output.status.code(), Some(2), "{bad}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("node_id"),
+            "{bad}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
