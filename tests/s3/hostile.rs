@@ -118,7 +118,11 @@ async fn an_object_that_names_another_model_key_or_a_future_date_is_never_served
     let server = TestS3::start().await?;
     let dir_a = TempDir::new()?;
     let a = node(&server, dir_a.path()).await?;
-    let cases: [(&str, Spoil); 4] = [
+    let cases: [(&str, Spoil); 5] = [
+        // Another scope: `invalidate --user` of the one it names would not reach it.
+        ("another scope", |e| {
+            e.scope = strata::Scope::User("mallory".into())
+        }),
         // Another model: `invalidate --model gpt-4o-mini` would not reach it.
         ("another model", |e| e.model = "some-other-model".into()),
         // Another cache id: `invalidate --key` would not reach it.

@@ -1304,6 +1304,24 @@ mod tests {
             }
         }
 
+        /// Fuzz-style: under a key, any body behind a keyed header with a right checksum (what
+        /// a writer to the bucket without the key can make) is refused, never a panic, never
+        /// an entry, sealed or encrypted.
+        #[test]
+        fn fuzz_keyed_envelopes_of_arbitrary_bodies_are_refused(
+            body in prop::collection::vec(any::<u8>(), 0..2048),
+            encrypt in any::<bool>(),
+        ) {
+            let codec = keyed(3, &[], encrypt);
+            let sealed = codec.encode(&entry("keyed")).unwrap_or_else(|e| panic!("{e}"));
+            let mut forged = sealed[..HEADER_LEN].to_vec();
+            forged.extend_from_slice(&body);
+            let crc = checksum(&forged[..12], &forged[HEADER_LEN..]);
+            forged[12..16].copy_from_slice(&crc.to_le_bytes());
+            prop_assert!(codec.decode(&forged).is_err());
+            prop_assert!(codec.decode_local(&forged).is_err());
+        }
+
         /// Fuzz-style: a real entry's payload with bytes changed, cut or added, resealed with a
         /// valid checksum, never panics the decoder; what decodes is well formed.
         #[test]
@@ -1334,7 +1352,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+        fn fuzz_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
             let codec = Codec::default();
             let _ = codec.decode(&bytes);
             let mut with_magic = MAGIC.to_vec();

@@ -330,7 +330,8 @@ mod tests {
 
     proptest::proptest! {
         /// Fuzz-style: any object name, under the prefix or not, is parsed or refused, never a
-        /// panic; any bytes read as a pointer, a manifest line or a control file likewise.
+        /// panic; any bytes read as a pointer (a manifest line is one) or a control file
+        /// likewise, and under a key no such bytes open as a control document.
         #[test]
         fn fuzz_object_names_and_documents_never_panic(
             tail in "\\PC{0,80}|[a-z0-9/._-]{0,80}",
@@ -351,6 +352,14 @@ mod tests {
             let _ = serde_json::from_slice::<strata_core::Epochs>(&bytes);
             let _ = serde_json::from_str::<Pointer>(&tail);
             let _ = serde_json::from_str::<strata_core::Epochs>(&tail);
+            // Under a key, a control document of any bytes, at any path, is refused.
+            let key = strata_core::Key::from_material(&[7; 40])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let keys = strata_core::Keyring::new(key, Vec::new(), false);
+            proptest::prop_assert!(keys.open_document(&tail, &bytes).is_err());
+            let mut with_json = br#"{"all": 1}"#.to_vec();
+            with_json.extend_from_slice(&bytes);
+            proptest::prop_assert!(keys.open_document("strata/control/epochs.json", &with_json).is_err());
         }
     }
 
