@@ -313,11 +313,11 @@ fn main() -> ExitCode {
 const EXIT_ERROR: u8 = 2;
 
 /// The exit code of a replay stopped by Ctrl-C (128 + SIGINT), after it reported what ran.
-const EXIT_INTERRUPTED: u8 = 130;
+pub(crate) const EXIT_INTERRUPTED: u8 = 130;
 
 /// Sets `stop` at the first Ctrl-C, so a replay can finish the request in flight, save and
 /// report; a second Ctrl-C ends the process at once.
-fn stop_on_ctrl_c() -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+pub(crate) fn stop_on_ctrl_c() -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     let watcher = tokio::spawn(async move {

@@ -135,27 +135,36 @@ pub async fn warm(
     }
     let epochs = cache.epochs();
     let bar = spinner("warming");
+    // Ctrl-C stops after the page in hand; a second run passes over what this one stored.
+    let (stop, watcher) = crate::stop_on_ctrl_c();
     let report = s3
-        .warm(
+        .warm_until(
             &disk,
             slug.as_ref().map(ModelSlug::as_str),
             since,
             |entry| epochs.admits(entry),
             |n| bar.set_position(n),
+            || stop.load(std::sync::atomic::Ordering::Relaxed),
         )
         .await;
+    watcher.abort();
     bar.finish_and_clear();
     close(cache).await;
     let report = report.context("warming from S3")?;
     outln!(
-        "warmed {} entries into {} ({} matched, {} expired, {} invalidated, {} failed)",
+        "warmed {} entries into {} ({} matched, {} held already, {} expired, {} invalidated, {} failed)",
         thousands(report.warmed),
         config.disk.path.display(),
         thousands(report.matched),
+        thousands(report.held),
         thousands(report.expired),
         thousands(report.invalidated),
         thousands(report.failed)
     )?;
+    if report.stopped {
+        errln!("strata: warm stopped before the end of the listing; run it again to go on");
+        return Ok(ExitCode::from(crate::EXIT_INTERRUPTED));
+    }
     Ok(if report.failed > 0 {
         ExitCode::FAILURE
     } else {

@@ -278,6 +278,11 @@ impl DiskTier {
         std::fs::read(self.inner.path.join(name)).ok()
     }
 
+    /// Whether the tier counts a copy under `key` (from its in-memory index: no read).
+    pub fn holds(&self, key: &CacheKey) -> bool {
+        self.inner.lock_slots().contains_key(&key.id())
+    }
+
     /// Where a corrupt database was moved on open, if it was.
     pub fn moved_aside(&self) -> Option<&Path> {
         self.inner.moved_aside.as_deref()

@@ -609,7 +609,7 @@ async fn warm(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Re
         .await;
     match report {
         Ok(r) => axum::Json(json!({
-            "matched": r.matched, "warmed": r.warmed, "expired": r.expired,
+            "matched": r.matched, "warmed": r.warmed, "held": r.held, "expired": r.expired,
             "invalidated": r.invalidated, "failed": r.failed,
         }))
         .into_response(),

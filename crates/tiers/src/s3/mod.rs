@@ -239,6 +239,91 @@ pub struct WarmReport {
     pub invalidated: u64,
     /// Objects that could not be read or were corrupt.
     pub failed: u64,
+    /// Entries the disk tier held already (not fetched).
+    pub held: u64,
+    /// Whether the run stopped before the end of the listing (asked to).
+    pub stopped: bool,
+}
+
+/// The scratch tree `rebuild_index` keeps the listed pointers' ids in while it runs.
+const REBUILD_SCRATCH_TREE: &str = "l3-rebuild-scratch";
+
+/// A listing read a page at a time ([`S3Tier::pages`]).
+pub struct Pages {
+    s3: S3Tier,
+    prefix: String,
+    token: Option<String>,
+    /// The continuation token of the page before, to catch a server that repeats one (S3
+    /// tokens are opaque; one repeated right away would loop forever).
+    last_token: Option<String>,
+    listed: u64,
+    done: bool,
+}
+
+impl Pages {
+    /// The next page, or `None` once the listing has ended. A listing cut short is an error,
+    /// never a quiet end: an invalidation by pattern would miss the rest.
+    pub async fn next(&mut self) -> Result<Option<Vec<Listed>>, TierError> {
+        if self.done {
+            return Ok(None);
+        }
+        let inner = &self.s3.inner;
+        let prefix = &self.prefix;
+        let page = inner
+            .client
+            .list_objects_v2()
+            .bucket(&inner.bucket)
+            .prefix(prefix)
+            .set_continuation_token(self.token.clone())
+            .send()
+            .await
+            .map_err(|e| inner.failed("LIST", prefix, &e))?;
+        inner.breaker.success();
+        let objects: Vec<Listed> = page
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(Listed {
+                    key: o.key()?.to_string(),
+                    size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                    last_modified: o
+                        .last_modified()
+                        .and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
+                    etag: o.e_tag().map(str::to_string),
+                })
+            })
+            .collect();
+        self.listed += objects.len() as u64;
+        if page.is_truncated() != Some(true) {
+            self.done = true;
+            return Ok(Some(objects));
+        }
+        match page.next_continuation_token() {
+            Some(next)
+                if self.token.as_deref() != Some(next)
+                    && self.last_token.as_deref() != Some(next) =>
+            {
+                self.last_token = self.token.take();
+                self.token = Some(next.to_string());
+            }
+            Some(_) => {
+                return Err(TierError::Storage(format!(
+                    "S3 LIST {prefix}: the server repeated a continuation token"
+                )));
+            }
+            None => {
+                return Err(TierError::Storage(format!(
+                    "S3 LIST {prefix}: a truncated page without a continuation token"
+                )));
+            }
+        }
+        Ok(Some(objects))
+    }
+
+    /// Objects listed so far.
+    pub fn listed(&self) -> u64 {
+        self.listed
+    }
 }
 
 /// An SDK error in a few words: the server's code and message, or the root cause of a call that
@@ -271,6 +356,8 @@ where
 /// What [`S3Tier::warm`] did with one object.
 enum Warmed {
     Stored,
+    /// The disk tier holds it already.
+    Held,
     Expired,
     Invalidated,
     /// Listed in the hour of `since` but created before it: not a match after all.
@@ -928,55 +1015,23 @@ impl S3Tier {
         prefix: &str,
         mut on_page: impl FnMut(Vec<Listed>),
     ) -> Result<u64, TierError> {
-        let inner = &self.inner;
-        let mut token: Option<String> = None;
-        let mut seen = std::collections::HashSet::new();
-        let mut total = 0;
-        loop {
-            let page = inner
-                .client
-                .list_objects_v2()
-                .bucket(&inner.bucket)
-                .prefix(prefix)
-                .set_continuation_token(token.take())
-                .send()
-                .await
-                .map_err(|e| inner.failed("LIST", prefix, &e))?;
-            inner.breaker.success();
-            let objects: Vec<Listed> = page
-                .contents()
-                .iter()
-                .filter_map(|o| {
-                    Some(Listed {
-                        key: o.key()?.to_string(),
-                        size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                        last_modified: o
-                            .last_modified()
-                            .and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
-                        etag: o.e_tag().map(str::to_string),
-                    })
-                })
-                .collect();
-            total += objects.len() as u64;
-            on_page(objects);
-            if page.is_truncated() != Some(true) {
-                return Ok(total);
-            }
-            // A listing cut short is an error, never a quiet end: an invalidation by pattern
-            // would miss the rest.
-            match page.next_continuation_token() {
-                Some(next) if seen.insert(next.to_string()) => token = Some(next.to_string()),
-                Some(_) => {
-                    return Err(TierError::Storage(format!(
-                        "S3 LIST {prefix}: the server repeated a continuation token"
-                    )));
-                }
-                None => {
-                    return Err(TierError::Storage(format!(
-                        "S3 LIST {prefix}: a truncated page without a continuation token"
-                    )));
-                }
-            }
+        let mut pages = self.pages(prefix);
+        while let Some(page) = pages.next().await? {
+            on_page(page);
+        }
+        Ok(pages.listed())
+    }
+
+    /// The objects under `prefix`, a page (up to 1,000) at a time: a caller holds one page, and
+    /// may stop between two.
+    pub fn pages(&self, prefix: &str) -> Pages {
+        Pages {
+            s3: self.clone(),
+            prefix: prefix.to_string(),
+            token: None,
+            last_token: None,
+            listed: 0,
+            done: false,
         }
     }
 
@@ -1065,71 +1120,74 @@ impl S3Tier {
     ) -> Result<RebuildReport, TierError> {
         let inner = &self.inner;
         let layout = &inner.layout;
-        let mut pointers = std::collections::HashSet::new();
-        self.list_pages(&layout.pointer_root(), |page| {
-            pointers.extend(
-                page.iter()
-                    .filter_map(|o| layout.parse_pointer_path(&o.key)),
-            );
-        })
-        .await?;
-        let mut entries = Vec::new();
-        let mut listed = 0;
-        self.list_pages(&layout.cache_root(), |page| {
-            listed += page.len() as u64;
-            entries.extend(
-                page.into_iter()
-                    .filter_map(|o| layout.parse_entry_path(&o.key).map(|p| (p, o))),
-            );
-            progress(listed);
-        })
-        .await?;
+        // The pointers listed go to a scratch tree of the database, not to memory: a listing
+        // of millions is held a page at a time.
+        let pointers = inner.disk.open_tree(REBUILD_SCRATCH_TREE)?;
+        pointers.clear()?;
+        let mut listed_pointers = self.pages(&layout.pointer_root());
+        while let Some(page) = listed_pointers.next().await? {
+            let mut batch = sled::Batch::default();
+            for id in page
+                .iter()
+                .filter_map(|o| layout.parse_pointer_path(&o.key))
+            {
+                batch.insert(id.as_bytes(), &[]);
+            }
+            pointers.apply_batch(batch)?;
+        }
         inner.index.clear()?;
         inner.index_bytes.store(0, Relaxed);
-        let mut report = RebuildReport {
-            listed,
-            ..RebuildReport::default()
-        };
-        let mut missing = Vec::new();
-        for (parsed, object) in entries {
-            let Some(key) = parsed.key() else { continue };
-            inner.remember(&key.digest, &object.key, object.size)?;
-            report.indexed += 1;
-            if !pointers.contains(&parsed.cache_id) {
-                missing.push(Pointer {
-                    cache_id: parsed.cache_id.clone(),
-                    cache_key: key.to_string(),
-                    path: object.key.clone(),
-                    model: parsed.slug.clone(),
-                    created: object.last_modified.unwrap_or(parsed.hour),
-                    expires: None,
-                    size: object.size,
-                    node: inner.node_id.clone(),
-                });
-            }
-        }
-        let results = self
-            .for_each_concurrent(missing, |pointer| async move {
-                let body = serde_json::to_vec(&pointer).unwrap_or_default();
-                let path = inner.layout.pointer_path(&pointer.cache_id);
-                inner.put_bytes(&path, body, "application/json").await
-            })
-            .await;
-        for result in results {
-            match result {
-                Ok(()) => report.pointers_written += 1,
-                Err(e) => {
-                    tracing::warn!(error = %e, "writing a pointer failed");
-                    report.failed += 1;
+        let mut report = RebuildReport::default();
+        let mut listed_entries = self.pages(&layout.cache_root());
+        while let Some(page) = listed_entries.next().await? {
+            report.listed += page.len() as u64;
+            let mut missing = Vec::new();
+            for object in page {
+                let Some(parsed) = layout.parse_entry_path(&object.key) else {
+                    continue;
+                };
+                let Some(key) = parsed.key() else { continue };
+                inner.remember(&key.digest, &object.key, object.size)?;
+                report.indexed += 1;
+                if !pointers.contains_key(parsed.cache_id.as_bytes())? {
+                    missing.push(Pointer {
+                        cache_id: parsed.cache_id.clone(),
+                        cache_key: key.to_string(),
+                        path: object.key.clone(),
+                        model: parsed.slug.clone(),
+                        created: object.last_modified.unwrap_or(parsed.hour),
+                        expires: None,
+                        size: object.size,
+                        node: inner.node_id.clone(),
+                    });
                 }
             }
+            let results = self
+                .for_each_concurrent(missing, |pointer| async move {
+                    let body = serde_json::to_vec(&pointer).unwrap_or_default();
+                    let path = inner.layout.pointer_path(&pointer.cache_id);
+                    inner.put_bytes(&path, body, "application/json").await
+                })
+                .await;
+            for result in results {
+                match result {
+                    Ok(()) => report.pointers_written += 1,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "writing a pointer failed");
+                        report.failed += 1;
+                    }
+                }
+            }
+            progress(report.listed);
         }
+        pointers.clear()?;
         Ok(report)
     }
 
     /// Pulls entries from S3 into the disk tier: those of model `slug` (or all), created at or
     /// after `since` (or ever). Each object is checked (envelope checksum) before it is stored;
-    /// expired ones, and those `admits` (the epochs in force) refuses, are skipped. `progress` is
+    /// expired ones, and those `admits` (the epochs in force) refuses, are skipped, and so are
+    /// those the disk tier holds already (not fetched again, counted as `held`). `progress` is
     /// called with each entry handled.
     pub async fn warm(
         &self,
@@ -1139,56 +1197,84 @@ impl S3Tier {
         admits: impl Fn(&Entry) -> bool,
         progress: impl Fn(u64),
     ) -> Result<WarmReport, TierError> {
+        self.warm_until(disk, slug, since, admits, progress, || false)
+            .await
+    }
+
+    /// [`S3Tier::warm`], a page of the listing at a time (memory does not grow with the
+    /// bucket), stopping between pages once `stop` says so (`WarmReport::stopped`). Run again,
+    /// it takes up where it stopped: what the disk holds is passed over, so nothing is fetched
+    /// or counted as warmed twice.
+    pub async fn warm_until(
+        &self,
+        disk: &DiskTier,
+        slug: Option<&str>,
+        since: Option<DateTime<Utc>>,
+        admits: impl Fn(&Entry) -> bool,
+        progress: impl Fn(u64),
+        stop: impl Fn() -> bool,
+    ) -> Result<WarmReport, TierError> {
         let inner = &self.inner;
         let prefix = inner.layout.listing_prefix(slug, None);
         let since_hour = since.map(|t| {
             t.checked_sub_signed(chrono::Duration::hours(1))
                 .unwrap_or(DateTime::<Utc>::MIN_UTC)
         });
-        let mut matched = Vec::new();
-        self.list_pages(&prefix, |page| {
-            matched.extend(page.into_iter().filter_map(|o| {
-                let parsed = inner.layout.parse_entry_path(&o.key)?;
-                let recent = since_hour.is_none_or(|t| parsed.hour > t);
-                recent.then_some((parsed, o))
-            }));
-        })
-        .await?;
-        let mut report = WarmReport {
-            matched: matched.len() as u64,
-            ..WarmReport::default()
-        };
+        let mut report = WarmReport::default();
         let now = Utc::now();
         let handled = AtomicU64::new(0);
         let (handled, progress, admits) = (&handled, &progress, &admits);
-        let results = self
-            .for_each_concurrent(matched, |(parsed, object)| async move {
-                progress(handled.fetch_add(1, Relaxed) + 1);
-                let key = parsed.key()?;
-                let bytes = inner.get_bytes(&object.key).await.ok()??;
-                let entry = inner.codec.decode(&bytes).ok()?;
-                // The folders tell the hour; the entry, the moment.
-                if since.is_some_and(|t| entry.created_at < t) {
-                    return Some(Warmed::Older);
+        let mut pages = self.pages(&prefix);
+        while let Some(page) = pages.next().await? {
+            let matched: Vec<_> = page
+                .into_iter()
+                .filter_map(|o| {
+                    let parsed = inner.layout.parse_entry_path(&o.key)?;
+                    let recent = since_hour.is_none_or(|t| parsed.hour > t);
+                    recent.then_some((parsed, o))
+                })
+                .collect();
+            report.matched += matched.len() as u64;
+            let results = self
+                .for_each_concurrent(matched, |(parsed, object)| async move {
+                    progress(handled.fetch_add(1, Relaxed) + 1);
+                    let key = parsed.key()?;
+                    if disk.holds(&key) {
+                        // Uploaded before `since`, so created before it too: not a match.
+                        let older =
+                            since.is_some_and(|t| object.last_modified.is_some_and(|m| m < t));
+                        return Some(if older { Warmed::Older } else { Warmed::Held });
+                    }
+                    let bytes = inner.get_bytes(&object.key).await.ok()??;
+                    let entry = inner.codec.decode(&bytes).ok()?;
+                    // The folders tell the hour; the entry, the moment.
+                    if since.is_some_and(|t| entry.created_at < t) {
+                        return Some(Warmed::Older);
+                    }
+                    if entry.is_expired_at(now) {
+                        return Some(Warmed::Expired);
+                    }
+                    if !admits(&entry) {
+                        return Some(Warmed::Invalidated);
+                    }
+                    disk.put_encoded(&key, &bytes).ok()?;
+                    inner.remember(&key.digest, &object.key, object.size).ok()?;
+                    Some(Warmed::Stored)
+                })
+                .await;
+            for result in results {
+                match result {
+                    Some(Warmed::Stored) => report.warmed += 1,
+                    Some(Warmed::Held) => report.held += 1,
+                    Some(Warmed::Expired) => report.expired += 1,
+                    Some(Warmed::Invalidated) => report.invalidated += 1,
+                    Some(Warmed::Older) => report.matched -= 1,
+                    None => report.failed += 1,
                 }
-                if entry.is_expired_at(now) {
-                    return Some(Warmed::Expired);
-                }
-                if !admits(&entry) {
-                    return Some(Warmed::Invalidated);
-                }
-                disk.put_encoded(&key, &bytes).ok()?;
-                inner.remember(&key.digest, &object.key, object.size).ok()?;
-                Some(Warmed::Stored)
-            })
-            .await;
-        for result in results {
-            match result {
-                Some(Warmed::Stored) => report.warmed += 1,
-                Some(Warmed::Expired) => report.expired += 1,
-                Some(Warmed::Invalidated) => report.invalidated += 1,
-                Some(Warmed::Older) => report.matched -= 1,
-                None => report.failed += 1,
+            }
+            if stop() {
+                report.stopped = true;
+                break;
             }
         }
         Ok(report)
