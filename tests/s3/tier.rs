@@ -894,7 +894,7 @@ async fn queued_uploads_outlive_disk_eviction_and_invalidated_copies_stay_local(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listing_and_index_rebuild_page_through_more_than_a_thousand_objects() -> Result<()> {
+async fn listing_rebuild_warm_and_gc_page_through_more_than_a_thousand_objects() -> Result<()> {
     let server = TestS3::start().await?;
     let dir = TempDir::new()?;
     let a = node(&server, dir.path()).await?;
@@ -958,6 +958,33 @@ async fn listing_and_index_rebuild_page_through_more_than_a_thousand_objects() -
         "{first:?} then {rest:?}"
     );
     assert_eq!(d.disk.usage().entries, n);
+
+    // gc, a page at a time, after everything was invalidated: every entry, its metadata
+    // object and its pointer go, also where a page ends between an entry and its metadata
+    // (a stray object listed first shifts the pairs by one); the stray stays.
+    let stray = format!("{root}0-stray.txt");
+    a.s3.put_object(&stray, b"not strata's".to_vec(), "text/plain")
+        .await?;
+    a.cache.invalidate(&strata::core::Selector::All).await?;
+    let report = a.cache.gc(false, |_| {}).await?;
+    assert_eq!(
+        (report.s3_entries, report.s3_objects),
+        (n, 3 * n),
+        "{report:?}"
+    );
+    let left = server.keys().await?;
+    assert!(left.contains(&stray), "{left:?}");
+    assert!(
+        !left
+            .iter()
+            .any(|k| k.ends_with(".json.zst") || k.ends_with(".metadata.json")),
+        "{} left",
+        left.len()
+    );
+    let pointers = a.s3.layout().pointer_root();
+    assert!(!left.iter().any(|k| k.starts_with(&pointers)), "pointers left");
+    let again = a.cache.gc(false, |_| {}).await?;
+    assert_eq!((again.s3_entries, again.s3_objects), (0, 0), "{again:?}");
     Ok(())
 }
 

@@ -514,6 +514,17 @@ fn entry_or_metadata(layout: &Layout, path: &str) -> Option<(String, String)> {
     Some((parsed.slug, parsed.cache_id))
 }
 
+/// How a cache id stands in the bucket, in the scratch tree of a gc: some object of it is
+/// alive, or every one seen is dead.
+const ID_ALIVE: u8 = 1;
+const ID_DEAD: u8 = 0;
+
+/// The scratch tree a gc of the bucket keeps its verdicts per cache id in.
+const GC_SCRATCH_TREE: &str = "l3-gc-scratch";
+
+/// Deletes dead entries from the bucket, a listing page at a time: memory holds one page, the
+/// verdict per cache id waits in a scratch tree of the disk tier. A run stopped midway has
+/// deleted whole pages; a second one lists what is left and counts nothing twice.
 async fn gc_bucket(
     l3: &S3Tier,
     epochs: &Epochs,
@@ -523,90 +534,129 @@ async fn gc_bucket(
     progress: &mut impl FnMut(Progress),
 ) -> Result<(), TierError> {
     let layout = l3.layout().clone();
-    let mut sizes: HashMap<String, u64> = HashMap::new();
-    let mut listed = 0;
-    for root in [layout.cache_root(), layout.pointer_root()] {
-        l3.list_pages(&root, |page| {
-            listed += page.len() as u64;
-            sizes.extend(page.into_iter().map(|o| (o.key, o.size)));
-            progress(Progress::Listed(listed));
-        })
-        .await?;
-    }
-    report.s3_listed = listed;
-    let entries: Vec<(String, String)> = sizes
-        .keys()
-        .filter_map(|k| Some((k.clone(), layout.parse_entry_path(k)?.cache_id)))
-        .collect();
-    let total = entries.len() as u64;
+    let ids = l3.scratch_tree(GC_SCRATCH_TREE)?;
+    ids.clear()?;
     let now = Utc::now();
     let keyed = l3.has_keys();
-    let mut checked = 0;
-    let verdicts = l3
-        .for_each_concurrent(entries, |(path, id)| async move {
-            let dead = match l3.get_object(&path).await {
-                Ok(Some(bytes)) => match l3.decode(&bytes) {
-                    Ok(e) => Some(ttl.expired(&e, now) || !epochs.admits(&e)),
-                    // Written by a newer release of strata (a node upgraded before this one):
-                    // not this node's to judge. The checksum matched, so the bytes are whole.
-                    Err(TierError::Corrupt(
-                        CodecError::UnknownVersion(_) | CodecError::UnknownFlags(_),
-                    )) => Some(false),
-                    // Not authentic: with keys, a forgery (or a key no longer held), deleted;
-                    // without any, sealed by nodes that hold one, not this node's to judge.
-                    Err(TierError::Corrupt(CodecError::Unauthentic(_))) => Some(keyed),
-                    Err(_) => Some(true),
-                },
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::warn!(%path, error = %e, "gc cannot read an entry object; keeping it");
-                    None
-                }
-            };
-            (path, id, dead)
-        })
-        .await;
-    let mut doomed = Vec::new();
-    let mut alive_ids = HashSet::new();
-    let mut dead_ids = HashSet::new();
-    for (path, id, dead) in verdicts {
-        checked += 1;
-        if checked % 64 == 0 || checked == total {
-            progress(Progress::Checked(checked, total));
+    let (mut listed, mut checked, mut deleted) = (0u64, 0u64, 0u64);
+    // Metadata objects of dead entries not listed yet: one lists right after its entry
+    // (`….json.zst` < `….metadata.json`), on the next page at the latest.
+    let mut metadata_due: HashSet<String> = HashSet::new();
+    let mut pages = l3.pages(&layout.cache_root());
+    while let Some(page) = pages.next().await? {
+        listed += page.len() as u64;
+        progress(Progress::Listed(listed));
+        let mut doomed: Vec<(String, u64)> = Vec::new();
+        let mut entries = Vec::new();
+        let mut metadata_here: HashMap<String, u64> = HashMap::new();
+        let due = std::mem::take(&mut metadata_due);
+        for object in page {
+            if due.contains(&object.key) {
+                doomed.push((object.key, object.size));
+            } else if let Some(parsed) = layout.parse_entry_path(&object.key) {
+                entries.push((object.key, object.size, parsed.cache_id));
+            } else if object.key.ends_with(METADATA_SUFFIX) {
+                metadata_here.insert(object.key, object.size);
+            }
         }
-        match dead {
-            Some(true) => {
+        let verdicts = l3
+            .for_each_concurrent(entries, |(path, size, id)| async move {
+                let dead = match l3.get_object(&path).await {
+                    Ok(Some(bytes)) => match l3.decode(&bytes) {
+                        Ok(e) => Some(ttl.expired(&e, now) || !epochs.admits(&e)),
+                        // Written by a newer release of strata (a node upgraded before this
+                        // one): not this node's to judge. The checksum matched: the bytes
+                        // are whole.
+                        Err(TierError::Corrupt(
+                            CodecError::UnknownVersion(_) | CodecError::UnknownFlags(_),
+                        )) => Some(false),
+                        // Not authentic: with keys, a forgery (or a key no longer held),
+                        // deleted; without any, sealed by nodes that hold one, not this
+                        // node's to judge.
+                        Err(TierError::Corrupt(CodecError::Unauthentic(_))) => Some(keyed),
+                        Err(_) => Some(true),
+                    },
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::warn!(%path, error = %e, "gc cannot read an entry object; keeping it");
+                        None
+                    }
+                };
+                (path, size, id, dead)
+            })
+            .await;
+        for (path, size, id, dead) in verdicts {
+            checked += 1;
+            if dead == Some(true) {
                 report.s3_entries += 1;
+                // Its metadata object goes with it: listed on this page, or first on the next.
                 let metadata = Layout::metadata_path(&path);
-                if sizes.contains_key(&metadata) {
-                    doomed.push(metadata);
+                match metadata_here.get(&metadata) {
+                    Some(&size) => doomed.push((metadata, size)),
+                    None => {
+                        metadata_due.insert(metadata);
+                    }
                 }
-                doomed.push(path);
-                dead_ids.insert(id);
+                doomed.push((path, size));
+                if ids.get(id.as_bytes())?.is_none() {
+                    ids.insert(id.as_bytes(), &[ID_DEAD])?;
+                }
+            } else {
+                ids.insert(id.as_bytes(), &[ID_ALIVE])?;
             }
-            _ => {
-                alive_ids.insert(id);
+        }
+        progress(Progress::Checked(checked, listed));
+        deleted += remove(l3, doomed, dry_run, report, deleted, progress).await?;
+    }
+    // The pointers of keys every object of which died.
+    let mut pages = l3.pages(&layout.pointer_root());
+    while let Some(page) = pages.next().await? {
+        listed += page.len() as u64;
+        progress(Progress::Listed(listed));
+        let mut doomed = Vec::new();
+        for object in page {
+            let Some(id) = layout.parse_pointer_path(&object.key) else {
+                continue;
+            };
+            if ids.get(id.as_bytes())?.as_deref() == Some(&[ID_DEAD]) {
+                if !dry_run && let Some(key) = CacheKey::parse(&format!("x_{id}")) {
+                    l3.forget(&key)?;
+                }
+                doomed.push((object.key, object.size));
             }
         }
+        deleted += remove(l3, doomed, dry_run, report, deleted, progress).await?;
     }
-    for id in dead_ids.difference(&alive_ids) {
-        let pointer = layout.pointer_path(id);
-        if sizes.contains_key(&pointer) {
-            doomed.push(pointer);
-        }
-        if !dry_run && let Some(key) = CacheKey::parse(&format!("x_{id}")) {
-            l3.forget(&key)?;
-        }
-    }
-    report.s3_objects = doomed.len() as u64;
-    report.s3_bytes = doomed.iter().filter_map(|p| sizes.get(p)).sum();
-    if !dry_run {
-        let total = doomed.len() as u64;
-        report.s3_objects = l3
-            .delete_objects(&doomed, |n| progress(Progress::Deleted(n, total)))
-            .await?;
-    }
+    ids.clear()?;
+    report.s3_listed = listed;
     Ok(())
+}
+
+/// Deletes `doomed` (unless `dry_run`), counting objects and bytes in `report`; `before`
+/// were deleted earlier in the run. Returns how many were deleted (or would be).
+async fn remove(
+    l3: &S3Tier,
+    doomed: Vec<(String, u64)>,
+    dry_run: bool,
+    report: &mut GcReport,
+    before: u64,
+    progress: &mut impl FnMut(Progress),
+) -> Result<u64, TierError> {
+    if doomed.is_empty() {
+        return Ok(0);
+    }
+    report.s3_bytes += doomed.iter().map(|(_, size)| size).sum::<u64>();
+    let paths: Vec<String> = doomed.into_iter().map(|(path, _)| path).collect();
+    let n = if dry_run {
+        paths.len() as u64
+    } else {
+        l3.delete_objects(&paths, |n| {
+            progress(Progress::Deleted(before + n, before + paths.len() as u64))
+        })
+        .await?
+    };
+    report.s3_objects += n;
+    Ok(n)
 }
 
 async fn blocking<R: Send + 'static>(

@@ -1022,6 +1022,11 @@ impl S3Tier {
         Ok(pages.listed())
     }
 
+    /// A tree of the disk tier's database for a long run's scratch state (kept out of memory).
+    pub(crate) fn scratch_tree(&self, name: &str) -> Result<sled::Tree, TierError> {
+        self.inner.disk.open_tree(name)
+    }
+
     /// The objects under `prefix`, a page (up to 1,000) at a time: a caller holds one page, and
     /// may stop between two.
     pub fn pages(&self, prefix: &str) -> Pages {
@@ -1122,7 +1127,7 @@ impl S3Tier {
         let layout = &inner.layout;
         // The pointers listed go to a scratch tree of the database, not to memory: a listing
         // of millions is held a page at a time.
-        let pointers = inner.disk.open_tree(REBUILD_SCRATCH_TREE)?;
+        let pointers = self.scratch_tree(REBUILD_SCRATCH_TREE)?;
         pointers.clear()?;
         let mut listed_pointers = self.pages(&layout.pointer_root());
         while let Some(page) = listed_pointers.next().await? {
