@@ -20,6 +20,11 @@
 //!
 //! `STRATA_SCALE_KEEP=1` keeps each N's logs and cache directory (the path is printed).
 //!
+//! `STRATA_SCALE_S3=10000,100000` runs the bucket commands instead: N entries seeded into the
+//! test suite's S3 server (s3s-fs on a loopback port) by a replay with S3, then `strata ls`,
+//! `index rebuild`, `warm` and `gc --dry-run`, each a new process on a new disk tier, with
+//! objects (or entries) per second and peak RSS.
+//!
 //! Prints one table row per N (Markdown, for BENCHMARKS.md) and the bounds it checks.
 
 use std::io::{BufRead, BufReader, Write};
@@ -30,6 +35,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+
+#[allow(unused_imports)]
+#[path = "../tests/support/s3.rs"]
+mod s3;
 
 /// Exchanges looked up twice for the memory-tier figures, and the small-scale N.
 const HOT: usize = 20_000;
@@ -60,6 +69,17 @@ fn main() -> Result<()> {
         data.display(),
         base.len()
     );
+    if let Ok(list) = std::env::var("STRATA_SCALE_S3") {
+        println!("\n{}", S3Row::header());
+        for n in list.split(',').filter(|n| !n.is_empty()) {
+            let n: usize = n
+                .replace('_', "")
+                .parse()
+                .with_context(|| format!("N: {n}"))?;
+            println!("{}", run_s3(&strata, &base, n)?.row());
+        }
+        return Ok(());
+    }
     let hot = HOT.min(sizes.iter().copied().min().unwrap_or(HOT));
     let small = run(&strata, &base, hot, hot)?;
     println!("\n{}", Row::header());
@@ -352,4 +372,102 @@ impl Row {
         );
         Ok(())
     }
+}
+
+/// One N's figures for the bucket commands: (wall s, objects or entries handled, peak RSS).
+struct S3Row {
+    n: usize,
+    seed_s: f64,
+    phases: [(f64, u64, u64); 4],
+}
+
+impl S3Row {
+    fn header() -> String {
+        [
+            "| N entries (objects) | seed s | ls objects/s · MiB | index rebuild objects/s · MiB \
+             | warm entries/s · MiB | gc (dry run) objects/s · MiB |",
+            "|---|---|---|---|---|---|",
+        ]
+        .join("\n")
+    }
+
+    fn row(&self) -> String {
+        let cell = |(wall, handled, rss): (f64, u64, u64)| {
+            format!("{:.0} · {}", handled as f64 / wall.max(1e-9), mib(rss))
+        };
+        format!(
+            "| {} ({}) | {:.1} | {} | {} | {} | {} |",
+            self.n,
+            3 * self.n,
+            self.seed_s,
+            cell(self.phases[0]),
+            cell(self.phases[1]),
+            cell(self.phases[2]),
+            cell(self.phases[3]),
+        )
+    }
+}
+
+/// The bucket commands over N entries (3N objects: entry, metadata, pointer) in the test
+/// suite's S3 server: seeded by a replay with S3, then `ls`, `index rebuild`, `warm` and
+/// `gc --dry-run`, each in a new process on a new disk tier.
+fn run_s3(bin: &Path, base: &[Value], n: usize) -> Result<S3Row> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let server = runtime.block_on(s3::TestS3::start())?;
+    let tmp = tempfile::Builder::new()
+        .prefix("strata-scale-s3-")
+        .tempdir()?;
+    let log = tmp.path().join("all.jsonl.zst");
+    write_log(base, &log, n, 1)?;
+    let log = log.to_string_lossy().into_owned();
+    let config = tmp.path().join("strata.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}close_timeout = \"1h\"\n",
+            server.config_toml(&tmp.path().join("unused"))
+        ),
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    let disk = |name: &str| tmp.path().join(name);
+    eprintln!("S3, N = {n}: seeding the bucket");
+    let seed = strata(
+        bin,
+        &disk("seed"),
+        &["--config", &config, "replay", &log, "--json"],
+    )?;
+    eprintln!("S3, N = {n}: ls");
+    let ls = strata(bin, &disk("ls"), &["--config", &config, "ls", "--json"])?;
+    eprintln!("S3, N = {n}: index rebuild");
+    let rebuild = strata(
+        bin,
+        &disk("rebuild"),
+        &["--config", &config, "index", "rebuild"],
+    )?;
+    eprintln!("S3, N = {n}: warm");
+    let warm = strata(bin, &disk("warm"), &["--config", &config, "warm"])?;
+    eprintln!("S3, N = {n}: gc --dry-run");
+    let gc = strata(
+        bin,
+        &disk("gc"),
+        &["--config", &config, "gc", "--dry-run", "--json"],
+    )?;
+    let listed = field(&gc.json, "/s3/listed") as u64;
+    if listed != 3 * n as u64 {
+        bail!(
+            "gc listed {listed} objects, not {}: the seed did not upload all",
+            3 * n
+        );
+    }
+    drop(server);
+    Ok(S3Row {
+        n,
+        seed_s: seed.wall_s,
+        phases: [
+            (ls.wall_s, 2 * n as u64, ls.peak_rss),
+            (rebuild.wall_s, 3 * n as u64, rebuild.peak_rss),
+            (warm.wall_s, n as u64, warm.peak_rss),
+            (gc.wall_s, 3 * n as u64, gc.peak_rss),
+        ],
+    })
 }

@@ -982,7 +982,10 @@ async fn listing_rebuild_warm_and_gc_page_through_more_than_a_thousand_objects()
         left.len()
     );
     let pointers = a.s3.layout().pointer_root();
-    assert!(!left.iter().any(|k| k.starts_with(&pointers)), "pointers left");
+    assert!(
+        !left.iter().any(|k| k.starts_with(&pointers)),
+        "pointers left"
+    );
     let again = a.cache.gc(false, |_| {}).await?;
     assert_eq!((again.s3_entries, again.s3_objects), (0, 0), "{again:?}");
     Ok(())
