@@ -79,16 +79,12 @@ fn bar(what: &str) -> ProgressBar {
 fn show(bar: &ProgressBar, p: Progress) {
     match p {
         Progress::Listed(n) => bar.set_message(format!("{} objects listed", thousands(n))),
-        Progress::Checked(n, of) => bar.set_message(format!(
-            "{} of {} entries checked",
+        Progress::Checked(n, listed) => bar.set_message(format!(
+            "{} entries checked, {} objects listed",
             thousands(n),
-            thousands(of)
+            thousands(listed)
         )),
-        Progress::Deleted(n, of) => bar.set_message(format!(
-            "{} of {} objects deleted",
-            thousands(n),
-            thousands(of)
-        )),
+        Progress::Deleted(n, _) => bar.set_message(format!("{} objects deleted", thousands(n))),
     }
 }
 

@@ -70,9 +70,11 @@ pub struct GcReport {
 pub enum Progress {
     /// Objects listed so far.
     Listed(u64),
-    /// Entry objects checked so far, of a total.
+    /// Entry objects checked so far, and objects listed so far (a gc lists and checks a page
+    /// at a time: the total is not known before the end).
     Checked(u64, u64),
-    /// Objects deleted so far, of a total.
+    /// Objects deleted so far, and the number that will have been deleted once the batch in
+    /// hand is.
     Deleted(u64, u64),
 }
 
