@@ -489,5 +489,9 @@ async fn a_corrupt_disk_tier_keeps_its_epochs_and_node_id() -> Result<()> {
             .contains_key("kept-through-corruption"),
         "the invalidation still holds"
     );
+    // Moved aside beside the temporary directory, outside it: not left behind.
+    if let Some(aside) = again.disk.moved_aside() {
+        std::fs::remove_dir_all(aside)?;
+    }
     Ok(())
 }

@@ -370,6 +370,10 @@ async fn the_upload_queue_of_a_corrupt_disk_tier_is_salvaged_and_still_uploaded(
             .key(&request(&format!("salvaged {i}")), &Scope::Global)?;
         assert!(reopened.disk.get(&keyed.key).await?.is_some(), "entry {i}");
     }
+    // Moved aside beside the temporary directory, outside it: not left behind.
+    if let Some(aside) = reopened.disk.moved_aside() {
+        std::fs::remove_dir_all(aside)?;
+    }
     Ok(())
 }
 
