@@ -309,28 +309,38 @@ fn queue_then_crash(server: &TestS3, dir: &std::path::Path, prefix: &str, n: u64
     .map_err(|_| anyhow::anyhow!("the first process panicked"))?
 }
 
+/// `n` entries queued for upload by a process that crashed while the server was down (so they
+/// can only be in the outbox), the server back up; returns a copy of that process's directory
+/// (sled keeps one process-wide lock per directory: a copy is what a restarted process sees).
+async fn queued_while_s3_was_down(server: &mut TestS3, prefix: &str, n: u64) -> Result<TempDir> {
+    let dir = TempDir::new()?;
+    server.stop().await?;
+    queue_then_crash(server, dir.path(), prefix, n)?;
+    server.restart().await?;
+    let copy = TempDir::new()?;
+    copy_dir(dir.path(), copy.path())?;
+    Ok(copy)
+}
+
+/// Waits (up to 20 s) for `node`'s background drainer to empty its upload queue.
+async fn drained(node: &Node) {
+    let started = std::time::Instant::now();
+    while node.s3.pending() > 0 && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_entries_from_before_a_crash_reach_s3_after_reopen() -> Result<()> {
     let mut server = TestS3::start().await?;
     if !server.can_stop() {
         return Ok(()); // needs a server it can stop: an external one over HTTPS cannot be
     }
-    let dir = TempDir::new()?;
-    // The server is down while the entries are written, so they can only be in the outbox.
-    server.stop().await?;
-    queue_then_crash(&server, dir.path(), "crash", 20)?;
-    server.restart().await?;
-    // sled keeps one process-wide lock per directory: reopen in a copy, as a restarted process
-    // would see the directory.
-    let copy = TempDir::new()?;
-    copy_dir(dir.path(), copy.path())?;
+    let copy = queued_while_s3_was_down(&mut server, "crash", 20).await?;
     let reopened = node(&server, copy.path()).await?;
     assert_eq!(reopened.s3.pending(), 20, "the outbox survived");
     // The background drainer takes it without being asked.
-    let started = std::time::Instant::now();
-    while reopened.s3.pending() > 0 && started.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    drained(&reopened).await;
     assert_eq!(reopened.s3.pending(), 0);
     assert_eq!(entry_objects(&server).await?, 20);
     Ok(())
@@ -345,22 +355,14 @@ async fn the_upload_queue_of_a_corrupt_disk_tier_is_salvaged_and_still_uploaded(
     if !server.can_stop() {
         return Ok(()); // needs a server it can stop: an external one over HTTPS cannot be
     }
-    let dir = TempDir::new()?;
-    server.stop().await?;
-    queue_then_crash(&server, dir.path(), "salvaged ", 20)?;
-    server.restart().await?;
-    let copy = TempDir::new()?;
-    copy_dir(dir.path(), copy.path())?;
+    let copy = queued_while_s3_was_down(&mut server, "salvaged ", 20).await?;
     std::fs::write(copy.path().join("conf"), b"\x00not sled's settings\xff")?;
     let reopened = node(&server, copy.path()).await?;
     assert!(reopened.disk.moved_aside().is_some(), "moved aside");
     let salvage = reopened.disk.salvage().context("salvaged")?;
     assert_eq!((salvage.entries, salvage.uploads), (20, 20), "{salvage:?}");
     assert_eq!(reopened.s3.pending(), 20, "the queue survived");
-    let started = std::time::Instant::now();
-    while reopened.s3.pending() > 0 && started.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    drained(&reopened).await;
     assert_eq!(reopened.s3.pending(), 0);
     assert_eq!(entry_objects(&server).await?, 20);
     // And served from the salvaged copies.
