@@ -21,6 +21,7 @@ mod output;
 use output::{errln, out, outln};
 mod report_command;
 mod s3_commands;
+mod signals;
 
 #[derive(Parser)]
 #[command(name = "strata", version, about = "A tiered cache for LLM responses", long_about = None)]
@@ -320,16 +321,14 @@ pub(crate) const EXIT_INTERRUPTED: u8 = 130;
 pub(crate) fn stop_on_ctrl_c() -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
+    // Registered here, before the command starts its work, not when the task first runs.
+    let mut interrupt = signals::Caught::interrupt();
     let watcher = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            flag.store(true, Ordering::Relaxed);
-            errln!(
-                "strata: interrupted: saving and reporting what ran (Ctrl-C again to quit at once)"
-            );
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(i32::from(EXIT_INTERRUPTED));
-            }
-        }
+        interrupt.recv().await;
+        flag.store(true, Ordering::Relaxed);
+        errln!("strata: interrupted: saving and reporting what ran (Ctrl-C again to quit at once)");
+        interrupt.recv().await;
+        std::process::exit(i32::from(EXIT_INTERRUPTED));
     });
     (stop, watcher)
 }
@@ -520,6 +519,9 @@ async fn serve_command(
     if let Some(addr) = listen {
         config.server.listen = addr;
     }
+    // The handlers are in place before the address is printed: a signal sent as soon as
+    // the gateway answers stops it gracefully, never by the default action.
+    let shutdown = signals::shutdown();
     let cache = config.open_cache().await?;
     let gateway = strata_http::Gateway::with_http(cache, config.server.clone(), &config.http)?;
     let server = strata_http::Server::bind(gateway).await?;
@@ -529,30 +531,8 @@ async fn serve_command(
     if config.server.admin_listen.is_some() {
         errln!("strata: admin API on http://{}", server.admin_addr()?);
     }
-    server.run(shutdown_signal()).await?;
+    server.run(shutdown).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Resolves at the first SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 /// Flushes and closes the cache. Uploads S3 could not take stay queued for the next run: a

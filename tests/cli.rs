@@ -988,12 +988,7 @@ fn http_get(addr: &str, path: &str) -> Result<String> {
 fn serve_answers_and_stops_cleanly_on_sigterm() -> Result<()> {
     use std::io::BufRead;
     let dir = TempDir::new()?;
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"))
-        .current_dir(dir.path())
-        .env_remove("STRATA_CONFIG")
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let mut child = serve_in(dir.path())?;
     let stderr = child.stderr.take().context("stderr")?;
     let mut lines = std::io::BufReader::new(stderr).lines();
     let first = lines.next().context("serve printed nothing")??;
@@ -1027,7 +1022,34 @@ fn serve_answers_and_stops_cleanly_on_sigterm() -> Result<()> {
         dir.path().join(".strata").is_dir(),
         "the disk tier was opened and kept"
     );
+
+    // A signal sent the moment the address is printed stops it gracefully too: the handlers
+    // are in place before the gateway says where it listens.
+    let mut child = serve_in(dir.path())?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let first = std::io::BufReader::new(stderr)
+        .lines()
+        .next()
+        .context("serve printed nothing")??;
+    assert!(first.starts_with("strata: serving on http://"), "{first}");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    assert!(child.wait()?.success());
     Ok(())
+}
+
+/// `strata serve` on a free loopback port, in `dir`, with its standard error piped.
+fn serve_in(dir: &Path) -> Result<std::process::Child> {
+    Ok(
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"))
+            .current_dir(dir)
+            .env_remove("STRATA_CONFIG")
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()?,
+    )
 }
 
 /// A secret of digits only (read from the environment as a number) was refused, and the
