@@ -145,6 +145,9 @@ pub enum CodecError {
     /// The payload is not a valid entry.
     #[error("entry JSON: {0}")]
     Json(String),
+    /// The stored bytes could not be read back (a damaged or missing value-log record).
+    #[error("unreadable: {0}")]
+    Unreadable(String),
     /// Under a key: the envelope is not sealed (or sealed with a key not held), its MAC or tag
     /// does not match, or it says it belongs to another cache id.
     #[error("not authentic: {0}")]

@@ -23,6 +23,8 @@ use crate::tier::{Tier, TierUsage};
 
 mod salvage;
 pub use salvage::Salvage;
+mod vlog;
+use vlog::{Pointer, ValueLog};
 
 /// Settings of the disk tier.
 #[derive(Debug, Clone)]
@@ -92,15 +94,22 @@ struct Slot {
     last_used_ms: u64,
     /// The last use its access record holds.
     saved_ms: u64,
+    /// The value-log segment its envelope is in ([`INLINE`]: in sled, as older releases
+    /// stored it). A hint for choosing what to compact, never for deleting.
+    segment: u64,
 }
+
+/// The segment of an envelope stored inline in sled.
+const INLINE: u64 = u64::MAX;
 
 impl Slot {
     /// A slot as its access record holds it.
-    fn saved(last_used_ms: u64, bytes: u64) -> Self {
+    fn saved(last_used_ms: u64, bytes: u64, segment: u64) -> Self {
         Slot {
             bytes,
             last_used_ms,
             saved_ms: last_used_ms,
+            segment,
         }
     }
 }
@@ -113,19 +122,42 @@ fn last_use_of(record: &[u8]) -> u64 {
         .map_or(0, u64::from_le_bytes)
 }
 
-/// An entry's access record in the `access` tree: last use, then bytes held (both little
-/// endian). Databases written before sizes were kept there hold the last use alone.
-fn access_record(last_used_ms: u64, bytes: u64) -> [u8; 16] {
-    let mut record = [0; 16];
+/// An entry's access record in the `access` tree: last use, bytes held, value-log segment
+/// (all little endian). Databases written before the value log hold the first two; before
+/// sizes were kept there, the last use alone.
+fn access_record(last_used_ms: u64, bytes: u64, segment: u64) -> [u8; 24] {
+    let mut record = [0; 24];
     record[..8].copy_from_slice(&last_used_ms.to_le_bytes());
-    record[8..].copy_from_slice(&bytes.to_le_bytes());
+    record[8..16].copy_from_slice(&bytes.to_le_bytes());
+    record[16..].copy_from_slice(&segment.to_le_bytes());
     record
+}
+
+/// The size of a value-log segment for a tier of `capacity` bytes: a sixteenth of it, within
+/// 64 KiB and 64 MiB, so the head segment (never compacted) is a small part of the directory.
+fn segment_bytes(capacity: u64) -> u64 {
+    (capacity / 16).clamp(64 << 10, 64 << 20)
+}
+
+/// The envelope length what sled stores under an entry stands for: a pointer's, or the
+/// inline envelope's own.
+fn stored_len(stored: &[u8]) -> u64 {
+    Pointer::decode(stored).map_or(stored.len() as u64, |p| u64::from(p.len))
+}
+
+/// The segment what sled stores under an entry is in.
+fn stored_segment(stored: &[u8]) -> u64 {
+    Pointer::decode(stored).map_or(INLINE, |p| p.segment)
 }
 
 struct Inner {
     /// The tier's directory.
     path: PathBuf,
     db: sled::Db,
+    /// Where the envelopes are; `entries` holds a [`Pointer`] to each.
+    values: ValueLog,
+    /// Set while a compaction of the value log runs.
+    compacting: AtomicBool,
     entries: sled::Tree,
     access: sled::Tree,
     meta: sled::Tree,
@@ -323,6 +355,7 @@ impl DiskTier {
             also()
         };
         self.schedule_eviction();
+        self.schedule_compaction();
         Ok(done)
     }
 
@@ -342,9 +375,20 @@ impl DiskTier {
         Ok(self.inner.db.open_tree(name)?)
     }
 
-    /// The stored bytes (an envelope) under a digest, unchecked.
+    /// The stored bytes (an envelope) under a digest, unchecked; `None` when there is none or
+    /// it cannot be read back.
     pub fn raw(&self, digest: &[u8]) -> Result<Option<sled::IVec>, TierError> {
-        Ok(self.inner.entries.get(digest)?)
+        let Some(id) = id_of(digest) else {
+            return Ok(None);
+        };
+        Ok(match self.inner.load(id)? {
+            Some((_, Ok(bytes))) => Some(sled::IVec::from(bytes)),
+            Some((_, Err(e))) => {
+                tracing::debug!(error = %e, "an envelope cannot be read back");
+                None
+            }
+            None => None,
+        })
     }
 
     /// Envelope bytes eviction has moved into the S3 outbox since the last
@@ -386,15 +430,20 @@ impl DiskTier {
         for item in self.inner.entries.iter() {
             let (key, value) = item?;
             let Some(id) = id_of(&key) else { continue };
-            let bytes = (value.len() + 16) as u64;
+            let bytes = stored_len(&value) + 16;
             swept.seen += 1;
+            let decoded = self
+                .inner
+                .resolve(id, &value)
+                .and_then(|envelope| self.inner.codec.decode_local(&envelope));
             // Only the copy judged goes: one a put has replaced since it was read stays.
-            if remove(id, self.inner.codec.decode_local(&value), bytes)
-                && self.inner.remove_exact(id, &value)?
-            {
+            if remove(id, decoded, bytes) && self.inner.remove_exact(id, &value)? {
                 swept.removed += 1;
                 swept.bytes += bytes;
             }
+        }
+        if swept.removed > 0 {
+            self.inner.compact_if_worth_it();
         }
         Ok(swept)
     }
@@ -411,7 +460,11 @@ impl DiskTier {
             let (key, value) = item?;
             let Some(id) = id_of(&key) else { continue };
             seen += 1;
-            let Some(new) = rewrite(id, &value) else {
+            // A copy that cannot be read back is left for the lookup that finds it.
+            let Ok(envelope) = self.inner.resolve(id, &value) else {
+                continue;
+            };
+            let Some(new) = rewrite(id, &envelope) else {
                 continue;
             };
             let _no_eviction_midway = self
@@ -419,13 +472,14 @@ impl DiskTier {
                 .evicting_excludes
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
+            let pointer = self.inner.append(id, &new)?;
             if self
                 .inner
                 .entries
-                .compare_and_swap(&key, Some(&value), Some(new.as_slice()))?
+                .compare_and_swap(&key, Some(&value), Some(&pointer.encode()[..]))?
                 .is_ok()
             {
-                let grew = new.len() as i64 - value.len() as i64;
+                let grew = new.len() as i64 - stored_len(&value) as i64;
                 if grew >= 0 {
                     self.inner.bytes.fetch_add(grew as u64, Relaxed);
                 } else {
@@ -433,6 +487,7 @@ impl DiskTier {
                 }
                 if let Some(slot) = self.inner.lock_slots().get_mut(&id) {
                     slot.bytes = (new.len() + 16) as u64;
+                    slot.segment = pointer.segment;
                 }
                 // Its access record holds the size opening reads.
                 self.inner.mark_dirty(id);
@@ -472,7 +527,8 @@ impl DiskTier {
             }
             read += 1;
             last = Some(id);
-            if let Ok(entry) = self.inner.codec.decode_local(&value)
+            if let Ok(envelope) = self.inner.resolve(id, &value)
+                && let Ok(entry) = self.inner.codec.decode_local(&envelope)
                 && keep(&entry)
             {
                 found.push(entry);
@@ -501,7 +557,11 @@ impl DiskTier {
         let Some(current) = self.inner.entries.get(id.to_be_bytes())? else {
             return Ok(false);
         };
-        let same = match self.inner.codec.decode_local(&current) {
+        let decoded = self
+            .inner
+            .resolve(id, &current)
+            .and_then(|envelope| self.inner.codec.decode_local(&envelope));
+        let same = match decoded {
             Ok(stored) => {
                 stored.created_at == judged.created_at
                     && stored.response.get() == judged.response.get()
@@ -533,6 +593,16 @@ impl DiskTier {
         if let Some(outbox) = self.inner.outbox.get() {
             outbox.clear()?;
         }
+        // No pointer refers to a segment now, and no append is under way (they hold the lock
+        // this holds): every segment goes. After a crash before sled's log holds the clear, the
+        // pointers it brings back find their segments gone: misses, never old answers.
+        self.inner
+            .values
+            .remove_all()
+            .map_err(|source| TierError::Io {
+                context: "deleting the value log".into(),
+                source,
+            })?;
         self.inner.lock_slots().clear();
         self.inner.bytes.store(0, Relaxed);
         Ok(n)
@@ -565,6 +635,11 @@ impl DiskTier {
 
     /// Writes access times and sled's log to disk, blocking the calling thread.
     pub fn flush_blocking(&self) -> Result<(), TierError> {
+        // The envelopes before the pointers to them.
+        self.inner.values.sync().map_err(|source| TierError::Io {
+            context: "syncing the value log".into(),
+            source,
+        })?;
         self.inner.save_access_times()?;
         self.inner.db.flush()?;
         Ok(())
@@ -608,17 +683,19 @@ impl DiskTier {
                 // A pass that found nothing to evict would find nothing again: the next put
                 // starts another.
                 if evicted == 0 {
-                    return;
+                    break;
                 }
                 // Puts that found this pass running left their bytes to it: look again, unless
                 // the tier is within its bound or another pass has started.
                 let inner = &pass.inner;
                 if inner.bytes.load(Relaxed) <= inner.capacity || inner.evicting.swap(true, Relaxed)
                 {
-                    return;
+                    break;
                 }
                 pass.holds_flag = true;
             }
+            // What eviction removed is dead in the value log.
+            pass.inner.compact_if_worth_it();
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
@@ -626,6 +703,36 @@ impl DiskTier {
             }
             Err(_) => evict(),
         }
+    }
+}
+
+impl DiskTier {
+    /// Starts a compaction of the value log on the blocking pool (or runs it here outside a
+    /// runtime) when dead records take enough of it ([`Inner::wants_compaction`]).
+    fn schedule_compaction(&self) {
+        if !self.inner.wants_compaction() {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        let compact = move || inner.compact_if_worth_it();
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(compact);
+            }
+            Err(_) => compact(),
+        }
+    }
+
+    /// Compacts the value log now, if dead records take enough of it, blocking. Returns the
+    /// records moved. For tests and tools; puts, eviction and sweeps start compactions
+    /// themselves.
+    pub fn compact(&self) -> Result<u64, TierError> {
+        self.inner.compact()
+    }
+
+    /// Bytes of the value log's segment files together.
+    pub fn value_log_bytes(&self) -> u64 {
+        self.inner.values.total()
     }
 }
 
@@ -688,8 +795,12 @@ pub(crate) const OUTBOX_TREE: &str = "l3-outbox";
 /// Failures at any of these steps are classified alike.
 fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
     let db = open_sled_waiting(config)?;
-    let load = || -> Result<Inner, sled::Error> {
+    let values = ValueLog::open(&config.path, db.clone(), segment_bytes(config.capacity))
+        .map_err(|e| OpenFailure::Other(format!("opening the value log: {e}")))?;
+    let load = move || -> Result<Inner, sled::Error> {
         let inner = Inner {
+            values,
+            compacting: AtomicBool::new(false),
             entries: db.open_tree("entries")?,
             access: db.open_tree("access")?,
             meta: db.open_tree("meta")?,
@@ -809,7 +920,7 @@ fn claim_directory(path: &Path) -> Result<(), TierError> {
         return Ok(());
     }
     let sleds = |n: &String| {
-        matches!(n.as_str(), "conf" | "db" | "blobs")
+        matches!(n.as_str(), "conf" | "db" | "blobs" | vlog::DIR)
             || n.starts_with("snap.")
             || KEPT_BESIDE.contains(&n.as_str())
     };
@@ -908,7 +1019,7 @@ fn only_a_database_in(path: &Path) -> Result<(), TierError> {
     for item in std::fs::read_dir(path).map_err(io)? {
         let name = item.map_err(io)?.file_name();
         let name = name.to_string_lossy();
-        if !matches!(name.as_ref(), "conf" | "db" | "blobs" | MARKER)
+        if !matches!(name.as_ref(), "conf" | "db" | "blobs" | vlog::DIR | MARKER)
             && !name.starts_with("snap.")
             && !KEPT_BESIDE.contains(&name.as_ref())
         {
@@ -1000,10 +1111,11 @@ impl Inner {
                 Some(v) => last_use_of(&v),
                 None => 0,
             };
-            let bytes = (value.len() + 16) as u64;
+            let bytes = stored_len(&value) + 16;
+            let segment = stored_segment(&value);
             total += bytes;
-            slots.insert(id, Slot::saved(last_used_ms, bytes));
-            batch.insert(&*key, &access_record(last_used_ms, bytes));
+            slots.insert(id, Slot::saved(last_used_ms, bytes, segment));
+            batch.insert(&*key, &access_record(last_used_ms, bytes, segment));
             batched += 1;
             if batched == ACCESS_BATCH {
                 self.access.apply_batch(std::mem::take(&mut batch))?;
@@ -1028,38 +1140,119 @@ impl Inner {
                 self.access.remove(key)?;
                 continue;
             };
-            let (last_used_ms, bytes) = match <[u8; 16]>::try_from(record.as_ref()) {
-                Ok(r) => (
-                    u64::from_le_bytes([r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]]),
-                    u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]),
+            let u64_at = |i: usize| {
+                record
+                    .get(i..i + 8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_le_bytes)
+            };
+            let (last_used_ms, bytes, segment) = match record.len() {
+                24 => (
+                    last_use_of(&record),
+                    u64_at(8).unwrap_or(0),
+                    u64_at(16).unwrap_or(INLINE),
                 ),
-                Err(_) => {
+                // Written before the value log: the envelope is inline.
+                16 => (last_use_of(&record), u64_at(8).unwrap_or(0), INLINE),
+                _ => {
                     let Some(value) = self.entries.get(&key)? else {
                         self.access.remove(key)?;
                         continue;
                     };
-                    (last_use_of(&record), (value.len() + 16) as u64)
+                    (
+                        last_use_of(&record),
+                        stored_len(&value) + 16,
+                        stored_segment(&value),
+                    )
                 }
             };
             total += bytes;
-            slots.insert(id, Slot::saved(last_used_ms, bytes));
+            slots.insert(id, Slot::saved(last_used_ms, bytes, segment));
         }
         self.bytes.store(total, Relaxed);
         Ok(())
     }
 
+    /// The envelope what sled stores under `id` stands for: read from the value log through
+    /// a pointer, or the inline envelope of an older release as it is.
+    fn resolve<'a>(
+        &self,
+        id: u128,
+        stored: &'a [u8],
+    ) -> Result<std::borrow::Cow<'a, [u8]>, strata_core::CodecError> {
+        match Pointer::decode(stored) {
+            Some(pointer) => self
+                .values
+                .read(id, &pointer)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| strata_core::CodecError::Unreadable(e.to_string())),
+            None => Ok(std::borrow::Cow::Borrowed(stored)),
+        }
+    }
+
+    /// What sled stores under `id` and the envelope it stands for. A read that fails because a
+    /// compaction moved the record (and deleted its segment) meanwhile is retried at the new
+    /// place; one that fails with the pointer unchanged is the copy's damage.
+    #[allow(clippy::type_complexity)]
+    fn load(
+        &self,
+        id: u128,
+    ) -> Result<Option<(sled::IVec, Result<Vec<u8>, strata_core::CodecError>)>, TierError> {
+        let key = id.to_be_bytes();
+        let mut stored = self.entries.get(key)?;
+        for _ in 0..4 {
+            let Some(current) = stored else {
+                return Ok(None);
+            };
+            match self.resolve(id, &current) {
+                Ok(envelope) => {
+                    let envelope = envelope.into_owned();
+                    return Ok(Some((current, Ok(envelope))));
+                }
+                Err(e) => {
+                    let now = self.entries.get(key)?;
+                    if now.as_ref() == Some(&current) {
+                        return Ok(Some((current, Err(e))));
+                    }
+                    stored = now;
+                }
+            }
+        }
+        match stored {
+            Some(current) => {
+                let read = self.resolve(id, &current).map(std::borrow::Cow::into_owned);
+                Ok(Some((current, read)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Appends an envelope to the value log.
+    fn append(&self, id: u128, envelope: &[u8]) -> Result<Pointer, TierError> {
+        self.values
+            .append(id, envelope)
+            .map_err(|source| TierError::Io {
+                context: "appending to the value log".into(),
+                source,
+            })
+    }
+
     fn store(&self, id: u128, bytes: &[u8]) -> Result<(), TierError> {
         let now = now_ms();
+        let pointer = self.append(id, bytes)?;
         let slot = Slot {
             bytes: (bytes.len() + 16) as u64,
             last_used_ms: now,
             saved_ms: now,
+            segment: pointer.segment,
         };
         // The record first: after a crash between the two, opening finds a record without an
         // entry (dropped when evicted or looked up), never an entry it does not count.
-        self.access
-            .insert(id.to_be_bytes(), &access_record(now, slot.bytes))?;
-        self.entries.insert(id.to_be_bytes(), bytes)?;
+        self.access.insert(
+            id.to_be_bytes(),
+            &access_record(now, slot.bytes, slot.segment),
+        )?;
+        self.entries.insert(id.to_be_bytes(), &pointer.encode())?;
         let old = self.lock_slots().insert(id, slot);
         self.bytes.fetch_add(slot.bytes, Relaxed);
         if let Some(old) = old {
@@ -1155,7 +1348,7 @@ impl Inner {
                     if let Some(slot) = slots.get_mut(id) {
                         batch.insert(
                             &id.to_be_bytes(),
-                            &access_record(slot.last_used_ms, slot.bytes),
+                            &access_record(slot.last_used_ms, slot.bytes, slot.segment),
                         );
                         slot.saved_ms = slot.last_used_ms;
                     }
@@ -1223,12 +1416,16 @@ impl Inner {
                         // The envelope keeps the reference's number: its place in the queue's
                         // age order.
                         let seq = crate::s3::outbox::parse(&queued).seq();
-                        let held = crate::s3::outbox::held(seq, &current);
+                        // A copy that cannot be read back has nothing to hand over.
+                        let Ok(envelope) = self.resolve(id, &current) else {
+                            break;
+                        };
+                        let held = crate::s3::outbox::held(seq, &envelope);
                         if outbox
                             .compare_and_swap(key, Some(&queued), Some(held))?
                             .is_ok()
                         {
-                            self.outbox_growth.fetch_add(current.len() as u64, Relaxed);
+                            self.outbox_growth.fetch_add(envelope.len() as u64, Relaxed);
                             break;
                         }
                     }
@@ -1248,6 +1445,114 @@ impl Inner {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         self.remove_exact_locked(id, current)
+    }
+
+    /// Whether dead records (removed, evicted or replaced entries) take enough of the value
+    /// log to compact it: its files hold more than 1.25× the live envelopes, plus two
+    /// segments (the head, never compacted, and the one being filled by a compaction).
+    fn wants_compaction(&self) -> bool {
+        let total = self.values.total();
+        let live = self.bytes.load(Relaxed);
+        total > live + live / 4 + 2 * self.values.segment_bytes()
+    }
+
+    /// [`Inner::compact`] unless one is running or there is too little dead to bother;
+    /// failures are logged (a compaction that failed leaves every record where it was).
+    fn compact_if_worth_it(&self) {
+        if !self.wants_compaction() || self.compacting.swap(true, Relaxed) {
+            return;
+        }
+        if let Err(e) = self.compact() {
+            tracing::warn!(error = %e, "value log compaction failed");
+        }
+        self.compacting.store(false, Relaxed);
+    }
+
+    /// Compacts the sealed segments with the least live data first, until dead records no
+    /// longer take enough of the log ([`Inner::wants_compaction`]). Returns the records moved.
+    fn compact(&self) -> Result<u64, TierError> {
+        let mut live: HashMap<u64, u64> = HashMap::new();
+        for slot in self.lock_slots().values() {
+            *live.entry(slot.segment).or_default() += slot.bytes.saturating_sub(16) + vlog::HEADER;
+        }
+        let mut segments: Vec<(u128, u64)> = self
+            .values
+            .sealed()
+            .into_iter()
+            .map(|(segment, len)| {
+                let held = live.get(&segment).copied().unwrap_or(0);
+                (u128::from(held) * 1000 / u128::from(len.max(1)), segment)
+            })
+            .collect();
+        drop(live);
+        segments.sort_unstable();
+        let mut moved = 0;
+        for (_, segment) in segments {
+            if !self.wants_compaction() {
+                break;
+            }
+            moved += self.compact_segment(segment)?;
+        }
+        Ok(moved)
+    }
+
+    /// Moves the records of `segment` that a pointer still refers to into the head, then,
+    /// once the new places are on disk and sled's log holds the pointers to them, deletes the
+    /// segment. Which records are live is read from sled, never taken from the slots' hints.
+    /// A segment whose records cannot all be walked (a damaged header) is left in place.
+    fn compact_segment(&self, segment: u64) -> Result<u64, TierError> {
+        let io = |context: &str| {
+            let context = format!("{context} value segment {segment:016x}");
+            move |source| TierError::Io { context, source }
+        };
+        let mut moved = 0;
+        let complete = self
+            .values
+            .scan(segment, |pointer, id| {
+                let key = id.to_be_bytes();
+                let stored = self.entries.get(key).map_err(std::io::Error::other)?;
+                let Some(stored) = stored else { return Ok(()) };
+                if Pointer::decode(&stored) != Some(pointer) {
+                    return Ok(());
+                }
+                let envelope = match self.values.read(id, &pointer) {
+                    Ok(envelope) => envelope,
+                    Err(e) => {
+                        // Left behind: the lookup that reaches it finds it gone, a miss.
+                        tracing::warn!(error = %e, "a damaged record is not moved by compaction");
+                        return Ok(());
+                    }
+                };
+                // As eviction: no put lands between the swap and the slot's update.
+                let _no_put_midway = self
+                    .evicting_excludes
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let new = self.values.append(id, &envelope)?;
+                let swapped = self
+                    .entries
+                    .compare_and_swap(key, Some(&stored), Some(&new.encode()[..]))
+                    .map_err(std::io::Error::other)?;
+                if swapped.is_ok() {
+                    if let Some(slot) = self.lock_slots().get_mut(&id) {
+                        slot.segment = new.segment;
+                    }
+                    self.mark_dirty(id);
+                    moved += 1;
+                }
+                Ok(())
+            })
+            .map_err(io("compacting"))?;
+        if !complete {
+            tracing::warn!(segment = %format!("{segment:016x}"),
+                "a value segment has a damaged record header; it is kept, not compacted");
+            return Ok(moved);
+        }
+        self.values.sync().map_err(io("syncing before deleting"))?;
+        self.save_access_times()?;
+        self.db.flush()?;
+        self.values.remove(segment).map_err(io("deleting"))?;
+        Ok(moved)
     }
 
     /// [`Inner::remove_exact`] for a caller that holds `evicting_excludes` for writing: no put
@@ -1278,11 +1583,11 @@ impl Tier for DiskTier {
 
     async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Entry>>, TierError> {
         let id = key.id();
-        let Some(bytes) = self.inner.entries.get(id.to_be_bytes())? else {
+        let Some((stored, envelope)) = self.inner.load(id)? else {
             self.inner.forget_record_without_entry(id)?;
             return Ok(None);
         };
-        match self.inner.codec.decode_local(&bytes) {
+        match envelope.and_then(|envelope| self.inner.codec.decode_local(&envelope)) {
             Ok(entry) => {
                 self.inner.touch(id);
                 Ok(Some(Arc::new(entry)))
@@ -1296,7 +1601,7 @@ impl Tier for DiskTier {
             }
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "corrupt entry on disk; removing it");
-                self.inner.remove_exact(id, &bytes)?;
+                self.inner.remove_exact(id, &stored)?;
                 Err(TierError::Corrupt(e))
             }
         }
@@ -1367,6 +1672,58 @@ pub(crate) mod tests {
         (keyed.key, Arc::new(entry))
     }
 
+    /// The value log holds what the tier counts, within its stated slack, however much was
+    /// written, evicted and overwritten; every copy still counted reads back, before and after
+    /// a reopen, and nothing removed does.
+    #[test]
+    fn compaction_keeps_the_value_log_near_what_is_held_and_loses_nothing_held() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let mut config = DiskConfig::new(dir.path().join("l2"));
+        config.capacity = 1 << 20;
+        let codec = Codec::default();
+        let check = |tier: &DiskTier| {
+            let (total, held) = (tier.value_log_bytes(), tier.usage().bytes);
+            let slack = 2 * segment_bytes(config.capacity);
+            assert!(
+                total <= held + held / 4 + slack + (held + 15) / 16,
+                "value log {total} bytes for {held} held"
+            );
+            let mut read = 0;
+            for i in 0..6000 {
+                let (key, e) = entry(i);
+                if tier.holds(&key) {
+                    let Ok(Some((_, Ok(bytes)))) = tier.inner.load(key.id()) else {
+                        panic!("entry {i} is counted but does not read back")
+                    };
+                    let stored = codec.decode_local(&bytes).unwrap_or_else(|e| panic!("{e}"));
+                    assert_eq!(stored.response.get(), e.response.get(), "entry {i}");
+                    read += 1;
+                }
+            }
+            assert_eq!(read, tier.usage().entries);
+            assert!(read > 100, "{read}");
+        };
+        {
+            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+            // Written, then half of them overwritten: six megabytes through a one-megabyte tier.
+            for i in (0..6000).chain((3000..6000).step_by(2)) {
+                let (key, e) = entry(i);
+                let envelope = codec.encode(&e).unwrap_or_else(|e| panic!("{e}"));
+                tier.put_encoded(&key, &envelope)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            assert!(tier.evictions() > 0);
+            tier.compact().unwrap_or_else(|e| panic!("{e}"));
+            check(&tier);
+            tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
+        }
+        let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+        check(&tier);
+        // A clear leaves no segment behind.
+        tier.clear().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(tier.value_log_bytes(), 0);
+    }
+
     /// Puts racing a clear land wholly before it or wholly after it: afterwards the byte count
     /// and the slots match what sled holds.
     #[test]
@@ -1409,7 +1766,7 @@ pub(crate) mod tests {
             .inner
             .entries
             .iter()
-            .map(|item| item.map(|(_, v)| v.len() as u64 + 16).unwrap_or(0))
+            .map(|item| item.map(|(_, v)| stored_len(&v) + 16).unwrap_or(0))
             .sum();
         assert_eq!(tier.usage().bytes, stored);
         assert_eq!(tier.inner.lock_slots().len(), tier.inner.entries.len());
@@ -1677,9 +2034,22 @@ pub(crate) mod tests {
                 tier.inner
                     .access
                     .iter()
-                    .all(|r| r.is_ok_and(|(_, v)| v.len() == 16))
+                    .all(|r| r.is_ok_and(|(_, v)| v.len() == 24))
             );
-            // Made an older database: last uses alone, and no mark.
+            // Made an older database: envelopes inline in sled, last uses alone, and no mark.
+            for item in tier.inner.entries.iter() {
+                let (key, stored) = item.unwrap_or_else(|e| panic!("{e}"));
+                let id = id_of(&key).unwrap_or_else(|| panic!("a digest"));
+                let inline = tier
+                    .inner
+                    .resolve(id, &stored)
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .into_owned();
+                tier.inner
+                    .entries
+                    .insert(key, inline)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
             for item in tier.inner.access.iter() {
                 let (key, record) = item.unwrap_or_else(|e| panic!("{e}"));
                 tier.inner
@@ -1700,8 +2070,16 @@ pub(crate) mod tests {
             tier.inner
                 .access
                 .iter()
-                .all(|r| r.is_ok_and(|(_, v)| v.len() == 16))
+                .all(|r| r.is_ok_and(|(_, v)| v.len() == 24))
         );
+        // The inline envelopes read back as they are.
+        for i in 0..50 {
+            let (key, _) = entry(i);
+            match tier.inner.load(key.id()) {
+                Ok(Some((_, Ok(bytes)))) => assert_eq!(bytes, vec![7; 100 + i]),
+                other => panic!("entry {i}: {:?}", other.map(|o| o.is_some())),
+            }
+        }
     }
 
     #[test]
@@ -1726,7 +2104,7 @@ pub(crate) mod tests {
         let record = tier.inner.access.get(key.id().to_be_bytes()).ok().flatten();
         assert_eq!(
             record.as_deref(),
-            slot.map(|s| access_record(s.last_used_ms, s.bytes))
+            slot.map(|s| access_record(s.last_used_ms, s.bytes, s.segment))
                 .as_ref()
                 .map(|r| &r[..])
         );
@@ -1736,8 +2114,7 @@ pub(crate) mod tests {
     fn damage_in_an_entry_is_found_by_the_lookup_that_reads_it_never_served() {
         let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
         let config = DiskConfig::new(dir.path().join("l2"));
-        // Large values live in files of their own under `blobs/`; after a few reopens, sled's
-        // snapshot refers to them.
+        // Each run appends to a segment of its own.
         for i in 0..3 {
             let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
             let (key, _) = entry(i);
@@ -1745,38 +2122,38 @@ pub(crate) mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
             tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
         }
-        // The oldest blob (they are numbered in writing order), which the snapshot covers.
-        let oldest = std::fs::read_dir(config.path.join("blobs"))
+        // The oldest segment (numbered in writing order), lost.
+        let oldest = std::fs::read_dir(config.path.join(vlog::DIR))
             .unwrap_or_else(|e| panic!("{e}"))
             .filter_map(|item| item.ok().map(|i| i.path()))
-            .min_by_key(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str()?.parse::<u64>().ok())
-                    .unwrap_or(u64::MAX)
-            });
+            .min();
         let Some(oldest) = oldest else {
-            panic!("no blob written")
+            panic!("no value segment written")
         };
         std::fs::remove_file(&oldest).unwrap_or_else(|e| panic!("{e}"));
         // Opening reads the access records, not the entries: it does not meet the damage.
         let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
         assert!(tier.moved_aside().is_none());
         assert_eq!(tier.usage().entries, 3);
-        // What the lost blob held is an error (or a panic, which the cache guards) when read,
-        // never a value: sled keeps these three in one leaf, so none of them reads. Whatever
-        // does read back is what was written.
-        let mut failed = 0;
+        // What the lost segment held is an error when read, never a value; the others read
+        // back as written.
+        let mut failed = Vec::new();
         for i in 0..3 {
             let (key, _) = entry(i);
-            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                tier.inner.entries.get(key.id().to_be_bytes())
-            }));
-            match read {
-                Ok(Ok(Some(bytes))) => assert_eq!(&*bytes, &vec![i as u8; 400 << 10][..]),
-                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => failed += 1,
+            match tier.inner.load(key.id()) {
+                Ok(Some((_, Ok(bytes)))) => assert_eq!(bytes, vec![i as u8; 400 << 10]),
+                Ok(Some((_, Err(_)))) => failed.push(i),
+                other => panic!("entry {i}: {:?}", other.map(|o| o.is_some())),
             }
         }
-        assert!(failed >= 1, "the damage is met when read");
+        assert_eq!(failed, [0], "the damage is met when read, and only there");
+        // A lookup refuses it and removes it.
+        let (key, _) = entry(0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(rt.block_on(tier.get(&key)).is_err());
+        assert_eq!(tier.usage().entries, 2);
     }
 
     /// A flipped bit in sled's file had the whole tier moved aside: 0 of 400 entries served,
@@ -1802,7 +2179,9 @@ pub(crate) mod tests {
         // At a quarter, half and three quarters of the file: sled refuses the database for
         // some of these and opens it, short of what the bit cut off, for others.
         let (mut salvaged_at, mut opened_at) = (0, 0);
-        for at in [size / 4, size / 2, size * 3 / 4] {
+        // sled's file holds pointers and access records now, in its first part; the rest is
+        // space sled set aside.
+        for at in [size / 16, size / 8, size * 3 / 4] {
             let _ = std::fs::remove_dir_all(&config.path);
             copy_files(&pristine, &config.path, &|_| true).unwrap_or_else(|e| panic!("{e}"));
             let db = config.path.join("db");
@@ -1846,6 +2225,33 @@ pub(crate) mod tests {
             salvaged_at > 0 && opened_at > 0,
             "{salvaged_at} {opened_at}"
         );
+
+        // A bit flipped in the value log costs the one entry whose record it lands in.
+        let _ = std::fs::remove_dir_all(&config.path);
+        copy_files(&pristine, &config.path, &|_| true).unwrap_or_else(|e| panic!("{e}"));
+        let segment = std::fs::read_dir(config.path.join(vlog::DIR))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .filter_map(|item| item.ok().map(|i| i.path()))
+            .min();
+        let Some(segment) = segment else {
+            panic!("no value segment written")
+        };
+        let mut bytes = std::fs::read(&segment).unwrap_or_else(|e| panic!("{e}"));
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x10;
+        std::fs::write(&segment, &bytes).unwrap_or_else(|e| panic!("{e}"));
+        let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+        let mut served = 0;
+        for i in 0..400 {
+            let (key, e) = entry(i);
+            if let Ok(Some(found)) = tier.get(&key).await {
+                assert_eq!(found.response.get(), e.response.get(), "entry {i}");
+                served += 1;
+            }
+        }
+        assert_eq!(served, 399, "a bit in a value segment");
+        assert_eq!(tier.usage().entries, 399, "the damaged one is removed");
+        let _ = std::fs::remove_dir_all(&pristine);
     }
 
     #[test]

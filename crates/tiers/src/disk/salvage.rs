@@ -13,9 +13,10 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use super::vlog::{Pointer, ValueLog};
 use super::{
     DiskConfig, MIN_PAGE_CACHE, OUTBOX_TREE, SIZES_KEY, STATS_KEY, access_record, last_use_of,
-    now_ms, open_sled_waiting,
+    now_ms, open_sled_waiting, segment_bytes,
 };
 
 /// What was read back from a database moved aside as corrupt ([`super::DiskTier::salvage`]).
@@ -43,8 +44,10 @@ pub(super) fn salvage(aside: &Path, config: &DiskConfig) -> Result<Salvage, Stri
     let result = copied
         .map_err(|e| format!("copying {}: {e}", aside.display()))
         .and_then(|()| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| copy_trees(&work, config)))
-                .unwrap_or_else(|_| Err("sled panicked while reading it".into()))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                copy_trees(&work, aside, config)
+            }))
+            .unwrap_or_else(|_| Err("sled panicked while reading it".into()))
         });
     if let Err(e) = std::fs::remove_dir_all(&work) {
         tracing::debug!(path = %work.display(), error = %e, "cannot remove the salvage's copy");
@@ -59,7 +62,10 @@ fn work_path(aside: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn copy_trees(work: &Path, config: &DiskConfig) -> Result<Salvage, String> {
+/// Copies the trees of the copy at `work` into the new database; envelopes in the value log
+/// are read from the directory moved aside (`aside`), where they stayed, and appended to the
+/// new one's.
+fn copy_trees(work: &Path, aside: &Path, config: &DiskConfig) -> Result<Salvage, String> {
     let sled_error = |e: sled::Error| e.to_string();
     let old = sled::Config::new()
         .path(work)
@@ -67,6 +73,9 @@ fn copy_trees(work: &Path, config: &DiskConfig) -> Result<Salvage, String> {
         .open()
         .map_err(|e| format!("sled cannot open it without its snapshot either: {e}"))?;
     let new = open_sled_waiting(config).map_err(|e| e.to_string())?;
+    let old_values = ValueLog::read_only(aside);
+    let new_values = ValueLog::open(&config.path, new.clone(), segment_bytes(config.capacity))
+        .map_err(|e| format!("opening the new value log: {e}"))?;
     let mut salvage = Salvage::default();
     let mut cut_short = |tree: &[u8], e: sled::Error| {
         tracing::warn!(tree = %String::from_utf8_lossy(tree), error = %e,
@@ -102,14 +111,31 @@ fn copy_trees(work: &Path, config: &DiskConfig) -> Result<Salvage, String> {
                 break;
             }
         };
-        if super::id_of(&key).is_none() {
+        let Some(id) = super::id_of(&key) else {
             continue;
-        }
+        };
+        // The envelope, from the old value log (or inline, as older releases stored it). One
+        // that cannot be read back is not salvaged.
+        let envelope = match Pointer::decode(&value) {
+            Some(pointer) => match old_values.read(id, &pointer) {
+                Ok(envelope) => envelope,
+                Err(_) => continue,
+            },
+            None => value.to_vec(),
+        };
+        let pointer = new_values
+            .append(id, &envelope)
+            .map_err(|e| format!("writing the new value log: {e}"))?;
         let used = last_used.get(key.as_ref()).copied().unwrap_or(now);
         access
-            .insert(&key, &access_record(used, (value.len() + 16) as u64))
+            .insert(
+                &key,
+                &access_record(used, (envelope.len() + 16) as u64, pointer.segment),
+            )
             .map_err(sled_error)?;
-        entries.insert(&key, value).map_err(sled_error)?;
+        entries
+            .insert(&key, &pointer.encode())
+            .map_err(sled_error)?;
         kept.insert(key.to_vec());
         salvage.entries += 1;
     }
@@ -153,6 +179,9 @@ fn copy_trees(work: &Path, config: &DiskConfig) -> Result<Salvage, String> {
     new.open_tree("meta")
         .and_then(|meta| meta.insert(SIZES_KEY, &[1u8]))
         .map_err(sled_error)?;
+    new_values
+        .sync()
+        .map_err(|e| format!("syncing the new value log: {e}"))?;
     new.flush().map_err(sled_error)?;
     Ok(salvage)
 }
