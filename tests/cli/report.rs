@@ -401,3 +401,116 @@ fn a_report_across_nodes_is_the_sum_of_each_nodes_report() -> Result<()> {
     );
     Ok(())
 }
+
+/// Runs `strata args…` in `dir` with `env` to its end and returns what it printed and its peak
+/// RSS, over the whole process. The kernel's figure (`ru_maxrss`) of a child includes the
+/// high-water mark of the process that spawned it (it is carried across `exec`), and this test
+/// process may have been large: so a small Python process spawns strata and reports its
+/// children's figure.
+fn with_peak_rss(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<(Output, u64)> {
+    let measure = "import resource, subprocess, sys\n\
+        done = subprocess.run(sys.argv[1:], stdin=subprocess.DEVNULL)\n\
+        sys.stderr.write('peak-rss-kib %d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n\
+        sys.exit(done.returncode)\n";
+    let mut cmd = std::process::Command::new("python3");
+    cmd.current_dir(dir)
+        .env_remove("STRATA_CONFIG")
+        .arg("-c")
+        .arg(measure)
+        .arg(assert_cmd::cargo::cargo_bin("strata"))
+        .args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let output = cmd.output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let kib: u64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("peak-rss-kib "))
+        .with_context(|| format!("no peak RSS reported: {stderr}"))?
+        .trim()
+        .parse()?;
+    Ok((output, kib * 1024))
+}
+
+/// The scans of `report` (every stored entry read and decoded, for the cold entries) and of
+/// `stats` do not keep what they read: over 160 entries of about 1 MiB each, each command's
+/// peak RSS, opening and closing included, stays under half of what the disk tier holds.
+#[test]
+fn the_report_and_stats_scans_do_not_keep_what_they_read() -> Result<()> {
+    let dir = TempDir::new()?;
+    // Text zstd can barely shrink: random characters of a 64-letter alphabet.
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut random_text = |len: usize| -> String {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                alphabet[(state >> 58) as usize] as char
+            })
+            .collect()
+    };
+    // Written as it is made: this process stays small.
+    let log = dir.path().join("large.jsonl");
+    let mut lines = std::io::BufWriter::new(std::fs::File::create(&log)?);
+    for i in 0..160 {
+        let mut line = exchange(
+            "gpt-4o",
+            "openai",
+            &format!("large {i}"),
+            0.01,
+            (10, 10),
+            100,
+        );
+        line["response"]["choices"][0]["message"]["content"] = Value::from(random_text(1 << 20));
+        serde_json::to_writer(&mut lines, &line)?;
+        std::io::Write::write_all(&mut lines, b"\n")?;
+    }
+    std::io::Write::flush(&mut lines)?;
+    drop(lines);
+    let replayed = strata(dir.path())?
+        .args(["replay", "--json"])
+        .arg(&log)
+        .env("STRATA_MEMORY_CAPACITY", "8MiB")
+        .output()?;
+    assert_eq!(n(&json_of(&replayed)?, &["misses"]), 160);
+    std::fs::remove_file(&log)?;
+
+    let small = [("STRATA_MEMORY_CAPACITY", "8MiB")];
+    let (output, stats_rss) = with_peak_rss(dir.path(), &["stats", "--json"], &small)?;
+    let stats = json_of(&output)?;
+    assert_eq!(n(&stats, &["disk", "entries"]), 160, "{stats}");
+    let held = n(&stats, &["disk", "bytes"]);
+    assert!(held > 100 << 20, "the entries hold {held} bytes");
+
+    let (output, report_rss) = with_peak_rss(
+        dir.path(),
+        &["report", "--format", "json"],
+        &[small[0], ("STRATA_ANALYTICS_COLD_AFTER", "0s")],
+    )?;
+    let report = json_of(&output)?;
+    assert_eq!(
+        n(&report, &["cold", "entries"]),
+        160,
+        "every entry was read"
+    );
+    assert_eq!(n(&report, &["cold", "bytes"]), held, "and counted");
+
+    eprintln!(
+        "peak RSS: stats {} MiB, report {} MiB, held {} MiB",
+        stats_rss >> 20,
+        report_rss >> 20,
+        held >> 20
+    );
+    for (command, rss) in [("stats", stats_rss), ("report", report_rss)] {
+        assert!(
+            rss < held / 2,
+            "{command} peaked at {} MiB over {} MiB held",
+            rss >> 20,
+            held >> 20
+        );
+    }
+    Ok(())
+}
