@@ -1685,7 +1685,7 @@ pub(crate) mod tests {
             let (total, held) = (tier.value_log_bytes(), tier.usage().bytes);
             let slack = 2 * segment_bytes(config.capacity);
             assert!(
-                total <= held + held / 4 + slack + (held + 15) / 16,
+                total <= held + held / 4 + slack + held.div_ceil(16),
                 "value log {total} bytes for {held} held"
             );
             let mut read = 0;
