@@ -2156,6 +2156,28 @@ pub(crate) mod tests {
         assert_eq!(tier.usage().entries, 2);
     }
 
+    /// Flips one bit of the file at `path`, at byte `at` (its middle when `None`).
+    fn flip_bit(path: &Path, at: Option<usize>) {
+        let mut bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{e}"));
+        let at = at.unwrap_or(bytes.len() / 2);
+        bytes[at] ^= 0x10;
+        std::fs::write(path, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// How many of the 400 entries of [`entry`] the tier serves; each one served is right.
+    async fn served_of_400(tier: &DiskTier) -> u64 {
+        let mut served = 0;
+        for i in 0..400 {
+            let (key, e) = entry(i);
+            if let Ok(Some(found)) = tier.get(&key).await {
+                assert_eq!(found.response.get(), e.response.get(), "entry {i}");
+                assert_eq!(found.cache_id, e.cache_id, "entry {i}");
+                served += 1;
+            }
+        }
+        served
+    }
+
     /// A flipped bit in sled's file had the whole tier moved aside: 0 of 400 entries served,
     /// the upload queue and the statistics gone with it. Wherever the bit lands now, what sled
     /// can read back is served (in place, or salvaged from the copy moved aside), and nothing
@@ -2184,21 +2206,9 @@ pub(crate) mod tests {
         for at in [size / 16, size / 8, size * 3 / 4] {
             let _ = std::fs::remove_dir_all(&config.path);
             copy_files(&pristine, &config.path, &|_| true).unwrap_or_else(|e| panic!("{e}"));
-            let db = config.path.join("db");
-            let mut bytes = std::fs::read(&db).unwrap_or_else(|e| panic!("{e}"));
-            bytes[at] ^= 0x10;
-            std::fs::write(&db, &bytes).unwrap_or_else(|e| panic!("{e}"));
-
+            flip_bit(&config.path.join("db"), Some(at));
             let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
-            let mut served = 0;
-            for i in 0..400 {
-                let (key, e) = entry(i);
-                if let Ok(Some(found)) = tier.get(&key).await {
-                    assert_eq!(found.response.get(), e.response.get(), "entry {i}");
-                    assert_eq!(found.cache_id, e.cache_id, "entry {i}");
-                    served += 1;
-                }
-            }
+            let served = served_of_400(&tier).await;
             assert!(
                 served >= 100,
                 "a bit at {at} of {size}: {served} of 400 served (moved aside: {:?})",
@@ -2236,19 +2246,9 @@ pub(crate) mod tests {
         let Some(segment) = segment else {
             panic!("no value segment written")
         };
-        let mut bytes = std::fs::read(&segment).unwrap_or_else(|e| panic!("{e}"));
-        let at = bytes.len() / 2;
-        bytes[at] ^= 0x10;
-        std::fs::write(&segment, &bytes).unwrap_or_else(|e| panic!("{e}"));
+        flip_bit(&segment, None);
         let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
-        let mut served = 0;
-        for i in 0..400 {
-            let (key, e) = entry(i);
-            if let Ok(Some(found)) = tier.get(&key).await {
-                assert_eq!(found.response.get(), e.response.get(), "entry {i}");
-                served += 1;
-            }
-        }
+        let served = served_of_400(&tier).await;
         assert_eq!(served, 399, "a bit in a value segment");
         assert_eq!(tier.usage().entries, 399, "the damaged one is removed");
         let _ = std::fs::remove_dir_all(&pristine);
