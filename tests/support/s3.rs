@@ -1,5 +1,6 @@
-//! A real S3 server for tests and benches: s3s-fs served in-process over HTTP on a loopback
-//! port, with SigV4 authentication. With `STRATA_TEST_S3_ENDPOINT`, `STRATA_TEST_S3_BUCKET`,
+//! A real S3 server for tests and benches: s3s-fs served in-process over HTTP on a loopback port,
+//! with SigV4 authentication, listing from an ordered index of its keys (`s3_ordered.rs`) so a
+//! page costs what it does on S3. With `STRATA_TEST_S3_ENDPOINT`, `STRATA_TEST_S3_BUCKET`,
 //! `STRATA_TEST_S3_ACCESS_KEY`, `STRATA_TEST_S3_SECRET_KEY` and `STRATA_TEST_S3_REGION` set, the
 //! same tests run against that server instead (MinIO, Garage, AWS), each under its own prefix.
 //! An external server on plain HTTP is reached through a TCP relay on a loopback port, which
@@ -25,6 +26,9 @@ use strata::tiers::S3Config;
 use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
+
+#[path = "s3_ordered.rs"]
+mod ordered;
 
 const ACCESS_KEY: &str = "strata-test";
 const SECRET_KEY: &str = "strata-test-secret";
@@ -557,8 +561,7 @@ fn serve_refusing(
 
 /// s3s-fs over the directory `root`, with the tests' credentials.
 fn s3s_service(root: &TempDir) -> Result<s3s::service::S3Service> {
-    let fs = s3s_fs::FileSystem::new(root.path()).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
-    let mut builder = S3ServiceBuilder::new(fs);
+    let mut builder = S3ServiceBuilder::new(ordered::Ordered::new(root.path())?);
     builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
     Ok(builder.build())
 }
