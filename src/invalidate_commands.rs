@@ -235,7 +235,16 @@ pub async fn gc(config: &Config, dry_run: bool, json: bool) -> Result<ExitCode> 
         errln!("strata: warning: cannot read the shared epochs: {e}");
     }
     let bar = bar(if dry_run { "gc (dry run)" } else { "gc" });
-    let r = cache.gc(dry_run, |p| show(&bar, p)).await;
+    // Ctrl-C stops after the page in hand; the next gc goes on from there.
+    let (stop, watcher) = crate::stop_on_ctrl_c();
+    let r = cache
+        .gc_until(
+            dry_run,
+            |p| show(&bar, p),
+            || stop.load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .await;
+    watcher.abort();
     bar.finish_and_clear();
     close(cache).await;
     let r = r.context("garbage collection")?;
@@ -246,10 +255,15 @@ pub async fn gc(config: &Config, dry_run: bool, json: bool) -> Result<ExitCode> 
                 "dry_run": r.dry_run,
                 "l2": {"seen": r.l2_seen, "removed": r.l2_removed, "bytes": r.l2_bytes},
                 "s3": {"listed": r.s3_listed, "entries": r.s3_entries, "objects": r.s3_objects, "bytes": r.s3_bytes},
+                "stopped": r.stopped,
             })
         )?;
     } else {
         print_gc(&r)?;
+    }
+    if r.stopped {
+        errln!("strata: gc stopped before the end of the bucket's listing; run it again to go on");
+        return Ok(ExitCode::from(crate::EXIT_INTERRUPTED));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -176,7 +176,15 @@ pub async fn warm(
 pub async fn rebuild_index(config: &Config) -> Result<ExitCode> {
     let (cache, s3) = open(config).await?;
     let bar = spinner("listing");
-    let report = s3.rebuild_index(|n| bar.set_position(n)).await;
+    // Ctrl-C stops after the page in hand; the next rebuild goes on from there.
+    let (stop, watcher) = crate::stop_on_ctrl_c();
+    let report = s3
+        .rebuild_index_until(
+            |n| bar.set_position(n),
+            || stop.load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .await;
+    watcher.abort();
     bar.finish_and_clear();
     close(cache).await;
     let report = report.context("rebuilding the index")?;
@@ -187,6 +195,12 @@ pub async fn rebuild_index(config: &Config) -> Result<ExitCode> {
         thousands(report.pointers_written),
         thousands(report.failed)
     )?;
+    if report.stopped {
+        errln!(
+            "strata: index rebuild stopped before the end of the listing; run it again to go on"
+        );
+        return Ok(ExitCode::from(crate::EXIT_INTERRUPTED));
+    }
     Ok(if report.failed > 0 {
         ExitCode::FAILURE
     } else {

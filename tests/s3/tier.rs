@@ -930,13 +930,30 @@ async fn listing_rebuild_warm_and_gc_page_through_more_than_a_thousand_objects()
     }
     let dir_b = TempDir::new()?;
     let b = node(&server, dir_b.path()).await?;
+    // Stopped after every page but the last (two of pointers, three of entries), taken up
+    // each time where it stopped: the counts at the end are the listing's, each object once.
     let mut seen = 0;
-    let report = b.s3.rebuild_index(|n| seen = n).await?;
+    let mut runs = 0;
+    let report = loop {
+        runs += 1;
+        let report = b.s3.rebuild_index_until(|n| seen = n, || true).await?;
+        if !report.stopped {
+            break report;
+        }
+        assert!(runs < 20, "the rebuild does not move on: {report:?}");
+    };
+    assert!(runs >= 3, "{runs} runs");
     assert_eq!(report.listed, 2 * n);
     assert_eq!(seen, 2 * n);
     assert_eq!(report.indexed, n);
     assert_eq!(report.pointers_written, 10);
     assert_eq!(b.s3.usage().entries, n);
+    // A rebuild that ran to its end leaves nothing to take up: the next starts afresh.
+    let again = b.s3.rebuild_index(|_| {}).await?;
+    assert_eq!(
+        (again.listed, again.indexed, again.pointers_written),
+        (2 * n, n, 0)
+    );
     // The rebuilt pointer serves a node that has no index.
     let dir_c = TempDir::new()?;
     let c = node(&server, dir_c.path()).await?;
@@ -972,12 +989,26 @@ async fn listing_rebuild_warm_and_gc_page_through_more_than_a_thousand_objects()
     a.s3.put_object(&stray, b"not strata's".to_vec(), "text/plain")
         .await?;
     a.cache.invalidate(&strata::core::Selector::All).await?;
-    let report = a.cache.gc(false, |_| {}).await?;
-    assert_eq!(
-        (report.s3_entries, report.s3_objects),
-        (n, 3 * n),
-        "{report:?}"
-    );
+    // Stopped after every page, with a dry run (which changes nothing) between the first two
+    // runs: each run counts what it deleted, and together they delete every dead object once,
+    // the pointers of entries an earlier run deleted included.
+    let first = a.cache.gc_until(false, |_| {}, || true).await?;
+    assert!(first.stopped && first.s3_entries < n, "{first:?}");
+    let dry = a.cache.gc(true, |_| {}).await?;
+    assert_eq!(dry.s3_entries, n - first.s3_entries, "{dry:?}");
+    let (mut entries, mut objects, mut runs) = (first.s3_entries, first.s3_objects, 1);
+    loop {
+        runs += 1;
+        let report = a.cache.gc_until(false, |_| {}, || true).await?;
+        entries += report.s3_entries;
+        objects += report.s3_objects;
+        if !report.stopped {
+            break;
+        }
+        assert!(runs < 20, "gc does not move on: {report:?}");
+    }
+    assert!(runs >= 3, "{runs} runs");
+    assert_eq!((entries, objects), (n, 3 * n));
     let left = server.keys().await?;
     assert!(left.contains(&stray), "{left:?}");
     assert!(

@@ -115,9 +115,7 @@ impl S3 for Ordered {
                 return Err(s3_error!(NoSuchBucket));
             };
             let start = match &after {
-                Some(after) if after.as_str() >= prefix.as_str() => {
-                    Bound::Excluded(after.clone())
-                }
+                Some(after) if after.as_str() >= prefix.as_str() => Bound::Excluded(after.clone()),
                 _ => Bound::Included(prefix.clone()),
             };
             let mut page: Vec<String> = set
@@ -152,7 +150,11 @@ impl S3 for Ordered {
             is_truncated: Some(truncated),
             contents: (!contents.is_empty()).then_some(contents),
             continuation_token: input.continuation_token,
-            next_continuation_token: if truncated { page.last().cloned() } else { None },
+            next_continuation_token: if truncated {
+                page.last().cloned()
+            } else {
+                None
+            },
             encoding_type: input.encoding_type,
             name: Some(input.bucket),
             prefix: input.prefix,

@@ -63,6 +63,9 @@ pub struct GcReport {
     pub stale_objects: u64,
     /// Whether nothing was deleted (`--dry-run`): the counts say what would be.
     pub dry_run: bool,
+    /// Whether the run stopped between two pages of the bucket's listing (asked to). The
+    /// counts are this run's; the next gc takes up where it stopped (a dry run starts over).
+    pub stopped: bool,
 }
 
 /// Progress of a long operation, for a progress bar.
@@ -447,7 +450,20 @@ impl TieredCache {
     pub async fn gc(
         &self,
         dry_run: bool,
+        progress: impl FnMut(Progress),
+    ) -> Result<GcReport, TierError> {
+        self.gc_until(dry_run, progress, || false).await
+    }
+
+    /// [`TieredCache::gc`], stopping between two pages of the bucket's listing once `stop`
+    /// says so ([`GcReport::stopped`]): what was deleted stays deleted and is counted and
+    /// audited by this run; the next gc takes up after the last key this one handled, with
+    /// the verdicts it kept, so no pointer of a deleted entry is left behind.
+    pub async fn gc_until(
+        &self,
+        dry_run: bool,
         mut progress: impl FnMut(Progress),
+        stop: impl Fn() -> bool,
     ) -> Result<GcReport, TierError> {
         let inner = &self.inner;
         // Queued writes land first: none may bring back what this removes.
@@ -465,10 +481,22 @@ impl TieredCache {
             report.l2_bytes = swept.2;
         }
         if let Some(l3) = &inner.l3 {
-            gc_bucket(l3, &epochs, &inner.ttl, dry_run, &mut report, &mut progress).await?;
-            report.stale_objects = self.gc_stale_objects(l3, dry_run).await?;
+            let run = GcRun {
+                epochs: &epochs,
+                ttl: &inner.ttl,
+                dry_run,
+                stop: &stop,
+            };
+            gc_bucket(l3, run, &mut report, &mut progress).await?;
+            if !report.stopped {
+                report.stale_objects = self.gc_stale_objects(l3, dry_run).await?;
+            }
         }
-        if !dry_run {
+        if !dry_run && report.stopped {
+            let removed = report.l2_removed + report.s3_entries;
+            self.audit("gc", Some("stopped midway".into()), Some(removed))
+                .await;
+        } else if !dry_run {
             report.tombstones_pruned = self.prune_tombstones().await? as u64;
             if let (Some(analytics), Some(keep)) = (&inner.analytics, inner.analytics_retention) {
                 let (ids, requests) = analytics.prune(keep)?;
@@ -521,100 +549,173 @@ fn entry_or_metadata(layout: &Layout, path: &str) -> Option<(String, String)> {
 const ID_ALIVE: u8 = 1;
 const ID_DEAD: u8 = 0;
 
-/// The scratch tree a gc of the bucket keeps its verdicts per cache id in.
+/// The scratch trees a gc of the bucket keeps its verdicts per cache id in: a real run's
+/// (kept when it is stopped, for the next to take up), and a dry run's (never taken up).
 const GC_SCRATCH_TREE: &str = "l3-gc-scratch";
+const GC_DRY_SCRATCH_TREE: &str = "l3-gc-dry-scratch";
+
+/// The tree a stopped gc keeps its [`GcState`] in, under [`GC_STATE_KEY`].
+const GC_STATE_TREE: &str = "l3-gc-state";
+const GC_STATE_KEY: &[u8] = b"state";
+
+/// Where a stopped gc of the bucket was: the listing under way (the entries, then the
+/// pointers), the last key it handled there, and the metadata objects of dead entries it has
+/// not listed yet (one lists right after its entry, on the next page at the latest).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct GcState {
+    pointers: bool,
+    after: Option<String>,
+    metadata_due: Vec<String>,
+}
+
+/// What a gc of the bucket judges by, and whether it is to stop.
+struct GcRun<'a, S: Fn() -> bool> {
+    epochs: &'a Epochs,
+    ttl: &'a crate::TtlPolicy,
+    dry_run: bool,
+    stop: &'a S,
+}
 
 /// Deletes dead entries from the bucket, a listing page at a time: memory holds one page, the
-/// verdict per cache id waits in a scratch tree of the disk tier. A run stopped midway has
-/// deleted whole pages; a second one lists what is left and counts nothing twice.
-async fn gc_bucket(
+/// verdict per cache id waits in a scratch tree of the disk tier. A run stopped between two
+/// pages has deleted whole pages and saved where it was; the next one takes up there and
+/// counts nothing twice. A saved state that cannot be read starts the listing over.
+async fn gc_bucket<S: Fn() -> bool>(
     l3: &S3Tier,
-    epochs: &Epochs,
-    ttl: &crate::TtlPolicy,
-    dry_run: bool,
+    run: GcRun<'_, S>,
     report: &mut GcReport,
     progress: &mut impl FnMut(Progress),
 ) -> Result<(), TierError> {
+    let GcRun {
+        epochs,
+        ttl,
+        dry_run,
+        stop,
+    } = run;
     let layout = l3.layout().clone();
-    let ids = l3.scratch_tree(GC_SCRATCH_TREE)?;
-    ids.clear()?;
+    let states = l3.scratch_tree(GC_STATE_TREE)?;
+    let (ids, mut state) = if dry_run {
+        let ids = l3.scratch_tree(GC_DRY_SCRATCH_TREE)?;
+        ids.clear()?;
+        (ids, GcState::default())
+    } else {
+        let ids = l3.scratch_tree(GC_SCRATCH_TREE)?;
+        let saved = states
+            .get(GC_STATE_KEY)?
+            .and_then(|v| serde_json::from_slice::<GcState>(&v).ok());
+        match saved {
+            Some(state) => (ids, state),
+            None => {
+                ids.clear()?;
+                (ids, GcState::default())
+            }
+        }
+    };
+    // Saved after every page of a real run; a dry run deletes nothing and leaves nothing.
+    let save = |state: &GcState| -> Result<(), TierError> {
+        if dry_run {
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec(state)
+            .map_err(|e| TierError::Storage(format!("saving the gc's state: {e}")))?;
+        states.insert(GC_STATE_KEY, bytes)?;
+        Ok(())
+    };
     let now = Utc::now();
     let keyed = l3.has_keys();
     let (mut listed, mut checked, mut deleted) = (0u64, 0u64, 0u64);
-    // Metadata objects of dead entries not listed yet: one lists right after its entry
-    // (`….json.zst` < `….metadata.json`), on the next page at the latest.
-    let mut metadata_due: HashSet<String> = HashSet::new();
-    let mut pages = l3.pages(&layout.cache_root());
-    while let Some(page) = pages.next().await? {
-        listed += page.len() as u64;
-        progress(Progress::Listed(listed));
-        let mut doomed: Vec<(String, u64)> = Vec::new();
-        let mut entries = Vec::new();
-        let mut metadata_here: HashMap<String, u64> = HashMap::new();
-        let due = std::mem::take(&mut metadata_due);
-        for object in page {
-            if due.contains(&object.key) {
-                doomed.push((object.key, object.size));
-            } else if let Some(parsed) = layout.parse_entry_path(&object.key) {
-                entries.push((object.key, object.size, parsed.cache_id));
-            } else if object.key.ends_with(METADATA_SUFFIX) {
-                metadata_here.insert(object.key, object.size);
+    let mut metadata_due: HashSet<String> = std::mem::take(&mut state.metadata_due)
+        .into_iter()
+        .collect();
+    if !state.pointers {
+        let mut pages = l3.pages_after(&layout.cache_root(), state.after.take());
+        while let Some(page) = pages.next().await? {
+            listed += page.len() as u64;
+            progress(Progress::Listed(listed));
+            let last = page.last().map(|o| o.key.clone());
+            let mut doomed: Vec<(String, u64)> = Vec::new();
+            let mut entries = Vec::new();
+            let mut metadata_here: HashMap<String, u64> = HashMap::new();
+            let due = std::mem::take(&mut metadata_due);
+            for object in page {
+                if due.contains(&object.key) {
+                    doomed.push((object.key, object.size));
+                } else if let Some(parsed) = layout.parse_entry_path(&object.key) {
+                    entries.push((object.key, object.size, parsed.cache_id));
+                } else if object.key.ends_with(METADATA_SUFFIX) {
+                    metadata_here.insert(object.key, object.size);
+                }
+            }
+            let verdicts = l3
+                .for_each_concurrent(entries, |(path, size, id)| async move {
+                    let dead = match l3.get_object(&path).await {
+                        Ok(Some(bytes)) => match l3.decode(&bytes) {
+                            Ok(e) => Some(ttl.expired(&e, now) || !epochs.admits(&e)),
+                            // Written by a newer release of strata (a node upgraded before
+                            // this one): not this node's to judge. The checksum matched: the
+                            // bytes are whole.
+                            Err(TierError::Corrupt(
+                                CodecError::UnknownVersion(_) | CodecError::UnknownFlags(_),
+                            )) => Some(false),
+                            // Not authentic: with keys, a forgery (or a key no longer held),
+                            // deleted; without any, sealed by nodes that hold one, not this
+                            // node's to judge.
+                            Err(TierError::Corrupt(CodecError::Unauthentic(_))) => Some(keyed),
+                            Err(_) => Some(true),
+                        },
+                        Ok(None) => None,
+                        Err(e) => {
+                            tracing::warn!(%path, error = %e, "gc cannot read an entry object; keeping it");
+                            None
+                        }
+                    };
+                    (path, size, id, dead)
+                })
+                .await;
+            for (path, size, id, dead) in verdicts {
+                checked += 1;
+                if dead == Some(true) {
+                    report.s3_entries += 1;
+                    // Its metadata object goes with it: listed on this page, or first on the
+                    // next.
+                    let metadata = Layout::metadata_path(&path);
+                    match metadata_here.get(&metadata) {
+                        Some(&size) => doomed.push((metadata, size)),
+                        None => {
+                            metadata_due.insert(metadata);
+                        }
+                    }
+                    doomed.push((path, size));
+                    if ids.get(id.as_bytes())?.is_none() {
+                        ids.insert(id.as_bytes(), &[ID_DEAD])?;
+                    }
+                } else {
+                    ids.insert(id.as_bytes(), &[ID_ALIVE])?;
+                }
+            }
+            progress(Progress::Checked(checked, listed));
+            deleted += remove(l3, doomed, dry_run, report, deleted, progress).await?;
+            state.after = last.or(state.after);
+            state.metadata_due = metadata_due.iter().cloned().collect();
+            save(&state)?;
+            if !pages.ended() && stop() {
+                report.s3_listed = listed;
+                report.stopped = true;
+                return Ok(());
             }
         }
-        let verdicts = l3
-            .for_each_concurrent(entries, |(path, size, id)| async move {
-                let dead = match l3.get_object(&path).await {
-                    Ok(Some(bytes)) => match l3.decode(&bytes) {
-                        Ok(e) => Some(ttl.expired(&e, now) || !epochs.admits(&e)),
-                        // Written by a newer release of strata (a node upgraded before this
-                        // one): not this node's to judge. The checksum matched: the bytes
-                        // are whole.
-                        Err(TierError::Corrupt(
-                            CodecError::UnknownVersion(_) | CodecError::UnknownFlags(_),
-                        )) => Some(false),
-                        // Not authentic: with keys, a forgery (or a key no longer held),
-                        // deleted; without any, sealed by nodes that hold one, not this
-                        // node's to judge.
-                        Err(TierError::Corrupt(CodecError::Unauthentic(_))) => Some(keyed),
-                        Err(_) => Some(true),
-                    },
-                    Ok(None) => None,
-                    Err(e) => {
-                        tracing::warn!(%path, error = %e, "gc cannot read an entry object; keeping it");
-                        None
-                    }
-                };
-                (path, size, id, dead)
-            })
-            .await;
-        for (path, size, id, dead) in verdicts {
-            checked += 1;
-            if dead == Some(true) {
-                report.s3_entries += 1;
-                // Its metadata object goes with it: listed on this page, or first on the next.
-                let metadata = Layout::metadata_path(&path);
-                match metadata_here.get(&metadata) {
-                    Some(&size) => doomed.push((metadata, size)),
-                    None => {
-                        metadata_due.insert(metadata);
-                    }
-                }
-                doomed.push((path, size));
-                if ids.get(id.as_bytes())?.is_none() {
-                    ids.insert(id.as_bytes(), &[ID_DEAD])?;
-                }
-            } else {
-                ids.insert(id.as_bytes(), &[ID_ALIVE])?;
-            }
-        }
-        progress(Progress::Checked(checked, listed));
-        deleted += remove(l3, doomed, dry_run, report, deleted, progress).await?;
+        state = GcState {
+            pointers: true,
+            ..GcState::default()
+        };
+        save(&state)?;
     }
     // The pointers of keys every object of which died.
-    let mut pages = l3.pages(&layout.pointer_root());
+    let mut pages = l3.pages_after(&layout.pointer_root(), state.after.take());
     while let Some(page) = pages.next().await? {
         listed += page.len() as u64;
         progress(Progress::Listed(listed));
+        let last = page.last().map(|o| o.key.clone());
         let mut doomed = Vec::new();
         for object in page {
             let Some(id) = layout.parse_pointer_path(&object.key) else {
@@ -628,8 +729,18 @@ async fn gc_bucket(
             }
         }
         deleted += remove(l3, doomed, dry_run, report, deleted, progress).await?;
+        state.after = last.or(state.after);
+        save(&state)?;
+        if !pages.ended() && stop() {
+            report.s3_listed = listed;
+            report.stopped = true;
+            return Ok(());
+        }
     }
     ids.clear()?;
+    if !dry_run {
+        states.remove(GC_STATE_KEY)?;
+    }
     report.s3_listed = listed;
     Ok(())
 }

@@ -213,8 +213,8 @@ impl DrainReport {
     }
 }
 
-/// What `index rebuild` did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+/// What `index rebuild` did: over the whole rebuild, the runs a stopped one took up included.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RebuildReport {
     /// Objects listed under `llm-cache/`.
     pub listed: u64,
@@ -224,7 +224,25 @@ pub struct RebuildReport {
     pub pointers_written: u64,
     /// Pointers that could not be written.
     pub failed: u64,
+    /// Whether the run stopped before the end of the listing (asked to); the next rebuild
+    /// takes up where it stopped.
+    pub stopped: bool,
 }
+
+/// Where a stopped `index rebuild` was, kept in [`REBUILD_STATE_TREE`] between two pages:
+/// whether the pointers were all listed, the last key handled in the listing under way, and
+/// the counts so far.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct RebuildState {
+    pointers_listed: bool,
+    after: Option<String>,
+    report: RebuildReport,
+}
+
+/// The tree (of the disk tier's database) a rebuild keeps its [`RebuildState`] in, under
+/// [`REBUILD_STATE_KEY`], while it runs or once it was stopped.
+const REBUILD_STATE_TREE: &str = "l3-rebuild-state";
+const REBUILD_STATE_KEY: &[u8] = b"state";
 
 /// What `warm` did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -253,6 +271,8 @@ pub struct Pages {
     s3: S3Tier,
     prefix: String,
     token: Option<String>,
+    /// The key to list after, on the first page only.
+    start_after: Option<String>,
     /// The continuation token of the page before, to catch a server that repeats one (S3
     /// tokens are opaque; one repeated right away would loop forever).
     last_token: Option<String>,
@@ -274,6 +294,7 @@ impl Pages {
             .list_objects_v2()
             .bucket(&inner.bucket)
             .prefix(prefix)
+            .set_start_after(self.start_after.take())
             .set_continuation_token(self.token.clone())
             .send()
             .await
@@ -323,6 +344,11 @@ impl Pages {
     /// Objects listed so far.
     pub fn listed(&self) -> u64 {
         self.listed
+    }
+
+    /// Whether the last page has been read: [`Pages::next`] has nothing more.
+    pub fn ended(&self) -> bool {
+        self.done
     }
 }
 
@@ -1030,10 +1056,17 @@ impl S3Tier {
     /// The objects under `prefix`, a page (up to 1,000) at a time: a caller holds one page, and
     /// may stop between two.
     pub fn pages(&self, prefix: &str) -> Pages {
+        self.pages_after(prefix, None)
+    }
+
+    /// [`S3Tier::pages`], starting after the key `after` (a listing taken up where it
+    /// stopped).
+    pub fn pages_after(&self, prefix: &str, after: Option<String>) -> Pages {
         Pages {
             s3: self.clone(),
             prefix: prefix.to_string(),
             token: None,
+            start_after: after,
             last_token: None,
             listed: 0,
             done: false,
@@ -1121,31 +1154,74 @@ impl S3Tier {
     /// unknown). `progress` is called with the number of objects listed so far.
     pub async fn rebuild_index(
         &self,
+        progress: impl FnMut(u64),
+    ) -> Result<RebuildReport, TierError> {
+        self.rebuild_index_until(progress, || false).await
+    }
+
+    /// [`S3Tier::rebuild_index`], a page of the listing at a time, stopping between pages once
+    /// `stop` says so ([`RebuildReport::stopped`]). Where it stood is kept in the database
+    /// after every page: the next rebuild takes up after the last key handled, with the counts
+    /// so far, so nothing is listed, written or counted twice. A state that cannot be read
+    /// starts the rebuild over.
+    pub async fn rebuild_index_until(
+        &self,
         mut progress: impl FnMut(u64),
+        stop: impl Fn() -> bool,
     ) -> Result<RebuildReport, TierError> {
         let inner = &self.inner;
         let layout = &inner.layout;
         // The pointers listed go to a scratch tree of the database, not to memory: a listing
         // of millions is held a page at a time.
         let pointers = self.scratch_tree(REBUILD_SCRATCH_TREE)?;
-        pointers.clear()?;
-        let mut listed_pointers = self.pages(&layout.pointer_root());
-        while let Some(page) = listed_pointers.next().await? {
-            let mut batch = sled::Batch::default();
-            for id in page
-                .iter()
-                .filter_map(|o| layout.parse_pointer_path(&o.key))
-            {
-                batch.insert(id.as_bytes(), &[]);
+        let states = self.scratch_tree(REBUILD_STATE_TREE)?;
+        let saved = states
+            .get(REBUILD_STATE_KEY)?
+            .and_then(|v| serde_json::from_slice::<RebuildState>(&v).ok());
+        let mut state = match saved {
+            Some(state) => state,
+            None => {
+                pointers.clear()?;
+                RebuildState::default()
             }
-            pointers.apply_batch(batch)?;
+        };
+        state.report.stopped = false;
+        let save = |state: &RebuildState| -> Result<(), TierError> {
+            let bytes = serde_json::to_vec(state)
+                .map_err(|e| TierError::Storage(format!("saving the rebuild's state: {e}")))?;
+            states.insert(REBUILD_STATE_KEY, bytes)?;
+            Ok(())
+        };
+        if !state.pointers_listed {
+            let mut listed = self.pages_after(&layout.pointer_root(), state.after.take());
+            while let Some(page) = listed.next().await? {
+                let mut batch = sled::Batch::default();
+                for id in page
+                    .iter()
+                    .filter_map(|o| layout.parse_pointer_path(&o.key))
+                {
+                    batch.insert(id.as_bytes(), &[]);
+                }
+                pointers.apply_batch(batch)?;
+                state.after = page.last().map(|o| o.key.clone()).or(state.after);
+                save(&state)?;
+                if !listed.ended() && stop() {
+                    state.report.stopped = true;
+                    return Ok(state.report);
+                }
+            }
+            // Every pointer is known: the index is built afresh from here.
+            inner.index.clear()?;
+            inner.index_bytes.store(0, Relaxed);
+            state.pointers_listed = true;
+            state.after = None;
+            save(&state)?;
         }
-        inner.index.clear()?;
-        inner.index_bytes.store(0, Relaxed);
-        let mut report = RebuildReport::default();
-        let mut listed_entries = self.pages(&layout.cache_root());
+        let mut listed_entries = self.pages_after(&layout.cache_root(), state.after.take());
         while let Some(page) = listed_entries.next().await? {
+            let report = &mut state.report;
             report.listed += page.len() as u64;
+            let last = page.last().map(|o| o.key.clone());
             let mut missing = Vec::new();
             for object in page {
                 let Some(parsed) = layout.parse_entry_path(&object.key) else {
@@ -1184,9 +1260,16 @@ impl S3Tier {
                 }
             }
             progress(report.listed);
+            state.after = last.or(state.after);
+            save(&state)?;
+            if !listed_entries.ended() && stop() {
+                state.report.stopped = true;
+                return Ok(state.report);
+            }
         }
         pointers.clear()?;
-        Ok(report)
+        states.remove(REBUILD_STATE_KEY)?;
+        Ok(state.report)
     }
 
     /// Pulls entries from S3 into the disk tier: those of model `slug` (or all), created at or
