@@ -13,8 +13,9 @@
 //! 5. `strata stats` and `strata report`.
 //!
 //! Every phase is its own process, and its peak RSS is the kernel's (`wait4`'s `ru_maxrss`), over
-//! the whole process, opening and closing included. The bytes the directory occupies (allocated
-//! blocks, as `strata stats` reports them) are set against the payload the disk tier counts. A small-scale run (`HOT` entries,
+//! the whole process, opening and closing included, taken by a launcher that loads nothing (see
+//! [`strata`]). The bytes the directory occupies (allocated blocks, as `strata stats` reports
+//! them) are set against the payload the disk tier counts. A small-scale run (`HOT` entries,
 //! the same phases) is made first in the same run, so that the disk-tier hit at N is compared
 //! with the disk-tier hit at small scale measured minutes apart, not on another day.
 //!
@@ -45,6 +46,9 @@ const HOT: usize = 20_000;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--launch") {
+        return launch(&args[1..]);
+    }
     let sizes: Vec<usize> = if args.is_empty() {
         vec![100_000]
     } else {
@@ -173,38 +177,65 @@ struct Ran {
     peak_rss: u64,
 }
 
-/// Runs `strata args…` on the cache at `dir`, waiting with `wait4` for its peak RSS.
+/// Runs `strata args…` on the cache at `dir`, with its peak RSS.
+///
+/// Linux carries a process's RSS high-water mark across `exec` into the new program's
+/// `ru_maxrss`, and a child forked from this harness starts out with the harness's pages
+/// (the workload, the in-process S3 server): measured directly, every command would peak at
+/// least at the harness's own size. So `strata` is started by a small launcher (this binary
+/// again, with `--launch`, which loads nothing) that waits for it with `wait4` and writes its
+/// peak to a file.
 fn strata(bin: &Path, dir: &Path, args: &[&str]) -> Result<Ran> {
     let started = Instant::now();
-    let child = Command::new(bin)
+    let rss_file = tempfile::NamedTempFile::new()?;
+    let child = Command::new(std::env::current_exe()?)
+        .arg("--launch")
+        .arg(bin)
         .args(args)
         .env("STRATA_DISK_PATH", dir)
+        .env("STRATA_SCALE_RSS_FILE", rss_file.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .with_context(|| bin.display().to_string())?;
+        .context("starting the launcher")?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!("strata {}: {}", args.join(" "), output.status);
+    }
+    let peak_kb: u64 = std::fs::read_to_string(rss_file.path())?
+        .trim()
+        .parse()
+        .context("the launcher's peak RSS")?;
+    Ok(Ran {
+        json: serde_json::from_slice(&output.stdout).unwrap_or(Value::Null),
+        wall_s: started.elapsed().as_secs_f64(),
+        peak_rss: peak_kb * 1024,
+    })
+}
+
+/// `scale --launch BIN ARGS…`: runs BIN with ARGS (standard streams and environment passed
+/// through), writes its peak RSS in KiB (`wait4`) to `$STRATA_SCALE_RSS_FILE`, and exits as it
+/// did.
+fn launch(args: &[String]) -> Result<()> {
+    let (bin, rest) = args.split_first().context("--launch BIN ARGS…")?;
+    let rss_file = std::env::var_os("STRATA_SCALE_RSS_FILE").context("STRATA_SCALE_RSS_FILE")?;
+    let child = Command::new(bin)
+        .args(rest)
+        .spawn()
+        .with_context(|| bin.clone())?;
     let pid = child.id() as libc::pid_t;
-    let mut stdout = child.stdout.context("stdout")?;
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut text)?;
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value, and `wait4` writes into our own locals.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our child, not yet waited for (its `Child` handle was consumed above).
+    // SAFETY: `pid` is our child, not yet waited for (its `Child` handle is not used again).
     let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     if waited != pid {
         bail!("wait4: {}", std::io::Error::last_os_error());
     }
+    std::fs::write(&rss_file, usage.ru_maxrss.to_string())?;
     let exit = std::process::ExitStatus::from_raw(status);
-    if !exit.success() {
-        bail!("strata {}: {exit}", args.join(" "));
-    }
-    Ok(Ran {
-        json: serde_json::from_str(&text).unwrap_or(Value::Null),
-        wall_s: started.elapsed().as_secs_f64(),
-        peak_rss: usage.ru_maxrss as u64 * 1024,
-    })
+    std::process::exit(exit.code().unwrap_or(1));
 }
 
 /// One N's figures.

@@ -145,6 +145,9 @@ pub const MAX_PENDING_REQUESTS: usize = 65_536;
 /// Digests of served entries kept in memory while the store fails; beyond this a hit is not
 /// noted (its entry may then be reported cold).
 const MAX_PENDING_HIT_IDS: usize = 1 << 20;
+/// Digests remembered as noted already, so that a hit on them writes nothing; past this the
+/// set starts over (about 2 MiB), and a hit on a forgotten one notes it again (a newer time).
+const MAX_MARKED: usize = 1 << 16;
 
 const TREE_ROLLUPS: &str = "analytics.hourly";
 const TREE_HIT_IDS: &str = "analytics.hit_ids";
@@ -719,7 +722,7 @@ impl State {
                     && let Some(id) = id_of(e)
                 {
                     self.sketch.hit(id, e);
-                    if self.marked.len() > 1 << 20 {
+                    if self.marked.len() >= MAX_MARKED {
                         self.marked.clear();
                     }
                     if self.new_hit_ids.len() < MAX_PENDING_HIT_IDS && self.marked.insert(id) {
