@@ -23,6 +23,7 @@ use crate::tier::{Tier, TierUsage};
 
 mod salvage;
 pub use salvage::Salvage;
+mod snapshot;
 mod vlog;
 use vlog::{Pointer, ValueLog};
 
@@ -87,30 +88,53 @@ const ACCESS_GRANULARITY_MS: u64 = 10 * 60 * 1000;
 /// size, so that opening reads that small tree and not the entries.
 const SIZES_KEY: &[u8] = b"sizes-in-access/v1";
 
-/// Size and last use of one stored entry, kept in memory for eviction.
+/// Size and last use of one stored entry, kept in memory for eviction: 16 bytes, so that with
+/// its id a slot takes 32 bytes of the map (a million entries, 64 MiB of table).
 #[derive(Debug, Clone, Copy)]
 struct Slot {
-    bytes: u64,
     last_used_ms: u64,
-    /// The last use its access record holds.
-    saved_ms: u64,
-    /// The value-log segment its envelope is in ([`INLINE`]: in sled, as older releases
-    /// stored it). A hint for choosing what to compact, never for deleting.
-    segment: u64,
+    /// Bytes counted (the envelope and 16), saturating at 4 GiB (a value-log record's
+    /// length is a u32: no envelope comes near).
+    bytes: u32,
+    /// The value-log segment its envelope is in (`u32::MAX`, [`INLINE`]: in sled, as older
+    /// releases stored it). A hint for choosing what to compact, never for deleting.
+    segment: u32,
 }
 
 /// The segment of an envelope stored inline in sled.
 const INLINE: u64 = u64::MAX;
 
 impl Slot {
-    /// A slot as its access record holds it.
-    fn saved(last_used_ms: u64, bytes: u64, segment: u64) -> Self {
+    /// A slot for an entry of `bytes` in `segment`, last used at `last_used_ms`.
+    fn new(last_used_ms: u64, bytes: u64, segment: u64) -> Self {
         Slot {
-            bytes,
             last_used_ms,
-            saved_ms: last_used_ms,
-            segment,
+            bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
+            // Segment numbers count segments created; u32::MAX stands for inline.
+            segment: u32::try_from(segment).unwrap_or(u32::MAX),
         }
+    }
+
+    /// Bytes the entry counts for.
+    fn bytes(&self) -> u64 {
+        u64::from(self.bytes)
+    }
+
+    /// The segment, [`INLINE`] for an envelope inline in sled.
+    fn segment(&self) -> u64 {
+        if self.segment == u32::MAX {
+            INLINE
+        } else {
+            u64::from(self.segment)
+        }
+    }
+
+    /// Whether a use at `now_ms` moves the last use into a later window of
+    /// `ACCESS_GRANULARITY_MS` than the one it was in: the access record is then worth saving
+    /// again. An entry's record is saved at most once per window, and lags its last use by
+    /// less than one.
+    fn crosses_window(&self, now_ms: u64) -> bool {
+        now_ms / ACCESS_GRANULARITY_MS > self.last_used_ms / ACCESS_GRANULARITY_MS
     }
 }
 
@@ -179,6 +203,9 @@ struct Inner {
     outbox: OnceLock<sled::Tree>,
     /// Envelope bytes eviction has moved into the outbox since the S3 tier last measured it.
     outbox_growth: AtomicU64,
+    /// Whether dropping the last handle saves the eviction index to its snapshot: set once it
+    /// was loaded whole (a handle that failed to open has nothing to save).
+    snapshot_on_drop: AtomicBool,
 }
 
 /// What a [`DiskTier::sweep`] saw and removed.
@@ -486,8 +513,7 @@ impl DiskTier {
                     self.inner.bytes.fetch_sub(grew.unsigned_abs(), Relaxed);
                 }
                 if let Some(slot) = self.inner.lock_slots().get_mut(&id) {
-                    slot.bytes = (new.len() + 16) as u64;
-                    slot.segment = pointer.segment;
+                    *slot = Slot::new(slot.last_used_ms, (new.len() + 16) as u64, pointer.segment);
                 }
                 // Its access record holds the size opening reads.
                 self.inner.mark_dirty(id);
@@ -818,6 +844,7 @@ fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
             salvage: None,
             outbox: OnceLock::new(),
             outbox_growth: AtomicU64::new(0),
+            snapshot_on_drop: AtomicBool::new(false),
         };
         // Uploads queued by an earlier run with S3 refer to copies here: eviction keeps them
         // for the outbox even while this run has S3 off.
@@ -829,6 +856,7 @@ fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
             let _ = inner.outbox.set(db.open_tree(OUTBOX_TREE)?);
         }
         inner.load_slots()?;
+        inner.snapshot_on_drop.store(true, Relaxed);
         Ok(inner)
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
@@ -920,8 +948,10 @@ fn claim_directory(path: &Path) -> Result<(), TierError> {
         return Ok(());
     }
     let sleds = |n: &String| {
-        matches!(n.as_str(), "conf" | "db" | "blobs" | vlog::DIR)
-            || n.starts_with("snap.")
+        matches!(
+            n.as_str(),
+            "conf" | "db" | "blobs" | vlog::DIR | snapshot::FILE | snapshot::TEMPORARY
+        ) || n.starts_with("snap.")
             || KEPT_BESIDE.contains(&n.as_str())
     };
     let older_tier = names.iter().any(|n| n == "conf")
@@ -1019,8 +1049,10 @@ fn only_a_database_in(path: &Path) -> Result<(), TierError> {
     for item in std::fs::read_dir(path).map_err(io)? {
         let name = item.map_err(io)?.file_name();
         let name = name.to_string_lossy();
-        if !matches!(name.as_ref(), "conf" | "db" | "blobs" | vlog::DIR | MARKER)
-            && !name.starts_with("snap.")
+        if !matches!(
+            name.as_ref(),
+            "conf" | "db" | "blobs" | vlog::DIR | MARKER | snapshot::FILE | snapshot::TEMPORARY
+        ) && !name.starts_with("snap.")
             && !KEPT_BESIDE.contains(&name.as_ref())
         {
             return Err(TierError::Unavailable(format!(
@@ -1083,6 +1115,19 @@ fn aside_path(path: &Path) -> PathBuf {
     }
 }
 
+impl Drop for Inner {
+    /// The last handle is gone: nothing can write the entries or their access records any
+    /// more, so the eviction index is what the database holds, and is saved for the next open.
+    fn drop(&mut self) {
+        if !self.snapshot_on_drop.load(Relaxed) {
+            return;
+        }
+        if let Err(e) = self.write_snapshot() {
+            tracing::warn!(error = %e, "cannot save the eviction index; the next open reads the access records");
+        }
+    }
+}
+
 impl Inner {
     fn lock_slots(&self) -> MutexGuard<'_, HashMap<u128, Slot>> {
         self.slots
@@ -1094,6 +1139,9 @@ impl Inner {
     /// every entry's size (`SIZES_KEY`): opening never reads the entries themselves. A database
     /// written before that is read whole once, and its records are rewritten with sizes.
     fn load_slots(&self) -> Result<(), sled::Error> {
+        if self.load_slots_from_snapshot()? {
+            return Ok(());
+        }
         if self.meta.get(SIZES_KEY)?.is_some() {
             return self.load_slots_from_access();
         }
@@ -1114,7 +1162,7 @@ impl Inner {
             let bytes = stored_len(&value) + 16;
             let segment = stored_segment(&value);
             total += bytes;
-            slots.insert(id, Slot::saved(last_used_ms, bytes, segment));
+            slots.insert(id, Slot::new(last_used_ms, bytes, segment));
             batch.insert(&*key, &access_record(last_used_ms, bytes, segment));
             batched += 1;
             if batched == ACCESS_BATCH {
@@ -1125,6 +1173,74 @@ impl Inner {
         self.access.apply_batch(batch)?;
         self.meta.insert(SIZES_KEY, &[1u8])?;
         self.bytes.store(total, Relaxed);
+        Ok(())
+    }
+
+    /// [`Inner::load_slots`] from the snapshot the last handle wrote when it closed, if it
+    /// matches the database (see `disk/snapshot.rs`). Its token is taken out of `meta`, durably,
+    /// before anything else writes, and the file deleted, whether it is used or not. Returns
+    /// whether the slots were loaded.
+    fn load_slots_from_snapshot(&self) -> Result<bool, sled::Error> {
+        let token = self.meta.remove(snapshot::META_KEY)?;
+        let file = self.path.join(snapshot::FILE);
+        let Some(token) = token else {
+            // Written by a handle that stopped before it could set the token: stale.
+            let _ = std::fs::remove_file(&file);
+            return Ok(false);
+        };
+        self.db.flush()?;
+        // Every slot counts at least 16 bytes: more records than this cannot be the tier's.
+        let max_count = (self.capacity / 16)
+            .saturating_mul(2)
+            .saturating_add(1 << 16);
+        let mut slots = self.lock_slots();
+        // The table sized once for what the file holds (growing it by doubling would hold the
+        // old table and the new at once), within reason for a file that may be forged.
+        let announced = std::fs::metadata(&file).map_or(0, |m| m.len() / 40);
+        slots.reserve(announced.min(max_count).min(1 << 23) as usize);
+        let read = snapshot::read(&self.path, &token, max_count, |record| {
+            slots.insert(
+                record.id,
+                Slot::new(record.last_used_ms, record.bytes, record.segment),
+            );
+        });
+        let _ = std::fs::remove_file(&file);
+        match read {
+            Ok(_) => {
+                let total = slots.values().map(Slot::bytes).sum();
+                self.bytes.store(total, Relaxed);
+                Ok(true)
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "the eviction index's snapshot does not hold up; reading the access records");
+                slots.clear();
+                Ok(false)
+            }
+        }
+    }
+
+    /// Writes the eviction index to its snapshot and sets the snapshot's token, as the last
+    /// write of the last handle: the next open reads one file instead of the access records.
+    fn write_snapshot(&self) -> Result<(), TierError> {
+        self.save_access_times()?;
+        let token = snapshot::new_token();
+        {
+            let slots = self.lock_slots();
+            let records = slots.iter().map(|(&id, slot)| snapshot::Record {
+                id,
+                last_used_ms: slot.last_used_ms,
+                bytes: slot.bytes(),
+                segment: slot.segment(),
+            });
+            snapshot::write(&self.path, &token, slots.len() as u64, records).map_err(|source| {
+                TierError::Io {
+                    context: "writing the eviction index's snapshot".into(),
+                    source,
+                }
+            })?;
+        }
+        self.meta.insert(snapshot::META_KEY, &token)?;
+        self.db.flush()?;
         Ok(())
     }
 
@@ -1167,7 +1283,7 @@ impl Inner {
                 }
             };
             total += bytes;
-            slots.insert(id, Slot::saved(last_used_ms, bytes, segment));
+            slots.insert(id, Slot::new(last_used_ms, bytes, segment));
         }
         self.bytes.store(total, Relaxed);
         Ok(())
@@ -1240,23 +1356,18 @@ impl Inner {
     fn store(&self, id: u128, bytes: &[u8]) -> Result<(), TierError> {
         let now = now_ms();
         let pointer = self.append(id, bytes)?;
-        let slot = Slot {
-            bytes: (bytes.len() + 16) as u64,
-            last_used_ms: now,
-            saved_ms: now,
-            segment: pointer.segment,
-        };
+        let slot = Slot::new(now, (bytes.len() + 16) as u64, pointer.segment);
         // The record first: after a crash between the two, opening finds a record without an
         // entry (dropped when evicted or looked up), never an entry it does not count.
         self.access.insert(
             id.to_be_bytes(),
-            &access_record(now, slot.bytes, slot.segment),
+            &access_record(now, slot.bytes(), slot.segment()),
         )?;
         self.entries.insert(id.to_be_bytes(), &pointer.encode())?;
         let old = self.lock_slots().insert(id, slot);
-        self.bytes.fetch_add(slot.bytes, Relaxed);
+        self.bytes.fetch_add(slot.bytes(), Relaxed);
         if let Some(old) = old {
-            self.bytes.fetch_sub(old.bytes, Relaxed);
+            self.bytes.fetch_sub(old.bytes(), Relaxed);
         }
         // Stores run on writer threads: they save the lookups' marks as they accumulate, so
         // that a close has at most a batch or so to write.
@@ -1269,8 +1380,10 @@ impl Inner {
     fn touch(&self, id: u128) {
         let stale = match self.lock_slots().get_mut(&id) {
             Some(slot) => {
-                slot.last_used_ms = now_ms();
-                slot.last_used_ms.saturating_sub(slot.saved_ms) >= ACCESS_GRANULARITY_MS
+                let now = now_ms();
+                let stale = slot.crosses_window(now);
+                slot.last_used_ms = slot.last_used_ms.max(now);
+                stale
             }
             None => false,
         };
@@ -1328,7 +1441,7 @@ impl Inner {
         self.entries.remove(id.to_be_bytes())?;
         self.access.remove(id.to_be_bytes())?;
         if let Some(old) = self.lock_slots().remove(&id) {
-            self.bytes.fetch_sub(old.bytes, Relaxed);
+            self.bytes.fetch_sub(old.bytes(), Relaxed);
         }
         Ok(())
     }
@@ -1348,9 +1461,8 @@ impl Inner {
                     if let Some(slot) = slots.get_mut(id) {
                         batch.insert(
                             &id.to_be_bytes(),
-                            &access_record(slot.last_used_ms, slot.bytes, slot.segment),
+                            &access_record(slot.last_used_ms, slot.bytes(), slot.segment()),
                         );
-                        slot.saved_ms = slot.last_used_ms;
                     }
                 }
             }
@@ -1370,7 +1482,7 @@ impl Inner {
         let mut by_age: Vec<(u64, u128, u64)> = self
             .lock_slots()
             .iter()
-            .map(|(id, slot)| (slot.last_used_ms, *id, slot.bytes))
+            .map(|(id, slot)| (slot.last_used_ms, *id, slot.bytes()))
             .collect();
         by_age.sort_unstable();
         let mut to_free = total.saturating_sub(target);
@@ -1473,7 +1585,8 @@ impl Inner {
     fn compact(&self) -> Result<u64, TierError> {
         let mut live: HashMap<u64, u64> = HashMap::new();
         for slot in self.lock_slots().values() {
-            *live.entry(slot.segment).or_default() += slot.bytes.saturating_sub(16) + vlog::HEADER;
+            *live.entry(slot.segment()).or_default() +=
+                slot.bytes().saturating_sub(16) + vlog::HEADER;
         }
         let mut segments: Vec<(u128, u64)> = self
             .values
@@ -1535,7 +1648,7 @@ impl Inner {
                     .map_err(std::io::Error::other)?;
                 if swapped.is_ok() {
                     if let Some(slot) = self.lock_slots().get_mut(&id) {
-                        slot.segment = new.segment;
+                        *slot = Slot::new(slot.last_used_ms, slot.bytes(), new.segment);
                     }
                     self.mark_dirty(id);
                     moved += 1;
@@ -1569,7 +1682,7 @@ impl Inner {
         }
         self.access.remove(key)?;
         if let Some(old) = self.lock_slots().remove(&id) {
-            self.bytes.fetch_sub(old.bytes, Relaxed);
+            self.bytes.fetch_sub(old.bytes(), Relaxed);
         }
         Ok(true)
     }
@@ -2009,6 +2122,71 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn closing_saves_the_eviction_index_and_opening_reads_it_only_when_it_matches() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let config = DiskConfig::new(dir.path().join("l2"));
+        let open = || DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+        let file = config.path.join(snapshot::FILE);
+        let put = |tier: &DiskTier, range: std::ops::Range<usize>| {
+            for i in range {
+                let (key, _) = entry(i);
+                tier.insert_raw(&key, &vec![7; 100 + i])
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        };
+        let (first, used_first) = {
+            let tier = open();
+            put(&tier, 0..40);
+            // One used since it was written: its exact last use is what the snapshot keeps.
+            let (used, _) = entry(3);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            assert!(tier.inner.load(used.id()).is_ok_and(|v| v.is_some()));
+            (
+                tier.usage(),
+                tier.inner.lock_slots()[&used.id()].last_used_ms,
+            )
+        };
+        assert!(file.exists(), "no snapshot at close");
+        let token_of = |tier: &DiskTier| tier.inner.meta.get(snapshot::META_KEY);
+        let stale = std::fs::read(&file).unwrap_or_else(|e| panic!("{e}"));
+        {
+            let tier = open();
+            // Read from the snapshot: the same counts and last uses, the file and its token gone.
+            assert_eq!(tier.usage(), first);
+            let (used, _) = entry(3);
+            assert_eq!(tier.inner.lock_slots()[&used.id()].last_used_ms, used_first);
+            assert!(!file.exists());
+            assert!(token_of(&tier).is_ok_and(|t| t.is_none()));
+            put(&tier, 40..60);
+        }
+        // A snapshot of an earlier state (another token), then a damaged one: neither is read,
+        // and the counts come from the access records.
+        std::fs::write(&file, &stale).unwrap_or_else(|e| panic!("{e}"));
+        let second = {
+            let tier = open();
+            assert_eq!(tier.usage().entries, 60);
+            tier.usage()
+        };
+        let mut damaged = std::fs::read(&file).unwrap_or_else(|e| panic!("{e}"));
+        let at = damaged.len() - 10;
+        damaged[at] ^= 0x40;
+        std::fs::write(&file, &damaged).unwrap_or_else(|e| panic!("{e}"));
+        {
+            let tier = open();
+            assert_eq!(tier.usage(), second);
+        }
+        // A handle that never closed (its token never set) leaves a file that is not read.
+        {
+            let tier = open();
+            tier.inner.snapshot_on_drop.store(false, Relaxed);
+        }
+        std::fs::write(&file, &stale).unwrap_or_else(|e| panic!("{e}"));
+        let tier = open();
+        assert_eq!(tier.usage(), second);
+        assert!(!file.exists());
+    }
+
+    #[test]
     fn opening_reads_sizes_from_the_access_records_and_takes_up_an_older_database() {
         let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
         let config = DiskConfig::new(dir.path().join("l2"));
@@ -2062,6 +2240,8 @@ pub(crate) mod tests {
                 .remove(SIZES_KEY)
                 .unwrap_or_else(|e| panic!("{e}"));
             tier.inner.db.flush().unwrap_or_else(|e| panic!("{e}"));
+            // Closed as a release that wrote no snapshot closes.
+            tier.inner.snapshot_on_drop.store(false, Relaxed);
         }
         let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(tier.usage(), usage);
@@ -2094,7 +2274,7 @@ pub(crate) mod tests {
         tier.inner.touch(key.id());
         assert_eq!(tier.inner.dirty_len(), 0, "saved when stored, a moment ago");
         if let Some(slot) = tier.inner.lock_slots().get_mut(&key.id()) {
-            slot.saved_ms -= ACCESS_GRANULARITY_MS;
+            slot.last_used_ms -= ACCESS_GRANULARITY_MS;
         }
         tier.inner.touch(key.id());
         assert_eq!(tier.inner.dirty_len(), 1);
@@ -2104,7 +2284,7 @@ pub(crate) mod tests {
         let record = tier.inner.access.get(key.id().to_be_bytes()).ok().flatten();
         assert_eq!(
             record.as_deref(),
-            slot.map(|s| access_record(s.last_used_ms, s.bytes, s.segment))
+            slot.map(|s| access_record(s.last_used_ms, s.bytes(), s.segment()))
                 .as_ref()
                 .map(|r| &r[..])
         );
