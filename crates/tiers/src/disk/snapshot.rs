@@ -9,9 +9,9 @@
 //! file does not hold up (magic, length, count, checksum), opening reads the access records as
 //! before. The file is deleted once read.
 //!
-//! Format: `SSN1`, the 16-byte token, the record count (u64), the records (40 bytes each: the
-//! id as 16 big-endian bytes, then last use in ms, bytes counted and segment, little-endian
-//! u64s), then a CRC32 of everything before it.
+//! Format: `SSN2`, the 16-byte token, the record count (u64), the records (48 bytes each: the
+//! id as 16 big-endian bytes, then last use in ms, bytes counted, segment and offset in the
+//! segment (`u64::MAX`: not known), little-endian u64s), then a CRC32 of everything before it.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
@@ -23,9 +23,9 @@ pub(super) const TEMPORARY: &str = ".slots.snapshot.new";
 /// The key in `meta` holding the token of the snapshot that matches the database.
 pub(super) const META_KEY: &[u8] = b"slots-snapshot/v1";
 
-const MAGIC: &[u8; 4] = b"SSN1";
+const MAGIC: &[u8; 4] = b"SSN2";
 const HEADER: u64 = 4 + 16 + 8;
-const RECORD: u64 = 40;
+const RECORD: u64 = 48;
 
 /// One entry as the eviction index holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,7 @@ pub(super) struct Record {
     pub last_used_ms: u64,
     pub bytes: u64,
     pub segment: u64,
+    pub offset: u64,
 }
 
 /// A token for a new snapshot: unique to this process and moment (it identifies, it does not
@@ -74,7 +75,8 @@ pub(super) fn write(
         bytes[..16].copy_from_slice(&record.id.to_be_bytes());
         bytes[16..24].copy_from_slice(&record.last_used_ms.to_le_bytes());
         bytes[24..32].copy_from_slice(&record.bytes.to_le_bytes());
-        bytes[32..].copy_from_slice(&record.segment.to_le_bytes());
+        bytes[32..40].copy_from_slice(&record.segment.to_le_bytes());
+        bytes[40..].copy_from_slice(&record.offset.to_le_bytes());
         put(&mut out, &bytes)?;
         written += 1;
     }
@@ -147,6 +149,7 @@ pub(super) fn read(
             last_used_ms: u64_at(&bytes, 16),
             bytes: u64_at(&bytes, 24),
             segment: u64_at(&bytes, 32),
+            offset: u64_at(&bytes, 40),
         });
     }
     let expected = crc.finalize();
@@ -171,6 +174,7 @@ mod tests {
                 last_used_ms: 1_700_000_000_000 + i,
                 bytes: 100 + i,
                 segment: i % 3,
+                offset: if i % 5 == 0 { u64::MAX } else { i * 7 },
             })
             .collect()
     }
@@ -220,7 +224,7 @@ mod tests {
                 .contains("checksum")
         );
         // Cut short, or a count the length does not hold: refused before reading records.
-        std::fs::write(&path, &whole[..whole.len() - 41]).unwrap();
+        std::fs::write(&path, &whole[..whole.len() - 49]).unwrap();
         assert!(
             read_all(dir.path(), &token, 100)
                 .unwrap_err()
@@ -231,7 +235,7 @@ mod tests {
         std::fs::write(&path, &inflated).unwrap();
         assert!(read_all(dir.path(), &token, u64::MAX).is_err());
         // Not a snapshot at all.
-        std::fs::write(&path, b"SSN0 and then some").unwrap();
+        std::fs::write(&path, b"SSN1 and then some").unwrap();
         assert!(read_all(dir.path(), &token, 100).is_err());
         // And whole again: read.
         std::fs::write(&path, &whole).unwrap();
