@@ -116,9 +116,15 @@ impl Slot {
 
     /// A slot for the entry sled points to with `pointer`, last used at `last_used_ms`.
     fn at(last_used_ms: u64, pointer: &Pointer) -> Self {
+        let bytes = u64::from(pointer.len) + 16;
+        Slot::placed(last_used_ms, bytes, pointer.segment, pointer.offset)
+    }
+
+    /// [`Slot::new`] with the record's place in its segment (`u64::MAX`: not known).
+    fn placed(last_used_ms: u64, bytes: u64, segment: u64, offset: u64) -> Self {
         Slot {
-            offset: u32::try_from(pointer.offset).unwrap_or(u32::MAX),
-            ..Slot::new(last_used_ms, u64::from(pointer.len) + 16, pointer.segment)
+            offset: u32::try_from(offset).unwrap_or(u32::MAX),
+            ..Slot::new(last_used_ms, bytes, segment)
         }
     }
 
@@ -1225,13 +1231,13 @@ impl Inner {
         let announced = std::fs::metadata(&file).map_or(0, |m| m.len() / 48);
         slots.reserve(announced.min(max_count).min(1 << 23) as usize);
         let read = snapshot::read(&self.path, &token, max_count, |record| {
-            slots.insert(
-                record.id,
-                Slot {
-                    offset: u32::try_from(record.offset).unwrap_or(u32::MAX),
-                    ..Slot::new(record.last_used_ms, record.bytes, record.segment)
-                },
+            let slot = Slot::placed(
+                record.last_used_ms,
+                record.bytes,
+                record.segment,
+                record.offset,
             );
+            slots.insert(record.id, slot);
         });
         let _ = std::fs::remove_file(&file);
         match read {
