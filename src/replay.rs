@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use hdrhistogram::Histogram;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Zipf};
@@ -418,9 +419,12 @@ struct Run<'a> {
     file: PathBuf,
     started: Instant,
     before: strata_analytics::Stats,
-    latency_ns: Vec<u64>,
+    /// Lookup latencies in nanoseconds, to three significant digits: a few KiB whatever the
+    /// number of requests (a sample per request took 16 bytes each, 16 MiB and more for a
+    /// million).
+    latency_ns: Histogram<u64>,
     /// Latencies again, by outcome (`outcome as usize`, as in [`Outcome::ALL`]).
-    by_outcome: [Vec<u64>; Outcome::ALL.len()],
+    by_outcome: [Histogram<u64>; Outcome::ALL.len()],
     requests: u64,
     skipped_lines: u64,
     skipped: Vec<SkippedLine>,
@@ -434,8 +438,8 @@ impl<'a> Run<'a> {
             file: file.to_path_buf(),
             started: Instant::now(),
             before: cache.stats(),
-            latency_ns: Vec::new(),
-            by_outcome: Default::default(),
+            latency_ns: histogram(),
+            by_outcome: std::array::from_fn(|_| histogram()),
             requests: 0,
             skipped_lines: 0,
             skipped: Vec::new(),
@@ -455,9 +459,10 @@ impl<'a> Run<'a> {
         let elapsed = started.elapsed();
         if let Ok(lookup) = result {
             self.requests += 1;
-            let ns = elapsed.as_nanos() as u64;
-            self.latency_ns.push(ns);
-            self.by_outcome[lookup.outcome as usize].push(ns);
+            let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+            // The histograms grow to any value: recording cannot fail.
+            self.latency_ns.saturating_record(ns);
+            self.by_outcome[lookup.outcome as usize].saturating_record(ns);
         }
         self.memory_peak = self.memory_peak.max(self.cache.memory().weighted_size());
     }
@@ -474,11 +479,9 @@ impl<'a> Run<'a> {
         // moka weighs inserts in batches: a short replay may not have seen any weighed yet.
         self.cache.memory().run_pending_tasks().await;
         self.memory_peak = self.memory_peak.max(self.cache.memory().weighted_size());
-        self.latency_ns.sort_unstable();
         let mut by_outcome = std::collections::BTreeMap::new();
-        for (outcome, times) in Outcome::ALL.iter().zip(&mut self.by_outcome) {
+        for (outcome, times) in Outcome::ALL.iter().zip(&self.by_outcome) {
             if !times.is_empty() {
-                times.sort_unstable();
                 by_outcome.insert(outcome.name(), latency_of(times));
             }
         }
@@ -525,23 +528,30 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Median, 99th percentile and slowest of sorted nanoseconds, in microseconds.
-fn latency_of(sorted: &[u64]) -> Latency {
-    let us = |q: f64| percentile(sorted, q) as f64 / 1000.0;
-    Latency {
-        p50: us(0.5),
-        p99: us(0.99),
-        max: us(1.0),
-    }
+/// A histogram of nanoseconds to three significant digits, from 1 ns, growing as values come.
+fn histogram() -> Histogram<u64> {
+    // `new` refuses only a precision over 5 digits.
+    let mut histogram = Histogram::new(3).expect("3 significant digits");
+    histogram.auto(true);
+    histogram
 }
 
-/// The `q` quantile (0..=1) of sorted values, nearest rank; 0 when empty.
-fn percentile(sorted: &[u64], q: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
+/// Median, 99th percentile and slowest of recorded nanoseconds, in microseconds (0 when none);
+/// the percentiles within 0.1% (the histogram's precision), the slowest as recorded.
+fn latency_of(times: &Histogram<u64>) -> Latency {
+    if times.is_empty() {
+        return Latency {
+            p50: 0.0,
+            p99: 0.0,
+            max: 0.0,
+        };
     }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    let us = |ns: u64| ns as f64 / 1000.0;
+    Latency {
+        p50: us(times.value_at_quantile(0.5)),
+        p99: us(times.value_at_quantile(0.99)),
+        max: us(times.max()),
+    }
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), if known.
