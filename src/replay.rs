@@ -460,7 +460,6 @@ impl<'a> Run<'a> {
         if let Ok(lookup) = result {
             self.requests += 1;
             let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-            // The histograms grow to any value: recording cannot fail.
             self.latency_ns.saturating_record(ns);
             self.by_outcome[lookup.outcome as usize].saturating_record(ns);
         }
@@ -528,23 +527,22 @@ impl<'a> Run<'a> {
     }
 }
 
-/// A histogram of nanoseconds to three significant digits, from 1 ns, growing as values come.
+/// The slowest lookup a histogram tells apart: an hour, in nanoseconds (slower ones count as an
+/// hour).
+const SLOWEST_NS: u64 = 3_600_000_000_000;
+
+/// A histogram of nanoseconds from 1 ns to [`SLOWEST_NS`], to three significant digits (about
+/// half a MiB).
 fn histogram() -> Histogram<u64> {
-    // `new` refuses only a precision over 5 digits.
-    let mut histogram = Histogram::new(3).expect("3 significant digits");
-    histogram.auto(true);
-    histogram
+    // Refused only for bounds or a precision out of range, which these are not.
+    Histogram::new_with_bounds(1, SLOWEST_NS, 3).expect("valid histogram bounds")
 }
 
 /// Median, 99th percentile and slowest of recorded nanoseconds, in microseconds (0 when none);
 /// the percentiles within 0.1% (the histogram's precision), the slowest as recorded.
 fn latency_of(times: &Histogram<u64>) -> Latency {
     if times.is_empty() {
-        return Latency {
-            p50: 0.0,
-            p99: 0.0,
-            max: 0.0,
-        };
+        return Latency::default();
     }
     let us = |ns: u64| ns as f64 / 1000.0;
     Latency {
@@ -566,6 +564,25 @@ pub fn peak_rss_bytes() -> Option<u64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn latencies_read_back_to_three_significant_digits_at_any_scale() {
+        let mut times = histogram();
+        assert_eq!(latency_of(&times).p50, 0.0);
+        // 1,000 lookups: 980 of 15 µs, 19 of 400 µs, one of two hours (counted as one hour).
+        for _ in 0..980 {
+            times.saturating_record(15_000);
+        }
+        for _ in 0..19 {
+            times.saturating_record(400_000);
+        }
+        times.saturating_record(2 * SLOWEST_NS);
+        let latency = latency_of(&times);
+        let near = |got: f64, want: f64| (got - want).abs() <= want / 1000.0;
+        assert!(near(latency.p50, 15.0), "{latency:?}");
+        assert!(near(latency.p99, 400.0), "{latency:?}");
+        assert!(near(latency.max, SLOWEST_NS as f64 / 1000.0), "{latency:?}");
+    }
 
     proptest! {
         /// Fuzz-style: any bytes as an exchange log, plain or behind zstd's magic number, are
