@@ -554,9 +554,8 @@ const ID_DEAD: u8 = 0;
 const GC_SCRATCH_TREE: &str = "l3-gc-scratch";
 const GC_DRY_SCRATCH_TREE: &str = "l3-gc-dry-scratch";
 
-/// The tree a stopped gc keeps its [`GcState`] in, under [`GC_STATE_KEY`].
+/// The tree a stopped gc keeps its [`GcState`] in.
 const GC_STATE_TREE: &str = "l3-gc-state";
-const GC_STATE_KEY: &[u8] = b"state";
 
 /// Where a stopped gc of the bucket was: the listing under way (the entries, then the
 /// pointers), the last key it handled there, and the metadata objects of dead entries it has
@@ -593,17 +592,14 @@ async fn gc_bucket<S: Fn() -> bool>(
         stop,
     } = run;
     let layout = l3.layout().clone();
-    let states = l3.scratch_tree(GC_STATE_TREE)?;
+    let saved = l3.saved_run::<GcState>(GC_STATE_TREE)?;
     let (ids, mut state) = if dry_run {
         let ids = l3.scratch_tree(GC_DRY_SCRATCH_TREE)?;
         ids.clear()?;
         (ids, GcState::default())
     } else {
         let ids = l3.scratch_tree(GC_SCRATCH_TREE)?;
-        let saved = states
-            .get(GC_STATE_KEY)?
-            .and_then(|v| serde_json::from_slice::<GcState>(&v).ok());
-        match saved {
+        match saved.load()? {
             Some(state) => (ids, state),
             None => {
                 ids.clear()?;
@@ -612,15 +608,7 @@ async fn gc_bucket<S: Fn() -> bool>(
         }
     };
     // Saved after every page of a real run; a dry run deletes nothing and leaves nothing.
-    let save = |state: &GcState| -> Result<(), TierError> {
-        if dry_run {
-            return Ok(());
-        }
-        let bytes = serde_json::to_vec(state)
-            .map_err(|e| TierError::Storage(format!("saving the gc's state: {e}")))?;
-        states.insert(GC_STATE_KEY, bytes)?;
-        Ok(())
-    };
+    let save = |state: &GcState| if dry_run { Ok(()) } else { saved.save(state) };
     let now = Utc::now();
     let keyed = l3.has_keys();
     let (mut listed, mut checked, mut deleted) = (0u64, 0u64, 0u64);
@@ -739,7 +727,7 @@ async fn gc_bucket<S: Fn() -> bool>(
     }
     ids.clear()?;
     if !dry_run {
-        states.remove(GC_STATE_KEY)?;
+        saved.finish()?;
     }
     report.s3_listed = listed;
     Ok(())

@@ -239,10 +239,43 @@ struct RebuildState {
     report: RebuildReport,
 }
 
-/// The tree (of the disk tier's database) a rebuild keeps its [`RebuildState`] in, under
-/// [`REBUILD_STATE_KEY`], while it runs or once it was stopped.
+/// The tree (of the disk tier's database) a rebuild keeps its [`RebuildState`] in while it
+/// runs or once it was stopped.
 const REBUILD_STATE_TREE: &str = "l3-rebuild-state";
-const REBUILD_STATE_KEY: &[u8] = b"state";
+
+/// The state of a run over the bucket that can be stopped between two pages and taken up by
+/// the next (`index rebuild`, `gc`): saved as JSON after every page, in a tree of the disk
+/// tier's database. A state that cannot be read counts as none: the run starts over.
+pub(crate) struct SavedRun<T> {
+    tree: sled::Tree,
+    kind: std::marker::PhantomData<T>,
+}
+
+const SAVED_RUN_KEY: &[u8] = b"state";
+
+impl<T: serde::Serialize + serde::de::DeserializeOwned> SavedRun<T> {
+    /// The state a stopped run left, if any.
+    pub(crate) fn load(&self) -> Result<Option<T>, TierError> {
+        Ok(self
+            .tree
+            .get(SAVED_RUN_KEY)?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Saves where the run stands.
+    pub(crate) fn save(&self, state: &T) -> Result<(), TierError> {
+        let bytes = serde_json::to_vec(state)
+            .map_err(|e| TierError::Storage(format!("saving where the run stands: {e}")))?;
+        self.tree.insert(SAVED_RUN_KEY, bytes)?;
+        Ok(())
+    }
+
+    /// Forgets it: the run reached its end.
+    pub(crate) fn finish(&self) -> Result<(), TierError> {
+        self.tree.remove(SAVED_RUN_KEY)?;
+        Ok(())
+    }
+}
 
 /// What `warm` did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -1048,6 +1081,15 @@ impl S3Tier {
         Ok(pages.listed())
     }
 
+    /// Where a run over the bucket that can be stopped and taken up stands, kept in the tree
+    /// `name` of the disk tier's database ([`SavedRun`]).
+    pub(crate) fn saved_run<T>(&self, name: &str) -> Result<SavedRun<T>, TierError> {
+        Ok(SavedRun {
+            tree: self.scratch_tree(name)?,
+            kind: std::marker::PhantomData,
+        })
+    }
+
     /// A tree of the disk tier's database for a long run's scratch state (kept out of memory).
     pub(crate) fn scratch_tree(&self, name: &str) -> Result<sled::Tree, TierError> {
         self.inner.disk.open_tree(name)
@@ -1174,11 +1216,8 @@ impl S3Tier {
         // The pointers listed go to a scratch tree of the database, not to memory: a listing
         // of millions is held a page at a time.
         let pointers = self.scratch_tree(REBUILD_SCRATCH_TREE)?;
-        let states = self.scratch_tree(REBUILD_STATE_TREE)?;
-        let saved = states
-            .get(REBUILD_STATE_KEY)?
-            .and_then(|v| serde_json::from_slice::<RebuildState>(&v).ok());
-        let mut state = match saved {
+        let saved = self.saved_run::<RebuildState>(REBUILD_STATE_TREE)?;
+        let mut state = match saved.load()? {
             Some(state) => state,
             None => {
                 pointers.clear()?;
@@ -1186,12 +1225,7 @@ impl S3Tier {
             }
         };
         state.report.stopped = false;
-        let save = |state: &RebuildState| -> Result<(), TierError> {
-            let bytes = serde_json::to_vec(state)
-                .map_err(|e| TierError::Storage(format!("saving the rebuild's state: {e}")))?;
-            states.insert(REBUILD_STATE_KEY, bytes)?;
-            Ok(())
-        };
+        let save = |state: &RebuildState| saved.save(state);
         if !state.pointers_listed {
             let mut listed = self.pages_after(&layout.pointer_root(), state.after.take());
             while let Some(page) = listed.next().await? {
@@ -1268,7 +1302,7 @@ impl S3Tier {
             }
         }
         pointers.clear()?;
-        states.remove(REBUILD_STATE_KEY)?;
+        saved.finish()?;
         Ok(state.report)
     }
 
