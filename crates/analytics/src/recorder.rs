@@ -139,6 +139,13 @@ pub struct ProviderMetrics {
 
 /// Entries waiting to be freed by a recording thread; past this the recorder frees them itself.
 const RETURN_CAPACITY: usize = 4096;
+/// Bytes of entries (as [`Entry::weight`] counts them) the queued events may hold between them.
+/// Past this an event carries the entry without its texts ([`without_texts`]): a lookup's event
+/// may be all that keeps an entry alive (one the memory tier did not keep, or has evicted since),
+/// and a queue of 16,384 events behind a busy recorder held 73 MiB of them in a replay of a
+/// million disk-tier hits. The rollups read no text; a hot key first seen that way gets its
+/// preview from a later hit.
+pub const MAX_HELD_BYTES: u64 = 8 << 20;
 /// Request metrics kept in memory while the store fails (about 100 bytes each); beyond this
 /// the oldest are dropped and counted ([`Analytics::request_metrics_dropped`]).
 pub const MAX_PENDING_REQUESTS: usize = 65_536;
@@ -193,6 +200,8 @@ struct Shared {
     state: Mutex<State>,
     trees: Trees,
     dropped: AtomicU64,
+    /// Bytes of entries the queued events hold ([`MAX_HELD_BYTES`]).
+    held: AtomicU64,
     config: AnalyticsConfig,
     /// Warnings about failed persists: one per [`WARN_EVERY`](crate::WARN_EVERY).
     persist_warnings: Throttle,
@@ -266,6 +275,7 @@ impl Analytics {
             state: Mutex::new(state),
             trees,
             dropped: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             config,
             persist_warnings: Throttle::default(),
             #[cfg(test)]
@@ -299,8 +309,11 @@ impl Analytics {
     /// Hands an event to the background thread; never blocks. A full channel drops the event
     /// and counts it ([`Analytics::dropped`]).
     pub fn record(&self, event: Event) {
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(event)
+        let event = self.within_budget(event);
+        if let Err(TrySendError::Full(event) | TrySendError::Disconnected(event)) =
+            self.tx.try_send(event)
         {
+            self.shared.held.fetch_sub(held_by(&event), Relaxed);
             self.shared.dropped.fetch_add(1, Relaxed);
         }
         // At most one entry comes back per event; taking two keeps the queue short.
@@ -308,6 +321,39 @@ impl Analytics {
             if self.returned.try_recv().is_err() {
                 break;
             }
+        }
+    }
+
+    /// `event`, counted against [`MAX_HELD_BYTES`]; with its entry's texts left out if the
+    /// queued events already hold that much.
+    fn within_budget(&self, event: Event) -> Event {
+        let held = &self.shared.held;
+        let slimmed = |e: Arc<Entry>| {
+            let weight = u64::from(e.weight());
+            if held.fetch_add(weight, Relaxed) + weight <= MAX_HELD_BYTES {
+                return e;
+            }
+            held.fetch_sub(weight, Relaxed);
+            let slim = Arc::new(without_texts(&e));
+            held.fetch_add(u64::from(slim.weight()), Relaxed);
+            slim
+        };
+        match event {
+            Event::Lookup {
+                outcome,
+                entry,
+                model,
+                lookup_us,
+                aggressive,
+            } => Event::Lookup {
+                outcome,
+                entry: entry.map(slimmed),
+                model,
+                lookup_us,
+                aggressive,
+            },
+            Event::Expired(e) => Event::Expired(slimmed(e)),
+            other => other,
         }
     }
 
@@ -573,6 +619,7 @@ impl Shared {
         let now = Utc::now();
         // Empty or disconnected: either way, nothing more to take now.
         while let Ok(event) = rx.try_recv() {
+            self.held.fetch_sub(held_by(&event), Relaxed);
             if let Some(entry) = state.apply(event, now, &self.config)
                 && Arc::strong_count(&entry) == 1
             {
@@ -655,6 +702,37 @@ impl Shared {
         }
         tree.insert(key, value)?;
         Ok(())
+    }
+}
+
+/// Bytes of entry `event` holds, as counted against [`MAX_HELD_BYTES`].
+fn held_by(event: &Event) -> u64 {
+    match event {
+        Event::Lookup { entry: Some(e), .. } | Event::Expired(e) => u64::from(e.weight()),
+        _ => 0,
+    }
+}
+
+/// `e` without its request and response texts, tags and epochs: all the rollups, the hot keys
+/// (but for the preview) and the TTL ages read of an entry.
+fn without_texts(e: &Entry) -> Entry {
+    Entry {
+        cache_id: e.cache_id.clone(),
+        cache_key: e.cache_key.clone(),
+        request: String::new(),
+        response: strata_core::JsonText::null(),
+        model: e.model.clone(),
+        provider: e.provider.clone(),
+        tokens: e.tokens,
+        cost: e.cost,
+        latency_ms: e.latency_ms,
+        created_at: e.created_at,
+        expires_at: e.expires_at,
+        tags: Vec::new(),
+        scope: e.scope.clone(),
+        hit_count: e.hit_count,
+        last_accessed: e.last_accessed,
+        epochs: BTreeMap::new(),
     }
 }
 
@@ -851,6 +929,67 @@ mod tests {
             at_ms: 0,
         })));
         assert!(watch.upgrade().is_none(), "the next record frees it");
+        Ok(())
+    }
+
+    /// Queued events hold at most [`MAX_HELD_BYTES`] of whole entries; past that they carry the
+    /// entries without their texts. Every hit is still counted with its savings, nothing stays
+    /// counted as held once drained, and a hot key first seen without its text gets its preview
+    /// from a later hit.
+    #[test]
+    fn queued_events_hold_a_bounded_weight_of_entries_and_lose_no_count()
+    -> Result<(), AnalyticsError> {
+        let analytics = Analytics::temporary(AnalyticsConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..AnalyticsConfig::default()
+        })?;
+        let long = "word ".repeat(20_000);
+        let entries: Vec<Arc<Entry>> = (0..200)
+            .map(|i| entry(&format!("question {i}: {long}"), 0.25))
+            .collect();
+        for e in &entries {
+            analytics.record(hit(e));
+        }
+        // The events not drained yet that hold an entry whole are its second reference.
+        let whole: Vec<&Arc<Entry>> = entries
+            .iter()
+            .filter(|e| Arc::strong_count(e) > 1)
+            .collect();
+        let held: u64 = whole.iter().map(|e| u64::from(e.weight())).sum();
+        assert!(
+            !whole.is_empty() && whole.len() < entries.len(),
+            "{} whole",
+            whole.len()
+        );
+        assert!(
+            held <= MAX_HELD_BYTES,
+            "{held} bytes of whole entries queued"
+        );
+        let rows = analytics.session_rows();
+        assert_eq!(rows.iter().map(|r| r.rollup.l1).sum::<u64>(), 200);
+        assert_eq!(
+            rows.iter().map(|r| r.rollup.cost_saved_nano).sum::<u64>(),
+            200 * usd_to_nano(0.25)
+        );
+        assert_eq!(
+            rows.iter()
+                .map(|r| r.rollup.input_tokens_saved)
+                .sum::<u64>(),
+            200 * 10
+        );
+        assert_eq!(analytics.shared.held.load(Relaxed), 0);
+        let last = &entries[199];
+        let preview_of = |analytics: &Analytics| {
+            analytics
+                .hot_keys(256)
+                .into_iter()
+                .find(|k| k.cache_key == last.cache_key)
+                .map(|k| k.preview)
+        };
+        assert_eq!(preview_of(&analytics).as_deref(), Some(""));
+        analytics.record(hit(last));
+        let preview = preview_of(&analytics).unwrap_or_default();
+        assert!(preview.starts_with("question 199"), "{preview:?}");
         Ok(())
     }
 

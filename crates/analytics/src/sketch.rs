@@ -78,6 +78,10 @@ impl Sketch {
         if let Some(slot) = self.slots.get_mut(&id) {
             self.by_hits.remove(&(slot.key.hits, id));
             slot.key.hits += 1;
+            // First counted from an event that carried no request text (see `recorder`).
+            if slot.key.preview.is_empty() && !entry.request.is_empty() {
+                slot.key.preview = preview(&entry.request);
+            }
             self.by_hits.insert((slot.key.hits, id));
             return;
         }
