@@ -326,35 +326,17 @@ impl Analytics {
 
     /// `event`, counted against [`MAX_HELD_BYTES`]; with its entry's texts left out if the
     /// queued events already hold that much.
-    fn within_budget(&self, event: Event) -> Event {
+    fn within_budget(&self, mut event: Event) -> Event {
         let held = &self.shared.held;
-        let slimmed = |e: Arc<Entry>| {
+        if let Event::Lookup { entry: Some(e), .. } | Event::Expired(e) = &mut event {
             let weight = u64::from(e.weight());
-            if held.fetch_add(weight, Relaxed) + weight <= MAX_HELD_BYTES {
-                return e;
+            if held.fetch_add(weight, Relaxed) + weight > MAX_HELD_BYTES {
+                held.fetch_sub(weight, Relaxed);
+                *e = Arc::new(without_texts(e));
+                held.fetch_add(u64::from(e.weight()), Relaxed);
             }
-            held.fetch_sub(weight, Relaxed);
-            let slim = Arc::new(without_texts(&e));
-            held.fetch_add(u64::from(slim.weight()), Relaxed);
-            slim
-        };
-        match event {
-            Event::Lookup {
-                outcome,
-                entry,
-                model,
-                lookup_us,
-                aggressive,
-            } => Event::Lookup {
-                outcome,
-                entry: entry.map(slimmed),
-                model,
-                lookup_us,
-                aggressive,
-            },
-            Event::Expired(e) => Event::Expired(slimmed(e)),
-            other => other,
         }
+        event
     }
 
     /// Events dropped by this process because the channel was full.
