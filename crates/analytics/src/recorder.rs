@@ -878,6 +878,14 @@ mod tests {
         Arc::new(test_entry::entry(text, cost, (10, 5), 700))
     }
 
+    /// A recorder whose thread does not drain on its own within a test: only readers drain.
+    fn undrained() -> Result<Analytics, AnalyticsError> {
+        Analytics::temporary(AnalyticsConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..AnalyticsConfig::default()
+        })
+    }
+
     fn hit(e: &Arc<Entry>) -> Event {
         Event::Lookup {
             outcome: Outcome::L1,
@@ -891,10 +899,7 @@ mod tests {
     #[test]
     fn entries_the_recorder_held_last_are_freed_by_a_recording_thread() -> Result<(), AnalyticsError>
     {
-        let analytics = Analytics::temporary(AnalyticsConfig {
-            poll_interval: Duration::from_secs(3600),
-            ..AnalyticsConfig::default()
-        })?;
+        let analytics = undrained()?;
         let e = entry("x", 0.25);
         let watch = Arc::downgrade(&e);
         analytics.record(hit(&e));
@@ -921,10 +926,7 @@ mod tests {
     #[test]
     fn queued_events_hold_a_bounded_weight_of_entries_and_lose_no_count()
     -> Result<(), AnalyticsError> {
-        let analytics = Analytics::temporary(AnalyticsConfig {
-            poll_interval: Duration::from_secs(3600),
-            ..AnalyticsConfig::default()
-        })?;
+        let analytics = undrained()?;
         let long = "word ".repeat(20_000);
         let entries: Vec<Arc<Entry>> = (0..200)
             .map(|i| entry(&format!("question {i}: {long}"), 0.25))
@@ -1056,10 +1058,7 @@ mod tests {
         // A persist here makes 10 writes: 2 rollups, 2 hit ids, 4 request metrics, 2 of meta.
         // Let the store fail after each number of them in turn (a full disk that clears).
         for fail_after in 0..10 {
-            let analytics = Analytics::temporary(AnalyticsConfig {
-                poll_interval: Duration::from_secs(3600),
-                ..AnalyticsConfig::default()
-            })?;
+            let analytics = undrained()?;
             for _ in 0..3 {
                 analytics.record(hit(&a));
                 analytics.record(hit(&b));
@@ -1097,10 +1096,7 @@ mod tests {
     #[test]
     fn request_metrics_waiting_for_a_failing_store_are_bounded_and_counted()
     -> Result<(), AnalyticsError> {
-        let analytics = Analytics::temporary(AnalyticsConfig {
-            poll_interval: Duration::from_secs(3600),
-            ..AnalyticsConfig::default()
-        })?;
+        let analytics = undrained()?;
         analytics.shared.writes_left.store(0, Relaxed);
         let total = MAX_PENDING_REQUESTS + 1_000;
         for id in 0..total {
