@@ -19,6 +19,7 @@
 //! served: never as `(hits - 1) × cost` or any other estimate.
 
 pub mod counters;
+mod hit_marks;
 pub mod pricing;
 pub mod recorder;
 pub mod render;

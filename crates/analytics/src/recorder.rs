@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use strata_core::{Entry, Scope};
 
 use crate::counters::Outcome;
+use crate::hit_marks::{self, HitMarks};
 use crate::rollup::{
     DAILY_VERSION, DailyRollups, HourRow, Rollup, RowKey, age_bucket, nano_to_usd, sortable_be,
     usd_to_nano,
@@ -157,7 +158,6 @@ const MAX_PENDING_HIT_IDS: usize = 1 << 20;
 const MAX_MARKED: usize = 1 << 16;
 
 const TREE_ROLLUPS: &str = "analytics.hourly";
-const TREE_HIT_IDS: &str = "analytics.hit_ids";
 const TREE_REQUESTS: &str = "analytics.requests";
 const TREE_META: &str = "analytics.meta";
 const META_HOT_KEYS: &[u8] = b"hot_keys";
@@ -165,7 +165,7 @@ const META_DROPPED: &[u8] = b"dropped";
 
 struct Trees {
     rollups: sled::Tree,
-    hit_ids: sled::Tree,
+    hit_marks: HitMarks,
     requests: sled::Tree,
     meta: sled::Tree,
 }
@@ -241,7 +241,7 @@ impl Analytics {
     pub fn open(db: &sled::Db, config: AnalyticsConfig) -> Result<Self, AnalyticsError> {
         let trees = Trees {
             rollups: db.open_tree(TREE_ROLLUPS)?,
-            hit_ids: db.open_tree(TREE_HIT_IDS)?,
+            hit_marks: HitMarks::open(db)?,
             requests: db.open_tree(TREE_REQUESTS)?,
             meta: db.open_tree(TREE_META)?,
         };
@@ -488,7 +488,7 @@ impl Analytics {
         if lock(&self.shared.state).marked.contains(&id) {
             return Ok(true);
         }
-        Ok(self.shared.trees.hit_ids.contains_key(id.to_be_bytes())?)
+        Ok(self.shared.trees.hit_marks.contains(id)?)
     }
 
     /// Drops what grows with every distinct key and request for ever: hit ids and request
@@ -500,28 +500,13 @@ impl Analytics {
         let now = Utc::now().timestamp_millis();
         let cutoff = now.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
         let trees = &self.shared.trees;
-        let mut ids = 0;
-        for item in trees.hit_ids.iter() {
-            let (key, value) = item?;
-            match <[u8; 8]>::try_from(value.as_ref()).map(i64::from_be_bytes) {
-                Ok(at) if at < cutoff => {
-                    trees.hit_ids.remove(&key)?;
-                    ids += 1;
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    trees.hit_ids.insert(&key, &now.to_be_bytes())?;
-                }
-            }
-        }
+        let ids = trees
+            .hit_marks
+            .prune(cutoff, now, |marks, swap| self.shared.swap(marks, swap))?;
+        // Streamed: sled's iterators go on over a tree that changes under them.
         let mut requests = 0;
-        let old: Vec<sled::IVec> = trees
-            .requests
-            .range(..sortable_be(cutoff).to_vec())
-            .keys()
-            .collect::<Result<_, _>>()?;
-        for key in old {
-            trees.requests.remove(key)?;
+        for key in trees.requests.range(..sortable_be(cutoff).to_vec()).keys() {
+            trees.requests.remove(key?)?;
             requests += 1;
         }
         // Ids hit again from now on are marked (and timed) afresh.
@@ -643,11 +628,29 @@ impl Shared {
             self.insert(&trees.rollups, encoded, serde_json::to_vec(&total)?)?;
             state.pending.remove(&key);
         }
-        // Each id with the time it was (last) marked as hit, for pruning by age.
-        let now_ms = Utc::now().timestamp_millis().to_be_bytes();
-        while let Some(id) = state.new_hit_ids.last() {
-            self.insert(&trees.hit_ids, id.to_be_bytes(), &now_ms)?;
-            state.new_hit_ids.pop();
+        // Each id with the time it was (last) marked as hit, for pruning by age; one write per
+        // bucket, taken from the end so that what is written leaves and the rest waits.
+        let now_ms = Utc::now().timestamp_millis();
+        state.new_hit_ids.sort_unstable();
+        while let Some(&last) = state.new_hit_ids.last() {
+            let bucket = hit_marks::bucket_of(last);
+            let start = state
+                .new_hit_ids
+                .partition_point(|id| hit_marks::bucket_of(*id) < bucket);
+            loop {
+                let Some(swap) = trees.hit_marks.mark(&state.new_hit_ids[start..], now_ms)? else {
+                    break;
+                };
+                if self.swap(&trees.hit_marks, swap)? {
+                    break;
+                }
+            }
+            state.new_hit_ids.truncate(start);
+        }
+        if trees.hit_marks.has_legacy() {
+            trees
+                .hit_marks
+                .take_up_legacy(now_ms, |marks, swap| self.swap(marks, swap))?;
         }
         while let Some(metric) = state.requests.front() {
             let seq = state.request_seq + 1;
@@ -664,6 +667,21 @@ impl Shared {
         let dropped = state.dropped_stored + self.dropped.load(Relaxed);
         self.insert(&trees.meta, META_DROPPED, &dropped.to_be_bytes())?;
         Ok(())
+    }
+
+    /// One bucket write of hit marks, as [`Shared::insert`] counts writes; `false` when the
+    /// bucket changed since it was read.
+    fn swap(&self, marks: &HitMarks, swap: hit_marks::Swap) -> sled::Result<bool> {
+        #[cfg(test)]
+        if self
+            .writes_left
+            .fetch_update(Relaxed, Relaxed, |n| (n > 0).then(|| n - 1))
+            .is_err()
+        {
+            let injected = std::io::Error::other("injected write failure");
+            return Err(sled::Error::Io(injected));
+        }
+        marks.apply(swap)
     }
 
     /// One write of a persist.
@@ -1080,11 +1098,7 @@ mod tests {
             }
             for e in [&a, &b] {
                 let id = u128::from_str_radix(&e.cache_id, 16).unwrap_or(0);
-                let stored = analytics
-                    .shared
-                    .trees
-                    .hit_ids
-                    .contains_key(id.to_be_bytes())?;
+                let stored = analytics.shared.trees.hit_marks.contains(id)?;
                 assert!(stored, "after {fail_after} writes");
             }
             let metrics = analytics.metrics_for_period(24)?.requests;
