@@ -21,11 +21,10 @@ use strata_core::{CacheKey, Codec, Entry};
 use crate::error::TierError;
 use crate::tier::{Tier, TierUsage};
 
+mod index;
+use index::{Index, Record};
 mod salvage;
 pub use salvage::Salvage;
-mod slots;
-use slots::SlotTable;
-mod snapshot;
 mod vlog;
 use vlog::{Pointer, ValueLog};
 
@@ -77,114 +76,29 @@ fn occupied(dir: &Path) -> std::io::Result<u64> {
     Ok(total)
 }
 
-/// Access records saved to sled per batch.
-const ACCESS_BATCH: usize = 4096;
+/// Last uses of lookups held in memory before they are written to the index together.
+const TOUCH_BATCH: usize = 16_384;
 
-/// Marks, in `meta`, a database whose `access` tree holds a record of every entry with its
-/// size, so that opening reads that small tree and not the entries.
-const SIZES_KEY: &[u8] = b"sizes-in-access/v1";
+/// In `meta`: the entry count and bytes the last handle saw when it closed, taken out at open
+/// (a crash leaves none, and the index is counted by cursor instead).
+const TOTALS_KEY: &[u8] = b"totals/v1";
 
-/// Size, last use and place of one stored entry, kept in memory for eviction and for reading a
-/// hit without asking sled where it is: 24 bytes, 40 with its id in the [`SlotTable`] and 10
-/// more of hash table (a million entries, about 50 MiB).
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    last_used_ms: u64,
-    /// Bytes counted (the envelope and 16), saturating at 4 GiB (a value-log record's
-    /// length is a u32: no envelope comes near).
-    bytes: u32,
-    /// The value-log segment its envelope is in (`u32::MAX`, [`INLINE`]: in sled, as older
-    /// releases stored it).
-    segment: u32,
-    /// Where in the segment its record starts (`u32::MAX`: not known, read sled's pointer).
-    offset: u32,
-}
+/// Left in `meta` by earlier releases (the eviction index's snapshot token, the mark of sizes
+/// in the access records): removed at open.
+const OLD_META_KEYS: [&[u8]; 2] = [b"slots-snapshot/v1", b"sizes-in-access/v1"];
 
-/// The segment of an envelope stored inline in sled.
-const INLINE: u64 = u64::MAX;
+/// The eviction index's snapshot an earlier release wrote at close, deleted at open.
+const OLD_SNAPSHOT_FILE: &str = "slots.snapshot";
+/// The snapshot an earlier release was writing when it stopped.
+const OLD_SNAPSHOT_TEMPORARY: &str = ".slots.snapshot.new";
 
-impl Slot {
-    /// A slot for an entry of `bytes` in `segment`, last used at `last_used_ms`, whose place in
-    /// the segment is not known.
-    fn new(last_used_ms: u64, bytes: u64, segment: u64) -> Self {
-        Slot {
-            last_used_ms,
-            bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
-            // Segment numbers count segments created; u32::MAX stands for inline.
-            segment: u32::try_from(segment).unwrap_or(u32::MAX),
-            offset: u32::MAX,
-        }
-    }
-
-    /// A slot for the entry sled points to with `pointer`, last used at `last_used_ms`.
-    fn at(last_used_ms: u64, pointer: &Pointer) -> Self {
-        let bytes = u64::from(pointer.len) + 16;
-        Slot::placed(last_used_ms, bytes, pointer.segment, pointer.offset)
-    }
-
-    /// [`Slot::new`] with the record's place in its segment (`u64::MAX`: not known).
-    fn placed(last_used_ms: u64, bytes: u64, segment: u64, offset: u64) -> Self {
-        Slot {
-            offset: u32::try_from(offset).unwrap_or(u32::MAX),
-            ..Slot::new(last_used_ms, bytes, segment)
-        }
-    }
-
-    /// Bytes the entry counts for.
-    fn bytes(&self) -> u64 {
-        u64::from(self.bytes)
-    }
-
-    /// The segment, [`INLINE`] for an envelope inline in sled.
-    fn segment(&self) -> u64 {
-        if self.segment == u32::MAX {
-            INLINE
-        } else {
-            u64::from(self.segment)
-        }
-    }
-
-    /// Where the envelope is, as sled's pointer says when the slot was last set; `None` when
-    /// that is not known (or the envelope is inline). A hint: a read through it that fails is
-    /// retried through sled.
-    fn pointer(&self) -> Option<Pointer> {
-        if self.segment == u32::MAX || self.offset == u32::MAX {
-            return None;
-        }
-        Some(Pointer {
-            segment: u64::from(self.segment),
-            offset: u64::from(self.offset),
-            len: self.bytes.checked_sub(16)?,
-        })
-    }
-
-    /// The offset to save in a snapshot (`u64::MAX`: not known).
-    fn offset(&self) -> u64 {
-        if self.offset == u32::MAX {
-            u64::MAX
-        } else {
-            u64::from(self.offset)
-        }
-    }
-}
-
-/// The last use an access record holds (its first 8 bytes, in both forms); 0 if unreadable.
+/// The last use an access record of an earlier release holds (its first 8 bytes); 0 if
+/// unreadable.
 fn last_use_of(record: &[u8]) -> u64 {
     record
         .get(..8)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map_or(0, u64::from_le_bytes)
-}
-
-/// An entry's access record in the `access` tree: last use, bytes held, value-log segment
-/// (all little endian). Databases written before the value log hold the first two; before
-/// sizes were kept there, the last use alone.
-fn access_record(last_used_ms: u64, bytes: u64, segment: u64) -> [u8; 24] {
-    let mut record = [0; 24];
-    record[..8].copy_from_slice(&last_used_ms.to_le_bytes());
-    record[8..16].copy_from_slice(&bytes.to_le_bytes());
-    record[16..].copy_from_slice(&segment.to_le_bytes());
-    record
 }
 
 /// The size of a value-log segment for a tier of `capacity` bytes: a sixteenth of it, within
@@ -193,32 +107,25 @@ fn segment_bytes(capacity: u64) -> u64 {
     (capacity / 16).clamp(64 << 10, 64 << 20)
 }
 
-/// The envelope length what sled stores under an entry stands for: a pointer's, or the
-/// inline envelope's own.
-fn stored_len(stored: &[u8]) -> u64 {
-    Pointer::decode(stored).map_or(stored.len() as u64, |p| u64::from(p.len))
-}
-
-/// The segment what sled stores under an entry is in.
-fn stored_segment(stored: &[u8]) -> u64 {
-    Pointer::decode(stored).map_or(INLINE, |p| p.segment)
-}
-
 struct Inner {
     /// The tier's directory.
     path: PathBuf,
     db: sled::Db,
-    /// Where the envelopes are; `entries` holds a [`Pointer`] to each.
+    /// Where the envelopes are; `index` holds a [`Pointer`] to each.
     values: ValueLog,
     /// Set while a compaction of the value log runs.
     compacting: AtomicBool,
-    entries: sled::Tree,
-    access: sled::Tree,
+    index: Index,
     meta: sled::Tree,
     codec: Codec,
     capacity: u64,
-    slots: Mutex<SlotTable>,
-    dirty: Mutex<Vec<u128>>,
+    /// Last uses of lookups not yet written to the index (at most [`TOUCH_BATCH`]).
+    touched: Mutex<HashMap<u128, u64>>,
+    /// Set while a batch of last uses is written in the background.
+    writing_uses: AtomicBool,
+    /// Entries the index holds.
+    count: AtomicU64,
+    /// Bytes they count for.
     bytes: AtomicU64,
     evicting: AtomicBool,
     /// Held shared by a put from its insert until what it adds alongside (the S3 outbox's
@@ -233,9 +140,9 @@ struct Inner {
     outbox: OnceLock<sled::Tree>,
     /// Envelope bytes eviction has moved into the outbox since the S3 tier last measured it.
     outbox_growth: AtomicU64,
-    /// Whether dropping the last handle saves the eviction index to its snapshot: set once it
-    /// was loaded whole (a handle that failed to open has nothing to save).
-    snapshot_on_drop: AtomicBool,
+    /// Whether dropping the last handle saves the totals for the next open: set once they
+    /// were counted (a handle that failed to open has nothing to save).
+    totals_on_drop: AtomicBool,
 }
 
 /// What a [`DiskTier::sweep`] saw and removed.
@@ -367,9 +274,10 @@ impl DiskTier {
         std::fs::read(self.inner.path.join(name)).ok()
     }
 
-    /// Whether the tier counts a copy under `key` (from its in-memory index: no read).
+    /// Whether the tier counts a copy under `key` (from its index: no envelope is read). An
+    /// index that cannot be read says no.
     pub fn holds(&self, key: &CacheKey) -> bool {
-        self.inner.lock_slots().contains_key(&key.id())
+        self.inner.index.get(key.id()).is_ok_and(|r| r.is_some())
     }
 
     /// Where a corrupt database was moved on open, if it was.
@@ -484,17 +392,16 @@ impl DiskTier {
         mut remove: impl FnMut(u128, Result<Entry, strata_core::CodecError>, u64) -> bool,
     ) -> Result<Swept, TierError> {
         let mut swept = Swept::default();
-        for item in self.inner.entries.iter() {
-            let (key, value) = item?;
-            let Some(id) = id_of(&key) else { continue };
-            let bytes = stored_len(&value) + 16;
+        for item in self.inner.index.iter() {
+            let (id, record) = item?;
+            let bytes = record.bytes();
             swept.seen += 1;
             let decoded = self
                 .inner
-                .resolve(id, &value)
+                .read(id, &record.pointer)
                 .and_then(|envelope| self.inner.codec.decode_local(&envelope));
             // Only the copy judged goes: one a put has replaced since it was read stays.
-            if remove(id, decoded, bytes) && self.inner.remove_exact(id, &value)? {
+            if remove(id, decoded, bytes) && self.inner.remove_exact(id, &record)? {
                 swept.removed += 1;
                 swept.bytes += bytes;
             }
@@ -513,12 +420,11 @@ impl DiskTier {
         mut rewrite: impl FnMut(u128, &[u8]) -> Option<Vec<u8>>,
     ) -> Result<(u64, u64), TierError> {
         let (mut seen, mut rewritten) = (0, 0);
-        for item in self.inner.entries.iter() {
-            let (key, value) = item?;
-            let Some(id) = id_of(&key) else { continue };
+        for item in self.inner.index.iter() {
+            let (id, record) = item?;
             seen += 1;
             // A copy that cannot be read back is left for the lookup that finds it.
-            let Ok(envelope) = self.inner.resolve(id, &value) else {
+            let Ok(envelope) = self.inner.read(id, &record.pointer) else {
                 continue;
             };
             let Some(new) = rewrite(id, &envelope) else {
@@ -530,23 +436,13 @@ impl DiskTier {
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
             let pointer = self.inner.append(id, &new)?;
-            if self
-                .inner
-                .entries
-                .compare_and_swap(&key, Some(&value), Some(&pointer.encode()[..]))?
-                .is_ok()
-            {
-                let grew = new.len() as i64 - stored_len(&value) as i64;
+            if self.inner.repoint(id, &record.pointer, pointer)? {
+                let grew = i64::from(pointer.len) - i64::from(record.pointer.len);
                 if grew >= 0 {
-                    self.inner.bytes.fetch_add(grew as u64, Relaxed);
+                    self.inner.bytes.fetch_add(grew.unsigned_abs(), Relaxed);
                 } else {
                     self.inner.bytes.fetch_sub(grew.unsigned_abs(), Relaxed);
                 }
-                if let Some(slot) = self.inner.lock_slots().get_mut(&id) {
-                    *slot = Slot::at(slot.last_used_ms, &pointer);
-                }
-                // Its access record holds the size opening reads.
-                self.inner.mark_dirty(id);
                 rewritten += 1;
             }
         }
@@ -564,26 +460,17 @@ impl DiskTier {
         budget: usize,
         mut keep: impl FnMut(&Entry) -> bool,
     ) -> Result<(Vec<Entry>, Option<u128>), TierError> {
-        let start = match after {
-            Some(id) => std::ops::Bound::Excluded(id.to_be_bytes()),
-            None => std::ops::Bound::Unbounded,
-        };
         let mut found = Vec::new();
         let (mut read, mut last) = (0, after);
-        for item in self
-            .inner
-            .entries
-            .range::<[u8; 16], _>((start, std::ops::Bound::Unbounded))
-        {
-            let (key, value) = item?;
-            let Some(id) = id_of(&key) else { continue };
+        for item in self.inner.index.iter_after(after) {
+            let (id, record) = item?;
             if found.len() >= limit.max(1) || read >= budget.max(1) {
                 // One more is there: the caller continues after the last one read.
                 return Ok((found, last));
             }
             read += 1;
             last = Some(id);
-            if let Ok(envelope) = self.inner.resolve(id, &value)
+            if let Ok(envelope) = self.inner.read(id, &record.pointer)
                 && let Ok(entry) = self.inner.codec.decode_local(&envelope)
                 && keep(&entry)
             {
@@ -595,9 +482,7 @@ impl DiskTier {
 
     /// Removes the entry stored under a digest, if any. Returns whether one was there.
     pub fn remove_id(&self, id: u128) -> Result<bool, TierError> {
-        let was = self.inner.entries.contains_key(id.to_be_bytes())?;
-        self.inner.forget(id)?;
-        Ok(was)
+        self.inner.forget(id)
     }
 
     /// Removes the copy under `key` if it is still `judged` (the same answer, made at the same
@@ -610,12 +495,12 @@ impl DiskTier {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let id = key.id();
-        let Some(current) = self.inner.entries.get(id.to_be_bytes())? else {
+        let Some(current) = self.inner.index.get(id)? else {
             return Ok(false);
         };
         let decoded = self
             .inner
-            .resolve(id, &current)
+            .read(id, &current.pointer)
             .and_then(|envelope| self.inner.codec.decode_local(&envelope));
         let same = match decoded {
             Ok(stored) => {
@@ -632,8 +517,8 @@ impl DiskTier {
     }
 
     /// Removes every entry, and every upload to S3 queued from this disk. Returns how many
-    /// entries there were. Blocks for as long as sled takes to remove them one by one: call it
-    /// off the async workers.
+    /// entries there were. Blocks for as long as sled takes to remove them: call it off the
+    /// async workers.
     pub fn clear(&self) -> Result<u64, TierError> {
         // Under the eviction lock, as every removal: a put lands wholly before the clear (and
         // goes with it) or wholly after it (and stays, with its queued upload and its place in
@@ -643,9 +528,8 @@ impl DiskTier {
             .evicting_excludes
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let n = self.inner.lock_slots().len() as u64;
-        self.inner.entries.clear()?;
-        self.inner.access.clear()?;
+        let n = self.inner.count.load(Relaxed);
+        self.inner.index.clear()?;
         if let Some(outbox) = self.inner.outbox.get() {
             outbox.clear()?;
         }
@@ -659,7 +543,8 @@ impl DiskTier {
                 context: "deleting the value log".into(),
                 source,
             })?;
-        self.inner.lock_slots().clear();
+        self.inner.lock_touched().clear();
+        self.inner.count.store(0, Relaxed);
         self.inner.bytes.store(0, Relaxed);
         Ok(n)
     }
@@ -786,6 +671,28 @@ impl DiskTier {
         self.inner.compact()
     }
 
+    /// Writes last uses to the index on the blocking pool (or here, outside a runtime). While
+    /// an earlier batch is still being written, this one is written here: lookups that use
+    /// faster than the index takes their uses wait, rather than batches piling up in memory.
+    fn write_last_uses_later(&self, uses: HashMap<u128, u64>) {
+        let write = |inner: &Inner, uses| {
+            if let Err(e) = inner.write_last_uses(uses) {
+                tracing::warn!(error = %e, "cannot write last uses to the disk tier's index");
+            }
+        };
+        let handle = tokio::runtime::Handle::try_current();
+        match handle {
+            Ok(handle) if !self.inner.writing_uses.swap(true, Relaxed) => {
+                let inner = Arc::clone(&self.inner);
+                handle.spawn_blocking(move || {
+                    write(&inner, uses);
+                    inner.writing_uses.store(false, Relaxed);
+                });
+            }
+            _ => write(&self.inner, uses),
+        }
+    }
+
     /// Bytes of the value log's segment files together.
     pub fn value_log_bytes(&self) -> u64 {
         self.inner.values.total()
@@ -857,15 +764,15 @@ fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
         let inner = Inner {
             values,
             compacting: AtomicBool::new(false),
-            entries: db.open_tree("entries")?,
-            access: db.open_tree("access")?,
+            index: Index::open(&db)?,
             meta: db.open_tree("meta")?,
             path: config.path.clone(),
             db: db.clone(),
             codec,
             capacity: config.capacity,
-            slots: Mutex::new(SlotTable::new()),
-            dirty: Mutex::new(Vec::new()),
+            touched: Mutex::new(HashMap::new()),
+            writing_uses: AtomicBool::new(false),
+            count: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             evicting: AtomicBool::new(false),
             evicting_excludes: RwLock::new(()),
@@ -874,7 +781,7 @@ fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
             salvage: None,
             outbox: OnceLock::new(),
             outbox_growth: AtomicU64::new(0),
-            snapshot_on_drop: AtomicBool::new(false),
+            totals_on_drop: AtomicBool::new(false),
         };
         // Uploads queued by an earlier run with S3 refer to copies here: eviction keeps them
         // for the outbox even while this run has S3 off.
@@ -885,8 +792,9 @@ fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
         {
             let _ = inner.outbox.set(db.open_tree(OUTBOX_TREE)?);
         }
-        inner.load_slots()?;
-        inner.snapshot_on_drop.store(true, Relaxed);
+        inner.take_up_older_index()?;
+        inner.load_totals()?;
+        inner.totals_on_drop.store(true, Relaxed);
         Ok(inner)
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
@@ -980,7 +888,7 @@ fn claim_directory(path: &Path) -> Result<(), TierError> {
     let sleds = |n: &String| {
         matches!(
             n.as_str(),
-            "conf" | "db" | "blobs" | vlog::DIR | snapshot::FILE | snapshot::TEMPORARY
+            "conf" | "db" | "blobs" | vlog::DIR | OLD_SNAPSHOT_FILE | OLD_SNAPSHOT_TEMPORARY
         ) || n.starts_with("snap.")
             || KEPT_BESIDE.contains(&n.as_str())
     };
@@ -1081,7 +989,13 @@ fn only_a_database_in(path: &Path) -> Result<(), TierError> {
         let name = name.to_string_lossy();
         if !matches!(
             name.as_ref(),
-            "conf" | "db" | "blobs" | vlog::DIR | MARKER | snapshot::FILE | snapshot::TEMPORARY
+            "conf"
+                | "db"
+                | "blobs"
+                | vlog::DIR
+                | MARKER
+                | OLD_SNAPSHOT_FILE
+                | OLD_SNAPSHOT_TEMPORARY
         ) && !name.starts_with("snap.")
             && !KEPT_BESIDE.contains(&name.as_ref())
         {
@@ -1146,278 +1060,163 @@ fn aside_path(path: &Path) -> PathBuf {
 }
 
 impl Drop for Inner {
-    /// The last handle is gone: nothing can write the entries or their access records any
-    /// more, so the eviction index is what the database holds, and is saved for the next open.
+    /// The last handle is gone: nothing can change the index any more. The last uses held in
+    /// memory are written, and the totals saved for the next open.
     fn drop(&mut self) {
-        if !self.snapshot_on_drop.load(Relaxed) {
+        if !self.totals_on_drop.load(Relaxed) {
             return;
         }
-        if let Err(e) = self.write_snapshot() {
-            tracing::warn!(error = %e, "cannot save the eviction index; the next open reads the access records");
+        if let Err(e) = self.save_totals() {
+            tracing::warn!(error = %e, "cannot save the disk tier's totals; the next open counts the index");
         }
     }
 }
 
 impl Inner {
-    fn lock_slots(&self) -> MutexGuard<'_, SlotTable> {
-        self.slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock_touched(&self) -> MutexGuard<'_, HashMap<u128, u64>> {
+        self.touched.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reads the sizes and last uses eviction needs. From the `access` tree alone when it holds
-    /// every entry's size (`SIZES_KEY`): opening never reads the entries themselves. A database
-    /// written before that is read whole once, and its records are rewritten with sizes.
-    fn load_slots(&self) -> Result<(), sled::Error> {
-        if self.load_slots_from_snapshot()? {
+    /// Moves the records of an earlier release's trees into the index: `entries` (an id's
+    /// pointer, or its envelope inline before the value log) and `access` (its last use first).
+    /// Streamed in id order, a bucket at a time; an envelope stored inline is appended to the
+    /// value log. The old trees are dropped once the index and the value log are on disk: a
+    /// crash before that takes them up again, and records already moved are replaced by the
+    /// same.
+    fn take_up_older_index(&self) -> Result<(), sled::Error> {
+        let names = self.db.tree_names();
+        let has = |name: &str| names.iter().any(|n| n == name.as_bytes());
+        if !has("entries") && !has("access") {
             return Ok(());
         }
-        if self.meta.get(SIZES_KEY)?.is_some() {
-            return self.load_slots_from_access();
-        }
-        let mut slots = self.lock_slots();
-        let mut total = 0;
-        let mut batch = sled::Batch::default();
-        let mut batched = 0;
-        for item in self.entries.iter() {
-            let (key, value) = item?;
-            let Some(id) = id_of(&key) else {
-                self.entries.remove(key)?;
-                continue;
+        let entries = self.db.open_tree("entries")?;
+        let access = self.db.open_tree("access")?;
+        let now = now_ms();
+        let mut bucket: Vec<(u128, Record)> = Vec::new();
+        let mut moved = 0u64;
+        for item in entries.iter() {
+            let (key, stored) = item?;
+            let Some(id) = id_of(&key) else { continue };
+            let pointer = match Pointer::decode(&stored) {
+                Some(pointer) => pointer,
+                None => self.values.append(id, &stored).map_err(sled::Error::Io)?,
             };
-            let last_used_ms = match self.access.get(&key)? {
-                Some(v) => last_use_of(&v),
-                None => 0,
-            };
-            let bytes = stored_len(&value) + 16;
-            let segment = stored_segment(&value);
-            let slot = match Pointer::decode(&value) {
-                Some(pointer) => Slot::at(last_used_ms, &pointer),
-                None => Slot::new(last_used_ms, bytes, segment),
-            };
-            total += slot.bytes();
-            slots.insert(id, slot);
-            batch.insert(&*key, &access_record(last_used_ms, bytes, segment));
-            batched += 1;
-            if batched == ACCESS_BATCH {
-                self.access.apply_batch(std::mem::take(&mut batch))?;
-                batched = 0;
+            let last_used_ms = access.get(&key)?.map_or(now, |r| last_use_of(&r));
+            if bucket
+                .first()
+                .is_some_and(|(first, _)| !index::same_bucket(*first, id))
+            {
+                self.index.put_all(&bucket)?;
+                bucket.clear();
             }
-        }
-        self.access.apply_batch(batch)?;
-        self.meta.insert(SIZES_KEY, &[1u8])?;
-        self.bytes.store(total, Relaxed);
-        Ok(())
-    }
-
-    /// [`Inner::load_slots`] from the snapshot the last handle wrote when it closed, if it
-    /// matches the database (see `disk/snapshot.rs`). Its token is taken out of `meta`, durably,
-    /// before anything else writes, and the file deleted, whether it is used or not. Returns
-    /// whether the slots were loaded.
-    fn load_slots_from_snapshot(&self) -> Result<bool, sled::Error> {
-        let token = self.meta.remove(snapshot::META_KEY)?;
-        let file = self.path.join(snapshot::FILE);
-        let Some(token) = token else {
-            // Written by a handle that stopped before it could set the token: stale.
-            let _ = std::fs::remove_file(&file);
-            return Ok(false);
-        };
-        self.db.flush()?;
-        // Every slot counts at least 16 bytes: more records than this cannot be the tier's.
-        let max_count = (self.capacity / 16)
-            .saturating_mul(2)
-            .saturating_add(1 << 16);
-        let mut slots = self.lock_slots();
-        // The table sized once for what the file holds (growing it by doubling would hold the
-        // old table and the new at once), within reason for a file that may be forged.
-        let announced = std::fs::metadata(&file).map_or(0, |m| m.len() / 48);
-        slots.reserve(announced.min(max_count).min(1 << 23) as usize);
-        let read = snapshot::read(&self.path, &token, max_count, |record| {
-            let slot = Slot::placed(
-                record.last_used_ms,
-                record.bytes,
-                record.segment,
-                record.offset,
-            );
-            slots.insert(record.id, slot);
-        });
-        let _ = std::fs::remove_file(&file);
-        match read {
-            Ok(_) => {
-                let total = slots.values().map(Slot::bytes).sum();
-                self.bytes.store(total, Relaxed);
-                Ok(true)
-            }
-            Err(reason) => {
-                tracing::warn!(%reason, "the eviction index's snapshot does not hold up; reading the access records");
-                slots.clear();
-                Ok(false)
-            }
-        }
-    }
-
-    /// Writes the eviction index to its snapshot and sets the snapshot's token, as the last
-    /// write of the last handle: the next open reads one file instead of the access records.
-    fn write_snapshot(&self) -> Result<(), TierError> {
-        self.save_access_times()?;
-        let token = snapshot::new_token();
-        {
-            let slots = self.lock_slots();
-            let records = slots.iter().map(|(id, slot)| snapshot::Record {
+            bucket.push((
                 id,
-                last_used_ms: slot.last_used_ms,
-                bytes: slot.bytes(),
-                segment: slot.segment(),
-                offset: slot.offset(),
-            });
-            snapshot::write(&self.path, &token, slots.len() as u64, records).map_err(|source| {
-                TierError::Io {
-                    context: "writing the eviction index's snapshot".into(),
-                    source,
-                }
-            })?;
+                Record {
+                    pointer,
+                    last_used_ms,
+                },
+            ));
+            moved += 1;
         }
-        self.meta.insert(snapshot::META_KEY, &token)?;
+        self.index.put_all(&bucket)?;
+        self.values.sync().map_err(sled::Error::Io)?;
+        self.db.flush()?;
+        self.db.drop_tree("entries")?;
+        self.db.drop_tree("access")?;
+        for key in OLD_META_KEYS {
+            self.meta.remove(key)?;
+        }
+        self.db.flush()?;
+        tracing::info!(
+            entries = moved,
+            "disk tier: the entries of an earlier release moved into the bucketed index"
+        );
+        Ok(())
+    }
+
+    /// Sets the entry count and bytes: from the totals the last handle saved when it closed,
+    /// taken out of `meta` durably before anything else writes; without them (a crash, an
+    /// earlier release), by counting the index by cursor.
+    fn load_totals(&self) -> Result<(), sled::Error> {
+        for file in [OLD_SNAPSHOT_FILE, OLD_SNAPSHOT_TEMPORARY] {
+            let _ = std::fs::remove_file(self.path.join(file));
+        }
+        for key in OLD_META_KEYS {
+            self.meta.remove(key)?;
+        }
+        let saved = self.meta.remove(TOTALS_KEY)?;
+        let saved = saved.as_deref().and_then(|v| {
+            let count = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+            let bytes = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
+            (v.len() == 16).then_some((count, bytes))
+        });
+        let (count, bytes) = match saved {
+            Some(totals) => {
+                self.db.flush()?;
+                totals
+            }
+            None => {
+                let (mut count, mut bytes) = (0u64, 0u64);
+                for item in self.index.iter() {
+                    let (_, record) = item?;
+                    count += 1;
+                    bytes += record.bytes();
+                }
+                (count, bytes)
+            }
+        };
+        self.count.store(count, Relaxed);
+        self.bytes.store(bytes, Relaxed);
+        Ok(())
+    }
+
+    /// Writes the last uses held in memory and the totals, as the last writes of the last
+    /// handle, for the next open to take up.
+    fn save_totals(&self) -> Result<(), TierError> {
+        self.save_access_times()?;
+        let mut totals = [0u8; 16];
+        totals[..8].copy_from_slice(&self.count.load(Relaxed).to_le_bytes());
+        totals[8..].copy_from_slice(&self.bytes.load(Relaxed).to_le_bytes());
+        self.meta.insert(TOTALS_KEY, &totals)?;
         self.db.flush()?;
         Ok(())
     }
 
-    /// [`Inner::load_slots`] from the access records. A record of the old form (the last use
-    /// alone) takes its size from its entry; a record whose entry is gone (a crash between the
-    /// two writes of a put) is dropped.
-    fn load_slots_from_access(&self) -> Result<(), sled::Error> {
-        let mut slots = self.lock_slots();
-        let mut total = 0;
-        // The entries' pointers, walked beside the records (both trees are in key order), so
-        // that hits can be read without asking sled where they are.
-        let mut pointers = self.entries.iter().peekable();
-        for item in self.access.iter() {
-            let (key, record) = item?;
-            let Some(id) = id_of(&key) else {
-                self.access.remove(key)?;
-                continue;
-            };
-            let mut pointer = None;
-            while let Some(Ok((at, _))) = pointers.peek() {
-                match at.as_ref().cmp(key.as_ref()) {
-                    std::cmp::Ordering::Less => {
-                        pointers.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        pointer = pointers
-                            .next()
-                            .and_then(Result::ok)
-                            .and_then(|(_, stored)| Pointer::decode(&stored));
-                        break;
-                    }
-                    std::cmp::Ordering::Greater => break,
-                }
-            }
-            if let Some(Err(_)) = pointers.peek() {
-                pointers.next().transpose()?;
-            }
-            let u64_at = |i: usize| {
-                record
-                    .get(i..i + 8)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_le_bytes)
-            };
-            let (last_used_ms, bytes, segment) = match record.len() {
-                24 => (
-                    last_use_of(&record),
-                    u64_at(8).unwrap_or(0),
-                    u64_at(16).unwrap_or(INLINE),
-                ),
-                // Written before the value log: the envelope is inline.
-                16 => (last_use_of(&record), u64_at(8).unwrap_or(0), INLINE),
-                _ => {
-                    let Some(value) = self.entries.get(&key)? else {
-                        self.access.remove(key)?;
-                        continue;
-                    };
-                    (
-                        last_use_of(&record),
-                        stored_len(&value) + 16,
-                        stored_segment(&value),
-                    )
-                }
-            };
-            let slot = match pointer {
-                // The record's size is the pointer's length and 16, unless it is damaged.
-                Some(p) if u64::from(p.len) + 16 == bytes && p.segment == segment => {
-                    Slot::at(last_used_ms, &p)
-                }
-                _ => Slot::new(last_used_ms, bytes, segment),
-            };
-            total += slot.bytes();
-            slots.insert(id, slot);
-        }
-        self.bytes.store(total, Relaxed);
-        Ok(())
+    /// The envelope `pointer` points to, for `id`.
+    fn read(&self, id: u128, pointer: &Pointer) -> Result<Vec<u8>, strata_core::CodecError> {
+        self.values
+            .read(id, pointer)
+            .map_err(|e| strata_core::CodecError::Unreadable(e.to_string()))
     }
 
-    /// The envelope what sled stores under `id` stands for: read from the value log through
-    /// a pointer, or the inline envelope of an older release as it is.
-    fn resolve<'a>(
-        &self,
-        id: u128,
-        stored: &'a [u8],
-    ) -> Result<std::borrow::Cow<'a, [u8]>, strata_core::CodecError> {
-        match Pointer::decode(stored) {
-            Some(pointer) => self
-                .values
-                .read(id, &pointer)
-                .map(std::borrow::Cow::Owned)
-                .map_err(|e| strata_core::CodecError::Unreadable(e.to_string())),
-            None => Ok(std::borrow::Cow::Borrowed(stored)),
-        }
-    }
-
-    /// What sled stores under `id` and the envelope it stands for. A read that fails because a
+    /// The record of `id` and the envelope it points to. A read that fails because a
     /// compaction moved the record (and deleted its segment) meanwhile is retried at the new
     /// place; one that fails with the pointer unchanged is the copy's damage.
     #[allow(clippy::type_complexity)]
     fn load(
         &self,
         id: u128,
-    ) -> Result<Option<(sled::IVec, Result<Vec<u8>, strata_core::CodecError>)>, TierError> {
-        // A hit read where its slot says, without asking sled: the record's header checks the
-        // digest and the length, and a record a compaction moved away (its segment deleted)
-        // or damaged is read again through sled's pointer, which then judges it.
-        let hint = self.lock_slots().get(&id).and_then(Slot::pointer);
-        if let Some(pointer) = hint
-            && let Ok(envelope) = self.values.read(id, &pointer)
-        {
-            let current = sled::IVec::from(&pointer.encode()[..]);
-            return Ok(Some((current, Ok(envelope))));
-        }
-        let key = id.to_be_bytes();
-        let mut stored = self.entries.get(key)?;
+    ) -> Result<Option<(Record, Result<Vec<u8>, strata_core::CodecError>)>, TierError> {
+        let mut record = self.index.get(id)?;
         for _ in 0..4 {
-            let Some(current) = stored else {
+            let Some(current) = record else {
                 return Ok(None);
             };
-            match self.resolve(id, &current) {
-                Ok(envelope) => {
-                    let envelope = envelope.into_owned();
-                    return Ok(Some((current, Ok(envelope))));
-                }
+            match self.read(id, &current.pointer) {
+                Ok(envelope) => return Ok(Some((current, Ok(envelope)))),
                 Err(e) => {
-                    let now = self.entries.get(key)?;
-                    if now.as_ref() == Some(&current) {
+                    let now = self.index.get(id)?;
+                    if now.map(|r| r.pointer) == Some(current.pointer) {
                         return Ok(Some((current, Err(e))));
                     }
-                    stored = now;
+                    record = now;
                 }
             }
         }
-        match stored {
-            Some(current) => {
-                let read = self.resolve(id, &current).map(std::borrow::Cow::into_owned);
-                Ok(Some((current, read)))
-            }
-            None => Ok(None),
-        }
+        Ok(record.map(|current| {
+            let read = self.read(id, &current.pointer);
+            (current, read)
+        }))
     }
 
     /// Appends an envelope to the value log.
@@ -1431,141 +1230,136 @@ impl Inner {
     }
 
     fn store(&self, id: u128, bytes: &[u8]) -> Result<(), TierError> {
-        let now = now_ms();
         let pointer = self.append(id, bytes)?;
-        let slot = Slot::at(now, &pointer);
-        // The record first: after a crash between the two, opening finds a record without an
-        // entry (dropped when evicted or looked up), never an entry it does not count.
-        self.access.insert(
-            id.to_be_bytes(),
-            &access_record(now, slot.bytes(), slot.segment()),
-        )?;
-        self.entries.insert(id.to_be_bytes(), &pointer.encode())?;
-        let old = self.lock_slots().insert(id, slot);
-        self.bytes.fetch_add(slot.bytes(), Relaxed);
-        if let Some(old) = old {
-            self.bytes.fetch_sub(old.bytes(), Relaxed);
-        }
-        // Stores run on writer threads: they save the records marked (sizes a rewrite changed)
-        // as they accumulate, so that a close has at most a batch or so to write.
-        if self.dirty_len() >= ACCESS_BATCH {
-            self.save_access_times()?;
-        }
-        Ok(())
-    }
-
-    /// Notes a use for eviction's order. In memory only: a lookup writes nothing (saving a
-    /// million last uses after a million hits took 29 s and 3 GiB at close, sled rewriting
-    /// every leaf of the `access` tree). Last uses outlive a close in the eviction index's
-    /// snapshot; after a crash, the access records give each entry its last put.
-    fn touch(&self, id: u128) {
-        if let Some(slot) = self.lock_slots().get_mut(&id) {
-            slot.last_used_ms = slot.last_used_ms.max(now_ms());
-        }
-    }
-
-    fn dirty_len(&self) -> usize {
-        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Marks `id`'s access record as not yet saved ([`Inner::save_access_times`]).
-    fn mark_dirty(&self, id: u128) {
-        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        // Bounded: past this the oldest marks are dropped; access times are a hint for order.
-        if dirty.len() < 1 << 20 {
-            dirty.push(id);
-        }
-    }
-
-    /// Removes whatever copy is stored under `id`, with its access time and slot. Holds
-    /// `evicting_excludes` for writing, like [`Inner::remove_exact`]: no put lands between the
-    /// removal and the slot's.
-    fn forget(&self, id: u128) -> Result<(), TierError> {
-        let _no_put_midway = self
-            .evicting_excludes
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.forget_locked(id)
-    }
-
-    /// Drops the access record and slot of `id` if its entry is gone: a crash between a put's
-    /// two writes, or damage that cut sled's log short between them, leaves a record that
-    /// counts bytes no entry holds. A lookup that misses finds it (a slot lookup on every miss).
-    fn forget_record_without_entry(&self, id: u128) -> Result<(), TierError> {
-        if !self.lock_slots().contains_key(&id) {
-            return Ok(());
-        }
-        // No put is between its two writes while this is held: an entry still missing is gone.
-        let _no_put_midway = self
-            .evicting_excludes
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if self.entries.get(id.to_be_bytes())?.is_none() {
-            tracing::debug!(id = %format!("{id:032x}"), "dropping an access record whose entry is gone");
-            self.forget_locked(id)?;
-        }
-        Ok(())
-    }
-
-    /// [`Inner::forget`] for a caller that holds `evicting_excludes` for writing.
-    fn forget_locked(&self, id: u128) -> Result<(), TierError> {
-        self.entries.remove(id.to_be_bytes())?;
-        self.access.remove(id.to_be_bytes())?;
-        if let Some(old) = self.lock_slots().remove(&id) {
-            self.bytes.fetch_sub(old.bytes(), Relaxed);
-        }
-        Ok(())
-    }
-
-    fn save_access_times(&self) -> Result<(), TierError> {
-        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
-        if dirty.is_empty() {
-            return Ok(());
-        }
-        // In batches of a bounded size: one sled batch of every mark since the last save (a
-        // million after a long run) held hundreds of MiB at close.
-        for chunk in dirty.chunks(ACCESS_BATCH) {
-            let mut batch = sled::Batch::default();
-            {
-                let mut slots = self.lock_slots();
-                for id in chunk {
-                    if let Some(slot) = slots.get_mut(id) {
-                        batch.insert(
-                            &id.to_be_bytes(),
-                            &access_record(slot.last_used_ms, slot.bytes(), slot.segment()),
-                        );
-                    }
-                }
+        let record = Record {
+            pointer,
+            last_used_ms: now_ms(),
+        };
+        let (old, _) = self.index.update(id, |_| Some(record))?;
+        self.bytes.fetch_add(record.bytes(), Relaxed);
+        match old {
+            Some(old) => {
+                self.bytes.fetch_sub(old.bytes(), Relaxed);
             }
-            self.access.apply_batch(batch)?;
+            None => {
+                self.count.fetch_add(1, Relaxed);
+            }
         }
         Ok(())
+    }
+
+    /// Points `id` at `new` if it still points at `old` (a put may have replaced it), keeping
+    /// its last use. Returns whether it did.
+    fn repoint(&self, id: u128, old: &Pointer, new: Pointer) -> Result<bool, TierError> {
+        let (_, now) = self.index.update(id, |record| match record {
+            Some(record) if record.pointer == *old => Some(Record {
+                pointer: new,
+                ..record
+            }),
+            other => other,
+        })?;
+        Ok(now.is_some_and(|r| r.pointer == new))
+    }
+
+    /// Notes a use for eviction's order, in memory: a lookup writes nothing itself. Past
+    /// [`TOUCH_BATCH`] uses, returns them, for the caller to write off the lookup's path
+    /// ([`Inner::write_last_uses`]).
+    fn touch(&self, id: u128) -> Option<HashMap<u128, u64>> {
+        let mut touched = self.lock_touched();
+        let used = touched.entry(id).or_default();
+        *used = (*used).max(now_ms());
+        (touched.len() >= TOUCH_BATCH).then(|| std::mem::take(&mut *touched))
+    }
+
+    /// Writes last uses to the index, a bucket at a time.
+    fn write_last_uses(&self, uses: HashMap<u128, u64>) -> Result<(), TierError> {
+        let mut uses: Vec<(u128, u64)> = uses.into_iter().collect();
+        self.index.set_last_uses(&mut uses)?;
+        Ok(())
+    }
+
+    /// Writes the last uses held in memory to the index.
+    fn save_access_times(&self) -> Result<(), TierError> {
+        let uses = std::mem::take(&mut *self.lock_touched());
+        if uses.is_empty() {
+            return Ok(());
+        }
+        self.write_last_uses(uses)
+    }
+
+    /// Removes whatever copy is stored under `id`. Holds `evicting_excludes` for writing, like
+    /// [`Inner::remove_exact`]. Returns whether there was one.
+    fn forget(&self, id: u128) -> Result<bool, TierError> {
+        let _no_put_midway = self
+            .evicting_excludes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (old, _) = self.index.update(id, |_| None)?;
+        self.lock_touched().remove(&id);
+        if let Some(old) = old {
+            self.count.fetch_sub(1, Relaxed);
+            self.bytes.fetch_sub(old.bytes(), Relaxed);
+        }
+        Ok(old.is_some())
     }
 
     /// Removes least recently used entries until the tier holds at most 90% of its bound.
-    /// Returns how many went.
+    /// Returns how many went. Nothing per entry is held: three walks of the index by cursor
+    /// find the range of last uses, then the bytes in each of [`AGE_BINS`] spans of it, then
+    /// evict the oldest spans' entries (least recently used to within a span's width).
     fn evict(&self) -> Result<u64, TierError> {
+        const AGE_BINS: usize = 4096;
         let target = self.capacity / 10 * 9;
         let total = self.bytes.load(Relaxed);
         if total <= self.capacity {
             return Ok(0);
         }
-        let mut by_age: Vec<(u64, u128, u64)> = self
-            .lock_slots()
-            .iter()
-            .map(|(id, slot)| (slot.last_used_ms, id, slot.bytes()))
-            .collect();
-        by_age.sort_unstable();
-        let mut to_free = total.saturating_sub(target);
-        let mut evicted = 0;
-        for (last_used_ms, id, bytes) in by_age {
-            if to_free == 0 {
+        self.save_access_times()?;
+        let to_free = total.saturating_sub(target);
+        let (mut oldest, mut newest) = (u64::MAX, 0);
+        for item in self.index.iter() {
+            let (_, record) = item?;
+            oldest = oldest.min(record.last_used_ms);
+            newest = newest.max(record.last_used_ms);
+        }
+        if oldest > newest {
+            return Ok(0);
+        }
+        let span = u128::from(newest - oldest) + 1;
+        let bin = |ms: u64| {
+            let at = u128::from(ms.saturating_sub(oldest)) * AGE_BINS as u128 / span;
+            usize::try_from(at).map_or(AGE_BINS - 1, |at| at.min(AGE_BINS - 1))
+        };
+        let mut by_bin = vec![0u64; AGE_BINS];
+        for item in self.index.iter() {
+            let (_, record) = item?;
+            if let Some(bytes) = by_bin.get_mut(bin(record.last_used_ms)) {
+                *bytes += record.bytes();
+            }
+        }
+        // Every entry of the bins before `cut` goes, and of bin `cut` enough to free the rest.
+        let (mut cut, mut older) = (0, 0u64);
+        while let Some(&bytes) = by_bin.get(cut) {
+            if older + bytes >= to_free {
                 break;
             }
-            if self.evict_one(id, last_used_ms)? {
+            older += bytes;
+            cut += 1;
+        }
+        let from_cut = to_free.saturating_sub(older);
+        let (mut freed_at_cut, mut evicted) = (0u64, 0);
+        for item in self.index.iter() {
+            let (id, record) = item?;
+            let at = bin(record.last_used_ms);
+            if at > cut || (at == cut && freed_at_cut >= from_cut) {
+                continue;
+            }
+            if self.evict_one(id, record.last_used_ms)? {
                 self.evictions.fetch_add(1, Relaxed);
                 evicted += 1;
-                to_free = to_free.saturating_sub(bytes);
+                if at == cut {
+                    freed_at_cut += record.bytes();
+                }
             }
         }
         Ok(evicted)
@@ -1580,17 +1374,19 @@ impl Inner {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         if self
-            .lock_slots()
+            .lock_touched()
             .get(&id)
-            .is_some_and(|slot| slot.last_used_ms > judged_ms)
+            .is_some_and(|&used| used > judged_ms)
         {
             return Ok(false);
         }
-        let key = id.to_be_bytes();
-        let Some(current) = self.entries.get(key)? else {
-            self.forget_locked(id)?;
+        let Some(current) = self.index.get(id)? else {
             return Ok(false);
         };
+        if current.last_used_ms > judged_ms {
+            return Ok(false);
+        }
+        let key = id.to_be_bytes();
         if let Some(outbox) = self.outbox.get() {
             // Re-read after a failed swap: a newer reference replaced the one read.
             for _ in 0..8 {
@@ -1600,7 +1396,7 @@ impl Inner {
                         // age order.
                         let seq = crate::s3::outbox::parse(&queued).seq();
                         // A copy that cannot be read back has nothing to hand over.
-                        let Ok(envelope) = self.resolve(id, &current) else {
+                        let Ok(envelope) = self.read(id, &current.pointer) else {
                             break;
                         };
                         let held = crate::s3::outbox::held(seq, &envelope);
@@ -1619,10 +1415,10 @@ impl Inner {
         self.remove_exact_locked(id, &current)
     }
 
-    /// Removes the copy under `id` if it still holds `current`, with its access time and its
-    /// place in the byte count; a copy a put has written since `current` was read stays.
-    /// Returns whether the copy went.
-    fn remove_exact(&self, id: u128, current: &[u8]) -> Result<bool, TierError> {
+    /// Removes the copy under `id` if it still is `current` (the same pointer), with its place
+    /// in the counts; a copy a put has written since `current` was read stays. Returns whether
+    /// the copy went.
+    fn remove_exact(&self, id: u128, current: &Record) -> Result<bool, TierError> {
         let _no_put_midway = self
             .evicting_excludes
             .write()
@@ -1653,11 +1449,13 @@ impl Inner {
 
     /// Compacts the sealed segments with the least live data first, until dead records no
     /// longer take enough of the log ([`Inner::wants_compaction`]). Returns the records moved.
+    /// What each segment holds live is counted by a walk of the index.
     fn compact(&self) -> Result<u64, TierError> {
         let mut live: HashMap<u64, u64> = HashMap::new();
-        for slot in self.lock_slots().values() {
-            *live.entry(slot.segment()).or_default() +=
-                slot.bytes().saturating_sub(16) + vlog::HEADER;
+        for item in self.index.iter() {
+            let (_, record) = item?;
+            *live.entry(record.pointer.segment).or_default() +=
+                u64::from(record.pointer.len) + vlog::HEADER;
         }
         let mut segments: Vec<(u128, u64)> = self
             .values
@@ -1682,8 +1480,8 @@ impl Inner {
 
     /// Moves the records of `segment` that a pointer still refers to into the head, then,
     /// once the new places are on disk and sled's log holds the pointers to them, deletes the
-    /// segment. Which records are live is read from sled, never taken from the slots' hints.
-    /// A segment whose records cannot all be walked (a damaged header) is left in place.
+    /// segment. Which records are live is read from the index. A segment whose records cannot
+    /// all be walked (a damaged header) is left in place.
     fn compact_segment(&self, segment: u64) -> Result<u64, TierError> {
         let io = |context: &str| {
             let context = format!("{context} value segment {segment:016x}");
@@ -1693,10 +1491,8 @@ impl Inner {
         let complete = self
             .values
             .scan(segment, |pointer, id| {
-                let key = id.to_be_bytes();
-                let stored = self.entries.get(key).map_err(std::io::Error::other)?;
-                let Some(stored) = stored else { return Ok(()) };
-                if Pointer::decode(&stored) != Some(pointer) {
+                let stored = self.index.get(id).map_err(std::io::Error::other)?;
+                if stored.map(|r| r.pointer) != Some(pointer) {
                     return Ok(());
                 }
                 let envelope = match self.values.read(id, &pointer) {
@@ -1707,21 +1503,16 @@ impl Inner {
                         return Ok(());
                     }
                 };
-                // As eviction: no put lands between the swap and the slot's update.
+                // As eviction: no put lands between the append and the swap.
                 let _no_put_midway = self
                     .evicting_excludes
                     .write()
                     .unwrap_or_else(PoisonError::into_inner);
                 let new = self.values.append(id, &envelope)?;
-                let swapped = self
-                    .entries
-                    .compare_and_swap(key, Some(&stored), Some(&new.encode()[..]))
-                    .map_err(std::io::Error::other)?;
-                if swapped.is_ok() {
-                    if let Some(slot) = self.lock_slots().get_mut(&id) {
-                        *slot = Slot::at(slot.last_used_ms, &new);
-                    }
-                    self.mark_dirty(id);
+                if self
+                    .repoint(id, &pointer, new)
+                    .map_err(std::io::Error::other)?
+                {
                     moved += 1;
                 }
                 Ok(())
@@ -1733,28 +1524,24 @@ impl Inner {
             return Ok(moved);
         }
         self.values.sync().map_err(io("syncing before deleting"))?;
-        self.save_access_times()?;
         self.db.flush()?;
         self.values.remove(segment).map_err(io("deleting"))?;
         Ok(moved)
     }
 
     /// [`Inner::remove_exact`] for a caller that holds `evicting_excludes` for writing: no put
-    /// can land between the swap and the slot's removal (it would leave a stored copy out of
-    /// the byte count and out of eviction's reach).
-    fn remove_exact_locked(&self, id: u128, current: &[u8]) -> Result<bool, TierError> {
-        let key = id.to_be_bytes();
-        if self
-            .entries
-            .compare_and_swap(key, Some(current), None::<&[u8]>)?
-            .is_err()
-        {
+    /// can land between the read of `current` and its removal.
+    fn remove_exact_locked(&self, id: u128, current: &Record) -> Result<bool, TierError> {
+        let (old, now) = self.index.update(id, |record| match record {
+            Some(record) if record.pointer == current.pointer => None,
+            other => other,
+        })?;
+        let Some(old) = old.filter(|old| old.pointer == current.pointer && now.is_none()) else {
             return Ok(false);
-        }
-        self.access.remove(key)?;
-        if let Some(old) = self.lock_slots().remove(&id) {
-            self.bytes.fetch_sub(old.bytes(), Relaxed);
-        }
+        };
+        self.lock_touched().remove(&id);
+        self.count.fetch_sub(1, Relaxed);
+        self.bytes.fetch_sub(old.bytes(), Relaxed);
         Ok(true)
     }
 }
@@ -1768,12 +1555,13 @@ impl Tier for DiskTier {
     async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Entry>>, TierError> {
         let id = key.id();
         let Some((stored, envelope)) = self.inner.load(id)? else {
-            self.inner.forget_record_without_entry(id)?;
             return Ok(None);
         };
         match envelope.and_then(|envelope| self.inner.codec.decode_local(&envelope)) {
             Ok(entry) => {
-                self.inner.touch(id);
+                if let Some(uses) = self.inner.touch(id) {
+                    self.write_last_uses_later(uses);
+                }
                 Ok(Some(Arc::new(entry)))
             }
             // Sealed under a key this node does not hold, or not sealed while it requires a
@@ -1797,7 +1585,7 @@ impl Tier for DiskTier {
     }
 
     async fn remove(&self, key: &CacheKey) -> Result<(), TierError> {
-        self.inner.forget(key.id())
+        self.inner.forget(key.id()).map(|_| ())
     }
 
     async fn flush(&self) -> Result<(), TierError> {
@@ -1809,7 +1597,7 @@ impl Tier for DiskTier {
 
     fn usage(&self) -> TierUsage {
         TierUsage {
-            entries: self.inner.lock_slots().len() as u64,
+            entries: self.inner.count.load(Relaxed),
             bytes: self.inner.bytes.load(Relaxed),
             capacity: Some(self.inner.capacity),
         }
@@ -1821,6 +1609,26 @@ pub(crate) mod tests {
     use super::*;
     use serde_json::json;
     use strata_core::{Normalizer, Scope};
+
+    /// The entry count and bytes of the index, counted by a walk.
+    pub(crate) fn counted(tier: &DiskTier) -> (u64, u64) {
+        tier.inner.index.iter().fold((0, 0), |(n, bytes), item| {
+            let (_, record) = item.unwrap_or_else(|e| panic!("{e}"));
+            (n + 1, bytes + record.bytes())
+        })
+    }
+
+    /// The last use of `id`, in memory or in the index.
+    fn last_use(tier: &DiskTier, id: u128) -> Option<u64> {
+        let held = tier.inner.lock_touched().get(&id).copied();
+        let written = tier
+            .inner
+            .index
+            .get(id)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .map(|r| r.last_used_ms);
+        written.map(|w| w.max(held.unwrap_or(0)))
+    }
 
     /// A distinct entry per `i`, with a response too long to store uncompressed.
     pub(crate) fn entry(i: usize) -> (CacheKey, Arc<Entry>) {
@@ -1946,14 +1754,7 @@ pub(crate) mod tests {
         writer
             .join()
             .unwrap_or_else(|_| panic!("the writer panicked"));
-        let stored: u64 = tier
-            .inner
-            .entries
-            .iter()
-            .map(|item| item.map(|(_, v)| stored_len(&v) + 16).unwrap_or(0))
-            .sum();
-        assert_eq!(tier.usage().bytes, stored);
-        assert_eq!(tier.inner.lock_slots().len(), tier.inner.entries.len());
+        assert_eq!((tier.usage().entries, tier.usage().bytes), counted(&tier));
     }
 
     /// A lookup that refused a copy removes that copy, not one a put wrote since.
@@ -2002,12 +1803,7 @@ pub(crate) mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let (key, e) = entry(0);
         tier.put(&key, &e).await.unwrap_or_else(|e| panic!("{e}"));
-        let judged = tier
-            .inner
-            .lock_slots()
-            .get(&key.id())
-            .map(|s| s.last_used_ms);
-        let judged = judged.unwrap_or_else(|| panic!("no slot"));
+        let judged = last_use(&tier, key.id()).unwrap_or_else(|| panic!("no record"));
         std::thread::sleep(Duration::from_millis(2));
         assert!(matches!(tier.get(&key).await, Ok(Some(_))));
         let evicted = tier.inner.evict_one(key.id(), judged);
@@ -2016,11 +1812,7 @@ pub(crate) mod tests {
             "a used copy went"
         );
         assert!(matches!(tier.get(&key).await, Ok(Some(_))));
-        let judged = tier
-            .inner
-            .lock_slots()
-            .get(&key.id())
-            .map(|s| s.last_used_ms);
+        let judged = last_use(&tier, key.id());
         let evicted = tier.inner.evict_one(key.id(), judged.unwrap_or(0));
         assert!(
             evicted.unwrap_or_else(|e| panic!("{e}")),
@@ -2193,11 +1985,10 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn closing_saves_the_eviction_index_and_opening_reads_it_only_when_it_matches() {
+    fn closing_saves_the_totals_and_opening_counts_the_index_without_them() {
         let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
         let config = DiskConfig::new(dir.path().join("l2"));
         let open = || DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
-        let file = config.path.join(snapshot::FILE);
         let put = |tier: &DiskTier, range: std::ops::Range<usize>| {
             for i in range {
                 let (key, _) = entry(i);
@@ -2205,136 +1996,126 @@ pub(crate) mod tests {
                     .unwrap_or_else(|e| panic!("{e}"));
             }
         };
-        let (first, used_first) = {
+        let totals_of = |tier: &DiskTier| {
+            tier.inner
+                .meta
+                .get(TOTALS_KEY)
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let first = {
             let tier = open();
             put(&tier, 0..40);
-            // One used since it was written: its exact last use is what the snapshot keeps.
-            let (used, _) = entry(3);
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            assert!(tier.inner.load(used.id()).is_ok_and(|v| v.is_some()));
-            (
-                tier.usage(),
-                tier.inner.lock_slots()[&used.id()].last_used_ms,
-            )
-        };
-        assert!(file.exists(), "no snapshot at close");
-        let token_of = |tier: &DiskTier| tier.inner.meta.get(snapshot::META_KEY);
-        let stale = std::fs::read(&file).unwrap_or_else(|e| panic!("{e}"));
-        {
-            let tier = open();
-            // Read from the snapshot: the same counts and last uses, the file and its token gone.
-            assert_eq!(tier.usage(), first);
-            let (used, _) = entry(3);
-            assert_eq!(tier.inner.lock_slots()[&used.id()].last_used_ms, used_first);
-            assert!(!file.exists());
-            assert!(token_of(&tier).is_ok_and(|t| t.is_none()));
-            put(&tier, 40..60);
-        }
-        // A snapshot of an earlier state (another token), then a damaged one: neither is read,
-        // and the counts come from the access records.
-        std::fs::write(&file, &stale).unwrap_or_else(|e| panic!("{e}"));
-        let second = {
-            let tier = open();
-            assert_eq!(tier.usage().entries, 60);
-            tier.usage()
-        };
-        let mut damaged = std::fs::read(&file).unwrap_or_else(|e| panic!("{e}"));
-        let at = damaged.len() - 10;
-        damaged[at] ^= 0x40;
-        std::fs::write(&file, &damaged).unwrap_or_else(|e| panic!("{e}"));
-        {
-            let tier = open();
-            assert_eq!(tier.usage(), second);
-        }
-        // A handle that never closed (its token never set) leaves a file that is not read.
-        {
-            let tier = open();
-            tier.inner.snapshot_on_drop.store(false, Relaxed);
-        }
-        std::fs::write(&file, &stale).unwrap_or_else(|e| panic!("{e}"));
-        let tier = open();
-        assert_eq!(tier.usage(), second);
-        assert!(!file.exists());
-    }
-
-    #[test]
-    fn opening_reads_sizes_from_the_access_records_and_takes_up_an_older_database() {
-        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
-        let config = DiskConfig::new(dir.path().join("l2"));
-        let usage = {
-            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
-            for i in 0..50 {
-                let (key, _) = entry(i);
-                tier.insert_raw(&key, &vec![7; 100 + i])
-                    .unwrap_or_else(|e| panic!("{e}"));
-            }
-            tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
             tier.usage()
         };
         assert_eq!(
-            (usage.entries, usage.bytes),
-            (50, (0..50).map(|i| 116 + i).sum())
+            (first.entries, first.bytes),
+            (40, (0..40).map(|i| 116 + i).sum())
         );
-        // Reopened, the entries' values are not what gives the sizes: the records are.
         {
-            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(tier.usage(), usage);
-            assert!(
-                tier.inner
-                    .access
-                    .iter()
-                    .all(|r| r.is_ok_and(|(_, v)| v.len() == 24))
+            let tier = open();
+            // Taken from the totals, which are gone from `meta` until the next close.
+            assert_eq!(tier.usage(), first);
+            assert!(totals_of(&tier).is_none());
+            put(&tier, 30..60);
+            // A handle that stops without closing saves no totals.
+            tier.inner.totals_on_drop.store(false, Relaxed);
+        }
+        let second = {
+            let tier = open();
+            assert!(totals_of(&tier).is_none());
+            assert_eq!(
+                (tier.usage().entries, tier.usage().bytes),
+                (60, (0..60).map(|i| 116 + i).sum())
             );
-            // Made an older database: envelopes inline in sled, last uses alone, and no mark.
-            for item in tier.inner.entries.iter() {
-                let (key, stored) = item.unwrap_or_else(|e| panic!("{e}"));
-                let id = id_of(&key).unwrap_or_else(|| panic!("a digest"));
-                let inline = tier
-                    .inner
-                    .resolve(id, &stored)
-                    .unwrap_or_else(|e| panic!("{e}"))
-                    .into_owned();
-                tier.inner
-                    .entries
-                    .insert(key, inline)
-                    .unwrap_or_else(|e| panic!("{e}"));
-            }
-            for item in tier.inner.access.iter() {
-                let (key, record) = item.unwrap_or_else(|e| panic!("{e}"));
-                tier.inner
-                    .access
-                    .insert(key, &record[..8])
-                    .unwrap_or_else(|e| panic!("{e}"));
-            }
+            assert_eq!((tier.usage().entries, tier.usage().bytes), counted(&tier));
+            tier.usage()
+        };
+        // Totals that are not 16 bytes are not believed: the index is counted.
+        {
+            let tier = open();
+            tier.inner.totals_on_drop.store(false, Relaxed);
             tier.inner
                 .meta
-                .remove(SIZES_KEY)
+                .insert(TOTALS_KEY, &[1u8; 15])
                 .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(open().usage(), second);
+    }
+
+    #[test]
+    fn an_older_database_is_moved_into_the_index() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let config = DiskConfig::new(dir.path().join("l2"));
+        let envelope = |i: usize| vec![i as u8; 100 + i];
+        let long_ago = 1_000_000;
+        {
+            let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
+            // As a release before the index left it: a pointer into the value log, or the
+            // envelope inline, under each id; an access record of 24 bytes or of the last use
+            // alone, or none; the mark of sizes and a snapshot token in `meta`.
+            let entries = tier.open_tree("entries").unwrap_or_else(|e| panic!("{e}"));
+            let access = tier.open_tree("access").unwrap_or_else(|e| panic!("{e}"));
+            for i in 0..50 {
+                let (key, _) = entry(i);
+                let id = key.id().to_be_bytes();
+                if i % 2 == 0 {
+                    let pointer = tier
+                        .inner
+                        .append(key.id(), &envelope(i))
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    entries.insert(id, &pointer.encode()).map(drop)
+                } else {
+                    entries.insert(id, envelope(i)).map(drop)
+                }
+                .unwrap_or_else(|e| panic!("{e}"));
+                let used = (long_ago + i as u64).to_le_bytes();
+                match i % 3 {
+                    0 => access.insert(id, &used).map(drop),
+                    1 => access.insert(id, [&used[..], &[0; 16]].concat()).map(drop),
+                    _ => Ok(()),
+                }
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+            for key in OLD_META_KEYS {
+                tier.inner
+                    .meta
+                    .insert(key, &[1u8])
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            tier.inner.values.sync().unwrap_or_else(|e| panic!("{e}"));
             tier.inner.db.flush().unwrap_or_else(|e| panic!("{e}"));
-            // Closed as a release that wrote no snapshot closes.
-            tier.inner.snapshot_on_drop.store(false, Relaxed);
+            // Closed as an older release closes: no totals.
+            tier.inner.totals_on_drop.store(false, Relaxed);
         }
         let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(tier.usage(), usage);
-        assert!(tier.inner.meta.get(SIZES_KEY).is_ok_and(|m| m.is_some()));
-        assert!(
-            tier.inner
-                .access
-                .iter()
-                .all(|r| r.is_ok_and(|(_, v)| v.len() == 24))
+        assert_eq!(
+            (tier.usage().entries, tier.usage().bytes),
+            (50, (0..50).map(|i| 116 + i as u64).sum())
         );
-        // The inline envelopes read back as they are.
+        let names = tier.inner.db.tree_names();
+        assert!(!names.iter().any(|n| n == b"entries" || n == b"access"));
+        for key in OLD_META_KEYS {
+            assert!(tier.inner.meta.get(key).is_ok_and(|v| v.is_none()));
+        }
         for i in 0..50 {
             let (key, _) = entry(i);
             match tier.inner.load(key.id()) {
-                Ok(Some((_, Ok(bytes)))) => assert_eq!(bytes, vec![7; 100 + i]),
+                Ok(Some((record, Ok(bytes)))) => {
+                    assert_eq!(bytes, envelope(i), "entry {i}");
+                    // The last use carried over, where there was one.
+                    if i % 3 != 2 {
+                        assert_eq!(record.last_used_ms, long_ago + i as u64, "entry {i}");
+                    } else {
+                        assert!(record.last_used_ms > long_ago + 1000, "entry {i}");
+                    }
+                }
                 other => panic!("entry {i}: {:?}", other.map(|o| o.is_some())),
             }
         }
     }
 
     #[test]
-    fn a_hit_read_where_its_slot_says_is_checked_and_a_wrong_hint_falls_back_to_sled() {
+    fn a_record_pointing_at_another_entrys_envelope_is_never_served_as_it() {
         let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
         let tier = DiskTier::open(&DiskConfig::new(dir.path().join("l2")), Codec::default())
             .unwrap_or_else(|e| panic!("{e}"));
@@ -2344,33 +2125,35 @@ pub(crate) mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         tier.insert_raw(&two, b"the second, longer answer")
             .unwrap_or_else(|e| panic!("{e}"));
-        let read = |key: &CacheKey| match tier.inner.load(key.id()) {
-            Ok(Some((_, Ok(envelope)))) => envelope,
-            other => panic!("{other:?}"),
-        };
-        assert!(tier.inner.lock_slots()[&one.id()].pointer().is_some());
-        assert_eq!(read(&one), b"the first answer");
-        // The first key's slot made to point at the second key's record, then at nowhere:
-        // never the other answer, and the first is still read, through sled.
-        let other = tier.inner.lock_slots()[&two.id()];
-        for hint in [
-            other,
-            Slot {
+        let other = tier
+            .inner
+            .index
+            .get(two.id())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no record"));
+        // The first key's record made to point at the second key's envelope, then past the
+        // end of its segment: read as damage, never as the other answer.
+        for pointer in [
+            other.pointer,
+            Pointer {
                 offset: 1 << 30,
-                ..other
+                ..other.pointer
             },
         ] {
-            let last_used_ms = tier.inner.lock_slots()[&one.id()].last_used_ms;
-            tier.inner.lock_slots().insert(
-                one.id(),
-                Slot {
-                    last_used_ms,
-                    ..hint
-                },
-            );
-            assert_eq!(read(&one), b"the first answer");
+            tier.inner
+                .index
+                .update(one.id(), |r| r.map(|r| Record { pointer, ..r }))
+                .unwrap_or_else(|e| panic!("{e}"));
+            match tier.inner.load(one.id()) {
+                Ok(Some((_, Err(_)))) => {}
+                Ok(Some((_, Ok(read)))) => panic!("served {:?}", String::from_utf8_lossy(&read)),
+                other => panic!("{:?}", other.map(|o| o.is_some())),
+            }
         }
-        assert_eq!(read(&two), b"the second, longer answer");
+        match tier.inner.load(two.id()) {
+            Ok(Some((_, Ok(read)))) => assert_eq!(read, b"the second, longer answer"),
+            other => panic!("{:?}", other.map(|o| o.is_some())),
+        }
     }
 
     #[test]
@@ -2380,9 +2163,10 @@ pub(crate) mod tests {
         let (key, _) = entry(1);
         let record_of = |tier: &DiskTier| {
             tier.inner
-                .access
-                .get(key.id().to_be_bytes())
+                .index
+                .get(key.id())
                 .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("no record"))
         };
         let used = {
             let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
@@ -2391,17 +2175,15 @@ pub(crate) mod tests {
             let stored = record_of(&tier);
             std::thread::sleep(std::time::Duration::from_millis(5));
             for _ in 0..3 {
-                tier.inner.touch(key.id());
+                assert!(tier.inner.touch(key.id()).is_none());
             }
-            assert_eq!(tier.inner.dirty_len(), 0);
-            tier.flush_blocking().unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(record_of(&tier), stored, "a lookup wrote its access record");
-            let used = tier.inner.lock_slots()[&key.id()].last_used_ms;
-            assert!(stored.is_some_and(|r| last_use_of(&r) < used));
+            assert_eq!(record_of(&tier), stored, "a lookup wrote its record");
+            let used = last_use(&tier, key.id()).unwrap_or_else(|| panic!("no record"));
+            assert!(stored.last_used_ms < used);
             used
         };
         let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(tier.inner.lock_slots()[&key.id()].last_used_ms, used);
+        assert_eq!(record_of(&tier).last_used_ms, used);
     }
 
     #[test]

@@ -10,12 +10,12 @@
 //! were salvaged. Nothing copied is trusted more than before: every entry is checked by the
 //! codec when it is read, as always.
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use super::index::{self, Index, Record};
 use super::vlog::{Pointer, ValueLog};
 use super::{
-    DiskConfig, MIN_PAGE_CACHE, OUTBOX_TREE, SIZES_KEY, STATS_KEY, access_record, last_use_of,
+    DiskConfig, MIN_PAGE_CACHE, OLD_META_KEYS, OUTBOX_TREE, STATS_KEY, TOTALS_KEY, last_use_of,
     now_ms, open_sled_waiting, segment_bytes,
 };
 
@@ -83,66 +83,76 @@ fn copy_trees(work: &Path, aside: &Path, config: &DiskConfig) -> Result<Salvage,
         salvage.trees_cut_short += 1;
     };
 
-    // The last uses of the entries, to carry over; what cannot be read is "now".
-    let mut last_used: HashMap<Vec<u8>, u64> = HashMap::new();
-    for item in old.open_tree("access").map_err(sled_error)?.iter() {
+    let new_index = Index::open(&new).map_err(sled_error)?;
+    let now = now_ms();
+    // Each entry's envelope, from the old value log (or inline, as older releases stored it),
+    // appended to the new one; one that cannot be read back is not salvaged.
+    let mut copy =
+        |id: u128, envelope: Result<Vec<u8>, ()>, last_used_ms: u64| -> Result<(), String> {
+            let Ok(envelope) = envelope else {
+                return Ok(());
+            };
+            let pointer = new_values
+                .append(id, &envelope)
+                .map_err(|e| format!("writing the new value log: {e}"))?;
+            new_index
+                .update(id, |_| {
+                    Some(Record {
+                        pointer,
+                        last_used_ms,
+                    })
+                })
+                .map_err(sled_error)?;
+            salvage.entries += 1;
+            Ok(())
+        };
+    let mut stopped: Vec<(&[u8], sled::Error)> = Vec::new();
+    for item in Index::open(&old).map_err(sled_error)?.iter() {
         match item {
-            Ok((key, record)) => {
-                last_used.insert(key.to_vec(), last_use_of(&record));
+            Ok((id, record)) => {
+                let envelope = old_values.read(id, &record.pointer).map_err(|_| ());
+                copy(id, envelope, record.last_used_ms)?;
             }
             Err(e) => {
-                cut_short(b"access", e);
+                stopped.push((index::TREE.as_bytes(), e));
                 break;
             }
         }
     }
-
-    let (entries, access) = (
-        new.open_tree("entries").map_err(sled_error)?,
-        new.open_tree("access").map_err(sled_error)?,
-    );
-    let now = now_ms();
-    let mut kept: HashSet<Vec<u8>> = HashSet::new();
-    for item in old.open_tree("entries").map_err(sled_error)?.iter() {
-        let (key, value) = match item {
-            Ok(kv) => kv,
-            Err(e) => {
-                cut_short(b"entries", e);
-                break;
-            }
-        };
-        let Some(id) = super::id_of(&key) else {
-            continue;
-        };
-        // The envelope, from the old value log (or inline, as older releases stored it). One
-        // that cannot be read back is not salvaged.
-        let envelope = match Pointer::decode(&value) {
-            Some(pointer) => match old_values.read(id, &pointer) {
-                Ok(envelope) => envelope,
-                Err(_) => continue,
-            },
-            None => value.to_vec(),
-        };
-        let pointer = new_values
-            .append(id, &envelope)
-            .map_err(|e| format!("writing the new value log: {e}"))?;
-        let used = last_used.get(key.as_ref()).copied().unwrap_or(now);
-        access
-            .insert(
-                &key,
-                &access_record(used, (envelope.len() + 16) as u64, pointer.segment),
-            )
-            .map_err(sled_error)?;
-        entries
-            .insert(&key, &pointer.encode())
-            .map_err(sled_error)?;
-        kept.insert(key.to_vec());
-        salvage.entries += 1;
+    // The trees of a release before the index: a pointer or an inline envelope by id, and the
+    // last use in the access record (what cannot be read is "now").
+    let names = old.tree_names();
+    if names.iter().any(|n| n == b"entries") {
+        let access = old.open_tree("access").map_err(sled_error)?;
+        for item in old.open_tree("entries").map_err(sled_error)?.iter() {
+            let (key, value) = match item {
+                Ok(kv) => kv,
+                Err(e) => {
+                    stopped.push((b"entries", e));
+                    break;
+                }
+            };
+            let Some(id) = super::id_of(&key) else {
+                continue;
+            };
+            let envelope = match Pointer::decode(&value) {
+                Some(pointer) => old_values.read(id, &pointer).map_err(|_| ()),
+                None => Ok(value.to_vec()),
+            };
+            let used = access
+                .get(&key)
+                .ok()
+                .flatten()
+                .map_or(now, |record| last_use_of(&record));
+            copy(id, envelope, used)?;
+        }
     }
-    drop(last_used);
+    for (tree, e) in stopped {
+        cut_short(tree, e);
+    }
 
     for name in old.tree_names() {
-        if matches!(&name[..], b"entries" | b"access") {
+        if matches!(&name[..], b"entries" | b"access") || name == index::TREE.as_bytes() {
             continue;
         }
         let (from, to) = (
@@ -163,9 +173,19 @@ fn copy_trees(work: &Path, aside: &Path, config: &DiskConfig) -> Result<Salvage,
                 // The copy kept beside the database is the newer: it is taken up instead.
                 continue;
             }
+            if meta && (&key[..] == TOTALS_KEY || OLD_META_KEYS.contains(&&key[..])) {
+                // The new database is counted when it opens.
+                continue;
+            }
             if outbox {
                 // A reference whose copy is gone has nothing left to upload.
-                if crate::s3::outbox::is_reference(&value) && !kept.contains(key.as_ref()) {
+                let kept = super::id_of(&key)
+                    .map(|id| new_index.get(id))
+                    .transpose()
+                    .map_err(sled_error)?
+                    .flatten()
+                    .is_some();
+                if crate::s3::outbox::is_reference(&value) && !kept {
                     continue;
                 }
                 salvage.uploads += 1;
@@ -175,10 +195,6 @@ fn copy_trees(work: &Path, aside: &Path, config: &DiskConfig) -> Result<Salvage,
             to.insert(key, value).map_err(sled_error)?;
         }
     }
-    // Every salvaged entry has its access record, with its size.
-    new.open_tree("meta")
-        .and_then(|meta| meta.insert(SIZES_KEY, &[1u8]))
-        .map_err(sled_error)?;
     new_values
         .sync()
         .map_err(|e| format!("syncing the new value log: {e}"))?;

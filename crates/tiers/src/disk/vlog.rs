@@ -55,6 +55,7 @@ pub(crate) struct Pointer {
 
 impl Pointer {
     /// The bytes sled stores for this pointer.
+    #[cfg(test)]
     pub(crate) fn encode(&self) -> [u8; POINTER_LEN] {
         let mut out = [0; POINTER_LEN];
         out[..4].copy_from_slice(&POINTER_MAGIC);
