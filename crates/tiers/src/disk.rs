@@ -650,12 +650,28 @@ impl DiskTier {
 impl DiskTier {
     /// Starts a compaction of the value log on the blocking pool (or runs it here outside a
     /// runtime) when dead records take enough of it ([`Inner::wants_compaction`]).
+    /// At most one is running or scheduled at a time: a put that finds one under way starts
+    /// none (a task per put while a compaction ran filled the blocking pool with threads, each
+    /// with an allocator arena of its own: 200 MiB more at a million puts past the bound).
     fn schedule_compaction(&self) {
-        if !self.inner.wants_compaction() {
+        if !self.inner.wants_compaction() || self.inner.compacting.swap(true, Relaxed) {
             return;
         }
-        let inner = Arc::clone(&self.inner);
-        let compact = move || inner.compact_if_worth_it();
+        /// Clears the flag when the compaction ends, and also when it never runs (a runtime
+        /// shutting down drops blocking tasks it has not started).
+        struct Running(Arc<Inner>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.compacting.store(false, Relaxed);
+            }
+        }
+        let running = Running(Arc::clone(&self.inner));
+        let compact = move || {
+            let running = running;
+            if let Err(e) = running.0.compact() {
+                tracing::warn!(error = %e, "value log compaction failed");
+            }
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 handle.spawn_blocking(compact);
