@@ -146,6 +146,31 @@ impl Index {
             .and_then(record_of))
     }
 
+    /// Changes `bucket` to what `change` makes of its records (sorted by id; `change` returns
+    /// false to leave it as it is), by compare-and-swap of its whole value: `change` runs again
+    /// on the new records when another change of the bucket came between.
+    fn change_bucket(
+        &self,
+        bucket: [u8; PREFIX],
+        mut change: impl FnMut(&mut Vec<(u128, Record)>) -> bool,
+    ) -> sled::Result<()> {
+        let mut current = self.tree.get(bucket)?;
+        loop {
+            let mut records = current
+                .as_deref()
+                .map(|value| decode(&bucket, value))
+                .unwrap_or_default();
+            if !change(&mut records) {
+                return Ok(());
+            }
+            let value = (!records.is_empty()).then(|| encode(&records));
+            match self.tree.compare_and_swap(bucket, current, value)? {
+                Ok(()) => return Ok(()),
+                Err(swap) => current = swap.current,
+            }
+        }
+    }
+
     /// Changes the bucket of `id` to hold what `change` makes of its record (`None`: none),
     /// atomically: `change` may be called again when another change of the bucket came
     /// between. Returns the record before and after.
@@ -154,18 +179,13 @@ impl Index {
         id: u128,
         mut change: impl FnMut(Option<Record>) -> Option<Record>,
     ) -> sled::Result<(Option<Record>, Option<Record>)> {
-        let bucket = bucket_of(id);
-        let mut current = self.tree.get(bucket)?;
-        loop {
-            let mut records = current
-                .as_deref()
-                .map(|value| decode(&bucket, value))
-                .unwrap_or_default();
+        let (mut old, mut new) = (None, None);
+        self.change_bucket(bucket_of(id), |records| {
             let at = records.binary_search_by_key(&id, |(at, _)| *at);
-            let old = at.ok().and_then(|at| records.get(at)).map(|(_, r)| *r);
-            let new = change(old);
+            old = at.ok().and_then(|at| records.get(at)).map(|(_, r)| *r);
+            new = change(old);
             if old == new {
-                return Ok((old, new));
+                return false;
             }
             match (at, new) {
                 (Ok(at), Some(record)) => {
@@ -179,12 +199,9 @@ impl Index {
                 (Err(at), Some(record)) => records.insert(at, (id, record)),
                 (Err(_), None) => {}
             }
-            let value = (!records.is_empty()).then(|| encode(&records));
-            match self.tree.compare_and_swap(bucket, current, value)? {
-                Ok(()) => return Ok((old, new)),
-                Err(swap) => current = swap.current,
-            }
-        }
+            true
+        })?;
+        Ok((old, new))
     }
 
     /// Adds `records` (sorted by id, all of one bucket) to their bucket, replacing records
@@ -194,12 +211,7 @@ impl Index {
             return Ok(());
         };
         let bucket = bucket_of(*first);
-        let mut current = self.tree.get(bucket)?;
-        loop {
-            let mut merged = current
-                .as_deref()
-                .map(|value| decode(&bucket, value))
-                .unwrap_or_default();
+        self.change_bucket(bucket, |merged| {
             for (id, record) in records {
                 if bucket_of(*id) != bucket {
                     continue;
@@ -213,14 +225,8 @@ impl Index {
                     Err(at) => merged.insert(at, (*id, *record)),
                 }
             }
-            match self
-                .tree
-                .compare_and_swap(bucket, current, Some(encode(&merged)))?
-            {
-                Ok(()) => return Ok(()),
-                Err(swap) => current = swap.current,
-            }
-        }
+            true
+        })
     }
 
     /// Sets the last use of each `(id, ms)` that has a record, unless it was used later: one
@@ -231,10 +237,7 @@ impl Index {
             let Some((first, _)) = group.first() else {
                 continue;
             };
-            let bucket = bucket_of(*first);
-            let mut current = self.tree.get(bucket)?;
-            while let Some(value) = current.as_deref() {
-                let mut records = decode(&bucket, value);
+            self.change_bucket(bucket_of(*first), |records| {
                 let mut changed = false;
                 for (id, ms) in group {
                     if let Ok(at) = records.binary_search_by_key(id, |(at, _)| *at)
@@ -245,17 +248,8 @@ impl Index {
                         changed = true;
                     }
                 }
-                if !changed {
-                    break;
-                }
-                match self
-                    .tree
-                    .compare_and_swap(bucket, current.clone(), Some(encode(&records)))?
-                {
-                    Ok(()) => break,
-                    Err(swap) => current = swap.current,
-                }
-            }
+                changed
+            })?;
         }
         Ok(())
     }
