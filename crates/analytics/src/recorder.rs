@@ -672,6 +672,13 @@ impl Shared {
     /// One bucket write of hit marks, as [`Shared::insert`] counts writes; `false` when the
     /// bucket changed since it was read.
     fn swap(&self, marks: &HitMarks, swap: hit_marks::Swap) -> sled::Result<bool> {
+        self.count_write()?;
+        marks.apply(swap)
+    }
+
+    /// Counts one write against `writes_left` (tests inject write failures with it: a write
+    /// past the count fails).
+    fn count_write(&self) -> sled::Result<()> {
         #[cfg(test)]
         if self
             .writes_left
@@ -681,7 +688,7 @@ impl Shared {
             let injected = std::io::Error::other("injected write failure");
             return Err(sled::Error::Io(injected));
         }
-        marks.apply(swap)
+        Ok(())
     }
 
     /// One write of a persist.
@@ -691,15 +698,7 @@ impl Shared {
         key: impl AsRef<[u8]>,
         value: impl Into<sled::IVec>,
     ) -> Result<(), AnalyticsError> {
-        #[cfg(test)]
-        if self
-            .writes_left
-            .fetch_update(Relaxed, Relaxed, |n| (n > 0).then(|| n - 1))
-            .is_err()
-        {
-            let injected = std::io::Error::other("injected write failure");
-            return Err(AnalyticsError::Store(sled::Error::Io(injected)));
-        }
+        self.count_write()?;
         tree.insert(key, value)?;
         Ok(())
     }
