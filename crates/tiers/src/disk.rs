@@ -1139,9 +1139,6 @@ impl Inner {
         self.db.flush()?;
         self.db.drop_tree("entries")?;
         self.db.drop_tree("access")?;
-        for key in OLD_META_KEYS {
-            self.meta.remove(key)?;
-        }
         self.db.flush()?;
         tracing::info!(
             entries = moved,
@@ -1311,10 +1308,8 @@ impl Inner {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let (old, _) = self.index.update(id, |_| None)?;
-        self.lock_touched().remove(&id);
-        if let Some(old) = old {
-            self.count.fetch_sub(1, Relaxed);
-            self.bytes.fetch_sub(old.bytes(), Relaxed);
+        if let Some(old) = &old {
+            self.uncount(id, old);
         }
         Ok(old.is_some())
     }
@@ -1555,10 +1550,16 @@ impl Inner {
         let Some(old) = old.filter(|old| old.pointer == current.pointer && now.is_none()) else {
             return Ok(false);
         };
+        self.uncount(id, &old);
+        Ok(true)
+    }
+
+    /// Takes the record `old` of `id`, just removed from the index, out of the counts and
+    /// forgets the last use held for it.
+    fn uncount(&self, id: u128, old: &Record) {
         self.lock_touched().remove(&id);
         self.count.fetch_sub(1, Relaxed);
         self.bytes.fetch_sub(old.bytes(), Relaxed);
-        Ok(true)
     }
 }
 
