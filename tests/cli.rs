@@ -803,6 +803,115 @@ fn a_second_node_with_its_own_disk_is_served_from_l3() -> Result<()> {
     Ok(())
 }
 
+/// Writes a log of `n` distinct exchanges (plain JSON Lines) to `path`.
+fn write_distinct_log(path: &Path, n: usize) -> Result<()> {
+    let mut log = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for i in 0..n {
+        let exchange = serde_json::json!({
+            "request": {"model": "gpt-4o-mini", "messages": [
+                {"role": "user", "content": format!("What is {i} squared?")}
+            ]},
+            "response": {
+                "id": format!("chatcmpl-{i}"), "object": "chat.completion", "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": format!("{}", i * i)}}],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+            },
+            "provider": "openai"
+        });
+        writeln!(log, "{exchange}")?;
+    }
+    log.flush()?;
+    Ok(())
+}
+
+#[test]
+fn ctrl_c_stops_an_index_rebuild_and_the_next_run_finishes_it_counting_each_object_once()
+-> Result<()> {
+    let (runtime, mut server) = s3_runtime()?;
+    if !server.can_stop() {
+        return Ok(()); // needs a server it can slow down: an external one over HTTPS cannot be
+    }
+    // 1,100 entries: their pointers and their entry and metadata objects take five pages of
+    // 1,000 to list.
+    let entries = 1_100;
+    let (node_a, node_b) = (TempDir::new()?, TempDir::new()?);
+    let config_of = |dir: &Path| -> Result<String> {
+        let path = write_config(dir, &server.config_toml(&dir.join("l2")))?;
+        Ok(path.to_string_lossy().to_string())
+    };
+    let (config_a, config_b) = (config_of(node_a.path())?, config_of(node_b.path())?);
+    let log = node_a.path().join("distinct.jsonl");
+    write_distinct_log(&log, entries)?;
+    let stored = strata(node_a.path())?
+        .args(["--config", &config_a, "replay"])
+        .arg(&log)
+        .arg("--json")
+        .output()?;
+    assert_eq!(n(&succeeded_json(&stored)?, &["misses"]), entries as u64);
+
+    // Each listing answered after a second: the rebuild's five pages take five seconds, and
+    // Ctrl-C lands among them.
+    runtime.block_on(server.misbehave(s3_server::Fault::SlowLists(
+        std::time::Duration::from_secs(1),
+    )))?;
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"))
+        .current_dir(node_b.path())
+        .env_remove("STRATA_CONFIG")
+        .args(["--config", &config_b, "index", "rebuild"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let started = std::time::Instant::now();
+    while !node_b.path().join("l2/db").exists() {
+        anyhow::ensure!(
+            started.elapsed().as_secs() < 60,
+            "the rebuild never opened its cache"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Its Ctrl-C handler is installed once the cache is open (which lists the nodes' epochs,
+    // one slow page); the rebuild's listing has begun by then.
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    let signalled = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(signalled.success());
+    let stopped = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert_eq!(stopped.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("index rebuild stopped before the end of the listing; run it again"),
+        "{stderr}"
+    );
+    let first = String::from_utf8(stopped.stdout)?;
+    let listed_first: u64 = first
+        .split(" objects listed")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .and_then(|s| s.replace(',', "").parse().ok())
+        .with_context(|| format!("no count of objects listed in {first:?}"))?;
+    assert!(listed_first < 2 * entries as u64, "{first}");
+
+    // Served at full speed again, the next rebuild goes on where the first stopped; its counts
+    // are the whole rebuild's, every object once.
+    runtime.block_on(server.restart())?;
+    let rest = strata(node_b.path())?
+        .args(["--config", &config_b, "index", "rebuild"])
+        .output()?;
+    assert!(
+        rest.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rest.stderr)
+    );
+    let text = String::from_utf8(rest.stdout)?;
+    assert!(
+        text.starts_with("indexed 1,100 entries (2,200 objects listed); wrote 0 missing pointers"),
+        "{text}"
+    );
+    Ok(())
+}
+
 #[test]
 fn s3_commands_without_s3_say_how_to_enable_it() -> Result<()> {
     let dir = TempDir::new()?;

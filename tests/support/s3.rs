@@ -88,6 +88,9 @@ pub enum Fault {
     /// Serve as usual, except that a PutObject whose path contains this text gets a lasting
     /// 400 `InvalidRequest` (a store that will not take those objects as they are).
     RejectPutsContaining(String),
+    /// Serve as usual, except that each listing (ListObjectsV2) is answered after this long:
+    /// a bucket so large that a command over it can be stopped part-way.
+    SlowLists(Duration),
 }
 
 impl TestS3 {
@@ -322,6 +325,18 @@ impl TestS3 {
                     ))
                 })
             }
+            Fault::SlowLists(delay) => serve_slowed(
+                listener,
+                PassThrough::to(&front.backend)?,
+                delay,
+                |request| {
+                    request.method() == hyper::Method::GET
+                        && request
+                            .uri()
+                            .query()
+                            .is_some_and(|q| q.split('&').any(|p| p == "list-type=2"))
+                },
+            ),
             Fault::Trickle(declared) => accept_loop(listener, move |socket| async move {
                 let service = hyper::service::service_fn(move |_request| async move {
                     let bytes = futures::stream::unfold((), |()| async {
@@ -554,6 +569,33 @@ fn serve_refusing(
         async move {
             let _ = ConnBuilder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(socket), refusing)
+                .await;
+        }
+    })
+}
+
+/// Serves `inner` on `listener`, answering the requests `slow` picks only after `delay`.
+fn serve_slowed(
+    listener: TcpListener,
+    inner: PassThrough,
+    delay: Duration,
+    slow: impl Fn(&hyper::Request<hyper::body::Incoming>) -> bool + Clone + Send + Sync + 'static,
+) -> JoinHandle<()> {
+    accept_loop(listener, move |socket| {
+        let (inner, slow) = (inner.clone(), slow.clone());
+        let slowed =
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let (inner, wait) = (inner.clone(), slow(&request));
+                async move {
+                    if wait {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok::<_, std::convert::Infallible>(inner.call(request).await)
+                }
+            });
+        async move {
+            let _ = ConnBuilder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(socket), slowed)
                 .await;
         }
     })
