@@ -852,8 +852,10 @@ fn ctrl_c_stops_an_index_rebuild_and_the_next_run_finishes_it_counting_each_obje
 
     // Each listing answered after a second: the rebuild's five pages take five seconds, and
     // Ctrl-C lands among them.
+    let lists = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     runtime.block_on(server.misbehave(s3_server::Fault::SlowLists(
         std::time::Duration::from_secs(1),
+        std::sync::Arc::clone(&lists),
     )))?;
     let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("strata"))
         .current_dir(node_b.path())
@@ -862,17 +864,22 @@ fn ctrl_c_stops_an_index_rebuild_and_the_next_run_finishes_it_counting_each_obje
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
+    // The rebuild lists the pointers (`cache-index/by-hash/`, two pages), then the entries
+    // (`llm-cache/`, three pages); Ctrl-C as the first page of entries is being listed (its
+    // handler was installed before any of them) stops it once that page is in.
     let started = std::time::Instant::now();
-    while !node_b.path().join("l2/db").exists() {
+    let entries_listed = || {
+        lists
+            .lock()
+            .is_ok_and(|seen| seen.iter().any(|query| query.contains("llm-cache")))
+    };
+    while !entries_listed() {
         anyhow::ensure!(
             started.elapsed().as_secs() < 60,
-            "the rebuild never opened its cache"
+            "the rebuild never listed the entries"
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    // Its Ctrl-C handler is installed once the cache is open (which lists the nodes' epochs,
-    // one slow page); the rebuild's listing has begun by then.
-    std::thread::sleep(std::time::Duration::from_millis(2_500));
     let signalled = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()?;
@@ -891,7 +898,10 @@ fn ctrl_c_stops_an_index_rebuild_and_the_next_run_finishes_it_counting_each_obje
         .and_then(|s| s.rsplit('(').next())
         .and_then(|s| s.replace(',', "").parse().ok())
         .with_context(|| format!("no count of objects listed in {first:?}"))?;
-    assert!(listed_first < 2 * entries as u64, "{first}");
+    assert!(
+        listed_first > 0 && listed_first < 2 * entries as u64,
+        "{first}"
+    );
 
     // Served at full speed again, the next rebuild goes on where the first stopped; its counts
     // are the whole rebuild's, every object once.

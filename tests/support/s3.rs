@@ -88,9 +88,10 @@ pub enum Fault {
     /// Serve as usual, except that a PutObject whose path contains this text gets a lasting
     /// 400 `InvalidRequest` (a store that will not take those objects as they are).
     RejectPutsContaining(String),
-    /// Serve as usual, except that each listing (ListObjectsV2) is answered after this long:
-    /// a bucket so large that a command over it can be stopped part-way.
-    SlowLists(Duration),
+    /// Serve as usual, except that each listing (ListObjectsV2) is answered after this long
+    /// (a bucket so large that a command over it can be stopped part-way); the query of each is
+    /// added to the list as it arrives.
+    SlowLists(Duration, std::sync::Arc<std::sync::Mutex<Vec<String>>>),
 }
 
 impl TestS3 {
@@ -325,16 +326,18 @@ impl TestS3 {
                     ))
                 })
             }
-            Fault::SlowLists(delay) => serve_slowed(
+            Fault::SlowLists(delay, seen) => serve_slowed(
                 listener,
                 PassThrough::to(&front.backend)?,
                 delay,
-                |request| {
-                    request.method() == hyper::Method::GET
-                        && request
-                            .uri()
-                            .query()
-                            .is_some_and(|q| q.split('&').any(|p| p == "list-type=2"))
+                move |request| {
+                    let query = request.uri().query().unwrap_or_default();
+                    let listing = request.method() == hyper::Method::GET
+                        && query.split('&').any(|p| p == "list-type=2");
+                    if listing && let Ok(mut seen) = seen.lock() {
+                        seen.push(query.to_owned());
+                    }
+                    listing
                 },
             ),
             Fault::Trickle(declared) => accept_loop(listener, move |socket| async move {
