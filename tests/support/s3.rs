@@ -326,20 +326,20 @@ impl TestS3 {
                     ))
                 })
             }
-            Fault::SlowLists(delay, seen) => serve_slowed(
-                listener,
-                PassThrough::to(&front.backend)?,
-                delay,
-                move |request| {
+            Fault::SlowLists(delay, seen) => {
+                serve_judging(listener, PassThrough::to(&front.backend)?, move |request| {
                     let query = request.uri().query().unwrap_or_default();
                     let listing = request.method() == hyper::Method::GET
                         && query.split('&').any(|p| p == "list-type=2");
-                    if listing && let Ok(mut seen) = seen.lock() {
+                    if !listing {
+                        return Judged::Pass;
+                    }
+                    if let Ok(mut seen) = seen.lock() {
                         seen.push(query.to_owned());
                     }
-                    listing
-                },
-            ),
+                    Judged::Delay(delay)
+                })
+            }
             Fault::Trickle(declared) => accept_loop(listener, move |socket| async move {
                 let service = hyper::service::service_fn(move |_request| async move {
                     let bytes = futures::stream::unfold((), |()| async {
@@ -547,6 +547,16 @@ fn answer(status: hyper::StatusCode, body: String) -> hyper::Response<AnyBody> {
     response
 }
 
+/// What a misbehaving front does with one request.
+enum Judged {
+    /// Passes it on.
+    Pass,
+    /// Answers it with this status and body itself.
+    Refuse(hyper::StatusCode, &'static str),
+    /// Passes it on after this long.
+    Delay(Duration),
+}
+
 /// Serves `inner`, except that a request `refuse` has an answer for gets that answer.
 fn serve_refusing(
     listener: TcpListener,
@@ -557,48 +567,36 @@ fn serve_refusing(
     + Sync
     + 'static,
 ) -> JoinHandle<()> {
+    serve_judging(listener, inner, move |request| {
+        refuse(request).map_or(Judged::Pass, |(status, body)| Judged::Refuse(status, body))
+    })
+}
+
+/// Serves `inner` on `listener`, each request as `judge` says.
+fn serve_judging(
+    listener: TcpListener,
+    inner: PassThrough,
+    judge: impl Fn(&hyper::Request<hyper::body::Incoming>) -> Judged + Clone + Send + Sync + 'static,
+) -> JoinHandle<()> {
     accept_loop(listener, move |socket| {
-        let (inner, refuse) = (inner.clone(), refuse.clone());
-        let refusing =
+        let (inner, judge) = (inner.clone(), judge.clone());
+        let judging =
             hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let (inner, refused) = (inner.clone(), refuse(&request));
+                let (inner, judged) = (inner.clone(), judge(&request));
                 async move {
-                    Ok::<_, std::convert::Infallible>(match refused {
-                        Some((status, body)) => answer(status, body.to_string()),
-                        None => inner.call(request).await,
+                    Ok::<_, std::convert::Infallible>(match judged {
+                        Judged::Refuse(status, body) => answer(status, body.to_string()),
+                        Judged::Delay(delay) => {
+                            tokio::time::sleep(delay).await;
+                            inner.call(request).await
+                        }
+                        Judged::Pass => inner.call(request).await,
                     })
                 }
             });
         async move {
             let _ = ConnBuilder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(socket), refusing)
-                .await;
-        }
-    })
-}
-
-/// Serves `inner` on `listener`, answering the requests `slow` picks only after `delay`.
-fn serve_slowed(
-    listener: TcpListener,
-    inner: PassThrough,
-    delay: Duration,
-    slow: impl Fn(&hyper::Request<hyper::body::Incoming>) -> bool + Clone + Send + Sync + 'static,
-) -> JoinHandle<()> {
-    accept_loop(listener, move |socket| {
-        let (inner, slow) = (inner.clone(), slow.clone());
-        let slowed =
-            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let (inner, wait) = (inner.clone(), slow(&request));
-                async move {
-                    if wait {
-                        tokio::time::sleep(delay).await;
-                    }
-                    Ok::<_, std::convert::Infallible>(inner.call(request).await)
-                }
-            });
-        async move {
-            let _ = ConnBuilder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(socket), slowed)
+                .serve_connection(TokioIo::new(socket), judging)
                 .await;
         }
     })
