@@ -38,6 +38,16 @@ fn replay(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Value> {
     succeeded_json(&cmd.output()?)
 }
 
+/// What a successful run printed; a failed run fails the test with its stderr.
+fn succeeded_text(output: Output) -> Result<String> {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
 /// The JSON a successful run printed; a failed run fails the test with its stderr.
 fn succeeded_json(output: &Output) -> Result<Value> {
     assert!(
@@ -767,12 +777,7 @@ fn a_second_node_with_its_own_disk_is_served_from_l3() -> Result<()> {
     let rebuilt = strata(node_b.path())?
         .args(["--config", &config_b, "index", "rebuild"])
         .output()?;
-    assert!(
-        rebuilt.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rebuilt.stderr)
-    );
-    let text = String::from_utf8(rebuilt.stdout)?;
+    let text = succeeded_text(rebuilt)?;
     assert!(
         text.starts_with(&format!("indexed {} entries", n(&first, &["misses"]))),
         "{text}"
@@ -909,12 +914,7 @@ fn ctrl_c_stops_an_index_rebuild_and_the_next_run_finishes_it_counting_each_obje
     let rest = strata(node_b.path())?
         .args(["--config", &config_b, "index", "rebuild"])
         .output()?;
-    assert!(
-        rest.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rest.stderr)
-    );
-    let text = String::from_utf8(rest.stdout)?;
+    let text = succeeded_text(rest)?;
     assert!(
         text.starts_with("indexed 1,100 entries (2,200 objects listed); wrote 0 missing pointers"),
         "{text}"
