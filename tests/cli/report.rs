@@ -203,6 +203,17 @@ fn the_json_report_of_a_known_workload_is_right_to_the_cent_and_survives_restart
         5,
         "the five stored entries come back from disk"
     );
+    // Every stored entry has now been served, the two cold ones first from the disk tier
+    // (which keeps that hit in the copy's record, not among the analytics' hit marks).
+    let cold = strata(dir.path())?
+        .args(["report", "--format", "json"])
+        .env("STRATA_ANALYTICS_COLD_AFTER", "0s")
+        .output()?;
+    assert_eq!(
+        n(&json_of(&cold)?, &["cold", "entries"]),
+        0,
+        "cold after L2 hits"
+    );
     // 0.4406 again for the repeats, plus 0.0125 × 2 + 0.0031 + 0.20 + 0.05 for the five L2 hits.
     assert!(
         (usd(&twice["cost_saved_usd"]) - (0.4406 * 2.0 + 0.2781)).abs() < 1e-9,

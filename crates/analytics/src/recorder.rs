@@ -483,7 +483,8 @@ impl Analytics {
         lock(&self.shared.state).sketch.top(n)
     }
 
-    /// Whether the entry with this digest was ever served as a hit (for cold-entry reports).
+    /// Whether the entry with this digest was ever served as a hit from the memory tier or S3
+    /// (for cold-entry reports; a disk-tier hit is kept in the disk tier's record instead).
     pub fn was_hit(&self, id: u128) -> Result<bool, AnalyticsError> {
         if lock(&self.shared.state).marked.contains(&id) {
             return Ok(true);
@@ -802,7 +803,14 @@ impl State {
                     if self.marked.len() >= MAX_MARKED {
                         self.marked.clear();
                     }
-                    if self.new_hit_ids.len() < MAX_PENDING_HIT_IDS && self.marked.insert(id) {
+                    // A disk-tier hit is written in the copy's record by the disk tier (its
+                    // last hit): marking it here too would rewrite a bucket of this tree per
+                    // distinct entry hit, which at a million entries cost the process tens of
+                    // MiB and the lookups a third of their time (BENCHMARKS.md).
+                    if outcome != Outcome::L2
+                        && self.new_hit_ids.len() < MAX_PENDING_HIT_IDS
+                        && self.marked.insert(id)
+                    {
                         self.new_hit_ids.push(id);
                     }
                 }
@@ -991,6 +999,36 @@ mod tests {
         analytics.record(hit(last));
         let preview = preview_of(&analytics).unwrap_or_default();
         assert!(preview.starts_with("question 199"), "{preview:?}");
+        Ok(())
+    }
+
+    /// A disk-tier hit is counted but not marked: the disk tier keeps it in the copy's record.
+    /// A hit from memory or S3 is marked.
+    #[test]
+    fn hits_from_memory_and_s3_are_marked_and_disk_tier_hits_are_not() -> Result<(), AnalyticsError>
+    {
+        let analytics = undrained()?;
+        let id_of = |e: &Arc<Entry>| u128::from_str_radix(&e.cache_id, 16).unwrap_or(0);
+        let entries = [entry("l1", 0.25), entry("l2", 0.25), entry("l3", 0.25)];
+        for (e, outcome) in entries.iter().zip([Outcome::L1, Outcome::L2, Outcome::L3]) {
+            analytics.record(Event::Lookup {
+                outcome,
+                entry: Some(Arc::clone(e)),
+                model: None,
+                lookup_us: 9,
+                aggressive: None,
+            });
+        }
+        analytics.flush()?;
+        let marked: Vec<bool> = entries
+            .iter()
+            .map(|e| analytics.was_hit(id_of(e)))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(marked, [true, false, true]);
+        assert_eq!(analytics.shared.trees.hit_marks.count()?.1, 2);
+        let rows = analytics.rows(None, None)?;
+        let r = &rows[0].rollup;
+        assert_eq!((r.l1, r.l2, r.l3), (1, 1, 1));
         Ok(())
     }
 

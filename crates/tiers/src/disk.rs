@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -76,9 +76,6 @@ fn occupied(dir: &Path) -> std::io::Result<u64> {
     Ok(total)
 }
 
-/// Last uses of lookups held in memory before they are written to the index together.
-const TOUCH_BATCH: usize = 16_384;
-
 /// In `meta`: the entry count and bytes the last handle saw when it closed, taken out at open
 /// (a crash leaves none, and the index is counted by cursor instead).
 const TOTALS_KEY: &[u8] = b"totals/v1";
@@ -119,10 +116,8 @@ struct Inner {
     meta: sled::Tree,
     codec: Codec,
     capacity: u64,
-    /// Last uses of lookups not yet written to the index (at most [`TOUCH_BATCH`]).
-    touched: Mutex<HashMap<u128, u64>>,
-    /// Set while a batch of last uses is written in the background.
-    writing_uses: AtomicBool,
+    /// Set once a last hit could not be written (warned about once).
+    hit_unwritable: AtomicBool,
     /// Entries the index holds.
     count: AtomicU64,
     /// Bytes they count for.
@@ -168,6 +163,11 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Seconds since the Unix epoch, as a record's last hit holds them (until 2106).
+fn now_secs() -> u32 {
+    u32::try_from(now_ms() / 1000).unwrap_or(u32::MAX)
 }
 
 fn id_of(key: &[u8]) -> Option<u128> {
@@ -386,22 +386,23 @@ impl DiskTier {
     /// to (undecodable copies are passed as errors; removing them is up to `remove` too),
     /// unless a put has replaced the copy since it was read.
     /// Blocking: call it from the blocking pool or a command. `remove` also gets the bytes
-    /// the copy holds on disk.
+    /// the copy holds on disk and the second of its last disk-tier hit (since the Unix epoch;
+    /// 0 for never, and for a copy that cannot be read).
     pub fn sweep(
         &self,
-        mut remove: impl FnMut(u128, Result<Entry, strata_core::CodecError>, u64) -> bool,
+        mut remove: impl FnMut(u128, Result<Entry, strata_core::CodecError>, u64, u32) -> bool,
     ) -> Result<Swept, TierError> {
         let mut swept = Swept::default();
         for item in self.inner.index.iter() {
             let (id, record) = item?;
             let bytes = record.bytes();
             swept.seen += 1;
-            let decoded = self
-                .inner
-                .read(id, &record.pointer)
-                .and_then(|envelope| self.inner.codec.decode_local(&envelope));
+            let (decoded, last_hit) = match self.inner.read_hit(id, &record.pointer) {
+                Ok((envelope, last_hit)) => (self.inner.codec.decode_local(&envelope), last_hit),
+                Err(e) => (Err(e), 0),
+            };
             // Only the copy judged goes: one a put has replaced since it was read stays.
-            if remove(id, decoded, bytes) && self.inner.remove_exact(id, &record)? {
+            if remove(id, decoded, bytes, last_hit) && self.inner.remove_exact(id, &record)? {
                 swept.removed += 1;
                 swept.bytes += bytes;
             }
@@ -543,7 +544,6 @@ impl DiskTier {
                 context: "deleting the value log".into(),
                 source,
             })?;
-        self.inner.lock_touched().clear();
         self.inner.count.store(0, Relaxed);
         self.inner.bytes.store(0, Relaxed);
         Ok(n)
@@ -581,7 +581,6 @@ impl DiskTier {
             context: "syncing the value log".into(),
             source,
         })?;
-        self.inner.save_access_times()?;
         self.inner.db.flush()?;
         Ok(())
     }
@@ -687,28 +686,6 @@ impl DiskTier {
         self.inner.compact()
     }
 
-    /// Writes last uses to the index on the blocking pool (or here, outside a runtime). While
-    /// an earlier batch is still being written, this one is written here: lookups that use
-    /// faster than the index takes their uses wait, rather than batches piling up in memory.
-    fn write_last_uses_later(&self, uses: HashMap<u128, u64>) {
-        let write = |inner: &Inner, uses| {
-            if let Err(e) = inner.write_last_uses(uses) {
-                tracing::warn!(error = %e, "cannot write last uses to the disk tier's index");
-            }
-        };
-        let handle = tokio::runtime::Handle::try_current();
-        match handle {
-            Ok(handle) if !self.inner.writing_uses.swap(true, Relaxed) => {
-                let inner = Arc::clone(&self.inner);
-                handle.spawn_blocking(move || {
-                    write(&inner, uses);
-                    inner.writing_uses.store(false, Relaxed);
-                });
-            }
-            _ => write(&self.inner, uses),
-        }
-    }
-
     /// Bytes of the value log's segment files together.
     pub fn value_log_bytes(&self) -> u64 {
         self.inner.values.total()
@@ -786,8 +763,7 @@ fn open_inner(config: &DiskConfig, codec: Codec) -> Result<Inner, OpenFailure> {
             db: db.clone(),
             codec,
             capacity: config.capacity,
-            touched: Mutex::new(HashMap::new()),
-            writing_uses: AtomicBool::new(false),
+            hit_unwritable: AtomicBool::new(false),
             count: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             evicting: AtomicBool::new(false),
@@ -1089,10 +1065,6 @@ impl Drop for Inner {
 }
 
 impl Inner {
-    fn lock_touched(&self) -> MutexGuard<'_, HashMap<u128, u64>> {
-        self.touched.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Moves the records of an earlier release's trees into the index: `entries` (an id's
     /// pointer, or its envelope inline before the value log) and `access` (its last use first).
     /// Streamed in id order, a bucket at a time; an envelope stored inline is appended to the
@@ -1186,7 +1158,6 @@ impl Inner {
     /// Writes the last uses held in memory and the totals, as the last writes of the last
     /// handle, for the next open to take up.
     fn save_totals(&self) -> Result<(), TierError> {
-        self.save_access_times()?;
         let mut totals = [0u8; 16];
         totals[..8].copy_from_slice(&self.count.load(Relaxed).to_le_bytes());
         totals[8..].copy_from_slice(&self.bytes.load(Relaxed).to_le_bytes());
@@ -1197,8 +1168,17 @@ impl Inner {
 
     /// The envelope `pointer` points to, for `id`.
     fn read(&self, id: u128, pointer: &Pointer) -> Result<Vec<u8>, strata_core::CodecError> {
+        self.read_hit(id, pointer).map(|(envelope, _)| envelope)
+    }
+
+    /// [`Inner::read`], with the record's last hit (seconds, 0 for never).
+    fn read_hit(
+        &self,
+        id: u128,
+        pointer: &Pointer,
+    ) -> Result<(Vec<u8>, u32), strata_core::CodecError> {
         self.values
-            .read(id, pointer)
+            .read_hit(id, pointer)
             .map_err(|e| strata_core::CodecError::Unreadable(e.to_string()))
     }
 
@@ -1210,13 +1190,24 @@ impl Inner {
         &self,
         id: u128,
     ) -> Result<Option<(Record, Result<Vec<u8>, strata_core::CodecError>)>, TierError> {
+        Ok(self
+            .load_hit(id)?
+            .map(|(record, read)| (record, read.map(|(envelope, _)| envelope))))
+    }
+
+    /// [`Inner::load`], with the record's last hit (seconds, 0 for never).
+    #[allow(clippy::type_complexity)]
+    fn load_hit(
+        &self,
+        id: u128,
+    ) -> Result<Option<(Record, Result<(Vec<u8>, u32), strata_core::CodecError>)>, TierError> {
         let mut record = self.index.get(id)?;
         for _ in 0..4 {
             let Some(current) = record else {
                 return Ok(None);
             };
-            match self.read(id, &current.pointer) {
-                Ok(envelope) => return Ok(Some((current, Ok(envelope)))),
+            match self.read_hit(id, &current.pointer) {
+                Ok(read) => return Ok(Some((current, Ok(read)))),
                 Err(e) => {
                     let now = self.index.get(id)?;
                     if now.map(|r| r.pointer) == Some(current.pointer) {
@@ -1227,7 +1218,7 @@ impl Inner {
             }
         }
         Ok(record.map(|current| {
-            let read = self.read(id, &current.pointer);
+            let read = self.read_hit(id, &current.pointer);
             (current, read)
         }))
     }
@@ -1274,30 +1265,21 @@ impl Inner {
         Ok(now.is_some_and(|r| r.pointer == new))
     }
 
-    /// Notes a use for eviction's order, in memory: a lookup writes nothing itself. Past
-    /// [`TOUCH_BATCH`] uses, returns them, for the caller to write off the lookup's path
-    /// ([`Inner::write_last_uses`]).
-    fn touch(&self, id: u128) -> Option<HashMap<u128, u64>> {
-        let mut touched = self.lock_touched();
-        let used = touched.entry(id).or_default();
-        *used = (*used).max(now_ms());
-        (touched.len() >= TOUCH_BATCH).then(|| std::mem::take(&mut *touched))
-    }
-
-    /// Writes last uses to the index, a bucket at a time.
-    fn write_last_uses(&self, uses: HashMap<u128, u64>) -> Result<(), TierError> {
-        let mut uses: Vec<(u128, u64)> = uses.into_iter().collect();
-        self.index.set_last_uses(&mut uses)?;
-        Ok(())
-    }
-
-    /// Writes the last uses held in memory to the index.
-    fn save_access_times(&self) -> Result<(), TierError> {
-        let uses = std::mem::take(&mut *self.lock_touched());
-        if uses.is_empty() {
-            return Ok(());
+    /// Notes a hit on the copy `record` points to, whose header said it was last hit at
+    /// `last_hit` (seconds): when that is an earlier second, the current one is written in
+    /// place in the record's header ([`ValueLog::mark_hit`]). Nothing is written to sled: the
+    /// index keeps the last use eviction last wrote, and eviction reads the header of a copy it
+    /// is about to take. A write that fails loses a last use, never a lookup (warned once).
+    fn touch(&self, record: &Record, last_hit: u32) {
+        let now = now_secs();
+        if last_hit >= now {
+            return;
         }
-        self.write_last_uses(uses)
+        if let Err(e) = self.values.mark_hit(&record.pointer, now)
+            && !self.hit_unwritable.swap(true, Relaxed)
+        {
+            tracing::warn!(error = %e, "cannot write a last hit to the disk tier's value log; eviction will see older uses");
+        }
     }
 
     /// Removes whatever copy is stored under `id`. Holds `evicting_excludes` for writing, like
@@ -1309,7 +1291,7 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner);
         let (old, _) = self.index.update(id, |_| None)?;
         if let Some(old) = &old {
-            self.uncount(id, old);
+            self.uncount(old);
         }
         Ok(old.is_some())
     }
@@ -1325,7 +1307,6 @@ impl Inner {
         if total <= self.capacity {
             return Ok(0);
         }
-        self.save_access_times()?;
         let to_free = total.saturating_sub(target);
         let (mut oldest, mut newest) = (u64::MAX, 0);
         for item in self.index.iter() {
@@ -1376,26 +1357,34 @@ impl Inner {
         Ok(evicted)
     }
 
-    /// Evicts one copy, judged least recently used when it was last used at `judged_ms`;
-    /// first, if the S3 outbox refers to it, hands the envelope to the outbox. A copy read or
-    /// rewritten since it was judged (a pass takes a while) stays. Returns whether the copy went.
+    /// Evicts one copy, judged least recently used when it was last used at `judged_ms` (by
+    /// the index); first, if the S3 outbox refers to it, hands the envelope to the outbox. A
+    /// copy rewritten since it was judged (a pass takes a while) stays, and so does one whose
+    /// record says it was hit since: its last hit is then written to the index, where the next
+    /// pass judges it. Returns whether the copy went.
     fn evict_one(&self, id: u128, judged_ms: u64) -> Result<bool, TierError> {
         let _no_put_midway = self
             .evicting_excludes
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        if self
-            .lock_touched()
-            .get(&id)
-            .is_some_and(|&used| used > judged_ms)
-        {
-            return Ok(false);
-        }
         let Some(current) = self.index.get(id)? else {
             return Ok(false);
         };
         if current.last_used_ms > judged_ms {
             return Ok(false);
+        }
+        // A header that cannot be read leaves the copy judged by the index (the lookup that
+        // reaches it finds the damage).
+        if let Ok(last_hit) = self.values.last_hit(id, &current.pointer)
+            && last_hit != 0
+        {
+            // Within its second, the hit may have come after the judged use: it is spared.
+            // A hit later than now (a forged or skewed clock's) counts as now.
+            let hit_ms = (u64::from(last_hit) * 1000 + 999).min(now_ms().max(judged_ms + 1));
+            if hit_ms > judged_ms {
+                self.index.set_last_uses(&mut [(id, hit_ms)])?;
+                return Ok(false);
+            }
         }
         let key = id.to_be_bytes();
         if let Some(outbox) = self.outbox.get() {
@@ -1506,8 +1495,8 @@ impl Inner {
                 if stored.map(|r| r.pointer) != Some(pointer) {
                     return Ok(());
                 }
-                let envelope = match self.values.read(id, &pointer) {
-                    Ok(envelope) => envelope,
+                let (envelope, last_hit) = match self.values.read_hit(id, &pointer) {
+                    Ok(read) => read,
                     Err(e) => {
                         // Left behind: the lookup that reaches it finds it gone, a miss.
                         tracing::warn!(error = %e, "a damaged record is not moved by compaction");
@@ -1519,7 +1508,7 @@ impl Inner {
                     .evicting_excludes
                     .write()
                     .unwrap_or_else(PoisonError::into_inner);
-                let new = self.values.append(id, &envelope)?;
+                let new = self.values.append_hit(id, &envelope, last_hit)?;
                 if self
                     .repoint(id, &pointer, new)
                     .map_err(std::io::Error::other)?
@@ -1550,14 +1539,12 @@ impl Inner {
         let Some(old) = old.filter(|old| old.pointer == current.pointer && now.is_none()) else {
             return Ok(false);
         };
-        self.uncount(id, &old);
+        self.uncount(&old);
         Ok(true)
     }
 
-    /// Takes the record `old` of `id`, just removed from the index, out of the counts and
-    /// forgets the last use held for it.
-    fn uncount(&self, id: u128, old: &Record) {
-        self.lock_touched().remove(&id);
+    /// Takes the record `old` of `id`, just removed from the index, out of the counts.
+    fn uncount(&self, old: &Record) {
         self.count.fetch_sub(1, Relaxed);
         self.bytes.fetch_sub(old.bytes(), Relaxed);
     }
@@ -1571,14 +1558,16 @@ impl Tier for DiskTier {
 
     async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Entry>>, TierError> {
         let id = key.id();
-        let Some((stored, envelope)) = self.inner.load(id)? else {
+        let Some((stored, read)) = self.inner.load_hit(id)? else {
             return Ok(None);
         };
-        match envelope.and_then(|envelope| self.inner.codec.decode_local(&envelope)) {
-            Ok(entry) => {
-                if let Some(uses) = self.inner.touch(id) {
-                    self.write_last_uses_later(uses);
-                }
+        let decoded = read.and_then(|(envelope, last_hit)| {
+            let entry = self.inner.codec.decode_local(&envelope)?;
+            Ok((entry, last_hit))
+        });
+        match decoded {
+            Ok((entry, last_hit)) => {
+                self.inner.touch(&stored, last_hit);
                 Ok(Some(Arc::new(entry)))
             }
             // Sealed under a key this node does not hold, or not sealed while it requires a
@@ -1635,16 +1624,20 @@ pub(crate) mod tests {
         })
     }
 
-    /// The last use of `id`, in memory or in the index.
+    /// The last use of `id`: the index's, or the end of the second of its record's last hit.
     fn last_use(tier: &DiskTier, id: u128) -> Option<u64> {
-        let held = tier.inner.lock_touched().get(&id).copied();
-        let written = tier
+        let record = tier.inner.index.get(id).unwrap_or_else(|e| panic!("{e}"))?;
+        let hit = tier
             .inner
-            .index
-            .get(id)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .map(|r| r.last_used_ms);
-        written.map(|w| w.max(held.unwrap_or(0)))
+            .values
+            .last_hit(id, &record.pointer)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let hit_ms = if hit == 0 {
+            0
+        } else {
+            u64::from(hit) * 1000 + 999
+        };
+        Some(record.last_used_ms.max(hit_ms))
     }
 
     /// A distinct entry per `i`, with a response too long to store uncompressed.
@@ -1828,6 +1821,14 @@ pub(crate) mod tests {
             !evicted.unwrap_or_else(|e| panic!("{e}")),
             "a used copy went"
         );
+        // The hit, read from the copy's record, is now the index's last use: the next pass
+        // judges the copy by it.
+        let indexed = tier
+            .inner
+            .index
+            .get(key.id())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(indexed.is_some_and(|r| r.last_used_ms > judged));
         assert!(matches!(tier.get(&key).await, Ok(Some(_))));
         let judged = last_use(&tier, key.id());
         let evicted = tier.inner.evict_one(key.id(), judged.unwrap_or(0));
@@ -1881,7 +1882,7 @@ pub(crate) mod tests {
         let fresh_bytes = encode(&fresh);
         // The sweep condemns the copy it read; a put replaces that copy before it is removed.
         let swept = tier
-            .sweep(|_, decoded, _| {
+            .sweep(|_, decoded, _, _| {
                 let judged = decoded.unwrap_or_else(|e| panic!("{e}"));
                 tier.put_encoded(&key, &fresh_bytes)
                     .unwrap_or_else(|e| panic!("{e}"));
@@ -1898,7 +1899,9 @@ pub(crate) mod tests {
         assert_eq!(tier.usage().entries, 1);
         assert_eq!(tier.usage().bytes, fresh_bytes.len() as u64 + 16);
         // Once nothing replaces it, the judged copy does go.
-        let swept = tier.sweep(|_, _, _| true).unwrap_or_else(|e| panic!("{e}"));
+        let swept = tier
+            .sweep(|_, _, _, _| true)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(swept.removed, 1);
         assert_eq!((tier.usage().entries, tier.usage().bytes), (0, 0));
     }
@@ -2173,8 +2176,10 @@ pub(crate) mod tests {
         }
     }
 
+    /// A lookup writes nothing to sled: its hit goes into its record's header, in place, once
+    /// per second at most, and is there after a reopen and after compaction moved the record.
     #[test]
-    fn a_lookup_writes_nothing_and_its_last_use_outlives_a_close() {
+    fn a_lookup_writes_only_its_records_last_hit_which_outlives_a_close_and_compaction() {
         let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
         let config = DiskConfig::new(dir.path().join("l2"));
         let (key, _) = entry(1);
@@ -2185,22 +2190,45 @@ pub(crate) mod tests {
                 .unwrap_or_else(|e| panic!("{e}"))
                 .unwrap_or_else(|| panic!("no record"))
         };
-        let used = {
+        let hit_of = |tier: &DiskTier| {
+            let record = record_of(tier);
+            match tier.inner.load_hit(key.id()) {
+                Ok(Some((_, Ok((envelope, last_hit))))) => {
+                    assert_eq!(envelope, b"x");
+                    (record, last_hit)
+                }
+                other => panic!("{:?}", other.map(|o| o.is_some())),
+            }
+        };
+        let hit = {
             let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
             tier.insert_raw(&key, b"x")
                 .unwrap_or_else(|e| panic!("{e}"));
-            let stored = record_of(&tier);
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            let (stored, never) = hit_of(&tier);
+            assert_eq!(never, 0, "a copy no lookup read has no last hit");
             for _ in 0..3 {
-                assert!(tier.inner.touch(key.id()).is_none());
+                let (_, last_hit) = hit_of(&tier);
+                tier.inner.touch(&stored, last_hit);
             }
-            assert_eq!(record_of(&tier), stored, "a lookup wrote its record");
+            let (record, hit) = hit_of(&tier);
+            assert_eq!(record, stored, "a lookup wrote its index record");
+            assert!(
+                hit >= now_secs().saturating_sub(1) && hit <= now_secs(),
+                "{hit}"
+            );
             let used = last_use(&tier, key.id()).unwrap_or_else(|| panic!("no record"));
             assert!(stored.last_used_ms < used);
-            used
+            hit
         };
         let tier = DiskTier::open(&config, Codec::default()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(record_of(&tier).last_used_ms, used);
+        assert_eq!(hit_of(&tier).1, hit, "the last hit did not outlive a close");
+        let before = record_of(&tier).pointer;
+        tier.inner
+            .compact_segment(before.segment)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (moved, carried) = hit_of(&tier);
+        assert_ne!(moved.pointer, before, "compaction did not move the record");
+        assert_eq!(carried, hit, "compaction lost the last hit");
     }
 
     #[test]

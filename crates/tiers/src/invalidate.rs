@@ -286,7 +286,7 @@ impl TieredCache {
                 let disk = disk.clone();
                 blocking(move || {
                     let mut n = 0;
-                    disk.sweep(|_, decoded, _| {
+                    disk.sweep(|_, decoded, _, _| {
                         if decoded.is_ok_and(|e| covered(&e)) {
                             n += 1;
                         }
@@ -332,7 +332,7 @@ impl TieredCache {
             let (disk, m) = (disk.clone(), matcher.clone());
             let found = blocking(move || {
                 let mut found = Vec::new();
-                disk.sweep(|_, decoded, _| match decoded {
+                disk.sweep(|_, decoded, _, _| match decoded {
                     Ok(e) if m.is_match(&e.cache_key) => {
                         found.push(e.cache_id);
                         true
@@ -518,7 +518,7 @@ fn sweep_disk(
 ) -> Result<(u64, u64, u64), TierError> {
     let now = Utc::now();
     let mut doomed = (0, 0);
-    let swept = disk.sweep(|_, decoded, bytes| {
+    let swept = disk.sweep(|_, decoded, bytes, _| {
         let dead = match decoded {
             Ok(e) => ttl.expired(&e, now) || !epochs.admits(&e),
             // Possibly the keys that are wrong, not the copy: left (a put replaces it).

@@ -101,7 +101,8 @@ impl TieredCache {
     }
 
     /// Entries on the disk tier never served as a hit and older than `older_than`, and the bytes
-    /// they hold (a scan of the disk tier; `None` without one or without analytics).
+    /// they hold (a scan of the disk tier; `None` without one or without analytics). A hit is
+    /// one the disk tier wrote in the copy's record or one the analytics marked (L1, L3).
     pub fn cold_entries(&self, older_than: Duration) -> Result<Option<ColdEntries>, TierError> {
         let (Some(disk), Some(analytics)) = (&self.inner.disk, &self.inner.analytics) else {
             return Ok(None);
@@ -112,13 +113,24 @@ impl TieredCache {
             .ok()
             .and_then(|d| Utc::now().checked_sub_signed(d))
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        // A disk-tier hit is kept in the copy's record (its last hit), not among the hit marks:
+        // as the marks are, it counts for `analytics_retention` after it was made.
+        let kept_since = self.inner.analytics_retention.map_or(0, |keep| {
+            let now = Utc::now().timestamp().max(0).unsigned_abs();
+            now.saturating_sub(keep.as_secs())
+        });
         let mut by_model: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let mut failed = None;
-        disk.sweep(|id, decoded, bytes| {
+        disk.sweep(|id, decoded, bytes, last_hit| {
             if let Ok(entry) = decoded
                 && entry.created_at < cutoff
             {
-                match analytics.was_hit(id) {
+                let hit_on_disk = last_hit != 0 && u64::from(last_hit) >= kept_since;
+                match if hit_on_disk {
+                    Ok(true)
+                } else {
+                    analytics.was_hit(id)
+                } {
                     Ok(false) => {
                         let slot = by_model.entry(entry.model).or_default();
                         slot.0 += 1;

@@ -17,9 +17,17 @@
 //! 0   4   magic "SVL1"
 //! 4  16   the entry's digest (big endian), checked against the key it is read for
 //! 20  4   envelope length (little endian)
-//! 24  4   reserved (zero)
-//! 28  4   CRC32 of bytes 0..28
+//! 24  4   last hit: seconds since the Unix epoch (little endian), 0 for never
+//! 28  4   CRC32 of bytes 0..24 and four zero bytes
 //! ```
+//!
+//! The last hit is the one field written after the record: a disk-tier hit writes it in place
+//! (one positioned write of 4 bytes, [`ValueLog::mark_hit`]) when it holds an earlier second,
+//! so a hit changes nothing in sled (at a million entries, hits that rewrote index buckets cost
+//! the process 20–40 MiB and a third of a disk-tier hit: BENCHMARKS.md). The CRC leaves it out
+//! (records written before it was used held zero there, so their CRC is the same): any value it
+//! holds is only ever a time, read as untrusted, which eviction and the cold-entry report use and
+//! nothing served depends on.
 //!
 //! The envelope carries its own checksum (and MAC or tag under a key); the header's CRC makes
 //! a damaged header, or a pointer to the wrong place, a refusal rather than a misread.
@@ -106,28 +114,41 @@ pub(crate) enum ReadError {
     Io(#[from] std::io::Error),
 }
 
-fn record_header(id: u128, len: u32) -> [u8; HEADER as usize] {
+/// Where a record's last hit is, from the start of its header.
+const LAST_HIT_AT: u64 = 24;
+
+/// The CRC of a header: its first 24 bytes, then the last hit's 4 bytes as zero.
+fn header_crc(header: &[u8; HEADER as usize]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&header[..LAST_HIT_AT as usize]);
+    hasher.update(&[0; 4]);
+    hasher.finalize()
+}
+
+fn record_header(id: u128, len: u32, last_hit: u32) -> [u8; HEADER as usize] {
     let mut header = [0; HEADER as usize];
     header[..4].copy_from_slice(&RECORD_MAGIC);
     header[4..20].copy_from_slice(&id.to_be_bytes());
     header[20..24].copy_from_slice(&len.to_le_bytes());
-    let crc = crc32fast::hash(&header[..28]);
+    header[24..28].copy_from_slice(&last_hit.to_le_bytes());
+    let crc = header_crc(&header);
     header[28..].copy_from_slice(&crc.to_le_bytes());
     header
 }
 
-/// The digest and envelope length a header holds, if it checks out.
-fn parse_header(header: &[u8; HEADER as usize]) -> Option<(u128, u32)> {
+/// The digest, envelope length and last hit (seconds) a header holds, if it checks out.
+fn parse_header(header: &[u8; HEADER as usize]) -> Option<(u128, u32, u32)> {
     if header[..4] != RECORD_MAGIC {
         return None;
     }
     let crc = u32::from_le_bytes([header[28], header[29], header[30], header[31]]);
-    if crc32fast::hash(&header[..28]) != crc {
+    if header_crc(header) != crc {
         return None;
     }
     let id = u128::from_be_bytes(<[u8; 16]>::try_from(&header[4..20]).ok()?);
     let len = u32::from_le_bytes([header[20], header[21], header[22], header[23]]);
-    Some((id, len))
+    let last_hit = u32::from_le_bytes([header[24], header[25], header[26], header[27]]);
+    Some((id, len, last_hit))
 }
 
 fn segment_path(dir: &Path, segment: u64) -> PathBuf {
@@ -226,14 +247,25 @@ impl ValueLog {
         self.segment_bytes
     }
 
-    /// Appends `envelope` as the record of `id`; returns where it is.
+    /// Appends `envelope` as the record of `id`, never hit; returns where it is.
     pub(crate) fn append(&self, id: u128, envelope: &[u8]) -> std::io::Result<Pointer> {
+        self.append_hit(id, envelope, 0)
+    }
+
+    /// Appends `envelope` as the record of `id`, last hit at `last_hit` (seconds; compaction
+    /// carries it over); returns where it is.
+    pub(crate) fn append_hit(
+        &self,
+        id: u128,
+        envelope: &[u8],
+        last_hit: u32,
+    ) -> std::io::Result<Pointer> {
         let len = u32::try_from(envelope.len())
             .ok()
             .filter(|&len| u64::from(len) <= MAX_RECORD)
             .ok_or_else(|| std::io::Error::other("value too large for the value log"))?;
         let mut record = Vec::with_capacity(HEADER as usize + envelope.len());
-        record.extend_from_slice(&record_header(id, len));
+        record.extend_from_slice(&record_header(id, len, last_hit));
         record.extend_from_slice(envelope);
         let mut head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
         let full = head
@@ -335,7 +367,12 @@ impl ValueLog {
         {
             return Ok(Arc::clone(file));
         }
-        let file = match File::open(segment_path(&self.dir, segment)) {
+        // Opened to write as well, for the last hits (`mark_hit`), unless the log is read only.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(self.db.is_some())
+            .open(segment_path(&self.dir, segment));
+        let file = match opened {
             Ok(file) => Arc::new(file),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ReadError::Missing(segment));
@@ -355,6 +392,15 @@ impl ValueLog {
     /// The buffer is allocated only once the header vouches for its length, which is checked
     /// against the file's.
     pub(crate) fn read(&self, id: u128, pointer: &Pointer) -> Result<Vec<u8>, ReadError> {
+        self.read_hit(id, pointer).map(|(envelope, _)| envelope)
+    }
+
+    /// [`ValueLog::read`], with the record's last hit (seconds since the epoch, 0 for never).
+    pub(crate) fn read_hit(
+        &self,
+        id: u128,
+        pointer: &Pointer,
+    ) -> Result<(Vec<u8>, u32), ReadError> {
         let file = self.file(pointer.segment)?;
         let mut header = [0; HEADER as usize];
         file.read_exact_at(&mut header, pointer.offset)
@@ -364,7 +410,7 @@ impl ValueLog {
                 }
                 _ => ReadError::Io(e),
             })?;
-        let Some((stored_id, len)) = parse_header(&header) else {
+        let Some((stored_id, len, last_hit)) = parse_header(&header) else {
             return Err(ReadError::Damaged("bad record header".into()));
         };
         if stored_id != id || len != pointer.len {
@@ -386,7 +432,39 @@ impl ValueLog {
                 }
                 _ => ReadError::Io(e),
             })?;
-        Ok(envelope)
+        Ok((envelope, last_hit))
+    }
+
+    /// The last hit (seconds since the epoch, 0 for never) of the record of `id` at `pointer`,
+    /// read from its header alone.
+    pub(crate) fn last_hit(&self, id: u128, pointer: &Pointer) -> Result<u32, ReadError> {
+        let file = self.file(pointer.segment)?;
+        let mut header = [0; HEADER as usize];
+        file.read_exact_at(&mut header, pointer.offset)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    ReadError::Damaged("the pointer is past the end of its segment".into())
+                }
+                _ => ReadError::Io(e),
+            })?;
+        match parse_header(&header) {
+            Some((stored_id, len, last_hit)) if stored_id == id && len == pointer.len => {
+                Ok(last_hit)
+            }
+            _ => Err(ReadError::Damaged("bad record header".into())),
+        }
+    }
+
+    /// Writes `seconds` as the last hit of the record at `pointer`, in place: 4 bytes, outside
+    /// the header's CRC. The caller has just read that record's header through `pointer`. A
+    /// log opened to read only ([`ValueLog::read_only`]) writes nothing.
+    pub(crate) fn mark_hit(&self, pointer: &Pointer, seconds: u32) -> Result<(), ReadError> {
+        if self.db.is_none() {
+            return Ok(());
+        }
+        let file = self.file(pointer.segment)?;
+        file.write_all_at(&seconds.to_le_bytes(), pointer.offset + LAST_HIT_AT)?;
+        Ok(())
     }
 
     /// Sealed segments with their lengths.
@@ -419,7 +497,7 @@ impl ValueLog {
         // Positioned reads of the headers alone: the handle is shared, its cursor is not used.
         while offset + HEADER <= size {
             file.read_exact_at(&mut header, offset)?;
-            let Some((id, len)) = parse_header(&header) else {
+            let Some((id, len, _)) = parse_header(&header) else {
                 return Ok(false);
             };
             let end = offset + HEADER + u64::from(len);
@@ -486,6 +564,45 @@ mod tests {
         ValueLog::open(dir, db, segment_bytes).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The last hit is written in place, outside the CRC: a record keeps reading back whatever
+    /// it holds there, its neighbours are untouched, and a header written before the field was
+    /// used (its CRC over 28 bytes, the last four zero) checks out as one never hit.
+    #[test]
+    fn a_last_hit_is_written_in_place_outside_the_crc() {
+        let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
+        let values = log(dir.path(), 1 << 20);
+        let a = values.append(1, b"first").unwrap_or_else(|e| panic!("{e}"));
+        let b = values
+            .append(2, b"second")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(values.last_hit(1, &a).ok(), Some(0));
+        for seconds in [1_700_000_000, u32::MAX, 5] {
+            values
+                .mark_hit(&a, seconds)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                values.read_hit(1, &a).ok(),
+                Some((b"first".to_vec(), seconds))
+            );
+            assert_eq!(values.last_hit(1, &a).ok(), Some(seconds));
+            assert_eq!(values.read_hit(2, &b).ok(), Some((b"second".to_vec(), 0)));
+        }
+        // The last hit of another record's pointer is refused like its envelope.
+        assert!(matches!(values.last_hit(2, &a), Err(ReadError::Damaged(_))));
+        let mut earlier = [0u8; HEADER as usize];
+        earlier[..4].copy_from_slice(&RECORD_MAGIC);
+        earlier[4..20].copy_from_slice(&7u128.to_be_bytes());
+        earlier[20..24].copy_from_slice(&100u32.to_le_bytes());
+        let crc = crc32fast::hash(&earlier[..28]);
+        earlier[28..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(earlier, record_header(7, 100, 0));
+        assert_eq!(parse_header(&earlier), Some((7, 100, 0)));
+        // Read only, nothing is written.
+        let read_only = ValueLog::read_only(dir.path());
+        read_only.mark_hit(&b, 9).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(values.last_hit(2, &b).ok(), Some(0));
+    }
+
     #[test]
     fn a_record_reads_back_only_for_its_own_digest_and_length() {
         let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
@@ -540,7 +657,7 @@ mod tests {
         let path = segment_path(&dir.path().join(DIR), a.segment);
         // A header, CRC and all, that declares 200 MiB in a file of a few bytes.
         let mut bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
-        bytes[..HEADER as usize].copy_from_slice(&record_header(7, 200 << 20));
+        bytes[..HEADER as usize].copy_from_slice(&record_header(7, 200 << 20, 0));
         std::fs::write(&path, &bytes).unwrap_or_else(|e| panic!("{e}"));
         let values = log_reopened(dir.path(), values);
         let forged = Pointer {
@@ -552,7 +669,7 @@ mod tests {
             Err(ReadError::Damaged(_))
         ));
         // One bit of the header flipped.
-        bytes[..HEADER as usize].copy_from_slice(&record_header(7, 100));
+        bytes[..HEADER as usize].copy_from_slice(&record_header(7, 100, 0));
         bytes[10] ^= 0x04;
         std::fs::write(&path, &bytes).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(values.read(7, &a), Err(ReadError::Damaged(_))));
@@ -580,7 +697,7 @@ mod tests {
         let path = segment_path(&dir.path().join(DIR), segment);
         // A crash mid-append: half a record at the end.
         let mut bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
-        bytes.extend_from_slice(&record_header(9, 1000));
+        bytes.extend_from_slice(&record_header(9, 1000, 0));
         bytes.extend_from_slice(&[9; 500]);
         std::fs::write(&path, &bytes).unwrap_or_else(|e| panic!("{e}"));
         let values = log_reopened(dir.path(), values);
