@@ -574,7 +574,7 @@ impl DiskTier {
         Ok(())
     }
 
-    /// Writes access times and sled's log to disk, blocking the calling thread.
+    /// Syncs the value log, then sled's log, blocking the calling thread.
     pub fn flush_blocking(&self) -> Result<(), TierError> {
         // The envelopes before the pointers to them.
         self.inner.values.sync().map_err(|source| TierError::Io {
