@@ -401,23 +401,8 @@ impl ValueLog {
         id: u128,
         pointer: &Pointer,
     ) -> Result<(Vec<u8>, u32), ReadError> {
-        let file = self.file(pointer.segment)?;
-        let mut header = [0; HEADER as usize];
-        file.read_exact_at(&mut header, pointer.offset)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => {
-                    ReadError::Damaged("the pointer is past the end of its segment".into())
-                }
-                _ => ReadError::Io(e),
-            })?;
-        let Some((stored_id, len, last_hit)) = parse_header(&header) else {
-            return Err(ReadError::Damaged("bad record header".into()));
-        };
-        if stored_id != id || len != pointer.len {
-            return Err(ReadError::Damaged(
-                "the record is not the one the pointer names".into(),
-            ));
-        }
+        let (file, last_hit) = self.checked_header(id, pointer)?;
+        let len = pointer.len;
         let start = pointer.offset + HEADER;
         if u64::from(len) > MAX_RECORD
             || (len > 1 << 20 && start + u64::from(len) > file.metadata()?.len())
@@ -438,6 +423,13 @@ impl ValueLog {
     /// The last hit (seconds since the epoch, 0 for never) of the record of `id` at `pointer`,
     /// read from its header alone.
     pub(crate) fn last_hit(&self, id: u128, pointer: &Pointer) -> Result<u32, ReadError> {
+        self.checked_header(id, pointer)
+            .map(|(_, last_hit)| last_hit)
+    }
+
+    /// The segment `pointer` is in and the last hit of the record there, once its header
+    /// checks out as the record of `id` with the pointer's length.
+    fn checked_header(&self, id: u128, pointer: &Pointer) -> Result<(Arc<File>, u32), ReadError> {
         let file = self.file(pointer.segment)?;
         let mut header = [0; HEADER as usize];
         file.read_exact_at(&mut header, pointer.offset)
@@ -447,12 +439,15 @@ impl ValueLog {
                 }
                 _ => ReadError::Io(e),
             })?;
-        match parse_header(&header) {
-            Some((stored_id, len, last_hit)) if stored_id == id && len == pointer.len => {
-                Ok(last_hit)
-            }
-            _ => Err(ReadError::Damaged("bad record header".into())),
+        let Some((stored_id, len, last_hit)) = parse_header(&header) else {
+            return Err(ReadError::Damaged("bad record header".into()));
+        };
+        if stored_id != id || len != pointer.len {
+            return Err(ReadError::Damaged(
+                "the record is not the one the pointer names".into(),
+            ));
         }
+        Ok((file, last_hit))
     }
 
     /// Writes `seconds` as the last hit of the record at `pointer`, in place: 4 bytes, outside
