@@ -1155,8 +1155,7 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes the last uses held in memory and the totals, as the last writes of the last
-    /// handle, for the next open to take up.
+    /// Writes the totals, as the last write of the last handle, for the next open to take up.
     fn save_totals(&self) -> Result<(), TierError> {
         let mut totals = [0u8; 16];
         totals[..8].copy_from_slice(&self.count.load(Relaxed).to_le_bytes());
