@@ -559,17 +559,23 @@ mod tests {
         ValueLog::open(dir, db, segment_bytes).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// A log in `dir` holding "first" as the record of 1 and "second" as that of 2.
+    fn two_records(dir: &Path) -> (ValueLog, Pointer, Pointer) {
+        let values = log(dir, 1 << 20);
+        let a = values.append(1, b"first").unwrap_or_else(|e| panic!("{e}"));
+        let b = values
+            .append(2, b"second")
+            .unwrap_or_else(|e| panic!("{e}"));
+        (values, a, b)
+    }
+
     /// The last hit is written in place, outside the CRC: a record keeps reading back whatever
     /// it holds there, its neighbours are untouched, and a header written before the field was
     /// used (its CRC over 28 bytes, the last four zero) checks out as one never hit.
     #[test]
     fn a_last_hit_is_written_in_place_outside_the_crc() {
         let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
-        let values = log(dir.path(), 1 << 20);
-        let a = values.append(1, b"first").unwrap_or_else(|e| panic!("{e}"));
-        let b = values
-            .append(2, b"second")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (values, a, b) = two_records(dir.path());
         assert_eq!(values.last_hit(1, &a).ok(), Some(0));
         for seconds in [1_700_000_000, u32::MAX, 5] {
             values
@@ -601,11 +607,7 @@ mod tests {
     #[test]
     fn a_record_reads_back_only_for_its_own_digest_and_length() {
         let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("{e}"));
-        let values = log(dir.path(), 1 << 20);
-        let a = values.append(1, b"first").unwrap_or_else(|e| panic!("{e}"));
-        let b = values
-            .append(2, b"second")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (values, a, b) = two_records(dir.path());
         assert_eq!(values.read(1, &a).ok(), Some(b"first".to_vec()));
         assert_eq!(values.read(2, &b).ok(), Some(b"second".to_vec()));
         assert_eq!(Pointer::decode(&a.encode()), Some(a));
